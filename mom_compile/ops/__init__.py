@@ -1,0 +1,12 @@
+"""The MoM primitives as `torch.library` custom ops in namespace `mom`.
+
+Importing this package registers them. Each op has a pure-PyTorch reference kernel (the CPU
+kernel and the test oracle), a fake implementation, and an analytic autograd formula; the
+functions below are their checked entry points.
+"""
+from .chunk_scan import chunk_gated_delta
+from .routing import combine, dispatch
+from .segment_conv import segment_conv
+from .state_step import gated_delta_step
+
+__all__ = ["chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "segment_conv"]

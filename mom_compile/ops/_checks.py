@@ -1,0 +1,37 @@
+"""Argument checks shared by the op wrappers: they read only shapes and dtypes, never values, so
+they cost nothing on the compiled path and raise before a kernel sees bad input."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def check_tensor(
+    name: str,
+    t: torch.Tensor,
+    *,
+    shape: Sequence[int | None],
+    dtypes: Sequence[torch.dtype] | None = None,
+) -> None:
+    """Raise a ValueError naming ``name`` unless ``t`` has ``shape`` (None = any size) and a dtype
+    from ``dtypes``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+STATE_DTYPES = (torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64,)

@@ -1,0 +1,214 @@
+"""`mom::chunk_gated_delta`: the gated delta rule over packed variable-length segments.
+
+Rows 0..N-1 of q/k/v/g/beta are packed segments: segment s is rows offsets[s]..offsets[s+1]-1 in
+time order, with its own state (initial_state[s], or zero) and its own final state. Rows at or past
+offsets[-1] belong to no segment: their output is zero and they change nothing. Each segment obeys
+the per-token recurrence of `state_step.py`; this file computes the same function chunk-parallel.
+
+Chunked form (one chunk of C rows, cumulative log-decay G_i = g_1 + ... + g_i, start state S0):
+    u_i = beta_i (v_i - e^{G_i} S0^T k_i - sum_{j<i} e^{G_i-G_j} (k_i.k_j) u_j)
+  so U = (I + L)^{-1} diag(beta) (V - diag(e^G) K S0), L_ij = beta_i e^{G_i-G_j} k_i.k_j (j < i);
+    o_i = scale (e^{G_i} S0^T q_i + sum_{j<=i} e^{G_i-G_j} (q_i.k_j) u_j)
+    S_C = e^{G_C} S0 + K^T diag(e^{G_C-G}) U
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import (
+    FLOAT_DTYPES, INDEX_DTYPES, STATE_DTYPES, check_same_device, check_tensor,
+)
+from .state_step import step_backward_reference, step_reference
+
+CHUNK_SIZE = 64
+
+
+def _segment_grid(offsets: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row index [S, L] and validity mask [S, L] laying each segment out on a padded grid whose
+    length L is the longest segment rounded up to the chunk size. Reads the offsets' values: this
+    is the host-side reference kernel, never traced by the compiler."""
+    lengths = offsets.diff()
+    longest = int(lengths.max()) if lengths.numel() else 0
+    padded = -(-longest // chunk_size) * chunk_size
+    pos = torch.arange(padded, device=offsets.device)
+    valid = pos[None, :] < lengths[:, None]
+    rows = torch.where(valid, offsets[:-1, None] + pos[None, :], 0)
+    return rows, valid
+
+
+def _to_grid(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, dt: torch.dtype):
+    """Packed [N, H, ...] -> grid [S, H, L, ...] with zeros at padding (which makes padding a no-op:
+    g = beta = k = 0 leaves the state unchanged)."""
+    grid = x.to(dt)[rows] * valid.reshape(*valid.shape, *([1] * (x.dim() - 1)))
+    return grid.movedim(2, 1)
+
+
+def _from_grid(grid: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, n: int):
+    """Grid [S, H, L, ...] -> packed [N, H, ...]; rows outside every segment stay zero."""
+    flat = (grid.movedim(1, 2) * valid.reshape(*valid.shape, *([1] * (grid.dim() - 2))))
+    out = flat.new_zeros(n, *flat.shape[2:])
+    return out.index_add_(0, rows.flatten(), flat.flatten(0, 1))
+
+
+def chunk_reference(
+    q, k, v, g, beta, offsets, initial_state, scale: float, chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk-parallel forward. Returns (o [N, H, V] in the compute dtype, final state
+    [S, H, K, V], chunk start states [S, H, n_chunks, K, V]); computes in float32, or float64
+    when the inputs are float64."""
+    dt = torch.promote_types(q.dtype, torch.float32)
+    n, h, dk = k.shape
+    dv = v.shape[-1]
+    n_seg = offsets.numel() - 1
+    rows, valid = _segment_grid(offsets, chunk_size)
+    n_chunks = rows.shape[1] // chunk_size
+
+    def chunked(x):
+        g_ = _to_grid(x, rows, valid, dt)
+        return g_.reshape(n_seg, h, n_chunks, chunk_size, *g_.shape[3:])
+
+    qc, kc, vc, gc, bc = (chunked(t) for t in (q, k, v, g, beta))
+    cum = gc.cumsum(-1)
+    idx = torch.arange(chunk_size, device=q.device)
+    lower_incl = idx[:, None] >= idx[None, :]
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~lower_incl, float("-inf")).exp()
+    strict = decay.masked_fill(torch.eye(chunk_size, dtype=torch.bool, device=q.device), 0.0)
+    system = torch.eye(chunk_size, dtype=dt, device=q.device) + (
+        bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * strict)
+    solve = lambda rhs: torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)  # noqa: E731
+    w_v = solve(bc[..., None] * vc)
+    w_k = solve((bc * cum.exp())[..., None] * kc)
+    k_to_end = kc * (cum[..., -1:] - cum).exp()[..., None]
+
+    state = (torch.zeros(n_seg, h, dk, dv, dtype=dt, device=q.device)
+             if initial_state is None else initial_state.to(dt, copy=True))
+    starts, us = [], []
+    for c in range(n_chunks):
+        starts.append(state)
+        u = w_v[:, :, c] - w_k[:, :, c] @ state
+        us.append(u)
+        state = cum[:, :, c, -1].exp()[..., None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ u
+    if n_chunks == 0:
+        starts_t = state.new_zeros(n_seg, h, 0, dk, dv)
+        return q.new_zeros(n, h, dv, dtype=dt), state, starts_t
+    starts_t = torch.stack(starts, 2)
+    u_all = torch.stack(us, 2)
+    o = scale * ((qc * cum.exp()[..., None]) @ starts_t
+                 + ((qc @ kc.transpose(-1, -2)) * decay) @ u_all)
+    o = _from_grid(o.flatten(2, 3), rows, valid, n)
+    return o, state, starts_t
+
+
+def chunk_backward_reference(
+    q, k, v, g, beta, offsets, initial_state, scale: float, d_o, d_final,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of `chunk_reference`: the chunk start states are recomputed, then each chunk's
+    tokens are replayed forward and walked backward with the per-token formulas of
+    `state_step.py`. Returns (dq, dk, dv, dg, dbeta, d_initial_state)."""
+    dt = torch.promote_types(q.dtype, torch.float32)
+    n, h, dk = k.shape
+    n_seg = offsets.numel() - 1
+    _, final, starts = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale, chunk_size)
+    rows, valid = _segment_grid(offsets, chunk_size)
+    grids = [_to_grid(t, rows, valid, dt) for t in (q, k, v, g, beta, d_o)]
+    d_state = torch.zeros_like(final) if d_final is None else d_final.to(dt, copy=True)
+    grads = [torch.zeros_like(t) for t in grids[:5]]
+    for c in reversed(range(starts.shape[2])):
+        span = range(c * chunk_size, (c + 1) * chunk_size)
+        before = [starts[:, :, c]]
+        for t in span[:-1]:
+            before.append(step_reference(*(x[:, :, t] for x in grids[:5]), before[-1], scale)[1])
+        for t, s_prev in zip(reversed(span), reversed(before)):
+            *token_grads, d_state = step_backward_reference(
+                *(x[:, :, t] for x in grids[:5]), s_prev, scale, grids[5][:, :, t], d_state)
+            for acc, gr in zip(grads, token_grads):
+                acc[:, :, t] = gr
+    packed = [_from_grid(gr, rows, valid, n) for gr in grads]
+    return (*packed, d_state)
+
+
+@torch.library.custom_op("mom::chunk_gated_delta", mutates_args=())
+def _chunk_gated_delta(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    offsets: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o, final, _ = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale)
+    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+    return o.to(v.dtype), final.to(state_dtype)
+
+
+@_chunk_gated_delta.register_fake
+def _(q, k, v, g, beta, offsets, initial_state, scale):
+    n_seg = offsets.shape[0] - 1
+    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+    final = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype)
+    return v.new_empty(v.shape), final
+
+
+@torch.library.custom_op("mom::chunk_gated_delta_backward", mutates_args=())
+def _chunk_gated_delta_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    offsets: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
+    d_o: torch.Tensor, d_final: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dg, dbeta, d_init = chunk_backward_reference(
+        q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
+    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
+            d_init.to(state_dtype))
+
+
+@_chunk_gated_delta_backward.register_fake
+def _(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
+    n_seg = offsets.shape[0] - 1
+    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+    d_init = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            torch.empty_like(beta), d_init)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, offsets, initial_state, scale = inputs
+    ctx.save_for_backward(q, k, v, g, beta, offsets, initial_state)
+    ctx.scale = scale
+
+
+def _backward(ctx, d_o, d_final):
+    q, k, v, g, beta, offsets, initial_state = ctx.saved_tensors
+    if d_o is None:
+        d_o = torch.zeros_like(v)
+    dq, dk, dv, dg, dbeta, d_init = torch.ops.mom.chunk_gated_delta_backward(
+        q, k, v, g, beta, offsets, initial_state, ctx.scale, d_o, d_final)
+    return dq, dk, dv, dg, dbeta, None, (None if initial_state is None else d_init), None
+
+
+_chunk_gated_delta.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chunk_gated_delta(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    offsets: torch.Tensor, initial_state: torch.Tensor | None = None, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated delta rule over packed segments.
+
+    q, k: [N, H, K]; v: [N, H, V]; g: [N, H] float32 log-decay (<= 0); beta: [N, H];
+    offsets: [S + 1] int64, non-decreasing, offsets[0] = 0, offsets[-1] <= N;
+    initial_state: [S, H, K, V] float32 or None (zero). scale defaults to K ** -0.5.
+    Returns (o [N, H, V] in v's dtype, final state [S, H, K, V] float32).
+    """
+    check_tensor("q", q, shape=(None, None, None), dtypes=FLOAT_DTYPES)
+    n, h, dk = q.shape
+    check_tensor("k", k, shape=(n, h, dk), dtypes=(q.dtype,))
+    check_tensor("v", v, shape=(n, h, None), dtypes=(q.dtype,))
+    check_tensor("g", g, shape=(n, h), dtypes=STATE_DTYPES)
+    check_tensor("beta", beta, shape=(n, h), dtypes=(q.dtype,))
+    check_tensor("offsets", offsets, shape=(None,), dtypes=INDEX_DTYPES)
+    if offsets.shape[0] < 1:
+        raise ValueError("offsets: expected at least one entry (offsets[0] = 0)")
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state,
+                     shape=(offsets.shape[0] - 1, h, dk, v.shape[-1]), dtypes=STATE_DTYPES)
+    check_same_device(q=q, k=k, v=v, g=g, beta=beta, offsets=offsets, initial_state=initial_state)
+    scale = dk ** -0.5 if scale is None else float(scale)
+    return torch.ops.mom.chunk_gated_delta(q, k, v, g, beta, offsets, initial_state, scale)
