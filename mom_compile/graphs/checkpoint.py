@@ -1,0 +1,88 @@
+"""Checkpoints in the reference `mom` layout (spec section 5): a folder with config.json and
+model.safetensors (or sharded safetensors with an index, or pytorch_model.bin)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .config import MomConfig
+
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_NAME = "pytorch_model.bin"
+TIED_HEAD = "lm_head.weight"
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, on the CPU, under their stored names."""
+    folder = os.fspath(path)
+    single = os.path.join(folder, SAFETENSORS_NAME)
+    index = os.path.join(folder, SAFETENSORS_INDEX)
+    legacy = os.path.join(folder, TORCH_NAME)
+    try:
+        if os.path.isfile(single):
+            return load_file(single)
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            weights: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                weights.update(load_file(os.path.join(folder, shard)))
+            return weights
+        if os.path.isfile(legacy):
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{folder}: cannot read the checkpoint's weights ({e})") from e
+    raise FileNotFoundError(
+        f"path: {folder!r} holds none of {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {TORCH_NAME}")
+
+
+def check_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Raise a ValueError naming the first missing, unexpected or misshapen weight."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = {TIED_HEAD} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(weights) - optional)
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise ValueError(f"checkpoint: missing weight {missing[0]!r} with shape "
+                         f"{list(expected[missing[0]])} ({len(missing)} missing in all)")
+    if unexpected:
+        raise ValueError(f"checkpoint: unexpected weight {unexpected[0]!r} "
+                         f"({len(unexpected)} unexpected in all); is the config right for it?")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"checkpoint: weight {name!r} has shape {list(tensor.shape)}, "
+                             f"the config expects {list(expected[name])}")
+
+
+def load_pretrained(cls, path, dtype=None, device=None):
+    config = MomConfig.from_pretrained(path)
+    weights = read_weights(path)
+    if dtype is None:
+        dtype = weights["model.embeddings.weight"].dtype if "model.embeddings.weight" in weights \
+            else torch.float32
+    with torch.device("meta"):
+        model = cls(config)
+    check_weights(model, weights)
+    if config.tie_word_embeddings:
+        weights.pop(TIED_HEAD, None)
+        weights[TIED_HEAD] = weights["model.embeddings.weight"]
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.tie_weights()
+    return model.to(device=device, dtype=dtype)
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"path: cannot create folder {os.fspath(path)!r} ({e})") from e
+    model.config.save_pretrained(path)
+    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop(TIED_HEAD)
+    save_file(state, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})

@@ -1,0 +1,153 @@
+"""`MomConfig`: the model's hyper-parameters, read from and written to the reference `config.json`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "config.json"
+
+# Keys the reference writes that change nothing here (kernel fusion switches, training knobs).
+_IGNORED_KEYS = {
+    "attn_mode", "capacity", "use_cache", "use_layer_wise_balance", "fuse_norm", "fuse_swiglu",
+    "fuse_cross_entropy", "fuse_conv_l2", "model_type", "architectures", "transformers_version",
+}
+
+
+@dataclass
+class MomConfig:
+    """Hyper-parameters of a MoM causal language model (spec sections 2 and 5).
+
+    Defaults are the reference implementation's. Unknown keys of a config.json are kept in
+    `extra` and written back unchanged.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 24
+    num_heads: int = 4
+    head_dim: int = 256
+    expand_v: float = 1.0
+    conv_size: int = 4
+    use_short_conv: bool = True
+    conv_bias: bool = False
+    use_output_gate: bool = True
+    hidden_ratio: int | None = 4
+    intermediate_size: int | None = None
+    hidden_act: str = "swish"
+    norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    num_memories: int = 4
+    topk: int = 2
+    shared_mem: bool = True
+    single_kv_proj: bool = False
+    aux_loss_scale: float = 0.01
+    mom_backend: str = "gated_deltanet"
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 2048
+    attn: dict | None = None
+    attnres_block_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived sizes -------------------------------------------------------------------------
+    @property
+    def key_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def head_v_dim(self) -> int:
+        return int(self.head_dim * self.expand_v)
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_heads * self.head_v_dim
+
+    @property
+    def mlp_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return 256 * math.ceil(int(self.hidden_size * self.hidden_ratio * 2 / 3) / 256)
+
+    @property
+    def memory_slots(self) -> int:
+        """Routed memories plus the shared one: the number of recurrent states per sequence."""
+        return self.num_memories + int(self.shared_mem)
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field that this implementation cannot honour."""
+        def bad(key: str, why: str) -> None:
+            raise ValueError(f"MomConfig.{key}: {why}")
+
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim",
+                    "num_memories", "topk"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(key, f"expected a positive integer, got {value!r}")
+        if self.topk > self.num_memories:
+            bad("topk", f"expected at most num_memories={self.num_memories}, got {self.topk}")
+        if self.conv_size < 2:
+            bad("conv_size", f"expected at least 2, got {self.conv_size}")
+        if self.expand_v <= 0 or self.head_dim * self.expand_v != int(self.head_dim * self.expand_v):
+            bad("expand_v", f"head_dim * expand_v must be a positive integer, got "
+                            f"{self.head_dim} * {self.expand_v}")
+        if self.intermediate_size is None and self.hidden_ratio is None:
+            bad("intermediate_size", "either intermediate_size or hidden_ratio must be set")
+        if not self.use_short_conv:
+            bad("use_short_conv", "False is not supported (the reference implementation refuses "
+                                  "it too)")
+        if self.hidden_act not in ("swish", "silu"):
+            bad("hidden_act", f"only 'swish'/'silu' is supported, got {self.hidden_act!r}")
+        if self.mom_backend != "gated_deltanet":
+            bad("mom_backend", f"only 'gated_deltanet' is supported, got {self.mom_backend!r}")
+        if self.attn is not None:
+            bad("attn", "hybrid softmax-attention layers are not supported; this package "
+                        "implements pure MoM models (attn must be null)")
+        if self.attnres_block_size is not None:
+            bad("attnres_block_size", "attention residuals are not supported (must be null)")
+        if self.norm_eps <= 0:
+            bad("norm_eps", f"expected a positive number, got {self.norm_eps}")
+
+    # -- config.json ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        out["model_type"] = "mom"
+        out["architectures"] = ["MomForCausalLM"]
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MomConfig:
+        if values.get("model_type", "mom") != "mom":
+            raise ValueError(f"config.json: model_type must be 'mom', got {values['model_type']!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in values.items() if k in names}
+        extra = {k: v for k, v in values.items() if k not in names and k not in _IGNORED_KEYS}
+        return cls(**known, extra=extra)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> MomConfig:
+        """Read `config.json` from a folder (or the file itself)."""
+        file = path if os.path.isfile(path) else os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"path: no {CONFIG_NAME} found at {os.fspath(path)!r}")
+        try:
+            with open(file) as f:
+                values = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_dict(values)

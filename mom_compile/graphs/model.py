@@ -1,0 +1,194 @@
+"""The MoM language model (spec section 4): blocks, the backbone and the causal-LM head."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import MomCache
+from .checkpoint import load_pretrained, save_pretrained
+from .config import MomConfig
+from .generation import generate
+from .layer import MomLayer
+from .loss import causal_lm_loss, load_balancing_loss
+from .norm import RMSNorm
+
+
+class MomMLP(nn.Module):
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__()
+        d, i = config.hidden_size, config.mlp_size
+        self.gate_proj = nn.Linear(d, i, bias=False)
+        self.up_proj = nn.Linear(d, i, bias=False)
+        self.down_proj = nn.Linear(i, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MomBlock(nn.Module):
+    """Pre-norm block: h + layer(norm(h)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = MomLayer(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MomMLP(config)
+
+    def forward(self, h, mask=None, state=None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, router_logits = self.attn(self.attn_norm(h), mask, state)
+        h = h + a
+        return h + self.mlp(self.mlp_norm(h)), router_logits
+
+
+class MomModel(nn.Module):
+    """Embeddings -> blocks -> final norm. Returns (hidden states, router logits per layer)."""
+
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(MomBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
+        cache: MomCache | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = self.embeddings(input_ids)
+        router_logits = []
+        for i, block in enumerate(self.layers):
+            h, logits = block(h, mask, None if cache is None else cache[i])
+            router_logits.append(logits)
+        return self.norm(h), router_logits
+
+
+@dataclass
+class MomCausalLMOutput:
+    """What `MomForCausalLM.forward` returns (the Hugging Face field names)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    past_key_values: MomCache | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class MomForCausalLM(nn.Module):
+    """MoM causal language model with the Hugging Face calling conventions.
+
+    >>> model = MomForCausalLM(MomConfig(hidden_size=64, num_hidden_layers=2, head_dim=16))
+    >>> out = model(input_ids, labels=input_ids)      # out.logits, out.loss, out.aux_loss
+    >>> ids = model.generate(input_ids, max_new_tokens=8)
+    """
+
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MomModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+        self.tie_weights()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference initialisation: N(0, initializer_range) for embeddings, MLPs and the head
+        (the token mixers initialise themselves)."""
+        std = self.config.initializer_range
+        linears = [self.lm_head, self.model.embeddings] + [
+            p for block in self.model.layers for p in block.mlp.children()]
+        for module in linears:
+            nn.init.normal_(module.weight, std=std)
+        if self.config.pad_token_id is not None:
+            self.model.embeddings.weight[self.config.pad_token_id].zero_()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: MomCache | None = None,
+        use_cache: bool = False,
+    ) -> MomCausalLMOutput:
+        """input_ids [B, T] int; attention_mask [B, T] (or [B, past + T], as generate loops pass
+        it) with 1 for tokens and 0 for (left) padding; labels [B, T] with -100 = ignore.
+        With use_cache (or a past_key_values cache), the cache is advanced in place and returned."""
+        mask = self._check_inputs(input_ids, attention_mask, labels, past_key_values)
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache(input_ids.shape[0], device=input_ids.device)
+        hidden, router_logits = self.model(input_ids, mask, past_key_values)
+        logits = self.lm_head(hidden)
+        loss = aux_loss = None
+        if labels is not None:
+            aux_loss = load_balancing_loss(router_logits, self.config.topk, mask)
+            loss = causal_lm_loss(logits, labels) + self.config.aux_loss_scale * aux_loss
+        return MomCausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
+                                 past_key_values=past_key_values, router_logits=tuple(router_logits))
+
+    def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> MomCache:
+        """Zeroed decoding state for `batch_size` sequences, in this model's dtype and device."""
+        weight = self.lm_head.weight
+        return MomCache(self.config, batch_size, dtype=weight.dtype, device=device or weight.device)
+
+    def _check_inputs(self, input_ids, attention_mask, labels, cache) -> torch.Tensor | None:
+        """Shape and dtype checks (free at trace time) plus a device-side range check of the ids.
+        Returns the padding mask for the T new tokens as bool, or None."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            got = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected a [batch, seq] tensor, got {got}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids: expected an int64 or int32 tensor, got {input_ids.dtype}")
+        b, t = input_ids.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"input_ids: expected at least one sequence of at least one token, "
+                             f"got shape {list(input_ids.shape)}")
+        torch._assert_async(((input_ids >= 0) & (input_ids < self.config.vocab_size)).all(),
+                            f"input_ids: every id must be in [0, vocab_size={self.config.vocab_size})")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            raise ValueError(f"labels: expected shape {list(input_ids.shape)} like input_ids, got "
+                             f"{list(labels.shape) if isinstance(labels, torch.Tensor) else labels!r}")
+        if cache is not None:
+            if not isinstance(cache, MomCache):
+                raise TypeError(f"past_key_values: expected a MomCache, got {type(cache).__name__}")
+            if cache.batch_size != b or len(cache) != self.config.num_hidden_layers:
+                raise ValueError(
+                    f"past_key_values: cache holds {cache.batch_size} sequences x {len(cache)} layers, "
+                    f"input_ids has {b} sequences and the model {self.config.num_hidden_layers} layers")
+        if attention_mask is None:
+            return None
+        if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
+                or attention_mask.shape[0] != b or attention_mask.shape[1] < t):
+            got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(f"attention_mask: expected shape [{b}, {t}] (or [{b}, past + {t}]) to "
+                             f"match input_ids, got {got}")
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise ValueError(f"attention_mask: expected 0/1 integers or bools, got {attention_mask.dtype}")
+        return attention_mask[:, -t:] != 0
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+        """Token ids [B, T + new]: the prompt followed by the generated tokens. See
+        `mom_compile.graphs.generation.generate` for the sampling arguments."""
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> MomForCausalLM:
+        """Load a folder in the reference `mom` layout (config.json + model.safetensors, sharded
+        safetensors, or pytorch_model.bin). dtype defaults to the checkpoint's."""
+        return load_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors in the reference layout."""
+        save_pretrained(self, path)
