@@ -16,11 +16,20 @@ from __future__ import annotations
 import torch
 
 from ._checks import (
-    FLOAT_DTYPES, INDEX_DTYPES, STATE_DTYPES, check_same_device, check_tensor,
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    STATE_DTYPES,
+    check_same_device,
+    check_tensor,
 )
 from .state_step import step_backward_reference, step_reference
 
 CHUNK_SIZE = 64
+
+
+def _state_dtype(q: torch.Tensor, initial_state: torch.Tensor | None) -> torch.dtype:
+    """States are float32 (float64 for float64 inputs) unless an initial state says otherwise."""
+    return torch.promote_types(q.dtype, torch.float32) if initial_state is None else initial_state.dtype
 
 
 def _segment_grid(offsets: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,8 +116,7 @@ def chunk_backward_reference(
     tokens are replayed forward and walked backward with the per-token formulas of
     `state_step.py`. Returns (dq, dk, dv, dg, dbeta, d_initial_state)."""
     dt = torch.promote_types(q.dtype, torch.float32)
-    n, h, dk = k.shape
-    n_seg = offsets.numel() - 1
+    n = k.shape[0]
     _, final, starts = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale, chunk_size)
     rows, valid = _segment_grid(offsets, chunk_size)
     grids = [_to_grid(t, rows, valid, dt) for t in (q, k, v, g, beta, d_o)]
@@ -134,14 +142,14 @@ def _chunk_gated_delta(
     offsets: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     o, final, _ = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale)
-    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+    state_dtype = _state_dtype(q, initial_state)
     return o.to(v.dtype), final.to(state_dtype)
 
 
 @_chunk_gated_delta.register_fake
 def _(q, k, v, g, beta, offsets, initial_state, scale):
     n_seg = offsets.shape[0] - 1
-    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+    state_dtype = _state_dtype(q, initial_state)
     final = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype)
     return v.new_empty(v.shape), final
 
@@ -154,7 +162,7 @@ def _chunk_gated_delta_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, dg, dbeta, d_init = chunk_backward_reference(
         q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
-    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+    state_dtype = _state_dtype(q, initial_state)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
             d_init.to(state_dtype))
 
@@ -162,7 +170,7 @@ def _chunk_gated_delta_backward(
 @_chunk_gated_delta_backward.register_fake
 def _(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
     n_seg = offsets.shape[0] - 1
-    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+    state_dtype = _state_dtype(q, initial_state)
     d_init = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
             torch.empty_like(beta), d_init)
@@ -195,7 +203,8 @@ def chunk_gated_delta(
     q, k: [N, H, K]; v: [N, H, V]; g: [N, H] float32 log-decay (<= 0); beta: [N, H];
     offsets: [S + 1] int64, non-decreasing, offsets[0] = 0, offsets[-1] <= N;
     initial_state: [S, H, K, V] float32 or None (zero). scale defaults to K ** -0.5.
-    Returns (o [N, H, V] in v's dtype, final state [S, H, K, V] float32).
+    Returns (o [N, H, V] in v's dtype, final state [S, H, K, V] float32, or float64 for float64
+    inputs).
     """
     check_tensor("q", q, shape=(None, None, None), dtypes=FLOAT_DTYPES)
     n, h, dk = q.shape

@@ -62,7 +62,7 @@ def conv_reference(x, weight, bias, offsets, initial_state):
     n, width = x.shape[0], weight.shape[1]
     table = _source_table(x, initial_state, dt)
     taps, in_segment = _taps(offsets, n, width)
-    z = torch.einsum("nwd,dw->nd", table[taps], weight.to(dt)) + bias.to(dt)
+    z = (torch.einsum("nwd,dw->nd", table[taps], weight.to(dt)) + bias.to(dt)).contiguous()
     y = F.silu(z) * in_segment[:, None]
     final = table[_final_taps(offsets, n, width)]
     return z, y, final
@@ -94,7 +94,7 @@ def _segment_conv_backward(
     sig = torch.sigmoid(z)
     d_z = d_y.to(dt) * sig * (1 + z * (1 - sig)) * in_segment[:, None]
     table = _source_table(x, initial_state, dt)
-    d_weight = torch.einsum("nwd,nd->dw", table[taps], d_z)
+    d_weight = torch.einsum("nwd,nd->dw", table[taps], d_z).contiguous()
     d_table = torch.zeros_like(table)
     d_table.index_add_(0, taps.flatten(), (d_z[:, None, :] * weight.to(dt).t()[None]).flatten(0, 1))
     d_table.index_add_(0, _final_taps(offsets, n, width).flatten(), d_final.to(dt).flatten(0, 1))

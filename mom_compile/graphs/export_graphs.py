@@ -1,0 +1,86 @@
+"""The export graphs: prefill and one decode step as pure functions of flat tensors.
+
+`MomForCausalLM` advances a `MomCache` in place, which an exported graph cannot express. These
+wrappers make the state explicit instead: the decode step takes every state tensor as an input
+(`past.<layer>.<name>`), clones it into a private cache that the model then mutates, and returns
+the mutated tensors (`present.<layer>.<name>`). The clones are what make the function functional:
+the caller's tensors are never written, so a tracer sees state in -> new state out.
+
+Prefill has no past: its cache starts as zeros (zero state is exactly "no history"), sized from
+the input batch so that batch stays a dynamic axis.
+
+State names, in order, per layer: `recurrent` [B, slots, H, K, V] and `conv` [B, slots, W-1, C]
+(see `cache.py`). Present names follow the same order, so present[i] feeds past[i].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .cache import LayerState, MomCache, conv_channels
+from .config import MomConfig
+from .model import MomForCausalLM
+
+STATE_NAMES = ("recurrent", "conv")
+
+
+def state_names(config: MomConfig, prefix: str) -> list[str]:
+    """`<prefix>.<layer>.<name>` for every state tensor, in graph order."""
+    return [f"{prefix}.{i}.{name}" for i in range(config.num_hidden_layers) for name in STATE_NAMES]
+
+
+def state_shapes(config: MomConfig, batch: int | str) -> list[tuple]:
+    """Shapes of the state tensors in graph order; `batch` may be a name for a symbolic axis."""
+    recurrent = (batch, config.memory_slots, config.num_heads, config.head_dim, config.head_v_dim)
+    conv = (batch, config.memory_slots, config.conv_size - 1, conv_channels(config))
+    return [recurrent, conv] * config.num_hidden_layers
+
+
+def state_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(recurrent, conv) dtypes for a model in `dtype`: the cache's precision policy."""
+    return torch.promote_types(dtype, torch.float32), dtype
+
+
+def _cache_of(states: list[torch.Tensor]) -> MomCache:
+    """A MomCache whose buffers are the given tensors (recurrent, conv per layer), without the
+    allocation MomCache.__init__ does: its constructor takes an int batch size, while here the
+    batch is whatever the (possibly symbolic) inputs say."""
+    cache = MomCache.__new__(MomCache)
+    cache.layers = [LayerState(recurrent=states[i], conv=states[i + 1]) for i in range(0, len(states), 2)]
+    return cache
+
+
+def _flat_states(cache: MomCache) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (layer.recurrent, layer.conv)]
+
+
+class PrefillGraph(nn.Module):
+    """(input_ids [B, T], attention_mask [B, T]) -> (logits [B, T, vocab], *present states)."""
+
+    def __init__(self, model: MomForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        config = self.model.config
+        weight = self.model.lm_head.weight
+        batch = input_ids.shape[0]
+        dtypes = state_dtypes(weight.dtype) * config.num_hidden_layers
+        states = [torch.zeros((batch, *shape[1:]), dtype=dt, device=weight.device)
+                  for shape, dt in zip(state_shapes(config, batch), dtypes)]
+        cache = _cache_of(states)
+        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache)
+        return (out.logits, *_flat_states(cache))
+
+
+class DecodeStepGraph(nn.Module):
+    """(input_ids [B, 1], past states) -> (logits [B, 1, vocab], *present states)."""
+
+    def __init__(self, model: MomForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        cache = _cache_of([t.clone() for t in past])
+        out = self.model(input_ids, past_key_values=cache)
+        return (out.logits, *_flat_states(cache))

@@ -1,0 +1,242 @@
+"""Each `mom` op against an independent float64 oracle, its gradients against autograd through
+that oracle, and torch.library.opcheck."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mom_compile import ops
+from mom_compile.ops.chunk_scan import chunk_backward_reference, chunk_reference
+
+from oracle import causal_conv, segments_recurrence
+
+f64 = torch.float64
+
+# Segment layouts: empty segments, length-1 segments, lengths not a multiple of the chunk, tail rows
+# outside every segment, one long segment (several chunks of 64).
+LAYOUTS = {
+    "mixed": ([0, 5, 5, 6, 19, 30], 33),
+    "singletons": ([0, 1, 2, 3], 3),
+    "all_empty": ([0, 0, 0], 4),
+    "long": ([0, 150, 151], 151),
+}
+
+
+def scan_inputs(offsets, n, h=2, dk=4, dv=3, dtype=f64, with_state=True):
+    s = len(offsets) - 1
+    return dict(
+        q=torch.randn(n, h, dk, dtype=dtype),
+        k=F.normalize(torch.randn(n, h, dk, dtype=dtype), dim=-1),
+        v=torch.randn(n, h, dv, dtype=dtype),
+        g=-torch.rand(n, h, dtype=f64 if dtype == f64 else torch.float32) * 0.5,
+        beta=torch.rand(n, h, dtype=dtype),
+        offsets=torch.tensor(offsets),
+        initial_state=torch.randn(s, h, dk, dv, dtype=f64 if dtype == f64 else torch.float32)
+        if with_state else None,
+    )
+
+
+def oracle_scan(a, scale):
+    return segments_recurrence(a["q"], a["k"], a["v"], a["g"], a["beta"], a["offsets"].tolist(),
+                               scale, a["initial_state"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("with_state", [True, False])
+def test_chunk_scan_matches_recurrence(layout, with_state):
+    offsets, n = LAYOUTS[layout]
+    a = scan_inputs(offsets, n, with_state=with_state)
+    o_ref, f_ref = oracle_scan(a, 0.7)
+    o, f = ops.chunk_gated_delta(**a, scale=0.7)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-10)
+    for chunk in (1, 3, 4):  # the chunked algorithm itself, at chunk sizes that split segments
+        o_c, f_c, _ = chunk_reference(**a, scale=0.7, chunk_size=chunk)
+        torch.testing.assert_close(o_c, o_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(f_c, f_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["mixed", "singletons", "long"])
+def test_chunk_scan_gradients_match_autograd_through_recurrence(layout):
+    offsets, n = LAYOUTS[layout]
+    a = scan_inputs(offsets, n)
+    names = ["q", "k", "v", "g", "beta", "initial_state"]
+    mine = {k: a[k].clone().requires_grad_() for k in names}
+    ref = {k: a[k].clone().requires_grad_() for k in names}
+    o, f = ops.chunk_gated_delta(**mine, offsets=a["offsets"], scale=0.5)
+    o_ref, f_ref = segments_recurrence(**{k: ref[k] for k in names[:5]}, offsets=offsets, scale=0.5,
+                                       initial=ref["initial_state"])
+    w_o, w_f = torch.randn_like(o), torch.randn_like(f)
+    ((o * w_o).sum() + (f * w_f).sum()).backward()
+    ((o_ref * w_o).sum() + (f_ref * w_f).sum()).backward()
+    for k in names:
+        assert ref[k].grad.abs().sum() > 0, k
+        torch.testing.assert_close(mine[k].grad, ref[k].grad, rtol=1e-9, atol=1e-9, msg=k)
+    # the backward at a chunk size that splits segments across chunks
+    grads = chunk_backward_reference(**{k: a[k] for k in names}, offsets=a["offsets"], scale=0.5,
+                                     d_o=w_o, d_final=w_f, chunk_size=4)
+    for k, gr in zip(names, grads):
+        torch.testing.assert_close(gr, ref[k].grad, rtol=1e-9, atol=1e-9, msg=k)
+
+
+def test_chunk_scan_in_low_precision_stays_close():
+    offsets, n = LAYOUTS["mixed"]
+    a = scan_inputs(offsets, n)
+    o_ref, f_ref = oracle_scan(a, 0.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        low = {k: (t.to(dtype) if k in ("q", "k", "v", "beta") else t) for k, t in a.items()}
+        low["g"], low["initial_state"] = a["g"].float(), a["initial_state"].float()
+        o, f = ops.chunk_gated_delta(**low, scale=0.5)
+        assert o.dtype == dtype and f.dtype == torch.float32
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        rel = (o.double() - o_ref).norm() / o_ref.norm()
+        assert rel < tol, (dtype, rel)
+
+
+def test_step_matches_recurrence_and_gradcheck():
+    r, h, dk, dv = 5, 2, 4, 3
+    args = [torch.randn(r, h, dk, dtype=f64), F.normalize(torch.randn(r, h, dk, dtype=f64), dim=-1),
+            torch.randn(r, h, dv, dtype=f64), -torch.rand(r, h, dtype=f64),
+            torch.rand(r, h, dtype=f64), torch.randn(r, h, dk, dv, dtype=f64)]
+    o, new = ops.gated_delta_step(*args, 0.6)
+    o_ref, new_ref = segments_recurrence(*args[:5], list(range(r + 1)), 0.6, args[5])
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(new, new_ref)
+    args = [t.requires_grad_() for t in args]
+    assert torch.autograd.gradcheck(lambda *x: ops.gated_delta_step(*x, 0.6), args)
+
+
+@pytest.mark.parametrize("layout", ["mixed", "singletons", "all_empty"])
+def test_segment_conv_matches_oracle_with_gradients(layout):
+    offsets, n = LAYOUTS[layout]
+    s, d, width = len(offsets) - 1, 5, 4
+    x, w, bias = torch.randn(n, d, dtype=f64), torch.randn(d, width, dtype=f64), torch.randn(d, dtype=f64)
+    hist = torch.randn(s, width - 1, d, dtype=f64)
+    mine = [t.clone().requires_grad_() for t in (x, w, bias, hist)]
+    ref = [t.clone().requires_grad_() for t in (x, w, bias, hist)]
+    y, fin = ops.segment_conv(mine[0], mine[1], mine[2], torch.tensor(offsets), mine[3])
+    y_ref = torch.zeros(n, d, dtype=f64)
+    fins = []
+    for i in range(s):
+        a, b = offsets[i], offsets[i + 1]
+        y_seg, f_seg = causal_conv(ref[0][a:b], ref[1], ref[2], ref[3][i])
+        y_ref = torch.cat([y_ref[:a], y_seg, y_ref[b:]])
+        fins.append(f_seg)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(fin, torch.stack(fins))
+    w_y, w_f = torch.randn_like(y), torch.randn_like(fin)
+    ((y * w_y).sum() + (fin * w_f).sum()).backward()
+    ((y_ref * w_y).sum() + (torch.stack(fins) * w_f).sum()).backward()
+    for name, a, b in zip(("x", "weight", "bias", "initial_state"), mine, ref):
+        expect = torch.zeros_like(b) if b.grad is None else b.grad  # unused when no row is in a segment
+        torch.testing.assert_close(a.grad, expect, msg=name)
+
+
+def test_segment_conv_without_history_or_bias_is_zero_padded():
+    x, w = torch.randn(7, 3, dtype=f64), torch.randn(3, 2, dtype=f64)
+    y, fin = ops.segment_conv(x, w, None, torch.tensor([0, 4, 7]))
+    y0, f0 = causal_conv(x[:4], w)
+    y1, f1 = causal_conv(x[4:], w)
+    torch.testing.assert_close(y, torch.cat([y0, y1]))
+    torch.testing.assert_close(fin, torch.stack([f0, f1]))
+
+
+def dispatch_oracle(memory_idx, mask, num_memories):
+    """Rows of each segment b*M+m in time order, built with loops."""
+    b_size, t_size, k = memory_idx.shape
+    rows, offsets = [], [0]
+    for b in range(b_size):
+        for m in range(num_memories):
+            for t in range(t_size):
+                for i in range(k):
+                    if mask[b, t] and memory_idx[b, t, i] == m:
+                        rows.append((b * t_size + t) * k + i)
+            offsets.append(len(rows))
+    return rows, offsets
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 2, 4), (1, 3, 3, 3), (3, 16, 2, 4), (2, 1, 1, 4)])
+def test_dispatch_is_stable_and_matches_loops(shape):
+    b, t, k, m = shape
+    idx = torch.stack([torch.randperm(m)[:k] for _ in range(b * t)]).view(b, t, k)
+    mask = torch.rand(b, t) > 0.3
+    choice_of_row, row_of_choice, offsets = ops.dispatch(idx, mask, m)
+    rows, offs = dispatch_oracle(idx, mask, m)
+    assert offsets.tolist() == offs
+    assert choice_of_row[:len(rows)].tolist() == rows
+    assert sorted(choice_of_row.tolist()) == list(range(b * t * k))
+    assert (choice_of_row[row_of_choice.flatten()] == torch.arange(b * t * k)).all()
+
+
+def test_dispatch_when_all_tokens_choose_one_memory():
+    idx = torch.zeros(2, 6, 1, dtype=torch.int64)
+    _, _, offsets = ops.dispatch(idx, torch.ones(2, 6, dtype=torch.bool), 3)
+    assert offsets.tolist() == [0, 6, 6, 6, 12, 12, 12]
+
+
+def test_combine_and_its_gradients():
+    b, t, k, h, dv = 2, 3, 2, 2, 3
+    o_rows = torch.randn(b * t * k, h, dv, dtype=f64, requires_grad=True)
+    weights = torch.rand(b, t, k, dtype=f64, requires_grad=True)
+    perm = torch.randperm(b * t * k).view(b, t, k)
+    y = ops.combine(o_rows, weights, perm)
+    expect = sum(weights[:, :, i, None, None] * o_rows[perm[:, :, i]] for i in range(k))
+    torch.testing.assert_close(y, expect)
+    assert torch.autograd.gradcheck(lambda o, w: ops.combine(o, w, perm), (o_rows, weights))
+
+
+def opcheck_cases():
+    a = scan_inputs([0, 3, 3, 7], 8, dtype=torch.float32)
+    conv_x = torch.randn(8, 4, requires_grad=True)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(6)]).view(2, 3, 2)
+    grad = dict(requires_grad=True)
+    return [
+        (torch.ops.mom.chunk_gated_delta.default,
+         (a["q"].requires_grad_(), a["k"].requires_grad_(), a["v"].requires_grad_(),
+          a["g"].requires_grad_(), a["beta"].requires_grad_(), a["offsets"],
+          a["initial_state"].requires_grad_(), 0.5)),
+        (torch.ops.mom.chunk_gated_delta.default,
+         (a["q"], a["k"], a["v"], a["g"], a["beta"], a["offsets"], None, 0.5)),
+        (torch.ops.mom.gated_delta_step.default,
+         (torch.randn(3, 2, 4, **grad), torch.randn(3, 2, 4, **grad), torch.randn(3, 2, 5, **grad),
+          -torch.rand(3, 2).requires_grad_(), torch.rand(3, 2, **grad),
+          torch.randn(3, 2, 4, 5, **grad), 0.5)),
+        (torch.ops.mom.segment_conv.default,
+         (conv_x, torch.randn(4, 3, **grad), torch.randn(4, **grad), torch.tensor([0, 2, 2, 6]),
+          torch.randn(3, 2, 4, **grad))),
+        (torch.ops.mom.dispatch.default, (idx, torch.rand(2, 3) > 0.2, 4)),
+        (torch.ops.mom.combine.default,
+         (torch.randn(12, 2, 3, **grad), torch.rand(2, 3, 2, **grad), torch.randperm(12).view(2, 3, 2))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(case):
+    op, args = opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ops.chunk_gated_delta(torch.randn(4, 2, 3), torch.randn(4, 2, 3), torch.randn(4, 2, 3),
+                                   torch.rand(4, 2, dtype=torch.float16), torch.rand(4, 2),
+                                   torch.tensor([0, 4])), "g: expected dtype"),
+    (lambda: ops.chunk_gated_delta(torch.randn(4, 2, 3), torch.randn(4, 2, 3), torch.randn(4, 2, 3),
+                                   torch.rand(4, 2), torch.rand(4, 2), torch.tensor([0, 4]),
+                                   torch.zeros(2, 2, 3, 3)), r"initial_state: expected shape \[1, 2, 3, 3\]"),
+    (lambda: ops.chunk_gated_delta(torch.randn(4, 2, 3), torch.randn(4, 2, 3), torch.randn(4, 2, 3),
+                                   torch.rand(4, 2), torch.rand(4, 2), torch.tensor([0., 4.])),
+     "offsets: expected dtype"),
+    (lambda: ops.segment_conv(torch.randn(4, 3), torch.randn(2, 4), None, torch.tensor([0, 4])),
+     r"weight: expected shape \[3, \*\]"),
+    (lambda: ops.gated_delta_step(torch.randn(2, 1, 3), torch.randn(2, 1, 3), torch.randn(2, 1, 3),
+                                  torch.rand(2, 1), torch.rand(2, 1), torch.zeros(2, 1, 3, 3,
+                                  dtype=torch.float16), 1.0), "state: expected dtype"),
+    (lambda: ops.dispatch(torch.zeros(1, 2, 1, dtype=torch.int64), torch.ones(1, 3, dtype=torch.bool), 2),
+     r"mask: expected shape \[1, 2\]"),
+    (lambda: ops.combine(torch.randn(5, 1, 1), torch.rand(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int64)),
+     "o_rows: expected 4 rows"),
+])
+def test_bad_arguments_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
