@@ -1,0 +1,142 @@
+"""Checkpoints in the reference `mom` layout: names and shapes of spec section 5, round trips, and
+clear errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mom_compile import MomConfig, MomForCausalLM
+
+from models import tiny_config, tiny_model
+
+
+def spec_layout(c: MomConfig) -> dict[str, list[int]]:
+    """Every weight name and shape, written out from mom-spec.md section 5."""
+    d, hk, hv, h, w, m = c.hidden_size, c.key_dim, c.value_dim, c.num_heads, c.conv_size, c.num_memories
+    i = c.mlp_size
+    out = {"model.embeddings.weight": [c.vocab_size, d], "model.norm.weight": [d],
+           "lm_head.weight": [c.vocab_size, d]}
+    for n in range(c.num_hidden_layers):
+        p = f"model.layers.{n}."
+        out.update({p + "attn_norm.weight": [d], p + "mlp_norm.weight": [d],
+                    p + "mlp.gate_proj.weight": [i, d], p + "mlp.up_proj.weight": [i, d],
+                    p + "mlp.down_proj.weight": [d, i]})
+        a = p + "attn."
+        out.update({a + "q_proj.weight": [hk, d], a + "gate.weight": [m, d], a + "A_log": [h],
+                    a + "dt_bias": [h], a + "q_conv1d.weight": [hk, 1, w], a + "k_conv1d.weight": [hk, 1, w],
+                    a + "v_conv1d.weight": [hv, 1, w], a + "o_norm.weight": [c.head_v_dim],
+                    a + "o_proj.weight": [d, hv]})
+        if c.use_output_gate:
+            out[a + "g_proj.weight"] = [hv, d]
+        if c.conv_bias:
+            out.update({a + "q_conv1d.bias": [hk], a + "k_conv1d.bias": [hk], a + "v_conv1d.bias": [hv]})
+        per_memory = {"k_proj": [hk, d], "v_proj": [hv, d], "b_proj": [h, d], "a_proj": [h, d]}
+        if not c.single_kv_proj:
+            for name, shape in per_memory.items():
+                out.update({f"{a}{name}.{j}.weight": shape for j in range(m)})
+        if c.shared_mem or c.single_kv_proj:
+            for name, shape in zip(("shared_k", "shared_v", "shared_b", "shared_a"), per_memory.values()):
+                out[f"{a}{name}.weight"] = shape
+    return out
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(single_kv_proj=True), dict(shared_mem=False, conv_bias=True),
+                                       dict(use_output_gate=False, expand_v=2.0)])
+def test_state_dict_is_the_reference_layout(overrides):
+    model = MomForCausalLM(tiny_config(**overrides))
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == spec_layout(model.config)
+
+
+def test_round_trip_is_exact(tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mom"
+    loaded = MomForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+    x = torch.randint(0, 97, (2, 7))
+    assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_loads_a_folder_written_by_hand_in_the_reference_layout(tmp_path):
+    """A checkpoint built from the spec's key list alone (no model of ours involved), in bf16,
+    as pytorch_model.bin, with reference-only config keys."""
+    config = tiny_config()
+    weights = {k: torch.randn(shape).to(torch.bfloat16) for k, shape in spec_layout(config).items()}
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    values = config.to_dict() | {"fuse_norm": True, "attn_mode": "chunk", "capacity": 1.0,
+                                 "transformers_version": "4.57.0", "use_cache": True}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    model = MomForCausalLM.from_pretrained(tmp_path)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    model32 = MomForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model32.lm_head.weight.dtype == torch.float32
+
+
+def test_sharded_safetensors_and_tied_embeddings(tmp_path):
+    model = tiny_model(dtype=torch.float32, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embeddings.weight
+    model.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    state = load_file(tmp_path / "model.safetensors")
+    names = sorted(state)
+    half = len(names) // 2
+    save_file({k: state[k] for k in names[:half]}, tmp_path / "a.safetensors")
+    save_file({k: state[k] for k in names[half:]}, tmp_path / "b.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: ("a" if i < half else "b") + ".safetensors" for i, k in enumerate(names)}}))
+    os.remove(tmp_path / "model.safetensors")
+    loaded = MomForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embeddings.weight
+    x = torch.randint(0, 97, (1, 5))
+    assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def write_checkpoint(path, config, weights):
+    config.save_pretrained(path)
+    save_file(weights, os.path.join(path, "model.safetensors"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w.pop("model.layers.1.attn.k_proj.2.weight"),
+     "missing weight 'model.layers.1.attn.k_proj.2.weight'"),
+    (lambda w: w.update(extra=torch.zeros(1)), "unexpected weight 'extra'"),
+    (lambda w: w.update({"model.layers.0.attn.A_log": torch.zeros(3)}),
+     r"weight 'model.layers.0.attn.A_log' has shape \[3\], the config expects \[2\]"),
+])
+def test_bad_weights_are_named(tmp_path, change, message):
+    config = tiny_config()
+    weights = {k: torch.randn(shape) for k, shape in spec_layout(config).items()}
+    change(weights)
+    write_checkpoint(tmp_path, config, weights)
+    with pytest.raises(ValueError, match=message):
+        MomForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"attn": {"layers": [1], "num_heads": 4}}, "MomConfig.attn: hybrid softmax-attention"),
+    ({"mom_backend": "gla"}, "MomConfig.mom_backend: only 'gated_deltanet'"),
+    ({"topk": 5}, "MomConfig.topk: expected at most num_memories=4, got 5"),
+    ({"model_type": "llama"}, "model_type must be 'mom'"),
+])
+def test_unsupported_configs_are_named(tmp_path, values, message):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict() | values))
+    with pytest.raises(ValueError, match=message):
+        MomForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        MomForCausalLM.from_pretrained(tmp_path)
+    tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds none of model.safetensors"):
+        MomForCausalLM.from_pretrained(tmp_path)

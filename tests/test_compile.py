@@ -1,0 +1,85 @@
+"""torch.compile(fullgraph=True) over training, prefill and decode: no graph breaks, no
+recompilation across sequence lengths, and the same numbers as eager."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from models import tiny_model
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def model():
+    torch._dynamo.reset()
+    return tiny_model(dtype=torch.float32)
+
+
+def ids(b, t):
+    return torch.randint(0, 97, (b, t))
+
+
+def graph_breaks(fn, *args, **kwargs) -> int:
+    return torch._dynamo.explain(fn)(*args, **kwargs).graph_break_count
+
+
+def test_no_graph_breaks_in_training_prefill_and_decode(model):
+    x, mask = ids(2, 9), torch.ones(2, 9, dtype=torch.int64)
+    mask[0, :3] = 0
+    assert graph_breaks(model, x, attention_mask=mask, labels=x) == 0
+    cache = model.new_cache(2)
+    assert graph_breaks(model, x, attention_mask=mask, past_key_values=cache, use_cache=True) == 0
+    assert graph_breaks(model, ids(2, 1), past_key_values=cache, use_cache=True) == 0
+
+
+def test_compiled_training_step_matches_eager(model):
+    x, mask = ids(2, 11), torch.ones(2, 11, dtype=torch.int64)
+    mask[1, :4] = 0
+    model.train()
+    eager = model(x, attention_mask=mask, labels=x)
+    eager.loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x, attention_mask=mask, labels=x)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, eager.loss, **TOL)
+    torch.testing.assert_close(out.aux_loss, eager.aux_loss, **TOL)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_compiled_prefill_and_decode_match_eager(model):
+    x = ids(3, 8)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        eager_out = model(x[:, :6], use_cache=True)
+        comp_out = compiled(x[:, :6], use_cache=True)
+        torch.testing.assert_close(comp_out.logits, eager_out.logits, **TOL)
+        for t in (6, 7):
+            e = model(x[:, t:t + 1], past_key_values=eager_out.past_key_values, use_cache=True)
+            c = compiled(x[:, t:t + 1], past_key_values=comp_out.past_key_values, use_cache=True)
+            torch.testing.assert_close(c.logits, e.logits, **TOL)
+        for ce, cc in zip(eager_out.past_key_values.layers, comp_out.past_key_values.layers):
+            torch.testing.assert_close(cc.recurrent, ce.recurrent, **TOL)
+            torch.testing.assert_close(cc.conv, ce.conv, **TOL)
+
+
+def test_dynamic_sequence_lengths_compile_once(model):
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    frames = []
+    with torch.no_grad():
+        for t in (5, 9, 14, 23):
+            x = ids(2, t)
+            torch.testing.assert_close(compiled(x).logits, model(x).logits, **TOL)
+            frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames == frames[:1] * 4, frames
+
+
+def test_out_of_range_ids_fail_on_device_without_a_graph_break(model):
+    compiled = torch.compile(model, fullgraph=True)
+    with pytest.raises(RuntimeError, match="input_ids: every id must be in"):
+        compiled(torch.tensor([[1, 2, 97]]))

@@ -1,0 +1,72 @@
+"""Bad input gets an error that names the argument and what was expected."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mom_compile import MomConfig
+
+from models import tiny_config, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(input_ids=torch.randint(0, 97, (5,))), ValueError, r"input_ids: expected a \[batch, seq\] tensor"),
+    (dict(input_ids=torch.rand(2, 3)), ValueError, "input_ids: expected an int64 or int32 tensor"),
+    (dict(input_ids=torch.zeros(2, 0, dtype=torch.int64)), ValueError, "at least one token"),
+    (dict(input_ids=torch.tensor([[1, 97]])), RuntimeError,
+     r"input_ids: every id must be in \[0, vocab_size=97\)"),
+    (dict(input_ids=torch.tensor([[-1, 3]])), RuntimeError, "input_ids: every id must be in"),
+    (dict(input_ids=torch.ones(2, 4, dtype=torch.int64), attention_mask=torch.ones(2, 3)), ValueError,
+     r"attention_mask: expected shape \[2, 4\]"),
+    (dict(input_ids=torch.ones(2, 4, dtype=torch.int64), attention_mask=torch.ones(3, 4)), ValueError,
+     r"attention_mask: expected shape \[2, 4\]"),
+    (dict(input_ids=torch.ones(2, 4, dtype=torch.int64), attention_mask=torch.ones(2, 4)), ValueError,
+     "attention_mask: expected 0/1 integers or bools"),
+    (dict(input_ids=torch.ones(2, 4, dtype=torch.int64), labels=torch.ones(2, 5, dtype=torch.int64)),
+     ValueError, r"labels: expected shape \[2, 4\]"),
+])
+def test_bad_forward_inputs(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        model(**kwargs)
+
+
+def test_cache_of_another_batch_size(model):
+    cache = model.new_cache(3)
+    with pytest.raises(ValueError, match="past_key_values: cache holds 3 sequences"):
+        model(torch.ones(2, 1, dtype=torch.int64), past_key_values=cache)
+    with pytest.raises(TypeError, match="past_key_values: expected a MomCache"):
+        model(torch.ones(2, 1, dtype=torch.int64), past_key_values=[1, 2])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=-1), "max_new_tokens: expected >= 0"),
+    (dict(temperature=0.0, do_sample=True), "temperature: expected > 0"),
+    (dict(top_p=1.5, do_sample=True), r"top_p: expected a value in \(0, 1\]"),
+    (dict(top_k=0, do_sample=True), "top_k: expected >= 1"),
+])
+def test_bad_generate_arguments(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.ones(1, 3, dtype=torch.int64), **kwargs)
+
+
+def test_generate_checks_prompt_ids_eagerly(model):
+    with pytest.raises(ValueError, match=r"input_ids: ids must lie in \[0, 97\), got values in \[0, 200\]"):
+        model.generate(torch.tensor([[0, 200]]))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(topk=5), "MomConfig.topk: expected at most num_memories=4"),
+    (dict(hidden_size=0), "MomConfig.hidden_size: expected a positive integer"),
+    (dict(conv_size=1), "MomConfig.conv_size: expected at least 2"),
+    (dict(use_short_conv=False), "MomConfig.use_short_conv"),
+    (dict(hidden_act="gelu"), "MomConfig.hidden_act"),
+])
+def test_bad_configs(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**overrides)
+    assert isinstance(tiny_config(), MomConfig)
