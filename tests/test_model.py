@@ -157,3 +157,14 @@ def test_sampling_controls(model):
     a = model.generate(x, max_new_tokens=5, do_sample=True, generator=torch.Generator().manual_seed(3))
     b = model.generate(x, max_new_tokens=5, do_sample=True, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and torch.equal(a[:, :5], x)
+
+
+def test_decode_steps_update_the_cache_buffers_in_place(model):
+    out = model(ids(2, 4), use_cache=True)
+    cache = out.past_key_values
+    addresses = [(s.recurrent.data_ptr(), s.conv.data_ptr()) for s in cache.layers]
+    before = [s.recurrent.clone() for s in cache.layers]
+    for _ in range(3):
+        assert model(ids(2, 1), past_key_values=cache, use_cache=True).past_key_values is cache
+    assert [(s.recurrent.data_ptr(), s.conv.data_ptr()) for s in cache.layers] == addresses
+    assert all(not torch.equal(b, s.recurrent) for b, s in zip(before, cache.layers))

@@ -10,11 +10,9 @@ from typing import Any
 
 CONFIG_NAME = "config.json"
 
-# Keys the reference writes that change nothing here (kernel fusion switches, training knobs).
-_IGNORED_KEYS = {
-    "attn_mode", "capacity", "use_cache", "use_layer_wise_balance", "fuse_norm", "fuse_swiglu",
-    "fuse_cross_entropy", "fuse_conv_l2", "model_type", "architectures", "transformers_version",
-}
+# Keys this class writes itself; every other unknown key (fuse_*, attn_mode, transformers_version,
+# ...) changes nothing here and is kept in `extra`, so that a config round-trips unchanged.
+_WRITTEN_KEYS = {"model_type", "architectures"}
 
 
 @dataclass
@@ -42,6 +40,7 @@ class MomConfig:
     tie_word_embeddings: bool = False
     num_memories: int = 4
     topk: int = 2
+    capacity: float = 1.0  # read and written, unused: every token goes to exactly topk memories
     shared_mem: bool = True
     single_kv_proj: bool = False
     aux_loss_scale: float = 0.01
@@ -130,7 +129,7 @@ class MomConfig:
             raise ValueError(f"config.json: model_type must be 'mom', got {values['model_type']!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in values.items() if k in names}
-        extra = {k: v for k, v in values.items() if k not in names and k not in _IGNORED_KEYS}
+        extra = {k: v for k, v in values.items() if k not in names and k not in _WRITTEN_KEYS}
         return cls(**known, extra=extra)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
