@@ -46,6 +46,10 @@ class MomCache:
             )
             for _ in range(config.num_hidden_layers)
         ]
+        if not torch.compiler.is_compiling():  # lets CUDA graphs (mode="reduce-overhead") update them
+            for state in self.layers:            # in place; a cache made inside a graph is its output
+                torch._dynamo.mark_static_address(state.recurrent)
+                torch._dynamo.mark_static_address(state.conv)
 
     @property
     def batch_size(self) -> int:
