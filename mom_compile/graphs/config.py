@@ -115,6 +115,13 @@ class MomConfig:
         if self.norm_eps <= 0:
             bad("norm_eps", f"expected a positive number, got {self.norm_eps}")
 
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> MomConfig:
+        """A named size: "tiny" (tests and quick exports), "340m" and "1.3b" (the paper's)."""
+        if name not in PRESETS:
+            raise ValueError(f"name: expected one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
     # -- config.json ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -150,3 +157,13 @@ class MomConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: not valid JSON ({e})") from None
         return cls.from_dict(values)
+
+
+_PAPER = dict(num_hidden_layers=24, num_heads=4, head_dim=256, expand_v=1.0, num_memories=4, topk=2,
+              shared_mem=True, conv_size=4, vocab_size=32000, norm_eps=1e-6, aux_loss_scale=0.01)
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16,
+                 num_memories=4, topk=2, shared_mem=True, hidden_ratio=2),
+    "340m": dict(_PAPER, hidden_size=1024, hidden_ratio=3),
+    "1.3b": dict(_PAPER, hidden_size=2048, hidden_ratio=4),
+}

@@ -1,0 +1,166 @@
+"""Decode latency on a GPU: ms per generated token after a 512-token prompt, batch 1 and 64, for
+the paper's 340M MoM config with random bf16 weights: eager, torch.compile, and CUDA graphs
+(torch.compile mode="reduce-overhead"). Peers in the same run: a Transformer of the same width and
+depth with a static KV cache through scaled_dot_product_attention (compiled the same ways), and
+the reference implementation's generate() (flash-linear-attention), when it imports.
+
+    python benchmarks/decode.py [--batches 1 64] [--steps 64] [--prompt 512]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mom_compile import MomConfig, MomForCausalLM
+
+
+class StaticKVTransformer(nn.Module):
+    """Pre-norm Transformer LM with a preallocated KV cache (the gpt-fast pattern), as a peer."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, mlp: int, max_len: int, batch: int):
+        super().__init__()
+        self.heads, self.max_len = heads, max_len
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            n1=nn.RMSNorm(d), qkv=nn.Linear(d, 3 * d, bias=False), o=nn.Linear(d, d, bias=False),
+            n2=nn.RMSNorm(d), up=nn.Linear(d, 2 * mlp, bias=False), down=nn.Linear(mlp, d, bias=False),
+        )) for _ in range(layers))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        shape = (layers, batch, heads, max_len, d // heads)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        h = self.emb(ids)
+        visible = torch.arange(self.max_len, device=ids.device)[None, :] <= pos[:, None]  # [t, max_len]
+        for i, blk in enumerate(self.blocks):
+            q, k, v = blk["qkv"](blk["n1"](h)).view(b, t, 3, self.heads, -1).unbind(2)
+            self.k_cache[i].index_copy_(2, pos, k.transpose(1, 2))
+            self.v_cache[i].index_copy_(2, pos, v.transpose(1, 2))
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), self.k_cache[i], self.v_cache[i],
+                                               attn_mask=visible)
+            h = h + blk["o"](a.transpose(1, 2).flatten(2))
+            gate, up = blk["up"](blk["n2"](h)).chunk(2, -1)
+            h = h + blk["down"](F.silu(gate) * up)
+        return self.head(self.norm(h))
+
+
+def time_steps(step, first_token: torch.Tensor, steps: int) -> float:
+    """Mean ms per step over `steps` greedy steps, timed with CUDA events after warm-up."""
+    tok = first_token
+    for _ in range(3):
+        tok = step(tok)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        tok = step(tok)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def bench_mom(model: MomForCausalLM, batch: int, prompt: int, steps: int, mode: str | None) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    cache = model.new_cache(batch)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+    forward = model.forward if mode is None else torch.compile(
+        model.forward, mode=mode, fullgraph=True)
+
+    @torch.no_grad()
+    def step(tok):
+        logits = forward(tok, past_key_values=cache, use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    return time_steps(step, out.logits[:, -1].argmax(-1, keepdim=True), steps)
+
+
+def bench_transformer(config: MomConfig, batch: int, prompt: int, steps: int, mode: str | None) -> float:
+    heads = config.hidden_size // 64
+    model = StaticKVTransformer(config.vocab_size, config.hidden_size, config.num_hidden_layers, heads,
+                                config.mlp_size, prompt + steps + 8, batch).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
+    with torch.no_grad():
+        logits = model(ids, torch.arange(prompt, device="cuda"))
+    forward = model if mode is None else torch.compile(model, mode=mode, fullgraph=True)
+    pos = torch.tensor([prompt], device="cuda")
+
+    @torch.no_grad()
+    def step(tok):
+        out = forward(tok, pos)
+        pos.add_(1)
+        return out[:, -1].argmax(-1, keepdim=True)
+
+    return time_steps(step, logits[:, -1].argmax(-1, keepdim=True), steps)
+
+
+def bench_reference(config: MomConfig, batch: int, prompt: int, steps: int) -> float | str:
+    try:
+        from fla.models import MomConfig as RefConfig
+        from fla.models import MomForCausalLM as RefModel
+    except ImportError as e:
+        return f"not importable ({e.__class__.__name__})"
+    ref_config = RefConfig(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                           num_heads=config.num_heads, head_dim=config.head_dim, expand_v=config.expand_v,
+                           num_memories=config.num_memories, topk=config.topk, shared_mem=config.shared_mem,
+                           hidden_ratio=config.hidden_ratio, vocab_size=config.vocab_size)
+    model = RefModel(ref_config).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    try:
+        run(4)
+        return (run(steps + 1) - run(1)) / steps  # the prefill cancels out
+    except Exception as e:  # record the reference's refusal instead of hiding it
+        return f"failed: {e.__class__.__name__}: {str(e).splitlines()[0][:80]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--config", default="340m")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = MomConfig.preset(args.config)
+    model = MomForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | commit {commit or '?'} | "
+          f"config {args.config} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, bf16) | "
+          f"prompt {args.prompt} | {args.steps} timed greedy steps")
+    rows = []
+    for batch in args.batches:
+        for name, mode in (("eager", None), ("compiled", "default"), ("CUDA graphs", "reduce-overhead")):
+            torch._dynamo.reset()
+            rows.append((batch, f"MoM {name}", bench_mom(model, batch, args.prompt, args.steps, mode)))
+            torch._dynamo.reset()
+            rows.append((batch, f"Transformer+SDPA {name}",
+                         bench_transformer(config, batch, args.prompt, args.steps, mode)))
+        rows.append((batch, "reference fla generate",
+                     bench_reference(config, batch, args.prompt, args.steps)))
+    print(f"\n{'batch':>5}  {'implementation':32} {'ms/token':>10}")
+    for batch, name, ms in rows:
+        value = f"{ms:>10.3f}" if isinstance(ms, float) else ms
+        print(f"{batch:>5}  {name:32} {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Decoding on a GPU: CUDA-graph generation (torch.compile mode="reduce-overhead") over the static
+cache gives the eager tokens without re-recording per step, and a decode step does no host sync.
+Runs only where CUDA is present."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from models import tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_cuda_graph_generation_matches_eager_without_recapture():
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(dtype=torch.float32).cuda()
+    prompt = torch.randint(0, 97, (2, 9), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24)
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    first = model.generate(prompt, attention_mask=mask, max_new_tokens=24)
+    recorded = dict(counters["inductor"])
+    second = model.generate(prompt, attention_mask=mask, max_new_tokens=24)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0
+    assert dict(counters["inductor"]) == recorded  # the second generation re-records nothing
+
+
+def test_decode_step_does_no_host_sync():
+    model = tiny_model(dtype=torch.float32).cuda()
+    out = model(torch.randint(0, 97, (2, 5), device="cuda"), use_cache=True)
+    step = torch.randint(0, 97, (2, 1), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            model(step, past_key_values=out.past_key_values, use_cache=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
