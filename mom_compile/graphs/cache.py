@@ -26,6 +26,18 @@ def conv_channels(config: MomConfig) -> int:
     return 2 * config.key_dim + config.value_dim
 
 
+def state_shapes(config: MomConfig, batch: int | str) -> list[tuple]:
+    """Shapes of every state tensor, (recurrent, conv) per layer; `batch` may name a symbolic axis."""
+    recurrent = (batch, config.memory_slots, config.num_heads, config.head_dim, config.head_v_dim)
+    conv = (batch, config.memory_slots, config.conv_size - 1, conv_channels(config))
+    return [recurrent, conv] * config.num_hidden_layers
+
+
+def state_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(recurrent, conv) dtypes for a model in `dtype`."""
+    return torch.promote_types(dtype, torch.float32), dtype
+
+
 class MomCache:
     """Decoding state of every layer for a batch of `batch_size` sequences."""
 
@@ -35,21 +47,27 @@ class MomCache:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
-        slots = config.memory_slots
-        state_dtype = torch.promote_types(dtype, torch.float32)
-        self.layers = [
-            LayerState(
-                recurrent=torch.zeros(batch_size, slots, config.num_heads, config.head_dim,
-                                      config.head_v_dim, dtype=state_dtype, device=device),
-                conv=torch.zeros(batch_size, slots, config.conv_size - 1, conv_channels(config),
-                                 dtype=dtype, device=device),
-            )
-            for _ in range(config.num_hidden_layers)
-        ]
+        dtypes = state_dtypes(dtype) * config.num_hidden_layers
+        self.layers = self._pair([torch.zeros(shape, dtype=dt, device=device)
+                                  for shape, dt in zip(state_shapes(config, batch_size), dtypes)])
         if not torch.compiler.is_compiling():  # lets CUDA graphs (mode="reduce-overhead") update them
-            for state in self.layers:            # in place; a cache made inside a graph is its output
-                torch._dynamo.mark_static_address(state.recurrent)
-                torch._dynamo.mark_static_address(state.conv)
+            for t in self.states():              # in place; a cache made inside a graph is its output
+                torch._dynamo.mark_static_address(t)
+
+    @staticmethod
+    def _pair(states: list[torch.Tensor]) -> list[LayerState]:
+        return [LayerState(recurrent=states[i], conv=states[i + 1]) for i in range(0, len(states), 2)]
+
+    @classmethod
+    def from_states(cls, states: list[torch.Tensor]) -> MomCache:
+        """A cache over existing tensors, (recurrent, conv) per layer as `states()` lists them."""
+        cache = cls.__new__(cls)
+        cache.layers = cls._pair(list(states))
+        return cache
+
+    def states(self) -> list[torch.Tensor]:
+        """Every state tensor, (recurrent, conv) per layer."""
+        return [t for layer in self.layers for t in (layer.recurrent, layer.conv)]
 
     @property
     def batch_size(self) -> int:
@@ -63,6 +81,5 @@ class MomCache:
 
     def reset(self) -> None:
         """Forget every sequence, keeping the buffers (and their addresses)."""
-        for state in self.layers:
-            state.recurrent.zero_()
-            state.conv.zero_()
+        for t in self.states():
+            t.zero_()

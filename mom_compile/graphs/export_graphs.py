@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .cache import LayerState, MomCache, conv_channels
+from .cache import MomCache, state_dtypes, state_shapes
 from .config import MomConfig
 from .model import MomForCausalLM
 
@@ -27,31 +27,6 @@ STATE_NAMES = ("recurrent", "conv")
 def state_names(config: MomConfig, prefix: str) -> list[str]:
     """`<prefix>.<layer>.<name>` for every state tensor, in graph order."""
     return [f"{prefix}.{i}.{name}" for i in range(config.num_hidden_layers) for name in STATE_NAMES]
-
-
-def state_shapes(config: MomConfig, batch: int | str) -> list[tuple]:
-    """Shapes of the state tensors in graph order; `batch` may be a name for a symbolic axis."""
-    recurrent = (batch, config.memory_slots, config.num_heads, config.head_dim, config.head_v_dim)
-    conv = (batch, config.memory_slots, config.conv_size - 1, conv_channels(config))
-    return [recurrent, conv] * config.num_hidden_layers
-
-
-def state_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    """(recurrent, conv) dtypes for a model in `dtype`: the cache's precision policy."""
-    return torch.promote_types(dtype, torch.float32), dtype
-
-
-def _cache_of(states: list[torch.Tensor]) -> MomCache:
-    """A MomCache whose buffers are the given tensors (recurrent, conv per layer), without the
-    allocation MomCache.__init__ does: its constructor takes an int batch size, while here the
-    batch is whatever the (possibly symbolic) inputs say."""
-    cache = MomCache.__new__(MomCache)
-    cache.layers = [LayerState(recurrent=states[i], conv=states[i + 1]) for i in range(0, len(states), 2)]
-    return cache
-
-
-def _flat_states(cache: MomCache) -> list[torch.Tensor]:
-    return [t for layer in cache.layers for t in (layer.recurrent, layer.conv)]
 
 
 class PrefillGraph(nn.Module):
@@ -68,9 +43,9 @@ class PrefillGraph(nn.Module):
         dtypes = state_dtypes(weight.dtype) * config.num_hidden_layers
         states = [torch.zeros((batch, *shape[1:]), dtype=dt, device=weight.device)
                   for shape, dt in zip(state_shapes(config, batch), dtypes)]
-        cache = _cache_of(states)
+        cache = MomCache.from_states(states)
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache)
-        return (out.logits, *_flat_states(cache))
+        return (out.logits, *cache.states())
 
 
 class DecodeStepGraph(nn.Module):
@@ -81,6 +56,6 @@ class DecodeStepGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        cache = _cache_of([t.clone() for t in past])
+        cache = MomCache.from_states([t.clone() for t in past])
         out = self.model(input_ids, past_key_values=cache)
-        return (out.logits, *_flat_states(cache))
+        return (out.logits, *cache.states())

@@ -1,0 +1,168 @@
+"""From a MomForCausalLM to `prefill.onnx` and `decode_step.onnx`.
+
+Steps per graph: torch.export of the functional wrapper (graphs/export_graphs.py) with dynamic
+batch (and seq for prefill), the dynamo ONNX exporter with the `mom` op translations of
+onnx_ops.py, then a finishing pass on the ONNX model:
+  - the scripted helper functions the translations call (MemoryStep, GatedDeltaScan) are made
+    part of the model and inlined, so the standard graph holds default-domain ops only; a plugin
+    graph keeps MemoryStep nodes (domain "mom", schema in plugin.py) and drops their body;
+  - the exporter's intermediate value_info is dropped (onnxruntime infers it again);
+  - the symbolic axes of the graph inputs and outputs are named `batch` and `seq`.
+Weights larger than protobuf's 2 GB limit go to an external data file next to the graph.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnx
+import onnx.inliner
+import torch
+
+from mom_compile.graphs import MomForCausalLM
+from mom_compile.graphs.cache import state_dtypes, state_shapes
+from mom_compile.graphs.export_graphs import DecodeStepGraph, PrefillGraph, state_names
+
+from . import onnx_ops, plugin
+
+PREFILL = "prefill"
+DECODE = "decode_step"
+DEFAULT_OPSET = 18
+# Export examples: batch 2 and seq 8 (sizes 0 and 1 would be specialised by torch.export).
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
+EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to a side file (protobuf stops at 2 GB)
+
+
+@dataclass
+class GraphSpec:
+    """Names of one graph's inputs and outputs, in order."""
+
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+
+
+def graph_specs(config) -> dict[str, GraphSpec]:
+    past, present = state_names(config, "past"), state_names(config, "present")
+    return {
+        PREFILL: GraphSpec(PREFILL, ["input_ids", "attention_mask"], ["logits", *present]),
+        DECODE: GraphSpec(DECODE, ["input_ids", *past], ["logits", *present]),
+    }
+
+
+def example_states(model: MomForCausalLM, batch: int,
+                   generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Random (non-zero, so no branch sees a special value) state tensors for tracing/checks."""
+    config = model.config
+    dtypes = state_dtypes(model.lm_head.weight.dtype) * config.num_hidden_layers
+    return [(torch.randn(batch, *shape[1:], generator=generator) * 0.1).to(dt)
+            for shape, dt in zip(state_shapes(config, batch), dtypes)]
+
+
+def export_programs(model: MomForCausalLM) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export of both graphs with dynamic batch (and seq for prefill)."""
+    config = model.config
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    # seq >= 2 at trace time: the model takes its T == 1 step path for one token; both paths
+    # compute the same function (mom-spec section 6), and the exported scan path runs T = 1 too.
+    seq = torch.export.Dim("seq", min=2, max=1 << 20)
+    ids = torch.randint(0, config.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ))
+    mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.int64)
+    with torch.no_grad():
+        prefill = torch.export.export(
+            PrefillGraph(model), (ids, mask),
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+        past = example_states(model, EXAMPLE_BATCH)
+        decode = torch.export.export(
+            DecodeStepGraph(model), (ids[:, :1], past),
+            dynamic_shapes={"input_ids": {0: batch}, "past": [{0: batch}] * len(past)})
+    return {PREFILL: prefill, DECODE: decode}
+
+
+def _weight_bytes(model: MomForCausalLM) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def to_onnx(program: torch.export.ExportedProgram, spec: GraphSpec, path: str, opset: int,
+            use_plugin: bool, external_data: bool) -> None:
+    """Translate one ExportedProgram to ONNX at `path` and finish it (see the module doc)."""
+    onnx_program = torch.onnx.export(
+        program, dynamo=True, custom_translation_table=onnx_ops.translation_table(use_plugin),
+        input_names=spec.inputs, output_names=spec.outputs, opset_version=opset, verbose=False,
+        optimize=True)
+    onnx_program.save(path, external_data=external_data)
+    model = onnx.load(path, load_external_data=False)
+    model = finish(model, spec, use_plugin)
+    onnx.save(model, path)
+    if use_plugin:
+        plugin.register_schema()
+    onnx.checker.check_model(path, full_check=True)
+
+
+def finish(model: onnx.ModelProto, spec: GraphSpec, use_plugin: bool) -> onnx.ModelProto:
+    helpers = [onnx_ops.GatedDeltaScan, onnx_ops.MemoryStep]
+    present = {(f.domain, f.name) for f in model.functions}
+    for fn in helpers:
+        proto = fn.to_function_proto()
+        if (proto.domain, proto.name) not in present:
+            model.functions.append(proto)
+    # The helpers are scripted against opset 18; every op they use means the same up to the
+    # newest opset, so they adopt the model's default-domain version (the checker wants one).
+    model_opset = next(o.version for o in model.opset_import if o.domain == "")
+    for function in model.functions:
+        for imported in function.opset_import:
+            if imported.domain == "":
+                imported.version = model_opset
+    domains = {o.domain for o in model.opset_import}
+    for fn in helpers:
+        if fn.opset.domain not in domains:
+            model.opset_import.append(onnx.helper.make_opsetid(fn.opset.domain, fn.opset.version))
+    if use_plugin:
+        scan = onnx_ops.GatedDeltaScan
+        model = onnx.inliner.inline_selected_functions(model, [(scan.opset.domain, scan.name)])
+        dropped = {scan.opset.domain}
+    else:
+        model = onnx.inliner.inline_local_functions(model)
+        dropped = {fn.opset.domain for fn in helpers}
+    del model.functions[:]
+    imports = [o for o in model.opset_import if o.domain not in dropped]
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    del model.graph.value_info[:]
+    _name_axes(model, spec)
+    model.doc_string = (f"mom_compile {spec.name} graph: inputs {', '.join(spec.inputs[:2])}, ...; "
+                        "outputs logits and present.<layer>.<state>; see model.json")
+    return model
+
+
+def _name_axes(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Axis 0 of every graph input/output is `batch`; axis 1 of the token tensors is `seq`."""
+    seq_tensors = {"input_ids", "attention_mask", "logits"} if spec.name == PREFILL else set()
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if not dims:
+            continue
+        dims[0].dim_param = "batch"
+        if value.name in seq_tensors:
+            dims[1].dim_param = "seq"
+
+
+def export_onnx(model: MomForCausalLM, out_dir: str, opset: int = DEFAULT_OPSET,
+                use_plugin: bool = False, programs=None, progress=print) -> dict[str, str]:
+    """Write prefill.onnx and decode_step.onnx into out_dir. Returns {graph name: path}."""
+    import time
+
+    specs = graph_specs(model.config)
+    if programs is None:
+        start = time.perf_counter()
+        programs = export_programs(model)
+        progress(f"torch.export of both graphs: {time.perf_counter() - start:.1f}s")
+    external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
+    paths = {}
+    for name, program in programs.items():
+        start = time.perf_counter()
+        path = os.path.join(out_dir, f"{name}.onnx")
+        to_onnx(program, specs[name], path, opset, use_plugin, external)
+        paths[name] = path
+        progress(f"wrote {path}: {time.perf_counter() - start:.1f}s")
+    return paths

@@ -1,0 +1,249 @@
+"""Translations of the `mom` custom ops to standard ONNX ops, for torch.onnx's dynamo exporter.
+
+Each function below receives the exporter's symbolic values for one op call and records ONNX ops
+through onnxscript in trace mode, computing what the op's PyTorch reference computes (the
+docstrings of mom_compile/ops/*.py are the contract). They run on stock onnxruntime:
+
+- dispatch: a stable sort as TopK over the unique keys segment * N + choice (ties impossible, so
+  stability is automatic), counts by ScatterElements(reduction="add"), offsets by CumSum.
+- segment_conv: the reference's gather formulation: every output row reads W rows of the table
+  [x ; history ; 0], so no tap ever crosses a segment boundary.
+- chunk_gated_delta: the segments laid out time-major on a padded [L, S] grid (L = the longest
+  segment) and one Scan over time whose body is the per-token gated delta step. Padding cells get
+  beta = 0 and g = 0, which leaves the state unchanged.
+- gated_delta_step: the per-token formula once.
+- combine: Gather of each token's k rows and their weighted sum.
+
+Shapes are read with Shape at run time, so batch and sequence stay dynamic.
+"""
+from typing import TypeVar, Union
+
+import onnx_ir as ir
+import onnxscript
+from onnxscript import DOUBLE, FLOAT
+from onnxscript import opset18 as op
+
+# The scripted functions' type: the state's (float32, or float64 for a float64 model).
+TState = TypeVar("TState", bound=Union[FLOAT, DOUBLE])  # noqa: UP007 (onnxscript reads typing.Union)
+
+# -- small helpers ------------------------------------------------------------------------------
+def _dim(x, axis: int):
+    """Size of axis `axis` of x as an int64 scalar."""
+    return op.Squeeze(op.Shape(x, start=axis, end=axis + 1))
+
+
+def _compute_type(x) -> ir.DataType:
+    """float64 stays float64, everything else computes in float32 (the ops' precision policy)."""
+    return ir.DataType.DOUBLE if x.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+
+
+def _cast(x, dtype: ir.DataType):
+    return x if x.dtype == dtype else op.Cast(x, to=dtype)
+
+
+def _ints(*values: int):
+    return op.Constant(value_ints=list(values))
+
+
+def _col(x):
+    return op.Unsqueeze(x, [1])
+
+
+def _row(x):
+    return op.Unsqueeze(x, [0])
+
+
+def _segment_of_rows(offsets, n):
+    """(segment id [N] clamped to a real segment, in-segment mask [N], position inside it [N])
+    of every packed row: the segment of row r is the number of segment ends <= r."""
+    n_seg = op.Sub(_dim(offsets, 0), 1)
+    rows = op.Range(0, n, 1)
+    ends = op.Slice(offsets, [1], [_INT64_MAX])
+    seg = op.ReduceSum(op.Cast(op.LessOrEqual(_row(ends), _col(rows)), to=ir.DataType.INT64), [1],
+                       keepdims=0)
+    in_segment = op.Less(seg, n_seg)
+    seg = op.Min(seg, op.Sub(n_seg, 1))
+    pos = op.Sub(rows, op.Gather(offsets, seg))
+    return seg, in_segment, pos
+
+
+_INT64_MAX = 2 ** 63 - 1
+
+
+# -- mom::dispatch ------------------------------------------------------------------------------
+def dispatch(memory_idx, mask, num_memories: int):
+    """(choice_of_row [N], row_of_choice [B, T, k], offsets [B*M + 1]), N = B*T*k."""
+    shape = op.Shape(memory_idx)
+    b = _dim(memory_idx, 0)
+    n_seg = op.Mul(b, num_memories)
+    batch = op.Unsqueeze(op.Range(0, b, 1), [1, 2])
+    segment = op.Add(op.Mul(batch, num_memories), memory_idx)
+    key = op.Reshape(op.Where(op.Unsqueeze(mask, [2]), segment, n_seg), [-1])
+    n = _dim(key, 0)
+    choices = op.Range(0, n, 1)
+    unique = op.Add(op.Mul(key, n), choices)  # distinct keys: the order of equal segments is time
+    _, choice_of_row = op.TopK(unique, op.Reshape(n, [1]), axis=0, largest=0, sorted=1)
+    row_of_choice = op.ScatterElements(op.ConstantOfShape(op.Shape(key), value=_zero_int64()),
+                                       choice_of_row, choices, axis=0)
+    counts = op.ScatterElements(
+        op.ConstantOfShape(op.Reshape(op.Add(n_seg, 1), [1]), value=_zero_int64()),
+        key, op.ConstantOfShape(op.Shape(key), value=_one_int64()), axis=0, reduction="add")
+    in_segments = op.Slice(counts, [0], op.Reshape(n_seg, [1]))
+    offsets = op.Concat(op.Constant(value_ints=[0]), op.CumSum(in_segments, 0), axis=0)
+    return choice_of_row, op.Reshape(row_of_choice, shape), offsets
+
+
+def _zero_int64():
+    return ir.tensor([0], dtype=ir.DataType.INT64)
+
+
+def _one_int64():
+    return ir.tensor([1], dtype=ir.DataType.INT64)
+
+
+# -- mom::segment_conv --------------------------------------------------------------------------
+def segment_conv(x, weight, bias, offsets, initial_state):
+    """(silu(causal depthwise conv) [N, D], final state [S, W-1, D]); see ops/segment_conv.py."""
+    dt = _compute_type(x)
+    n = _dim(x, 0)
+    width = _dim(weight, 1)
+    hist = op.Sub(width, 1)
+    n_seg = op.Sub(_dim(offsets, 0), 1)
+    seg, in_segment, pos = _segment_of_rows(offsets, n)
+
+    # table rows: x (0..N-1), then history s*(W-1)+j, then one zero row
+    history_rows = op.Reshape(_cast(initial_state, dt), op.Concat(_ints(-1), op.Shape(x, start=1), axis=0))
+    zero_row = op.Expand(op.CastLike(0.0, history_rows), op.Concat(_ints(1), op.Shape(x, start=1), axis=0))
+    table = op.Concat(_cast(x, dt), history_rows, zero_row, axis=0)
+    zero_index = op.Add(n, op.Mul(n_seg, hist))
+
+    back = op.Range(hist, -1, -1)  # how far back each tap reads: W-1 .. 0
+    rel = op.Sub(_col(pos), _row(back))
+    own = op.Sub(_col(op.Range(0, n, 1)), _row(back))
+    history = op.Add(op.Add(n, op.Mul(_col(seg), hist)), op.Add(hist, rel))
+    taps = op.Where(op.GreaterOrEqual(rel, 0), own, history)
+    taps = op.Where(_col(in_segment), taps, zero_index)
+    z = op.ReduceSum(op.Mul(op.Gather(table, taps), _row(op.Transpose(_cast(weight, dt)))), [1],
+                     keepdims=0)
+    z = op.Add(z, _cast(bias, dt))
+    y = op.Mul(op.Mul(z, op.Sigmoid(z)), op.CastLike(_col(in_segment), z))
+
+    lengths = op.Sub(op.Slice(offsets, [1], [_INT64_MAX]), op.Slice(offsets, [0], [-1]))
+    rel_f = op.Add(op.Sub(_col(lengths), hist), _row(op.Range(0, hist, 1)))
+    own_f = op.Add(_col(op.Slice(offsets, [0], [-1])), rel_f)
+    history_f = op.Add(op.Add(n, op.Mul(_col(op.Range(0, n_seg, 1)), hist)), op.Add(hist, rel_f))
+    final = op.Gather(table, op.Where(op.GreaterOrEqual(rel_f, 0), own_f, history_f))
+    return op.CastLike(y, x), op.CastLike(final, x)
+
+
+# -- the gated delta step: one scripted ONNX function, used by the scan body and the step op ------
+# It is a model-local function in domain "mom" named MemoryStep. The standard export inlines it
+# into plain ONNX ops; the plugin export keeps the node and drops the body, so that TensorRT maps
+# it to a plugin (see plugin.py). The math is written here once for both graphs.
+MOM_DOMAIN = onnxscript.values.Opset("mom", 1)
+SCAN_DOMAIN = onnxscript.values.Opset("mom.scan", 1)
+
+
+@onnxscript.script(MOM_DOMAIN, default_opset=op)
+def MemoryStep(  # noqa: N802 (the ONNX op's name)
+    q: TState, k: TState, v: TState, g: TState, beta: TState, state: TState, scale: float,
+) -> tuple[TState, TState]:
+    """q, k [R, H, K]; v [R, H, V]; g, beta [R, H]; state [R, H, K, V], all in the state's type.
+    Returns (o [R, H, V], new state): S <- e^g S; u = beta (v - S^T k); S <- S + k u^T;
+    o = S^T (scale q)."""
+    decayed = op.Mul(state, op.Unsqueeze(op.Exp(g), [2, 3]))
+    k_row = op.Unsqueeze(k, [2])
+    read = op.MatMul(k_row, decayed)
+    u = op.Mul(op.Unsqueeze(beta, [2, 3]), op.Sub(op.Unsqueeze(v, [2]), read))
+    new_state = op.Add(decayed, op.MatMul(op.Unsqueeze(k, [3]), u))
+    scaled_q = op.Mul(q, op.CastLike(scale, q))
+    o = op.Squeeze(op.MatMul(op.Unsqueeze(scaled_q, [2]), new_state), [2])
+    return o, new_state
+
+
+@onnxscript.script(SCAN_DOMAIN, default_opset=op)
+def GatedDeltaScan(  # noqa: N802
+    state0: TState, q: TState, k: TState, v: TState, g: TState, beta: TState,
+) -> tuple[TState, TState]:
+    """Time-major grids q, k [L, S, H, K], v [L, S, H, V], g, beta [L, S, H] (q pre-scaled):
+    returns (final state [S, H, K, V], o [L, S, H, V]) by one MemoryStep per time step."""
+    @onnxscript.graph()
+    def token(state_in, q_t, k_t, v_t, g_t, beta_t):
+        o_t, state_out = MemoryStep(q_t, k_t, v_t, g_t, beta_t, state_in, scale=1.0)
+        return state_out, o_t
+    final, o = op.Scan(state0, q, k, v, g, beta, body=token, num_scan_inputs=5)
+    return final, o
+
+
+# -- mom::chunk_gated_delta ---------------------------------------------------------------------
+def chunk_gated_delta(q, k, v, g, beta, offsets, initial_state=None, scale: float = 1.0):
+    """(o [N, H, V], final state [S, H, K, V]) of the gated delta rule over packed segments."""
+    dt = _compute_type(q)
+    state_type = ir.DataType.FLOAT if initial_state is None else initial_state.dtype
+    n = _dim(q, 0)
+    starts = op.Slice(offsets, [0], [-1])
+    lengths = op.Sub(op.Slice(offsets, [1], [_INT64_MAX]), starts)
+    longest = op.Max(op.ReduceMax(lengths, keepdims=0), op.Constant(value_int=1))  # Scan needs >= 1 step
+    time = op.Range(0, longest, 1)
+    valid = op.Less(_col(time), _row(lengths))  # [L, S]
+    grid_rows = op.Where(valid, op.Add(_row(starts), _col(time)), 0)
+    keep = op.Unsqueeze(op.Cast(valid, to=dt), [2])  # padding cells: g = beta = 0, a no-op step
+    q_grid, k_grid, v_grid = (op.Gather(_cast(t, dt), grid_rows) for t in (q, k, v))
+    g_grid, beta_grid = (op.Mul(op.Gather(_cast(t, dt), grid_rows), keep) for t in (g, beta))
+
+    if initial_state is None:
+        state_shape = op.Concat(op.Shape(offsets), op.Shape(q, start=1), op.Shape(v, start=2), axis=0)
+        state_shape = op.Sub(state_shape, _ints(1, 0, 0, 0))
+        state0 = op.Expand(op.Cast(op.Constant(value_float=0.0), to=dt), state_shape)
+    else:
+        state0 = _cast(initial_state, dt)
+    final, o_grid = GatedDeltaScan(state0, op.Mul(q_grid, scale), k_grid, v_grid, g_grid, beta_grid)
+
+    seg, in_segment, pos = _segment_of_rows(offsets, n)
+    pos = op.Max(op.Min(pos, op.Sub(longest, 1)), op.Constant(value_int=0))
+    o = op.GatherND(o_grid, op.Concat(_col(pos), _col(seg), axis=1))
+    o = op.Mul(o, op.CastLike(op.Unsqueeze(in_segment, [1, 2]), o))
+    return op.CastLike(o, v), op.Cast(final, to=state_type)
+
+
+# -- mom::gated_delta_step ----------------------------------------------------------------------
+def gated_delta_step(q, k, v, g, beta, state, scale: float = 1.0):
+    """(o [R, H, V], new state [R, H, K, V]) for one token per row; computes in the state's type."""
+    q, k, v, g, beta = (op.CastLike(t, state) for t in (q, k, v, g, beta))
+    o, new_state = MemoryStep(q, k, v, g, beta, state, scale=scale)
+    return op.CastLike(o, v), new_state
+
+
+def plugin_memory_step(q, k, v, g, beta, state, scale: float = 1.0):
+    """gated_delta_step as one `mom::MemoryStep` node (plugin exports; schema in plugin.py)."""
+    from . import plugin
+
+    plugin.register_schema()
+    mom = onnxscript.values.Opset(plugin.DOMAIN, plugin.VERSION)
+    q, k, v, g, beta = (op.CastLike(t, state) for t in (q, k, v, g, beta))
+    o, new_state = mom.MemoryStep(q, k, v, g, beta, state, scale=scale)
+    return op.CastLike(o, v), new_state
+
+
+# -- mom::combine -------------------------------------------------------------------------------
+def combine(o_rows, weights, row_of_choice):
+    """y [B, T, H, V] = sum_i weights[b, t, i] * o_rows[row_of_choice[b, t, i]], in weights' type."""
+    picked = op.CastLike(op.Gather(o_rows, row_of_choice), weights)
+    return op.ReduceSum(op.Mul(picked, op.Unsqueeze(weights, [3, 4])), [2], keepdims=0)
+
+
+def translation_table(use_plugin: bool = False) -> dict:
+    """The exporter's custom_translation_table entries for every `mom` op; with use_plugin the
+    recurrent step becomes a mom::MemoryStep node."""
+    import torch
+
+    import mom_compile.ops  # noqa: F401  (registers the ops)
+
+    mom = torch.ops.mom
+    return {
+        mom.dispatch.default: dispatch,
+        mom.segment_conv.default: segment_conv,
+        mom.chunk_gated_delta.default: chunk_gated_delta,
+        mom.gated_delta_step.default: plugin_memory_step if use_plugin else gated_delta_step,
+        mom.combine.default: combine,
+    }

@@ -1,0 +1,26 @@
+"""`--pt2`: the two export graphs as torch.export ExportedPrograms (`torch.export.save`).
+
+They contain the `mom` custom ops, so a process that loads them must `import mom_compile` first
+(importing it registers the ops). The prefill program accepts seq >= 2: torch.export
+specialises the model's one-token step path away; for one-token prompts run decode_step on zero
+state, which is the same function (mom-spec section 6).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def save_programs(programs: dict[str, torch.export.ExportedProgram], out_dir: str) -> dict[str, str]:
+    paths = {}
+    for name, program in programs.items():
+        paths[name] = os.path.join(out_dir, f"{name}.pt2")
+        torch.export.save(program, paths[name])
+    return paths
+
+
+def load_program(path: str) -> torch.export.ExportedProgram:
+    import mom_compile  # noqa: F401  (registers the mom ops the program calls)
+
+    return torch.export.load(path)
