@@ -9,4 +9,9 @@ from .routing import combine, dispatch
 from .segment_conv import segment_conv
 from .state_step import gated_delta_step
 
+try:  # Triton kernels become the CUDA kernels of the ops; CPU-only installs keep the references
+    from . import chunk_scan_triton, segment_conv_triton, state_step_triton  # noqa: F401
+except ImportError:
+    pass
+
 __all__ = ["chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "segment_conv"]
