@@ -43,6 +43,7 @@ def main() -> int:
         ours = MomForCausalLM.from_pretrained(folder, dtype=torch.float32, device="cuda").eval()
         oracle = MomForCausalLM.from_pretrained(folder, dtype=torch.float64, device="cpu").eval()
 
+    print("models loaded", flush=True)
     rows = []
 
     def compare(name: str, ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -55,6 +56,7 @@ def main() -> int:
         keep = slice(None) if mask is None else mask.bool()
         rows.append((name, list(ids.shape), rel_err(o.cpu()[keep], truth[keep]),
                      rel_err(r.cpu()[keep], truth[keep]), rel_err(o.cpu()[keep], r.cpu()[keep])))
+        print(*rows[-1], flush=True)
 
     vocab = ref_config.vocab_size
     compare("chunk path T=70", torch.randint(0, vocab, (2, 70)))

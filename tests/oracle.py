@@ -119,3 +119,23 @@ def load_balancing(router_logits, topk, mask=None):
                 prob += p
                 count += 1
     return num_memories * ((share / count) * (prob / count)).sum()
+
+
+def _rms(x, w, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def mom_model(sd, config, ids, mask=None):
+    """Logits of the whole model (spec section 4): embeddings, pre-norm blocks of `mom_layer` and
+    a SwiGLU MLP, final norm, lm_head; weights read by their reference names."""
+    eps = config.norm_eps
+    h = sd["model.embeddings.weight"][ids]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layer_sd = {k[len(p + "attn."):]: v for k, v in sd.items() if k.startswith(p + "attn.")}
+        h = h + mom_layer(layer_sd, config, _rms(h, sd[p + "attn_norm.weight"], eps), mask)
+        u = _rms(h, sd[p + "mlp_norm.weight"], eps)
+        gate = F.silu(u @ sd[p + "mlp.gate_proj.weight"].t())
+        h = h + (gate * (u @ sd[p + "mlp.up_proj.weight"].t())) @ sd[p + "mlp.down_proj.weight"].t()
+    head = sd.get("lm_head.weight", sd["model.embeddings.weight"])
+    return _rms(h, sd["model.norm.weight"], eps) @ head.t()

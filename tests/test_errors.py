@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mom_compile import MomConfig
+from mom_compile import MomCache, MomConfig
 
 from models import tiny_config, tiny_model
 
@@ -70,3 +70,31 @@ def test_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**overrides)
     assert isinstance(tiny_config(), MomConfig)
+
+
+def test_generate_refuses_right_padding(model):
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="attention_mask: generate expects left padding"):
+        model.generate(torch.ones(2, 4, dtype=torch.int64), attention_mask=mask)
+
+
+def test_wider_mask_needs_a_cache(model):
+    with pytest.raises(ValueError, match="with past_key_values"):
+        model(torch.ones(2, 4, dtype=torch.int64), attention_mask=torch.ones(2, 6, dtype=torch.int64))
+
+
+def test_cache_over_non_contiguous_tensors_is_refused(model):
+    states = [torch.zeros(*t.shape[:1], t.shape[1] + 1, *t.shape[2:])[:, :-1]
+              for t in model.new_cache(2).states()]
+    with pytest.raises(ValueError, match=r"states\[0\]: expected a contiguous tensor"):
+        MomCache.from_states(states)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(pad_token_id=300), r"MomConfig.pad_token_id: expected an id in \[0, vocab_size=97\)"),
+    (dict(conv_size=2.5), "MomConfig.conv_size: expected an integer"),
+    (dict(intermediate_size=0), "MomConfig.intermediate_size: expected a positive integer"),
+])
+def test_more_bad_configs(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**overrides)

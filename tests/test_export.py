@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -175,3 +177,18 @@ def test_runtime_stops_at_eos(exported):
                                          eos_token_id=eos, pad_token_id=0)
     ref = model.generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     np.testing.assert_array_equal(out, ref.numpy())
+
+
+def test_runtime_runs_without_torch(exported):
+    """examples/onnx_generate.py in a process where importing torch fails."""
+    model, folder, _, _ = exported
+    ids, mask = _prompts(model, 14)
+    ref = model.generate(ids[:1, 3:], max_new_tokens=5, eos_token_id=model.config.eos_token_id)[0, 4:]
+    blocker = "import sys, runpy; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; " \
+              "runpy.run_path(sys.argv[0], run_name='__main__')"
+    prompt = ",".join(str(i) for i in ids[0, 3:].tolist())
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "onnx_generate.py")
+    run = subprocess.run([sys.executable, "-c", blocker, script, folder, "--prompt", prompt,
+                          "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"{prompt.replace(',', ' ')} -> {' '.join(map(str, ref.tolist()))}"

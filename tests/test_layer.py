@@ -45,6 +45,33 @@ def test_layer_with_left_padding_matches_oracle():
     torch.testing.assert_close(out[mask], expect[mask], rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("where", ["right", "middle", "every_third"])
+def test_layer_with_padding_anywhere_matches_oracle(where):
+    layer, sd = layer_and_weights()
+    x = torch.randn(2, 10, layer.config.hidden_size, dtype=f64)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    if where == "right":
+        mask[0, 6:] = False
+    elif where == "middle":
+        mask[1, 3:7] = False
+    else:
+        mask[:, ::3] = False
+    out, _ = layer(x, mask)
+    torch.testing.assert_close(out[mask], oracle.mom_layer(sd, layer.config, x, mask)[mask],
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_strong_decay_and_beta_near_one_match_oracle():
+    layer, sd = layer_and_weights()
+    with torch.no_grad():
+        layer.A_log.fill_(3.0)           # exp(A) ~ 20: the state forgets within a few tokens
+        layer.memory_proj[:, -2 * layer.num_heads:-layer.num_heads] *= 0
+        layer.memory_proj[:, -2 * layer.num_heads:-layer.num_heads, 0] = 50.0  # beta ~ 1
+    sd = {k: v.detach() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 70, layer.config.hidden_size, dtype=f64).abs()
+    torch.testing.assert_close(layer(x)[0], oracle.mom_layer(sd, layer.config, x), rtol=1e-8, atol=1e-10)
+
+
 def test_tiny_prefill_keeps_time_order():
     """B*T*k <= 32: the case where the reference's unstable sort loses time order (spec 7)."""
     layer, sd = layer_and_weights()

@@ -13,6 +13,7 @@ Weights larger than protobuf's 2 GB limit go to an external data file next to th
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import onnx
@@ -150,8 +151,6 @@ def _name_axes(model: onnx.ModelProto, spec: GraphSpec) -> None:
 def export_onnx(model: MomForCausalLM, out_dir: str, opset: int = DEFAULT_OPSET,
                 use_plugin: bool = False, programs=None, progress=print) -> dict[str, str]:
     """Write prefill.onnx and decode_step.onnx into out_dir. Returns {graph name: path}."""
-    import time
-
     specs = graph_specs(model.config)
     if programs is None:
         start = time.perf_counter()

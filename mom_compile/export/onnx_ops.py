@@ -26,6 +26,9 @@ from onnxscript import opset18 as op
 # The scripted functions' type: the state's (float32, or float64 for a float64 model).
 TState = TypeVar("TState", bound=Union[FLOAT, DOUBLE])  # noqa: UP007 (onnxscript reads typing.Union)
 
+_INT64_MAX = 2 ** 63 - 1  # "to the end" for Slice
+
+
 # -- small helpers ------------------------------------------------------------------------------
 def _dim(x, axis: int):
     """Size of axis `axis` of x as an int64 scalar."""
@@ -66,8 +69,6 @@ def _segment_of_rows(offsets, n):
     pos = op.Sub(rows, op.Gather(offsets, seg))
     return seg, in_segment, pos
 
-
-_INT64_MAX = 2 ** 63 - 1
 
 
 # -- mom::dispatch ------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def GatedDeltaScan(  # noqa: N802
 def chunk_gated_delta(q, k, v, g, beta, offsets, initial_state=None, scale: float = 1.0):
     """(o [N, H, V], final state [S, H, K, V]) of the gated delta rule over packed segments."""
     dt = _compute_type(q)
-    state_type = ir.DataType.FLOAT if initial_state is None else initial_state.dtype
+    state_type = dt if initial_state is None else initial_state.dtype
     n = _dim(q, 0)
     starts = op.Slice(offsets, [0], [-1])
     lengths = op.Sub(op.Slice(offsets, [1], [_INT64_MAX]), starts)
@@ -197,7 +198,8 @@ def chunk_gated_delta(q, k, v, g, beta, offsets, initial_state=None, scale: floa
         state0 = op.Expand(op.Cast(op.Constant(value_float=0.0), to=dt), state_shape)
     else:
         state0 = _cast(initial_state, dt)
-    final, o_grid = GatedDeltaScan(state0, op.Mul(q_grid, scale), k_grid, v_grid, g_grid, beta_grid)
+    q_grid = op.Mul(q_grid, op.CastLike(scale, q_grid))
+    final, o_grid = GatedDeltaScan(state0, q_grid, k_grid, v_grid, g_grid, beta_grid)
 
     seg, in_segment, pos = _segment_of_rows(offsets, n)
     pos = op.Max(op.Min(pos, op.Sub(longest, 1)), op.Constant(value_int=0))

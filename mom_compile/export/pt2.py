@@ -18,9 +18,3 @@ def save_programs(programs: dict[str, torch.export.ExportedProgram], out_dir: st
         paths[name] = os.path.join(out_dir, f"{name}.pt2")
         torch.export.save(program, paths[name])
     return paths
-
-
-def load_program(path: str) -> torch.export.ExportedProgram:
-    import mom_compile  # noqa: F401  (registers the mom ops the program calls)
-
-    return torch.export.load(path)

@@ -60,7 +60,11 @@ class MomCache:
 
     @classmethod
     def from_states(cls, states: list[torch.Tensor]) -> MomCache:
-        """A cache over existing tensors, (recurrent, conv) per layer as `states()` lists them."""
+        """A cache over existing tensors, (recurrent, conv) per layer as `states()` lists them;
+        they are updated in place, so they must be contiguous."""
+        for i, t in enumerate(states):
+            if not t.is_contiguous():
+                raise ValueError(f"states[{i}]: expected a contiguous tensor (it is updated in place)")
         cache = cls.__new__(cls)
         cache.layers = cls._pair(list(states))
         return cache

@@ -91,6 +91,14 @@ class MomConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(key, f"expected a positive integer, got {value!r}")
+        if not isinstance(self.conv_size, int) or isinstance(self.conv_size, bool):
+            bad("conv_size", f"expected an integer, got {self.conv_size!r}")
+        if self.intermediate_size is not None and (
+                not isinstance(self.intermediate_size, int) or self.intermediate_size < 1):
+            bad("intermediate_size", f"expected a positive integer or null, got {self.intermediate_size!r}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            bad("pad_token_id", f"expected an id in [0, vocab_size={self.vocab_size}) or null, "
+                                f"got {self.pad_token_id}")
         if self.topk > self.num_memories:
             bad("topk", f"expected at most num_memories={self.num_memories}, got {self.topk}")
         if self.conv_size < 2:

@@ -35,7 +35,7 @@ def pick_next_token(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _check(input_ids, max_new_tokens, temperature, top_k, top_p, vocab_size) -> None:
+def _check(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, vocab_size) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
     if temperature <= 0:
@@ -49,6 +49,10 @@ def _check(input_ids, max_new_tokens, temperature, top_k, top_p, vocab_size) -> 
         lo, hi = int(input_ids.min()), int(input_ids.max())  # eager API boundary: one sync
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"input_ids: ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.numel() \
+            and not bool((attention_mask[:, -1] != 0).all()):
+        raise ValueError("attention_mask: generate expects left padding (the last column all 1); "
+                         "a right-padded prompt would continue from a padding position")
 
 
 @torch.no_grad()
@@ -69,15 +73,17 @@ def generate(
     early once every sequence has produced an eos id; a finished sequence is filled with
     pad_token_id (default: the config's, else the first eos id)."""
     config = model.config
-    _check(input_ids, max_new_tokens, temperature, top_k, top_p, config.vocab_size)
+    _check(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, config.vocab_size)
     eos = [] if eos_token_id is None else (
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos or [0])[0]
     if max_new_tokens == 0:
         return input_ids
-    out = model(input_ids, attention_mask=attention_mask, use_cache=True)
-    cache = out.past_key_values
+    # The cache is made here, outside any compiled forward, so that its buffers are static
+    # addresses that a CUDA-graph decode step may update in place.
+    cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
+    out = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
     eos_ids = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = [input_ids]

@@ -185,8 +185,9 @@ class MomLayer(nn.Module):
         slot = token * slots + memory
         conv_in, beta, g = self._rows(x, token, memory)
         conv_weight, conv_bias = self._conv_params()
-        conv_states = state.conv.flatten(0, 1)
-        rec_states = state.recurrent.flatten(0, 1)
+        # views, not copies: the index_copy_ below must land in the cache's own buffers
+        conv_states = state.conv.view(-1, *state.conv.shape[2:])
+        rec_states = state.recurrent.view(-1, *state.recurrent.shape[2:])
         conv_prev, rec_prev = conv_states[slot], rec_states[slot]
         one_each = torch.arange(rows + 1, device=x.device)
         conv_out, conv_new = ops.segment_conv(conv_in, conv_weight, conv_bias, one_each, conv_prev)

@@ -164,11 +164,13 @@ class MomForCausalLM(nn.Module):
                     f"input_ids has {b} sequences and the model {self.config.num_hidden_layers} layers")
         if attention_mask is None:
             return None
+        longer_ok = cache is not None  # with a cache, HF loops pass the mask of past + new tokens
         if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
-                or attention_mask.shape[0] != b or attention_mask.shape[1] < t):
+                or attention_mask.shape[0] != b or attention_mask.shape[1] < t
+                or (attention_mask.shape[1] > t and not longer_ok)):
             got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
-            raise ValueError(f"attention_mask: expected shape [{b}, {t}] (or [{b}, past + {t}]) to "
-                             f"match input_ids, got {got}")
+            wanted = f"[{b}, {t}] (or [{b}, past + {t}] with past_key_values)"
+            raise ValueError(f"attention_mask: expected shape {wanted} to match input_ids, got {got}")
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             raise ValueError(f"attention_mask: expected 0/1 integers or bools, got {attention_mask.dtype}")
         return attention_mask[:, -t:] != 0
