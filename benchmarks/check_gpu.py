@@ -154,8 +154,9 @@ def layer_timings(ts: list[int], tokens: int, with_reference: bool) -> list[tupl
 
 def scan_op_timings(ts: list[int], tokens: int) -> list[tuple]:
     """The chunk scan op alone at the layer's routed shapes: B*T*(k+1) rows in B*(M+1) segments
-    (top-2 of 4 memories plus the shared one), H=4, K=V=256, bf16: each kernel variant."""
-    from mom_compile.ops import chunk_scan_triton as ct
+    (top-2 of 4 memories plus the shared one), H=4, K=V=256, bf16: the registered chunked kernels
+    (their default tiles, the configuration the checks verify), and the per-kernel split of the
+    registered forward+backward (torch profiler) at the first T."""
     rows = []
     h, dk, dv = 4, 256, 256
     for t in ts:
@@ -172,25 +173,47 @@ def scan_op_timings(ts: list[int], tokens: int) -> list[tuple]:
         beta = torch.rand(n, h, device="cuda", dtype=torch.bfloat16)
         d_o = torch.randn_like(v)
         args = (q, k, v, g, beta, offsets, None, dk ** -0.5)
-        variants = [("fwd recurrent (registered)",
-                     functools.partial(torch.ops.mom.chunk_gated_delta, *args))]
-        for cfg in ({}, {"block_c": 32, "block_v": 64}, {"block_c": 32, "block_v": 32, "num_warps": 4}):
-            variants.append((f"fwd chunked WY {cfg or 'default'}", functools.partial(
-                ct.chunk_gated_delta_chunked_triton, *args, config=cfg)))
-        variants.append(("bwd recurrent (registered)",
-                         functools.partial(torch.ops.mom.chunk_gated_delta_backward, *args, d_o, None)))
-        for block_v, warps in ((32, 4), (32, 8), (64, 8)):
-            variants.append((f"bwd recurrent block_v={block_v} warps={warps}", functools.partial(
-                ct.chunk_gated_delta_backward_triton, *args, d_o, None, block_v=block_v, num_warps=warps)))
+        variants = [("fwd chunked (registered)", functools.partial(torch.ops.mom.chunk_gated_delta, *args)),
+                    ("bwd chunked (registered)",
+                     functools.partial(torch.ops.mom.chunk_gated_delta_backward, *args, d_o, None))]
         for name, fn in variants:
             try:
-                ms = bench(fn, iters=5 if "bwd" in name else 10)
+                ms = bench(fn, iters=10)
             except Exception as exc:  # a config that does not compile: report, keep going
                 print(f"  scan op T={t} {name}: failed {type(exc).__name__}: {str(exc)[:200]}")
                 continue
             rows.append((t, b, n, name, ms))
             print(f"  scan op T={t} rows {n}: {name}: {ms:.2f} ms", flush=True)
+        if t == ts[0]:
+            kernel_split(variants[0][1], variants[1][1])
     return rows
+
+
+def kernel_split(fwd, bwd) -> None:
+    """GPU time per kernel of one forward and one backward (torch profiler), to see which stage
+    bounds the scan."""
+    from torch.profiler import ProfilerActivity, profile
+    fwd(), bwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd(), bwd()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+
+
+def sync_free_check() -> None:
+    """The registered scan, forward and backward, under torch.cuda.set_sync_debug_mode("error")."""
+    from test_triton_kernels import scan_inputs
+    a = scan_inputs("mixed", 2, 64, 64, torch.bfloat16, "cuda", seed=5)
+    d_o = torch.randn_like(a["v"])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.ops.mom.chunk_gated_delta(**a, scale=0.125)
+        torch.ops.mom.chunk_gated_delta_backward(**a, scale=0.125, d_o=d_o, d_final=None)
+        print("sync-free: chunk scan fwd+bwd ran under set_sync_debug_mode('error')")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def main() -> None:
@@ -211,6 +234,7 @@ def main() -> None:
     if not args.no_checks:
         t0 = time.perf_counter()
         run_checks()
+        sync_free_check()
         print(f"(checks took {time.perf_counter() - t0:.0f} s)")
     if args.no_bench:
         return

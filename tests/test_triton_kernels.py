@@ -140,11 +140,9 @@ def run_case(case: tuple, device: str) -> dict[str, float]:
     registered kernels), CPU calls the Triton wrappers directly (under the interpreter)."""
     op, dtype, *rest = case
     via_ops = device != "cpu"
-    if op in ("chunk", "chunk_wy"):
+    if op == "chunk":
         from mom_compile.ops import chunk_scan_triton as ct
         fwd = torch.ops.mom.chunk_gated_delta if via_ops else ct.chunk_gated_delta_triton
-        if op == "chunk_wy":  # the chunked forward kernel (not registered), called directly anywhere
-            fwd = ct.chunk_gated_delta_chunked_triton
         bwd = torch.ops.mom.chunk_gated_delta_backward if via_ops else ct.chunk_gated_delta_backward_triton
         layout, h, dk, dv, with_state = rest
         return check_chunk(fwd, bwd, layout, h, dk, dv, dtype, device, with_state=with_state)
@@ -171,9 +169,6 @@ CASES = (
     + [("chunk", dt, layout, 2, 64, 64, False) for dt in (torch.float32, torch.bfloat16)
        for layout in ("singletons", "all_empty", "mixed")]
     + [("chunk", F64, "long", 2, 128, 128, True), ("chunk", F64, "long", 2, 256, 256, True)]
-    + [("chunk_wy", dt, layout, 2, dk, dk * ev, True) for dt in (torch.float32, torch.bfloat16)
-       for dk in (64, 256) for ev in (1, 2) for layout in ("mixed", "long")]
-    + [("chunk_wy", F64, "long", 2, 128, 128, True)]
     + [("step", dt, 4, dk, dk * ev) for dt in (torch.float32, torch.bfloat16, F64)
        for dk in (64, 128, 256) for ev in (1, 2)]
     + [("conv", dt, layout, d, 4) for dt in (torch.float32, torch.bfloat16, F64)
@@ -185,9 +180,8 @@ INTERPRETER_CASES = (
     # float64 runs the same kernels in float64: agreement to rounding proves the algebra exact
     # (without an initial state the final state is float32 by contract, hence with_state only)
     + [("chunk", F64, layout, 2, 16, 16 * ev, True) for layout in ("mixed", "singletons") for ev in (1, 2)]
-    + [("chunk_wy", dt, layout, 2, 16, 16 * ev, True) for dt in (torch.float32, F64)
-       for layout in ("mixed", "singletons") for ev in (1, 2)]
-    + [("chunk_wy", F64, "long", 1, 16, 16, True)]  # several chunks, a partial last one
+    # several chunks per segment, a partial last chunk, an empty segment between long ones
+    + [("chunk", F64, "long", 1, 16, 16, True), ("chunk", torch.float32, "long", 1, 16, 32, False)]
     + [("step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
     + [("conv", dt, layout, 40, 4) for dt in (torch.float32, F64) for layout in ("mixed", "all_empty")]
 )

@@ -1,26 +1,19 @@
-"""Triton CUDA kernels of `mom::chunk_gated_delta` and `mom::chunk_gated_delta_backward`.
+"""The Triton CUDA kernels of `mom::chunk_gated_delta` and `mom::chunk_gated_delta_backward`: the
+chunked (WY) form of the gated delta rule, split by what each stage depends on.
 
-The registered kernels are recurrent: one program per (segment, head, V-block) walks its segment's
-tokens in time order with the [K, BLOCK_V] state slice in registers (fp32, or fp64 for float64
-inputs so the kernels can be checked to rounding). The segment's bounds are read from `offsets`
-inside the kernel, so the grid depends on shapes only and nothing syncs with the host. Columns of
-the state evolve independently given k, so V-blocks never talk to each other; quantities that sum
-over V (dq, dk, dbeta, dg) are accumulated across V-blocks with atomic adds.
+Forward (kernels in `chunk_scan_triton_fwd.py`):
+  1. wy_solve, per (chunk, head): T = (I + A)^{-1}, by blocked forward substitution;
+  2. wy_apply, per (chunk, head): W and U, once for all V-blocks;
+  3. state_fwd, per (segment, head, V-block): the sequential pass over the segment's chunks, which
+     saves each chunk's start state and Vn = U - W S0;
+  4. output, per (chunk, head, V-block): O from the start state and Vn.
+Backward (`chunk_scan_triton_bwd.py`) recomputes 1-3 and runs dvn_local, state_bwd (the reverse
+sequential pass), grad_qkw and wy_bwd.
 
-Backward, per program, three passes over the segment (the per-token gradient is that of
-`state_step.step_backward_reference`, with S the state before the token and S' after it):
-  A (forward):  replay the state; save the residual r = v - e^g S^T k; add dq = scale S' d_o; save
-                w = o . d_o, the V-block's share of it.
-  B (backward): carry dS, the gradient w.r.t. S'. With d_s = dS + scale q d_o^T: du = d_s^T k,
-                dv = beta du, dbeta += du . r, dk += d_s u, dS <- e^g (d_s - k dv^T).
-  C (forward):  replay the state again; dk -= e^g S dv (needs dv of B and S of A: hence a pass).
-dg uses an identity instead of <dS, S>, which would need S and dS at once: with the state written
-as S_j = e^{G_j} S~_j (G the cumulative log-decay), G enters only as o_j = e^{G_j}(...) and through
-v_j e^{-G_j}, so dF/dG_j = d_o_j . o_j - dv_j . v_j, plus <dS_final, S_final> at the segment's
-last token, and dg_t = sum_{j >= t} dF/dG_j: a running sum in pass B.
-
-`_chunk_fwd_kernel` is the chunked (WY) forward on the tensor cores, checked but not registered
-(slower so far: see `chunk_gated_delta_chunked_triton`).
+Chunks never cross a segment boundary. The chunk table (segment id and first row of every chunk) is
+built on the device from `offsets` with torch ops; its length, ceil(N / CHUNK) + S, bounds the real
+chunk count from the shapes alone, so nothing syncs with the host (the unused slots are marked and
+their programs exit at once).
 """
 from __future__ import annotations
 
@@ -28,211 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import chunk_scan_triton_bwd as bwd
+from . import chunk_scan_triton_fwd as fwd
 
-@triton.jit
-def _tile_offsets(s, h, kk, col, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    return ((s * H + h).to(tl.int64) * K + kk[:, None]) * V + col[None, :]
-
-
-@triton.jit
-def _scan_fwd_kernel(
-    q, k, v, g, beta, offsets, init, o, final, scale_hi, scale_lo,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_INIT: tl.constexpr, COMPUTE: tl.constexpr,
-):
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
-    col = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-    kk = tl.arange(0, BLOCK_K)
-    k_ok = kk < K
-    v_ok = col < V
-    tile_ok = k_ok[:, None] & v_ok[None, :]
-    tile = _tile_offsets(s, h, kk, col, H, K, V)
-    start = tl.load(offsets + s)
-    end = tl.load(offsets + s + 1)
-
-    if HAS_INIT:
-        state = tl.load(init + tile, mask=tile_ok, other=0.0).to(COMPUTE)
-    else:
-        state = tl.zeros((BLOCK_K, BLOCK_V), dtype=COMPUTE)
-    t = start
-    while t < end:  # a while loop: the interpreter cannot take loaded values as range bounds
-        rh = t * H + h
-        t += 1
-        k_t = tl.load(k + rh * K + kk, mask=k_ok, other=0.0).to(COMPUTE)
-        q_t = tl.load(q + rh * K + kk, mask=k_ok, other=0.0).to(COMPUTE)
-        v_t = tl.load(v + rh * V + col, mask=v_ok, other=0.0).to(COMPUTE)
-        decay = tl.exp(tl.load(g + rh).to(COMPUTE))
-        b_t = tl.load(beta + rh).to(COMPUTE)
-        state = state * decay
-        u = b_t * (v_t - tl.sum(state * k_t[:, None], axis=0))
-        state = state + k_t[:, None] * u[None, :]
-        out = scale * tl.sum(state * q_t[:, None], axis=0)
-        tl.store(o + rh * V + col, out.to(o.dtype.element_ty), mask=v_ok)
-    tl.store(final + tile, state.to(final.dtype.element_ty), mask=tile_ok)
-
-
-@triton.jit
-def _chunk_fwd_kernel(
-    q, k, v, g, beta, offsets, init, o, final, scale_hi, scale_lo,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_C: tl.constexpr, INVERSE_STEPS: tl.constexpr, HAS_INIT: tl.constexpr,
-    COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The chunked (WY) forward of `chunk_scan.py`'s docstring, one chunk of BLOCK_C rows per
-    iteration, every product on the tensor cores. Rows past the segment's end load as k = q = v =
-    beta = g = 0, which makes them no-ops, so a partial last chunk needs no special case."""
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
-    col = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-    kk = tl.arange(0, BLOCK_K)
-    c = tl.arange(0, BLOCK_C)
-    k_ok = kk < K
-    v_ok = col < V
-    tile_ok = k_ok[:, None] & v_ok[None, :]
-    tile = _tile_offsets(s, h, kk, col, H, K, V)
-    start = tl.load(offsets + s)
-    end = tl.load(offsets + s + 1)
-    strict = c[:, None] > c[None, :]
-    lower = c[:, None] >= c[None, :]
-    eye = tl.where(c[:, None] == c[None, :], 1.0, 0.0).to(COMPUTE)
-
-    if HAS_INIT:
-        state = tl.load(init + tile, mask=tile_ok, other=0.0).to(COMPUTE)
-    else:
-        state = tl.zeros((BLOCK_K, BLOCK_V), dtype=COMPUTE)
-    c0 = start
-    while c0 < end:
-        rows = c0 + c
-        row_ok = rows < end
-        rh = rows * H + h
-        kq_ok = row_ok[:, None] & k_ok[None, :]
-        k_c = tl.load(k + rh[:, None] * K + kk[None, :], mask=kq_ok, other=0.0).to(COMPUTE)
-        q_c = tl.load(q + rh[:, None] * K + kk[None, :], mask=kq_ok, other=0.0).to(COMPUTE)
-        v_c = tl.load(v + rh[:, None] * V + col[None, :], mask=row_ok[:, None] & v_ok[None, :],
-                      other=0.0).to(COMPUTE)
-        g_c = tl.load(g + rh, mask=row_ok, other=0.0).to(COMPUTE)
-        b_c = tl.load(beta + rh, mask=row_ok, other=0.0).to(COMPUTE)
-        cum = tl.cumsum(g_c, axis=0)
-        cum_last = tl.sum(tl.where(c == BLOCK_C - 1, cum, 0.0), axis=0)  # padding adds g = 0
-        # e^{G_i - G_j} on and below the diagonal; the exponent is masked first so that the upper
-        # triangle (positive exponents) cannot overflow.
-        decay = tl.where(lower, tl.exp(tl.where(lower, cum[:, None] - cum[None, :], 0.0)), 0.0)
-        # (I + L)^{-1} for the strictly lower L_ij = beta_i e^{G_i-G_j} k_i.k_j: with N = -L
-        # nilpotent (N^BLOCK_C = 0), (I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...: log2(C) squarings.
-        kkt = tl.dot(k_c, tl.trans(k_c), input_precision=PRECISION)
-        nil = tl.where(strict, -(b_c[:, None] * kkt * decay), 0.0)
-        inverse = eye + nil
-        for _ in tl.static_range(INVERSE_STEPS - 1):
-            nil = tl.dot(nil, nil, input_precision=PRECISION)
-            inverse = inverse + tl.dot(inverse, nil, input_precision=PRECISION)
-        w_v = tl.dot(inverse, b_c[:, None] * v_c, input_precision=PRECISION)
-        w_k = tl.dot(inverse, (b_c * tl.exp(cum))[:, None] * k_c, input_precision=PRECISION)
-        u = w_v - tl.dot(w_k, state, input_precision=PRECISION)
-        qk = tl.dot(q_c, tl.trans(k_c), input_precision=PRECISION) * decay
-        out = tl.dot(q_c * tl.exp(cum)[:, None], state, input_precision=PRECISION)
-        out = scale * (out + tl.dot(qk, u, input_precision=PRECISION))
-        tl.store(o + rh[:, None] * V + col[None, :], out.to(o.dtype.element_ty),
-                 mask=row_ok[:, None] & v_ok[None, :])
-        k_to_end = k_c * tl.exp(cum_last - cum)[:, None]
-        state = tl.exp(cum_last) * state + tl.dot(tl.trans(k_to_end), u, input_precision=PRECISION)
-        c0 += BLOCK_C
-    tl.store(final + tile, state.to(final.dtype.element_ty), mask=tile_ok)
-
-
-@triton.jit
-def _scan_bwd_kernel(
-    q, k, v, g, beta, offsets, init, d_o, d_final, scale_hi, scale_lo,
-    resid, w_share, dq, dk, dv, dg, dbeta, d_init, n_rows,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, COMPUTE: tl.constexpr,
-):
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
-    vb = tl.program_id(2)
-    col = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    kk = tl.arange(0, BLOCK_K)
-    k_ok = kk < K
-    v_ok = col < V
-    tile_ok = k_ok[:, None] & v_ok[None, :]
-    tile = _tile_offsets(s, h, kk, col, H, K, V)
-    start = tl.load(offsets + s)
-    end = tl.load(offsets + s + 1)
-    w_base = w_share + vb.to(tl.int64) * n_rows * H  # this V-block's row of w shares
-
-    # Pass A: forward replay; residuals, dq, and this block's share of o . d_o.
-    if HAS_INIT:
-        state = tl.load(init + tile, mask=tile_ok, other=0.0).to(COMPUTE)
-    else:
-        state = tl.zeros((BLOCK_K, BLOCK_V), dtype=COMPUTE)
-    t = start
-    while t < end:  # a while loop: the interpreter cannot take loaded values as range bounds
-        rh = t * H + h
-        t += 1
-        k_t = tl.load(k + rh * K + kk, mask=k_ok, other=0.0).to(COMPUTE)
-        q_t = tl.load(q + rh * K + kk, mask=k_ok, other=0.0).to(COMPUTE)
-        v_t = tl.load(v + rh * V + col, mask=v_ok, other=0.0).to(COMPUTE)
-        do_t = tl.load(d_o + rh * V + col, mask=v_ok, other=0.0).to(COMPUTE)
-        decay = tl.exp(tl.load(g + rh).to(COMPUTE))
-        b_t = tl.load(beta + rh).to(COMPUTE)
-        state = state * decay
-        r_t = v_t - tl.sum(state * k_t[:, None], axis=0)
-        tl.store(resid + rh * V + col, r_t, mask=v_ok)
-        state = state + k_t[:, None] * (b_t * r_t)[None, :]
-        tl.atomic_add(dq + rh * K + kk, scale * tl.sum(state * do_t[None, :], axis=1), mask=k_ok)
-        o_t = scale * tl.sum(state * q_t[:, None], axis=0)
-        tl.store(w_base + rh, tl.sum(o_t * do_t, axis=0))
-    if HAS_DFINAL:
-        d_state = tl.load(d_final + tile, mask=tile_ok, other=0.0).to(COMPUTE)
-    else:
-        d_state = tl.zeros((BLOCK_K, BLOCK_V), dtype=COMPUTE)
-    dg_acc = tl.sum(tl.sum(d_state * state, axis=1), axis=0)  # <dS_final, S_final>, this block
-    tl.debug_barrier()  # pass B reads what other threads of this program stored in pass A
-
-    # Pass B: backward over the segment with dS in registers.
-    t = end
-    while t > start:
-        t -= 1
-        rh = t * H + h
-        k_t = tl.load(k + rh * K + kk, mask=k_ok, other=0.0).to(COMPUTE)
-        q_t = tl.load(q + rh * K + kk, mask=k_ok, other=0.0).to(COMPUTE)
-        v_t = tl.load(v + rh * V + col, mask=v_ok, other=0.0).to(COMPUTE)
-        do_t = tl.load(d_o + rh * V + col, mask=v_ok, other=0.0).to(COMPUTE)
-        r_t = tl.load(resid + rh * V + col, mask=v_ok, other=0.0)
-        decay = tl.exp(tl.load(g + rh).to(COMPUTE))
-        b_t = tl.load(beta + rh).to(COMPUTE)
-        d_s = d_state + scale * q_t[:, None] * do_t[None, :]
-        du = tl.sum(d_s * k_t[:, None], axis=0)
-        dv_t = b_t * du
-        tl.store(dv + rh * V + col, dv_t, mask=v_ok)
-        tl.atomic_add(dbeta + rh, tl.sum(du * r_t, axis=0))
-        tl.atomic_add(dk + rh * K + kk, tl.sum(d_s * (b_t * r_t)[None, :], axis=1), mask=k_ok)
-        dg_acc += tl.load(w_base + rh) - tl.sum(dv_t * v_t, axis=0)
-        tl.atomic_add(dg + rh, dg_acc)
-        d_state = (d_s - k_t[:, None] * dv_t[None, :]) * decay
-    tl.store(d_init + tile, d_state.to(d_init.dtype.element_ty), mask=tile_ok)
-    tl.debug_barrier()  # pass C reads dv stored in pass B
-
-    # Pass C: forward replay again for the part of dk that needs the state before each token.
-    if HAS_INIT:
-        state = tl.load(init + tile, mask=tile_ok, other=0.0).to(COMPUTE)
-    else:
-        state = tl.zeros((BLOCK_K, BLOCK_V), dtype=COMPUTE)
-    t = start
-    while t < end:  # a while loop: the interpreter cannot take loaded values as range bounds
-        rh = t * H + h
-        t += 1
-        k_t = tl.load(k + rh * K + kk, mask=k_ok, other=0.0).to(COMPUTE)
-        dv_t = tl.load(dv + rh * V + col, mask=v_ok, other=0.0)
-        r_t = tl.load(resid + rh * V + col, mask=v_ok, other=0.0)
-        decay = tl.exp(tl.load(g + rh).to(COMPUTE))
-        b_t = tl.load(beta + rh).to(COMPUTE)
-        state = state * decay
-        tl.atomic_add(dk + rh * K + kk, -tl.sum(state * dv_t[None, :], axis=1), mask=k_ok)
-        state = state + k_t[:, None] * (b_t * r_t)[None, :]
+CHUNK = fwd.CHUNK
 
 
 def split_scale(scale: float) -> tuple[float, float]:
@@ -242,117 +34,159 @@ def split_scale(scale: float) -> tuple[float, float]:
     return hi, float(scale) - hi
 
 
-def _compute(dtype: torch.dtype) -> tuple[torch.dtype, object]:
-    """float32 arithmetic for every input precision; float64 only for float64 inputs (the test
-    oracle's precision, so the kernels can be checked to rounding)."""
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+def _precision(q_dtype: torch.dtype, state_dtype: torch.dtype) -> dict:
+    """COMPUTE: float32 accumulation, float64 when anything is float64 (the test oracle's precision,
+    so the kernels can be checked to rounding). DOT: the operand dtype of the big products (bf16 and
+    fp16 inputs feed the tensor cores as they are; float32 inputs run as tf32x3, about float32
+    accuracy). PREC32: products whose operands are float32 by construction (T and its gradient):
+    plain tf32 is enough next to bf16 operands, tf32x3 for float32 inputs."""
+    if torch.float64 in (q_dtype, state_dtype):
+        return dict(COMPUTE=tl.float64, DOT=tl.float64, PREC="ieee", PREC32="ieee"), torch.float64
+    if q_dtype == torch.float32:
+        return dict(COMPUTE=tl.float32, DOT=tl.float32, PREC="tf32x3", PREC32="tf32x3"), torch.float32
+    dot = tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float16
+    return dict(COMPUTE=tl.float32, DOT=dot, PREC="tf32", PREC32="tf32"), q_dtype
 
 
-def block_sizes(dk: int, dv: int) -> tuple[int, int]:
-    """Whole K (the delta correction reduces over it) and a V-block keeping the state tile at
-    4K elements: 32 registers per thread at 4 warps for the state, and more programs in flight."""
-    block_k = triton.next_power_of_2(dk)
-    block_v = max(1, min(triton.next_power_of_2(dv), 4096 // block_k))
-    return block_k, block_v
+def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """([max_chunks, 2] int64 (segment or -1, first row) per chunk slot, [S] index of each segment's
+    first chunk, max_chunks). Segments' chunks are numbered consecutively in segment order."""
+    n_seg = offsets.shape[0] - 1
+    counts = (offsets.diff() + CHUNK - 1) // CHUNK
+    ends = counts.cumsum(0)
+    first = ends - counts
+    max_chunks = triton.cdiv(n_rows, CHUNK) + n_seg
+    slot = torch.arange(max_chunks, device=offsets.device)
+    seg = torch.searchsorted(ends, slot, right=True)
+    real = seg < n_seg
+    seg = seg.clamp(max=n_seg - 1)
+    start = offsets[seg] + (slot - first[seg]) * CHUNK
+    table = torch.stack([torch.where(real, seg, -1), start], 1).contiguous()
+    return table, first.contiguous(), max_chunks
 
 
-def chunk_gated_delta_triton(q, k, v, g, beta, offsets, initial_state, scale,
-                             block_v: int | None = None, num_warps: int = 4):
+def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
+    """Tile sizes: K- and V-blocks of 64 for the per-chunk kernels (32 for 4- and 8-byte operands,
+    whose [64, 64] tiles would overflow shared memory in grad_qkw); the sequential passes keep the
+    whole [K, state_bv] state slice in registers, so wide heads take narrow V-blocks (more programs
+    in flight, too). Only these configurations are verified on Hopper (H200, triton 3.6): there,
+    state_bv=32 at K=256 (bf16) and 16 warps for the float32 backward kernels raised illegal memory
+    accesses, and register spills start at 8 warps for the bf16 backward kernels."""
+    block_k = max(16, triton.next_power_of_2(dk))
+    tile = 64 if elem_bytes <= 2 else 32
+    return dict(bk=min(tile, block_k), bv=min(tile, max(16, triton.next_power_of_2(dv))),
+                state_bv=16 if block_k > 128 else min(64, max(16, triton.next_power_of_2(dv))),
+                state_warps=4, warps=8, bwd_warps=16 if elem_bytes <= 2 else 8)
+
+
+class _Plan:
+    """Shapes, dtypes, chunk table and tile sizes shared by the launches of one call."""
+
+    def __init__(self, q, v, offsets, initial_state, config):
+        self.n, self.h, self.dk = q.shape
+        self.dv = v.shape[-1]
+        self.n_seg = offsets.shape[0] - 1
+        self.state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+        self.kw, self.dot_dtype = _precision(q.dtype, self.state_dtype)
+        self.compute_dtype = torch.float64 if self.kw["COMPUTE"] == tl.float64 else torch.float32
+        self.cfg = config
+        self.block_k = max(16, triton.next_power_of_2(self.dk))
+        self.empty = self.n_seg * self.h * self.dk * self.dv == 0
+        if not self.empty:
+            self.table, self.first, self.max_chunks = chunk_table(offsets, self.n)
+
+    def new(self, *shape, dtype=None):
+        return torch.empty(*shape, dtype=dtype or self.compute_dtype, device=self.table.device)
+
+    def dims(self):
+        return dict(H=self.h, K=self.dk, V=self.dv, C=CHUNK)
+
+
+def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
+    """Stages 1-3: T [N, H, C], W [N, H, K], chunk start states h_buf [chunks, H, K, V], Vn [N, H, V];
+    writes the final states."""
+    kw, dims, cfg = p.kw, p.dims(), p.cfg
+    t_buf = p.new(p.n, p.h, CHUNK)
+    w = p.new(p.n, p.h, p.dk, dtype=p.dot_dtype)
+    u = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
+    h_buf = p.new(p.max_chunks, p.h, p.dk, p.dv, dtype=p.dot_dtype)
+    v_new = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
+    grid = (p.max_chunks, p.h)
+    fwd.wy_solve_kernel[grid](k, g, beta, offsets, p.table, t_buf, H=p.h, K=p.dk, C=CHUNK, BK=cfg["bk"],
+                              **kw, num_warps=cfg["warps"])
+    fwd.wy_apply_kernel[grid](k, v, g, beta, offsets, p.table, t_buf, w, u, **dims, BK=cfg["bk"],
+                              BV=cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"],
+                              num_warps=cfg["warps"])
+    init = final if initial_state is None else initial_state.contiguous()  # placeholder if absent
+    fwd.state_fwd_kernel[(p.n_seg, p.h, triton.cdiv(p.dv, cfg["state_bv"]))](
+        k, g, w, u, offsets, p.first, init, h_buf, v_new, final, **dims, BLOCK_K=p.block_k,
+        BV=cfg["state_bv"], HAS_INIT=initial_state is not None, COMPUTE=kw["COMPUTE"], DOT=kw["DOT"],
+        PREC=kw["PREC"], num_warps=cfg["state_warps"])
+    return t_buf, w, h_buf, v_new
+
+
+def _prepare(q, k, v, g, beta, offsets, initial_state, config):
+    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    offsets = offsets.to(torch.int64).contiguous()
+    elem_bytes = 8 if initial_state is not None and initial_state.dtype == torch.float64 else q.element_size()
+    cfg = dict(default_config(q.shape[-1], v.shape[-1], elem_bytes), **(config or {}))
+    return (q, k, v, g, beta, offsets), _Plan(q, v, offsets, initial_state, cfg)
+
+
+def chunk_gated_delta_triton(q, k, v, g, beta, offsets, initial_state, scale, config: dict | None = None):
     """Same contract as `mom::chunk_gated_delta`: (o [N, H, V] in v's dtype, final state
-    [S, H, K, V] in the initial state's dtype, float32 when there is none), by the token-by-token
-    kernel. It is the registered one: on an H200 it ran the layer's scan (98K rows, K=V=256,
-    bf16) in 22 ms against 93 ms for the best configuration of the chunked kernel below."""
-    q, k, v, g, beta, offsets = (t.contiguous() for t in (q, k, v, g, beta, offsets))
-    n, h, dk = q.shape
-    dv = v.shape[-1]
-    n_seg = offsets.shape[0] - 1
-    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
-    _, compute = _compute(torch.promote_types(q.dtype, state_dtype))
+    [S, H, K, V] in the initial state's dtype, float32 when there is none)."""
+    (q, k, v, g, beta, offsets), p = _prepare(q, k, v, g, beta, offsets, initial_state, config)
     o = torch.zeros_like(v)  # rows past offsets[-1] belong to no segment and read 0
-    final = torch.empty(n_seg, h, dk, dv, dtype=state_dtype, device=q.device)
-    init = final if initial_state is None else initial_state.contiguous()  # placeholder if absent
-    block_k, default_v = block_sizes(dk, dv)
-    block_v = block_v or default_v
-    if n_seg * h > 0 and dk * dv > 0:
-        _scan_fwd_kernel[(n_seg, h, triton.cdiv(dv, block_v))](
-            q, k, v, g, beta, offsets, init, o, final, *split_scale(scale),
-            H=h, K=dk, V=dv, BLOCK_K=block_k, BLOCK_V=block_v,
-            HAS_INIT=initial_state is not None, COMPUTE=compute, num_warps=num_warps)
-    return o, final
-
-
-def chunked_config(dk: int, dv: int) -> dict:
-    """Chunk length and V-block: the [C, K] tiles of q and k and the [K, BLOCK_V] state share the
-    registers, so K = 256 takes half the chunk and V-block that K <= 128 does."""
-    block_k = triton.next_power_of_2(dk)
-    wide = block_k > 128
-    block_v = min(max(16, triton.next_power_of_2(dv)), 32 if wide else 64)
-    return dict(block_c=32 if wide else 64, block_v=block_v, num_warps=8 if block_k >= 128 else 4)
-
-
-def chunk_gated_delta_chunked_triton(q, k, v, g, beta, offsets, initial_state, scale,
-                                     config: dict | None = None):
-    """`mom::chunk_gated_delta` by the chunked (WY) kernel: exact in float64, but not yet faster
-    than the recurrent one (it recomputes the chunk's inverse in every V-block and runs its float32
-    products as tf32x3), so it is not registered. Head sizes under 16 (below the tensor cores'
-    tile) take the recurrent kernel."""
-    n, h, dk = q.shape
-    dv = v.shape[-1]
-    on_gpu = q.device.type == "cuda"
-    if on_gpu and min(dk, dv) < 16:
-        return chunk_gated_delta_triton(q, k, v, g, beta, offsets, initial_state, scale)
-    q, k, v, g, beta, offsets = (t.contiguous() for t in (q, k, v, g, beta, offsets))
-    n_seg = offsets.shape[0] - 1
-    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
-    _, compute = _compute(torch.promote_types(q.dtype, state_dtype))
-    cfg = dict(chunked_config(dk, dv), **(config or {}))
-    o = torch.zeros_like(v)  # rows past offsets[-1] belong to no segment and read 0
-    final = torch.empty(n_seg, h, dk, dv, dtype=state_dtype, device=q.device)
-    init = final if initial_state is None else initial_state.contiguous()  # placeholder if absent
-    if n_seg * h > 0 and dk * dv > 0:
-        _chunk_fwd_kernel[(n_seg, h, triton.cdiv(dv, cfg["block_v"]))](
-            q, k, v, g, beta, offsets, init, o, final, *split_scale(scale),
-            H=h, K=dk, V=dv, BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=cfg["block_v"],
-            BLOCK_C=cfg["block_c"], INVERSE_STEPS=cfg["block_c"].bit_length() - 1,
-            HAS_INIT=initial_state is not None, COMPUTE=compute,
-            PRECISION="ieee" if compute == tl.float64 else "tf32x3", num_warps=cfg["num_warps"])
+    final = torch.empty(p.n_seg, p.h, p.dk, p.dv, dtype=p.state_dtype, device=q.device)
+    if p.empty:
+        return o, final
+    _, _, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state, final)
+    kw = p.kw
+    fwd.output_kernel[(p.max_chunks, p.h, triton.cdiv(p.dv, p.cfg["bv"]))](
+        q, k, g, offsets, p.table, h_buf, v_new, o, *split_scale(scale), **p.dims(), BK=p.cfg["bk"],
+        BV=p.cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"], num_warps=p.cfg["warps"])
     return o, final
 
 
 def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final,
-                                      block_v: int | None = None, num_warps: int = 4):
+                                      config: dict | None = None):
     """Same contract as `mom::chunk_gated_delta_backward`: (dq, dk, dv, dg, dbeta, d_initial)."""
-    q, k, v, g, beta, offsets, d_o = (t.contiguous() for t in (q, k, v, g, beta, offsets, d_o))
-    n, h, dk = q.shape
-    dv = v.shape[-1]
-    n_seg = offsets.shape[0] - 1
-    state_dtype = torch.float32 if initial_state is None else initial_state.dtype
-    compute_t, compute = _compute(torch.promote_types(q.dtype, state_dtype))
-    block_k, default_v = block_sizes(dk, dv)
-    block_v = block_v or default_v
-    n_vblocks = triton.cdiv(dv, block_v)
+    (q, k, v, g, beta, offsets), p = _prepare(q, k, v, g, beta, offsets, initial_state, config)
+    d_o = d_o.contiguous()
     dev = q.device
-    # Accumulated across V-blocks by atomics, so they start at zero (also right for rows in no
-    # segment, which no program touches).
-    dq32 = torch.zeros(n, h, dk, dtype=compute_t, device=dev)
-    dk32 = torch.zeros(n, h, dk, dtype=compute_t, device=dev)
-    dg32 = torch.zeros(n, h, dtype=compute_t, device=dev)
-    dbeta32 = torch.zeros(n, h, dtype=compute_t, device=dev)
-    dv32 = torch.zeros(n, h, dv, dtype=compute_t, device=dev)
-    resid = torch.empty(n, h, dv, dtype=compute_t, device=dev)
-    w_share = torch.empty(n_vblocks, n, h, dtype=compute_t, device=dev)
-    d_init = torch.empty(n_seg, h, dk, dv, dtype=state_dtype, device=dev)
-    init = d_init if initial_state is None else initial_state.contiguous()
-    dfin = d_init if d_final is None else d_final.contiguous()
-    if n_seg * h > 0 and dk * dv > 0:
-        _scan_bwd_kernel[(n_seg, h, n_vblocks)](
-            q, k, v, g, beta, offsets, init, d_o, dfin, *split_scale(scale),
-            resid, w_share, dq32, dk32, dv32, dg32, dbeta32, d_init, n,
-            H=h, K=dk, V=dv, BLOCK_K=block_k, BLOCK_V=block_v,
-            HAS_INIT=initial_state is not None, HAS_DFINAL=d_final is not None, COMPUTE=compute,
-            num_warps=num_warps)
-    return (dq32.to(q.dtype), dk32.to(k.dtype), dv32.to(v.dtype), dg32.to(g.dtype),
-            dbeta32.to(beta.dtype), d_init)
+    # rows in no segment get zero gradients; every other row is written by the kernels
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dg, dbeta = torch.zeros_like(g), torch.zeros_like(beta)
+    d_init = torch.zeros(p.n_seg, p.h, p.dk, p.dv, dtype=p.state_dtype, device=dev)
+    if p.empty:
+        return dq, dk, dv, dg, dbeta, d_init
+    final = torch.empty_like(d_init)
+    t_buf, w, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state, final)
+    kw, dims, cfg = p.kw, p.dims(), p.cfg
+    dot_kw = dict(COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"])
+    scale2 = split_scale(scale)
+    grid = (p.max_chunks, p.h)
+    d_vn = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
+    bwd.dvn_local_kernel[grid](q, k, g, offsets, p.table, d_o, d_vn, *scale2, **dims, BK=cfg["bk"],
+                               BV=cfg["bv"], **dot_kw, num_warps=cfg["warps"])
+    dh_buf = torch.empty_like(h_buf)
+    dfin = final if d_final is None else d_final.contiguous()  # placeholder if absent
+    bwd.state_bwd_kernel[(p.n_seg, p.h, triton.cdiv(p.dv, cfg["state_bv"]))](
+        q, k, g, w, d_o, offsets, p.first, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
+        BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_DFINAL=d_final is not None, **dot_kw,
+        num_warps=cfg["state_warps"])
+    n_kb = triton.cdiv(p.dk, cfg["bk"])
+    dk_part = p.new(p.n, p.h, p.dk)
+    dw = p.new(p.n, p.h, p.dk, dtype=p.dot_dtype)
+    dg_part = p.new(n_kb, p.n, p.h)
+    bwd.grad_qkw_kernel[(p.max_chunks, p.h, n_kb)](
+        q, k, g, offsets, p.table, d_o, h_buf, dh_buf, v_new, d_vn, dq, dk_part, dw, dg_part, *scale2,
+        p.n, **dims, BK=cfg["bk"], BV=cfg["bv"], **dot_kw, num_warps=cfg["bwd_warps"])
+    bwd.wy_bwd_kernel[grid](
+        k, v, g, beta, offsets, p.table, t_buf, dw, d_vn, dk_part, dg_part, dk, dv, dg, dbeta, p.n,
+        **dims, BK=cfg["bk"], BV=cfg["bv"], N_KB=n_kb, **kw, num_warps=cfg["bwd_warps"])
+    return dq, dk, dv, dg, dbeta, d_init
 
 
 torch.library.register_kernel("mom::chunk_gated_delta", "cuda", chunk_gated_delta_triton)
