@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from mom_compile import MomConfig, MomForCausalLM
 
+MODES = {"eager": None, "compiled": "default", "cudagraphs": "reduce-overhead"}
+
 
 class StaticKVTransformer(nn.Module):
     """Pre-norm Transformer LM with a preallocated KV cache (the gpt-fast pattern), as a peer."""
@@ -137,6 +139,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--config", default="340m")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                        help="which ways to run the decode step (default: all)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the fla generate() peer")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = MomConfig.preset(args.config)
@@ -148,14 +153,17 @@ def main() -> None:
           f"prompt {args.prompt} | {args.steps} timed greedy steps")
     rows = []
     for batch in args.batches:
-        for name, mode in (("eager", None), ("compiled", "default"), ("CUDA graphs", "reduce-overhead")):
+        for name, mode in MODES.items():
+            if name not in args.modes:
+                continue
             torch._dynamo.reset()
             rows.append((batch, f"MoM {name}", bench_mom(model, batch, args.prompt, args.steps, mode)))
             torch._dynamo.reset()
             rows.append((batch, f"Transformer+SDPA {name}",
                          bench_transformer(config, batch, args.prompt, args.steps, mode)))
-        rows.append((batch, "reference fla generate",
-                     bench_reference(config, batch, args.prompt, args.steps)))
+        if not args.no_reference:
+            rows.append((batch, "reference fla generate",
+                         bench_reference(config, batch, args.prompt, args.steps)))
     print(f"\n{'batch':>5}  {'implementation':32} {'ms/token':>10}")
     for batch, name, ms in rows:
         value = f"{ms:>10.3f}" if isinstance(ms, float) else ms
