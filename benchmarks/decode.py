@@ -152,18 +152,22 @@ def main() -> None:
           f"config {args.config} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, bf16) | "
           f"prompt {args.prompt} | {args.steps} timed greedy steps")
     rows = []
+
+    def add(batch: int, name: str, ms: float | str) -> None:
+        rows.append((batch, name, ms))
+        print(f"  measured: batch {batch} {name}: {ms}", flush=True)
+
     for batch in args.batches:
         for name, mode in MODES.items():
             if name not in args.modes:
                 continue
             torch._dynamo.reset()
-            rows.append((batch, f"MoM {name}", bench_mom(model, batch, args.prompt, args.steps, mode)))
+            add(batch, f"MoM {name}", bench_mom(model, batch, args.prompt, args.steps, mode))
             torch._dynamo.reset()
-            rows.append((batch, f"Transformer+SDPA {name}",
-                         bench_transformer(config, batch, args.prompt, args.steps, mode)))
+            add(batch, f"Transformer+SDPA {name}",
+                bench_transformer(config, batch, args.prompt, args.steps, mode))
         if not args.no_reference:
-            rows.append((batch, "reference fla generate",
-                         bench_reference(config, batch, args.prompt, args.steps)))
+            add(batch, "reference fla generate", bench_reference(config, batch, args.prompt, args.steps))
     print(f"\n{'batch':>5}  {'implementation':32} {'ms/token':>10}")
     for batch, name, ms in rows:
         value = f"{ms:>10.3f}" if isinstance(ms, float) else ms
