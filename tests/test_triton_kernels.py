@@ -241,3 +241,26 @@ def _interpret_all() -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
     _interpret_all()
+
+
+def test_unverified_head_sizes_take_the_reference_kernel(monkeypatch):
+    """The CUDA entry point launches Triton only for verified head sizes; head_dim 8 (below
+    tl.dot's 16) must be answered by the reference kernel, never by a launch."""
+    from mom_compile.ops import chunk_scan_triton as ct
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched for an unverified head size")
+
+    monkeypatch.setattr(ct, "chunk_gated_delta_triton", refuse)
+    monkeypatch.setattr(ct, "chunk_gated_delta_backward_triton", refuse)
+    n, h, dk = 7, 2, 8
+    args = (torch.randn(n, h, dk, dtype=F64), F.normalize(torch.randn(n, h, dk, dtype=F64), dim=-1),
+            torch.randn(n, h, dk, dtype=F64), -torch.rand(n, h, dtype=F64), torch.rand(n, h, dtype=F64),
+            torch.tensor([0, 3, 7]), None, 0.5)
+    o, final = ct._cuda_forward(*args)
+    o_ref, final_ref = torch.ops.mom.chunk_gated_delta(*args)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(final, final_ref)
+    grads = ct._cuda_backward(*args, torch.randn_like(o), None)
+    assert len(grads) == 6 and all(torch.isfinite(t).all() for t in grads)
+    assert ct._verified(torch.empty(1, 1, 128), torch.empty(1, 1, 256))

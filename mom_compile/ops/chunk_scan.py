@@ -136,14 +136,16 @@ def chunk_backward_reference(
     return (*packed, d_state)
 
 
-@torch.library.custom_op("mom::chunk_gated_delta", mutates_args=())
-def _chunk_gated_delta(
+def reference_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     offsets: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's reference kernel: `chunk_reference` with the op's output dtypes."""
     o, final, _ = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale)
-    state_dtype = _state_dtype(q, initial_state)
-    return o.to(v.dtype), final.to(state_dtype)
+    return o.to(v.dtype), final.to(_state_dtype(q, initial_state))
+
+
+_chunk_gated_delta = torch.library.custom_op("mom::chunk_gated_delta", mutates_args=())(reference_forward)
 
 
 @_chunk_gated_delta.register_fake
@@ -154,17 +156,20 @@ def _(q, k, v, g, beta, offsets, initial_state, scale):
     return v.new_empty(v.shape), final
 
 
-@torch.library.custom_op("mom::chunk_gated_delta_backward", mutates_args=())
-def _chunk_gated_delta_backward(
+def reference_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     offsets: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
     d_o: torch.Tensor, d_final: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op's reference kernel: `chunk_backward_reference` with the op's dtypes."""
     dq, dk, dv, dg, dbeta, d_init = chunk_backward_reference(
         q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
-    state_dtype = _state_dtype(q, initial_state)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
-            d_init.to(state_dtype))
+            d_init.to(_state_dtype(q, initial_state)))
+
+
+_chunk_gated_delta_backward = torch.library.custom_op(
+    "mom::chunk_gated_delta_backward", mutates_args=())(reference_backward)
 
 
 @_chunk_gated_delta_backward.register_fake

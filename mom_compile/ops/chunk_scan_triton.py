@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import chunk_scan_triton_bwd as bwd
 from . import chunk_scan_triton_fwd as fwd
+from .chunk_scan import reference_backward, reference_forward
 
 CHUNK = fwd.CHUNK
 
@@ -189,5 +190,26 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     return dq, dk, dv, dg, dbeta, d_init
 
 
-torch.library.register_kernel("mom::chunk_gated_delta", "cuda", chunk_gated_delta_triton)
-torch.library.register_kernel("mom::chunk_gated_delta_backward", "cuda", chunk_gated_delta_backward_triton)
+# Head sizes the kernels are verified for on Hopper (tests/test_triton_kernels.py). Other sizes, such
+# as the tests' tiny head_dim 8 (below tl.dot's minimum of 16, an illegal memory access on the H200),
+# run the PyTorch reference instead of an unverified launch.
+VERIFIED_K = (64, 128, 256)
+VERIFIED_V = (64, 128, 256, 512)
+
+
+def _verified(k: torch.Tensor, v: torch.Tensor) -> bool:
+    return k.shape[-1] in VERIFIED_K and v.shape[-1] in VERIFIED_V
+
+
+def _cuda_forward(q, k, v, g, beta, offsets, initial_state, scale):
+    impl = chunk_gated_delta_triton if _verified(k, v) else reference_forward
+    return impl(q, k, v, g, beta, offsets, initial_state, scale)
+
+
+def _cuda_backward(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
+    impl = chunk_gated_delta_backward_triton if _verified(k, v) else reference_backward
+    return impl(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
+
+
+torch.library.register_kernel("mom::chunk_gated_delta", "cuda", _cuda_forward)
+torch.library.register_kernel("mom::chunk_gated_delta_backward", "cuda", _cuda_backward)
