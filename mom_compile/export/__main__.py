@@ -38,7 +38,9 @@ examples:
   python -m mom_compile.export --onnx out/340m --config 340m
       the paper's 340M configuration with random weights
   python -m mom_compile.export --onnx out/trt --plugin
-      keep the recurrent step as mom::MemoryStep nodes for a TensorRT plugin"""
+      keep the recurrent step as mom::MemoryStep nodes for a TensorRT plugin
+  python -m mom_compile.export --onnx out/tiny --pt2 --aoti --verify
+      also torch.export programs and AOTInductor packages, all checked against PyTorch"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,13 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ONNX opset of the graphs, {MIN_OPSET} or newer (default {MIN_OPSET})")
     p.add_argument("--verify", action="store_true",
                    help="run both graphs in onnxruntime against PyTorch on fresh random inputs and "
-                        "print the max absolute / relative error of every output")
+                        "print the max absolute / relative error of every output (with --aoti, "
+                        "of the AOTInductor packages too)")
     p.add_argument("--plugin", action="store_true",
                    help="emit the recurrent memory step as custom-domain mom::MemoryStep nodes "
                         "(for a TensorRT plugin) instead of standard ops")
     p.add_argument("--pt2", action="store_true",
                    help="also write OUT/prefill.pt2 and OUT/decode_step.pt2 (torch.export.save); "
                         "load them after `import mom_compile`")
+    p.add_argument("--aoti", action="store_true",
+                   help="also compile OUT/prefill.aoti.pt2 and OUT/decode_step.aoti.pt2 with "
+                        "AOTInductor for this CPU (needs a C++ compiler; minutes for large models); "
+                        "load them with mom_compile.export.aoti.Package; --verify checks them too")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     return p
 
@@ -96,6 +103,12 @@ def _check_args(args) -> None:
         if not MIN_OPSET <= args.opset <= newest:
             raise _Failure(f"--opset: expected {MIN_OPSET}..{newest} (the installed onnx's newest), "
                            f"got {args.opset}")
+    if args.aoti:
+        from .aoti import compiler
+
+        if compiler() is None:
+            raise _Failure(f"--aoti: no C++ compiler {os.environ.get('CXX') or 'g++'!r} on PATH "
+                           "(install g++ or set CXX)")
 
 
 def _prepare_out(path: str) -> None:
@@ -168,28 +181,52 @@ def run(args) -> int:
         for path in save_programs(programs, args.onnx).values():
             _progress(f"wrote {path}")
         _progress(f"torch.export.save: {time.perf_counter() - start:.1f}s")
+    packages = _build_aoti(programs, args.onnx) if args.aoti else None
     if args.verify:
-        return _verify(model, paths, args)
+        return _verify(model, paths, packages, args)
     return 0
 
 
-def _verify(model, paths, args) -> int:
-    from .verify import tolerance, verify
+def _build_aoti(programs, out_dir: str) -> dict[str, str]:
+    from .aoti import build_packages
+
+    _progress("AOTInductor: compiling C++ kernels (the slowest step)")
+    try:
+        return build_packages(programs, out_dir, progress=_progress)
+    except Exception as e:  # a compiler or Inductor failure: name the flag, keep one line
+        if os.environ.get("MOM_EXPORT_DEBUG"):
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise _Failure(f"--aoti: AOTInductor build failed: {type(e).__name__}: {first_line}") from None
+
+
+def _verify(model, paths, packages, args) -> int:
+    from .verify import VERIFY_BATCH, VERIFY_PADDING, VERIFY_SEQ, tolerance, verify
 
     start = time.perf_counter()
-    rows = verify(model, paths, use_plugin=args.plugin, seed=args.seed + 1)
+    sections = [("onnxruntime CPU", verify(model, paths, use_plugin=args.plugin, seed=args.seed + 1))]
+    if packages:
+        from .aoti import verify_packages
+
+        sections.append(("AOTInductor CPU", verify_packages(model, packages, seed=args.seed + 1)))
     limit = tolerance(model.lm_head.weight.dtype)
+    rows = [r for _, section in sections for r in section]
     width = max(len(r.name) for r in rows)
-    _progress(f"verify (onnxruntime CPU vs PyTorch, fresh inputs; prefill batch x seq = "
-              f"{rows[0].shape[0]} x {rows[0].shape[1]} with left padding, decode batch {rows[0].shape[0]}):")
-    for r in rows:
-        flag = "" if r.max_rel <= limit else "   <-- above tolerance"
-        _progress(f"  {r.graph:<11} {r.name:<{width}}  max abs {r.max_abs:.3e}  "
-                  f"max rel {r.max_rel:.3e}{flag}")
-    worst = max(rows, key=lambda r: r.max_rel)
+    _progress(f"verify against PyTorch on fresh inputs (prefill batch x seq = {VERIFY_BATCH} x "
+              f"{VERIFY_SEQ}, {VERIFY_PADDING} tokens of left padding in row 0; decode batch "
+              f"{VERIFY_BATCH} from random state):")
+    for runtime, section in sections:
+        _progress(f"  {runtime}:")
+        for r in section:
+            flag = "" if r.max_rel <= limit else "   <-- above tolerance"
+            _progress(f"    {r.graph:<11} {r.name:<{width}}  max abs {r.max_abs:.3e}  "
+                      f"max rel {r.max_rel:.3e}{flag}")
+    worst_runtime, worst = max(((name, r) for name, section in sections for r in section),
+                               key=lambda pair: pair[1].max_rel)
     ok = worst.max_rel <= limit
     _progress(f"verify: {'OK' if ok else 'FAILED'}: worst relative error {worst.max_rel:.3e} "
-              f"({worst.graph} {worst.name}), tolerance {limit:g} ({time.perf_counter() - start:.1f}s)")
+              f"({worst_runtime} {worst.graph} {worst.name}), tolerance {limit:g} "
+              f"({time.perf_counter() - start:.1f}s)")
     return 0 if ok else EXIT_MISMATCH
 
 

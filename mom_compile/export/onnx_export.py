@@ -2,7 +2,7 @@
 
 Steps per graph: torch.export of the functional wrapper (graphs/export_graphs.py) with dynamic
 batch (and seq for prefill), the dynamo ONNX exporter with the `mom` op translations of
-onnx_ops.py, then a finishing pass on the ONNX model:
+onnx_ops.py, a linear-time optimisation (`optimize`), then a finishing pass on the ONNX model:
   - the scripted helper functions the translations call (MemoryStep, GatedDeltaScan) are made
     part of the model and inlined, so the standard graph holds default-domain ops only; a plugin
     graph keeps MemoryStep nodes (domain "mom", schema in plugin.py) and drops their body;
@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import onnx
 import onnx.inliner
+import onnx_ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
 import torch
 
 from mom_compile.graphs import MomForCausalLM
@@ -60,8 +63,9 @@ def example_states(model: MomForCausalLM, batch: int,
             for shape, dt in zip(state_shapes(config, batch), dtypes)]
 
 
-def export_programs(model: MomForCausalLM) -> dict[str, torch.export.ExportedProgram]:
-    """torch.export of both graphs with dynamic batch (and seq for prefill)."""
+def export_programs(model: MomForCausalLM,
+                    graphs=(PREFILL, DECODE)) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export of the named graphs (default both) with dynamic batch (and seq for prefill)."""
     config = model.config
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     # seq >= 2 at trace time: the model takes its T == 1 step path for one token; both paths
@@ -69,15 +73,21 @@ def export_programs(model: MomForCausalLM) -> dict[str, torch.export.ExportedPro
     seq = torch.export.Dim("seq", min=2, max=1 << 20)
     ids = torch.randint(0, config.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ))
     mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.int64)
+    programs = {}
     with torch.no_grad():
-        prefill = torch.export.export(
-            PrefillGraph(model), (ids, mask),
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
-        past = example_states(model, EXAMPLE_BATCH)
-        decode = torch.export.export(
-            DecodeStepGraph(model), (ids[:, :1], past),
-            dynamic_shapes={"input_ids": {0: batch}, "past": [{0: batch}] * len(past)})
-    return {PREFILL: prefill, DECODE: decode}
+        if PREFILL in graphs:
+            programs[PREFILL] = torch.export.export(
+                PrefillGraph(model), (ids, mask),
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+        if DECODE in graphs:
+            past = example_states(model, EXAMPLE_BATCH)
+            # A contiguous example: AOTInductor compiles the example's strides into its kernels,
+            # and a sliced ids[:, :1] (row stride 8) would make it misread every real [B, 1] input.
+            step_ids = ids[:, :1].contiguous()
+            programs[DECODE] = torch.export.export(
+                DecodeStepGraph(model), (step_ids, past),
+                dynamic_shapes={"input_ids": {0: batch}, "past": [{0: batch}] * len(past)})
+    return programs
 
 
 def _weight_bytes(model: MomForCausalLM) -> int:
@@ -90,7 +100,8 @@ def to_onnx(program: torch.export.ExportedProgram, spec: GraphSpec, path: str, o
     onnx_program = torch.onnx.export(
         program, dynamo=True, custom_translation_table=onnx_ops.translation_table(use_plugin),
         input_names=spec.inputs, output_names=spec.outputs, opset_version=opset, verbose=False,
-        optimize=True)
+        optimize=False)
+    optimize(onnx_program.model)
     onnx_program.save(path, external_data=external_data)
     model = onnx.load(path, load_external_data=False)
     model = finish(model, spec, use_plugin)
@@ -98,6 +109,22 @@ def to_onnx(program: torch.export.ExportedProgram, spec: GraphSpec, path: str, o
     if use_plugin:
         plugin.register_schema()
     onnx.checker.check_model(path, full_check=True)
+
+
+def optimize(model: onnx_ir.Model) -> None:
+    """The exporter's optimize=True, less onnxscript's default rewrite rules: one of them matches
+    multi-node patterns by scanning the whole graph once per node, which is quadratic: the 340m
+    decode step was still in it after 6 minutes on 2 cores, and exports in ~50 s without it.
+    Constant folding, dead nodes, constants as initializers and common subexpressions stay;
+    onnxruntime's own graph optimizer does the rules' fusions at session creation."""
+    onnxscript.optimizer.fold_constants(model)
+    onnx_ir.passes.Sequential(
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
+    )(model)
 
 
 def finish(model: onnx.ModelProto, spec: GraphSpec, use_plugin: bool) -> onnx.ModelProto:

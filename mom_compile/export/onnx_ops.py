@@ -15,6 +15,10 @@ docstrings of mom_compile/ops/*.py are the contract). They run on stock onnxrunt
 - combine: Gather of each token's k rows and their weighted sum.
 
 Shapes are read with Shape at run time, so batch and sequence stay dynamic.
+
+opset 27's standard LinearAttention(update_rule="gated_delta") computes the same rule and runs
+correctly in onnxruntime 1.32, but needs opset >= 27 and a non-float64 state; it is not used yet
+(the evidence is in benchmarks/RESULTS.md, "CPU decode (issue 4)").
 """
 from typing import TypeVar, Union
 

@@ -3,7 +3,8 @@
 Shapes differ from the export example on purpose (batch 3, seq 13, one left-padded row), which
 also proves the dynamic axes. Each output's max absolute error and max relative error (relative
 to the reference's largest magnitude) is reported; plugin graphs run with the MemoryStep
-reference function attached (plugin.with_reference).
+reference function attached (plugin.with_reference). `compare_all` is the comparison itself, on
+the same inputs for any artefact (the AOTInductor packages of aoti.py use it too).
 """
 from __future__ import annotations
 
@@ -46,35 +47,53 @@ def session(path: str, use_plugin: bool) -> ort.InferenceSession:
 def _compare(graph: str, names, got, ref) -> list[OutputError]:
     rows = []
     for name, g, r in zip(names, got, ref):
-        g = np.asarray(g, dtype=np.float64)
+        g = g.detach().double().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, dtype=np.float64)
         r = r.detach().double().numpy()
         diff = float(np.abs(g - r).max())
         rows.append(OutputError(graph, name, tuple(r.shape), diff, diff / max(float(np.abs(r).max()), 1e-30)))
     return rows
 
 
-def verify(model: MomForCausalLM, paths: dict[str, str], use_plugin: bool = False,
-           seed: int = 0) -> list[OutputError]:
-    """Errors of every output of both graphs (prefill, then a decode step from random state)."""
+def verify_inputs(model: MomForCausalLM, seed: int = 0) -> dict[str, tuple]:
+    """The positional inputs of both graphs: a left-padded prefill batch, a step from random state."""
     config = model.config
-    specs = graph_specs(config)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (VERIFY_BATCH, VERIFY_SEQ), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, :VERIFY_PADDING] = 0
-    with torch.no_grad():
-        ref = PrefillGraph(model)(ids, mask)
-    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    got = session(paths[PREFILL], use_plugin).run(None, feed)
-    rows = _compare(PREFILL, specs[PREFILL].outputs, got, ref)
-
     step_ids = torch.randint(0, config.vocab_size, (VERIFY_BATCH, 1), generator=gen)
-    past = example_states(model, VERIFY_BATCH, gen)
+    return {PREFILL: (ids, mask), DECODE: (step_ids, example_states(model, VERIFY_BATCH, gen))}
+
+
+def references(model: MomForCausalLM, inputs: dict[str, tuple]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """PyTorch eager outputs of both graphs on `inputs` (from verify_inputs)."""
     with torch.no_grad():
-        ref = DecodeStepGraph(model)(step_ids, past)
-    feed = dict(zip(specs[DECODE].inputs, [step_ids.numpy()] + [p.numpy() for p in past]))
-    got = session(paths[DECODE], use_plugin).run(None, feed)
-    return rows + _compare(DECODE, specs[DECODE].outputs, got, ref)
+        return {PREFILL: PrefillGraph(model)(*inputs[PREFILL]),
+                DECODE: DecodeStepGraph(model)(*inputs[DECODE])}
+
+
+def compare_all(model: MomForCausalLM, run, seed: int = 0) -> list[OutputError]:
+    """Errors of every output of both graphs, where run(graph name, inputs) gives the outputs of
+    the artefact under test."""
+    specs = graph_specs(model.config)
+    inputs = verify_inputs(model, seed)
+    ref = references(model, inputs)
+    return [row for name in (PREFILL, DECODE)
+            for row in _compare(name, specs[name].outputs, run(name, inputs[name]), ref[name])]
+
+
+def verify(model: MomForCausalLM, paths: dict[str, str], use_plugin: bool = False,
+           seed: int = 0) -> list[OutputError]:
+    """onnxruntime's errors on every output of both graphs (prefill, then a decode step)."""
+    specs = graph_specs(model.config)
+
+    def run(name, inputs):
+        ids, second = inputs
+        arrays = [second.numpy()] if name == PREFILL else [t.numpy() for t in second]
+        feed = dict(zip(specs[name].inputs, [ids.numpy(), *arrays]))
+        return session(paths[name], use_plugin).run(None, feed)
+
+    return compare_all(model, run, seed)
 
 
 def tolerance(dtype: torch.dtype) -> float:
