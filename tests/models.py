@@ -23,7 +23,8 @@ def tiny_model(dtype=torch.float64, seed=0, **overrides) -> MomForCausalLM:
 
 @torch.no_grad()
 def perturb_(model) -> None:
-    """Make every weight matter: norm weights off 1, conv biases non-zero, larger decays."""
+    """Make every weight matter: norm weights off 1 and conv biases non-zero (strong decays have
+    their own test in test_layer.py)."""
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or name.endswith("conv1d.bias"):
             p.add_(0.3 * torch.randn_like(p))

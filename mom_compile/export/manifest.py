@@ -12,7 +12,7 @@ import os
 import torch
 
 from mom_compile.graphs import MomConfig
-from mom_compile.graphs.cache import state_dtypes, state_shapes
+from mom_compile.graphs.cache import state_specs
 from mom_compile.graphs.export_graphs import state_names
 
 from .onnx_export import DECODE, PREFILL, graph_specs
@@ -33,11 +33,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def build_manifest(config: MomConfig, dtype: torch.dtype, opset: int, use_plugin: bool) -> dict:
     specs = graph_specs(config)
-    shapes = state_shapes(config, "batch")
-    dtypes = [_dtype_name(d) for d in state_dtypes(dtype)] * config.num_hidden_layers
-    states = [dict(past=past, present=present, shape=list(shape), dtype=dt)
-              for past, present, shape, dt in zip(state_names(config, "past"),
-                                                   state_names(config, "present"), shapes, dtypes)]
+    states = [dict(past=past, present=present, shape=list(shape), dtype=_dtype_name(dt))
+              for past, present, (shape, dt) in zip(state_names(config, "past"),
+                                                     state_names(config, "present"),
+                                                     state_specs(config, "batch", dtype))]
     by_present = {s["present"]: s for s in states}
     by_past = {s["past"]: s for s in states}
     logits_dtype = _dtype_name(dtype)

@@ -24,7 +24,7 @@ import onnxscript.optimizer
 import torch
 
 from mom_compile.graphs import MomForCausalLM
-from mom_compile.graphs.cache import state_dtypes, state_shapes
+from mom_compile.graphs.cache import state_specs
 from mom_compile.graphs.export_graphs import DecodeStepGraph, PrefillGraph, state_names
 
 from . import onnx_ops, plugin
@@ -57,10 +57,8 @@ def graph_specs(config) -> dict[str, GraphSpec]:
 def example_states(model: MomForCausalLM, batch: int,
                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Random (non-zero, so no branch sees a special value) state tensors for tracing/checks."""
-    config = model.config
-    dtypes = state_dtypes(model.lm_head.weight.dtype) * config.num_hidden_layers
-    return [(torch.randn(batch, *shape[1:], generator=generator) * 0.1).to(dt)
-            for shape, dt in zip(state_shapes(config, batch), dtypes)]
+    return [(torch.randn(shape, generator=generator) * 0.1).to(dt)
+            for shape, dt in state_specs(model.config, batch, model.lm_head.weight.dtype)]
 
 
 def export_programs(model: MomForCausalLM,

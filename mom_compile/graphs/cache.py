@@ -26,16 +26,17 @@ def conv_channels(config: MomConfig) -> int:
     return 2 * config.key_dim + config.value_dim
 
 
-def state_shapes(config: MomConfig, batch: int | str) -> list[tuple]:
-    """Shapes of every state tensor, (recurrent, conv) per layer; `batch` may name a symbolic axis."""
+def state_specs(config: MomConfig, batch: int | str, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
+    """(shape, dtype) of every state tensor, (recurrent, conv) per layer, for a model in `dtype`;
+    `batch` may be a symbolic size or the name of a symbolic axis."""
     recurrent = (batch, config.memory_slots, config.num_heads, config.head_dim, config.head_v_dim)
     conv = (batch, config.memory_slots, config.conv_size - 1, conv_channels(config))
-    return [recurrent, conv] * config.num_hidden_layers
+    return [(recurrent, torch.promote_types(dtype, torch.float32)), (conv, dtype)] * config.num_hidden_layers
 
 
-def state_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    """(recurrent, conv) dtypes for a model in `dtype`."""
-    return torch.promote_types(dtype, torch.float32), dtype
+def zero_states(config: MomConfig, batch: int, dtype: torch.dtype, device=None) -> list[torch.Tensor]:
+    """Zeroed state tensors (zero state is exactly "no history"), in `state_specs` order."""
+    return [torch.zeros(shape, dtype=dt, device=device) for shape, dt in state_specs(config, batch, dtype)]
 
 
 class MomCache:
@@ -47,9 +48,7 @@ class MomCache:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
-        dtypes = state_dtypes(dtype) * config.num_hidden_layers
-        self.layers = self._pair([torch.zeros(shape, dtype=dt, device=device)
-                                  for shape, dt in zip(state_shapes(config, batch_size), dtypes)])
+        self.layers = self._pair(zero_states(config, batch_size, dtype, device))
         if not torch.compiler.is_compiling():  # lets CUDA graphs (mode="reduce-overhead") update them
             for t in self.states():              # in place; a cache made inside a graph is its output
                 torch._dynamo.mark_static_address(t)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .cache import MomCache, state_dtypes, state_shapes
+from .cache import MomCache, zero_states
 from .config import MomConfig
 from .model import MomForCausalLM
 
@@ -37,12 +37,8 @@ class PrefillGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        config = self.model.config
         weight = self.model.lm_head.weight
-        batch = input_ids.shape[0]
-        dtypes = state_dtypes(weight.dtype) * config.num_hidden_layers
-        states = [torch.zeros((batch, *shape[1:]), dtype=dt, device=weight.device)
-                  for shape, dt in zip(state_shapes(config, batch), dtypes)]
+        states = zero_states(self.model.config, input_ids.shape[0], weight.dtype, weight.device)
         cache = MomCache.from_states(states)
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache)
         return (out.logits, *cache.states())
