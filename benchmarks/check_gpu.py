@@ -3,18 +3,35 @@
 1. Every case of tests/test_triton_kernels.py on the GPU vs the float64 CPU reference: a table of
    the worst relative error per op, dtype and output (forward and each gradient).
 2. Timings, bf16, the paper's 340M layer (d=1024, H=4, head_dim=256, expand_v=1, M=4, top-2, shared
-   memory) at 32K tokens per batch for each T: forward and forward+backward of `MomLayer` with the
-   Triton kernels, with the pure-PyTorch reference kernels (the same ops with their CUDA kernels
-   disabled), and a softmax-attention layer of the same width through SDPA; plus the chunk scan op
-   alone at the layer's shapes.
+   memory) at 32K tokens per batch for each T (default 2K, 8K, 32K): forward (under no_grad) and
+   forward+backward (gradients of the input and the parameters) of
+   - `MomLayer` with the Triton kernels;
+   - the same layer with the pure-PyTorch reference kernels (the same ops with their CUDA kernels
+     disabled);
+   - the reference implementation's layer, flash-linear-attention's `MomAttention` (chunk mode,
+     training mode like ours, the same weights so the same routing), when `fla` imports; a shape
+     or pass it refuses or crashes on is reported in its cell, and its rows run after all of ours
+     so that a CUDA error it leaves behind cannot spoil them;
+   - a softmax-attention layer of the same width through SDPA;
+   - the floor: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) of the layer's counted work
+     (benchmarks/layer_floor.py says what is counted), with the spec-sheet peaks of the card,
+     and then measured / floor of the Triton layer (and of fla's);
+   plus the chunk scan op alone at the layer's shapes.
+   Each measurement (one forward or one forward+backward of one row) stops after --row-budget
+   seconds of wall time after its first warm-up call (at least one timed call), and one predicted,
+   from the same row at the previous T (linear in T), to need more than that for a warm-up and one
+   timed call is skipped (the PyTorch-reference forward+backward at T=32K); a failing row records its
+   error and the run goes on. Memory is freed after every row.
 
-    python benchmarks/check_gpu.py [--no-checks] [--ts 2048 8192] [--tokens 32768] [--no-reference]
+    python benchmarks/check_gpu.py [--no-checks] [--ts 2048 8192 32768] [--tokens 32768]
+        [--no-reference] [--no-fla] [--row-budget 30]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
+import gc
 import statistics
 import subprocess
 import sys
@@ -27,7 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from layer_floor import Card, Floor, Shape, card_for, layer_floor  # noqa: E402
 
 from mom_compile import MomConfig, MomLayer  # noqa: E402
 
@@ -77,13 +96,18 @@ def run_checks() -> None:
         print("  FAIL", line)
 
 
-def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0) -> float:
-    """Median milliseconds of fn() by CUDA events, after warm-up; fewer iterations when slow."""
-    for _ in range(warmup):
+def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0) -> tuple[float, int]:
+    """(median milliseconds of fn() by CUDA events after warm-up, timed calls). Stops once budget_s
+    of wall time is spent, counted from the end of the first warm-up call (which may compile and
+    autotune), after at least one timed call."""
+    t_start = time.perf_counter()
+    for i in range(warmup):
         fn()
+        if i == 0:
+            torch.cuda.synchronize()
+            t_start = time.perf_counter()
     torch.cuda.synchronize()
     times = []
-    t_start = time.perf_counter()
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -93,7 +117,7 @@ def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0) -> float
         times.append(start.elapsed_time(end))
         if time.perf_counter() - t_start > budget_s:
             break
-    return statistics.median(times)
+    return statistics.median(times), len(times)
 
 
 class SoftmaxAttention(nn.Module):
@@ -112,6 +136,45 @@ class SoftmaxAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
+class FlaMom(nn.Module):
+    """The reference implementation's layer as a peer: fla's `MomAttention.forward(hidden_states,
+    attention_mask=None, past_key_values=None, use_cache=False)` returns (o, None, past_key_values,
+    router_logits); the peer returns o."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, attention_mask=None, past_key_values=None, use_cache=False)[0]
+
+
+def fla_peer(layer: MomLayer) -> tuple[nn.Module | None, str]:
+    """(fla's MomAttention at our layer's config with our layer's weights, its row name), or (None,
+    why not). The arguments are those fla's own MomBlock passes from a MomConfig (mode = attn_mode
+    "chunk"; conv_bias is not passed there, i.e. False), spelled out from ours: same parameter names
+    and shapes, so our state_dict loads into it and both route every token the same way."""
+    name = "reference fla MomAttention"
+    try:
+        import fla
+        from fla.layers.mom import MomAttention
+    except Exception as exc:  # optional peer
+        return None, f"{name}: not importable ({type(exc).__name__}: {exc})"
+    c = layer.config
+    try:
+        attn = MomAttention(
+            hidden_size=c.hidden_size, head_dim=c.head_dim, num_heads=c.num_heads, expand_v=c.expand_v,
+            mode="chunk", use_output_gate=c.use_output_gate, use_short_conv=c.use_short_conv,
+            conv_size=c.conv_size, conv_bias=c.conv_bias, norm_eps=c.norm_eps, layer_idx=0,
+            num_memories=c.num_memories, topk=c.topk, capacity=c.capacity, shared_mem=c.shared_mem,
+            single_kv_proj=c.single_kv_proj)
+        attn.load_state_dict(layer.state_dict())
+        peer = FlaMom(attn).to(next(layer.parameters()).device, next(layer.parameters()).dtype)
+    except Exception as exc:
+        return None, f"{name}: construction failed ({type(exc).__name__}: {exc})"
+    return peer, f"{name} (fla {getattr(fla, '__version__', '?')}, chunk mode)"
+
+
 def _forward(module: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         module(x)
@@ -122,34 +185,101 @@ def _forward_backward(module: nn.Module, x: torch.Tensor, d_y: torch.Tensor) -> 
     (out[0] if isinstance(out, tuple) else out).backward(d_y)
 
 
-def layer_timings(ts: list[int], tokens: int, with_reference: bool) -> list[tuple]:
+def _free() -> None:
+    gc.collect()
+    with contextlib.suppress(Exception):  # a sticky CUDA error must not stop the report
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _error_text(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text.replace("|", "/")[:240]
+
+
+def _cell(value) -> str:
+    if isinstance(value, tuple):
+        ms, calls = value
+        return f"{ms:.2f}" + (f" ({calls} call{'s' if calls > 1 else ''})" if calls < 3 else "")
+    return str(value)
+
+
+class LayerBench:
+    """Times rows (forward, forward+backward) under a per-measurement wall-time budget; remembers
+    each row's last time to skip a measurement predicted to overrun it."""
+
+    def __init__(self, tokens: int, budget_s: float) -> None:
+        self.tokens, self.budget_s = tokens, budget_s
+        self.last: dict[tuple[str, str], tuple[int, float]] = {}
+        self.rows: list[tuple] = []
+
+    def inputs(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = max(1, self.tokens // t)
+        gen = torch.Generator(device="cuda").manual_seed(t)
+        x = torch.randn(b, t, 1024, device="cuda", dtype=torch.bfloat16, generator=gen)
+        return x, torch.randn(x.shape, device="cuda", dtype=x.dtype, generator=gen)
+
+    def run(self, t: int, name: str, module: nn.Module | None, x, d_y, ctx=contextlib.nullcontext,
+            slow: bool = False, why_not: str = "") -> None:
+        b = x.shape[0]
+        if module is None:
+            cells = [why_not, why_not]
+        else:
+            cells = []
+            fns = [("fwd", functools.partial(_forward, module, x), 3 if slow else 10),
+                   ("fwd+bwd", functools.partial(_forward_backward, module, x, d_y), 2 if slow else 10)]
+            for kind, fn, iters in fns:
+                prev = self.last.get((name, kind))
+                predicted_s = None if prev is None else prev[1] * t / prev[0] / 1e3
+                if predicted_s is not None and 2 * predicted_s > self.budget_s:
+                    cells.append(f"skipped: ~{predicted_s:.0f} s a call predicted from T={prev[0]} "
+                                 f"(> budget {self.budget_s:.0f} s for warm-up + 1 call)")
+                    continue
+                try:
+                    with ctx():
+                        ms, calls = bench(fn, warmup=1, iters=iters, budget_s=self.budget_s)
+                    self.last[(name, kind)] = (t, ms)
+                    cells.append((ms, calls))
+                except Exception as exc:  # a refusal or crash is a result: record it, go on
+                    cells.append(f"failed: {_error_text(exc)}")
+                finally:
+                    module.zero_grad(set_to_none=True)
+                    _free()
+        self.rows.append((t, b, name, *cells))
+        said = [f"{_cell(c)} ms" if isinstance(c, tuple) else c for c in cells]
+        print(f"  T={t} B={b} {name}: fwd {said[0]}; fwd+bwd {said[1]}", flush=True)
+
+
+def layer_timings(ts: list[int], tokens: int, with_reference: bool, with_fla: bool, budget_s: float,
+                  card: Card) -> tuple[list[tuple], dict[int, Floor]]:
+    """Layer rows, and the floor of each T on the card's peaks."""
     cfg = MomConfig(hidden_size=1024, num_heads=4, head_dim=256, expand_v=1.0, num_memories=4, topk=2,
                     shared_mem=True, num_hidden_layers=1)
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     layer = MomLayer(cfg).to(dev, dt)
     attn = SoftmaxAttention(1024, 4, 256).to(dev, dt)
-    rows = []
+    floors = {t: layer_floor(Shape.of_config(cfg, t, max(1, tokens // t)), card) for t in ts}
+    runner = LayerBench(tokens, budget_s)
     for t in ts:
-        b = max(1, tokens // t)
-        x = torch.randn(b, t, 1024, device=dev, dtype=dt)
-        d_y = torch.randn_like(x)
-        variants = [("MomLayer, Triton kernels", layer, contextlib.nullcontext)]
+        x, d_y = runner.inputs(t)
+        runner.run(t, "MomLayer, Triton kernels", layer, x, d_y)
         if with_reference:
-            variants.append(("MomLayer, PyTorch reference kernels", layer, reference_kernels))
-        variants.append(("softmax attention (SDPA)", attn, contextlib.nullcontext))
-        for name, module, ctx in variants:
-            slow = ctx is reference_kernels
-            with ctx():
-                f_ms = bench(functools.partial(_forward, module, x), warmup=1, iters=3 if slow else 10)
-                fb_ms = bench(functools.partial(_forward_backward, module, x, d_y), warmup=1,
-                              iters=2 if slow else 10)
-            rows.append((t, b, name, f_ms, fb_ms))
-            print(f"  T={t} B={b} {name}: fwd {f_ms:.2f} ms, fwd+bwd {fb_ms:.2f} ms", flush=True)
-            module.zero_grad(set_to_none=True)
+            runner.run(t, "MomLayer, PyTorch reference kernels", layer, x, d_y, reference_kernels, slow=True)
+        runner.run(t, "softmax attention (SDPA)", attn, x, d_y)
         del x, d_y
-        torch.cuda.empty_cache()
-    return rows
+        _free()
+    if with_fla:  # last: a CUDA error left by the peer cannot spoil our rows
+        del attn
+        peer, name = fla_peer(layer)
+        for t in ts:
+            x, d_y = runner.inputs(t)
+            runner.run(t, name if peer is not None else "reference fla MomAttention", peer, x, d_y,
+                       why_not=name)
+            del x, d_y
+            _free()
+    return runner.rows, floors
 
 
 def scan_op_timings(ts: list[int], tokens: int) -> list[tuple]:
@@ -178,7 +308,7 @@ def scan_op_timings(ts: list[int], tokens: int) -> list[tuple]:
                      functools.partial(torch.ops.mom.chunk_gated_delta_backward, *args, d_o, None))]
         for name, fn in variants:
             try:
-                ms = bench(fn, iters=10)
+                ms, _ = bench(fn, iters=10)
             except Exception as exc:  # a config that does not compile: report, keep going
                 print(f"  scan op T={t} {name}: failed {type(exc).__name__}: {str(exc)[:200]}")
                 continue
@@ -201,6 +331,41 @@ def kernel_split(fwd, bwd) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
 
 
+ROW_ORDER = ["MomLayer, Triton", "MomLayer, PyTorch", "reference fla", "softmax"]
+
+
+def _rank(row: tuple) -> int:
+    return next((i for i, p in enumerate(ROW_ORDER) if row[2].startswith(p)), len(ROW_ORDER))
+
+
+def _ratio(cell, floor_ms: float) -> str:
+    return f"{cell[0] / floor_ms:.1f}" if isinstance(cell, tuple) else "-"
+
+
+def print_layer_tables(rows: list[tuple], floors: dict[int, Floor], ts: list[int], tokens: int,
+                       peaks: str) -> None:
+    """The layer table (each T: the rows, then the floor), and measured / floor of the Triton layer
+    and of fla's."""
+    print(f"\n| T | B | layer | forward ms | forward+backward ms |  (floor peaks: {peaks})")
+    print("| --- | --- | --- | --- | --- |")
+    for t in ts:
+        for _, b, name, f_cell, fb_cell in sorted((r for r in rows if r[0] == t), key=_rank):
+            print(f"| {t} | {b} | {name} | {_cell(f_cell)} | {_cell(fb_cell)} |")
+        fl = floors[t]
+        print(f"| {t} | {max(1, tokens // t)} | floor: max(FLOPs / peak, bytes / bandwidth); fwd "
+              f"{fl.fwd_flops / 1e9:.0f} GFLOP {fl.fwd_bytes / 1e9:.2f} GB, fwd+bwd {fl.fb_flops / 1e9:.0f} "
+              f"GFLOP {fl.fb_bytes / 1e9:.2f} GB | {fl.fwd_ms:.2f} ({fl.fwd_bound}) | "
+              f"{fl.fb_ms:.2f} ({fl.fb_bound}) |")
+    print(f"\n## measured / floor of the MoM layers ({peaks})")
+    print("| T | B | layer | forward ms | floor | x floor | forward+backward ms | floor | x floor |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for t, b, name, f_cell, fb_cell in sorted(rows, key=lambda r: (_rank(r), ts.index(r[0]))):
+        if _rank((t, b, name)) in (0, 2):  # ours with the Triton kernels, and the reference's
+            fl = floors[t]
+            print(f"| {t} | {b} | {name} | {_cell(f_cell)} | {fl.fwd_ms:.2f} | {_ratio(f_cell, fl.fwd_ms)} | "
+                  f"{_cell(fb_cell)} | {fl.fb_ms:.2f} | {_ratio(fb_cell, fl.fb_ms)} |")
+
+
 def sync_free_check() -> None:
     """The registered scan, forward and backward, under torch.cuda.set_sync_debug_mode("error")."""
     from test_triton_kernels import scan_inputs
@@ -221,15 +386,19 @@ def main() -> None:
     parser.add_argument("--no-checks", action="store_true")
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--no-reference", action="store_true")
-    parser.add_argument("--ts", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--no-fla", action="store_true", help="skip the fla MomAttention peer")
+    parser.add_argument("--ts", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--row-budget", type=float, default=30.0,
+                        help="seconds of wall time per layer measurement, after its first warm-up call")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
     import triton
-    print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+    device = torch.cuda.get_device_name()
+    print(f"card: {device}; torch {torch.__version__}; triton {triton.__version__}; "
           f"commit {commit}{' + uncommitted changes' if dirty else ''}")
     if not args.no_checks:
         t0 = time.perf_counter()
@@ -240,16 +409,17 @@ def main() -> None:
         return
     print("\n## timings (bf16, median ms)")
     scan_rows = scan_op_timings(args.ts, args.tokens)
-    layer_rows = layer_timings(args.ts, args.tokens, not args.no_reference)
-    print("\n| T | B | layer | forward ms | forward+backward ms |")
-    print("| --- | --- | --- | --- | --- |")
-    for t, b, name, f_ms, fb_ms in layer_rows:
-        print(f"| {t} | {b} | {name} | {f_ms:.2f} | {fb_ms:.2f} |")
     print("\n| T | B | scan rows | chunk scan kernel | ms |")
     print("| --- | --- | --- | --- | --- |")
     for t, b, n, name, ms in scan_rows:
         print(f"| {t} | {b} | {n} | {name} | {ms:.2f} |")
-
+    _free()
+    card, known = card_for(device)
+    peaks = card.describe() + ("" if known else f"; {device} not recognised, H100 SXM peaks used")
+    print(f"\n  floor peaks: {peaks}", flush=True)
+    layer_rows, floors = layer_timings(args.ts, args.tokens, not args.no_reference, not args.no_fla,
+                                       args.row_budget, card)
+    print_layer_tables(layer_rows, floors, args.ts, args.tokens, peaks)
 
 if __name__ == "__main__":
     main()

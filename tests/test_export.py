@@ -1,11 +1,13 @@
-"""ONNX export of the tiny model: checker, onnxruntime parity at many shapes, left padding,
-decode steps fed present -> past, the manifest, and the torch-free runtime vs generate."""
+"""ONNX export of the tiny model at the default opset and at opset 27 (the standard
+LinearAttention op): checker, onnxruntime parity at many shapes, left padding, decode steps fed
+present -> past, the manifest, and the torch-free runtime vs generate."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -17,21 +19,29 @@ np = pytest.importorskip("numpy")
 
 from mom_compile import MomForCausalLM  # noqa: E402
 from mom_compile.export.manifest import build_manifest, write_manifest  # noqa: E402
-from mom_compile.export.onnx_export import export_onnx, graph_specs  # noqa: E402
+from mom_compile.export.onnx_export import DEFAULT_OPSET, example_states, export_onnx, graph_specs  # noqa: E402
+from mom_compile.export.onnx_ops import LINEAR_ATTENTION_OPSET  # noqa: E402
 from mom_compile.export.runtime import OnnxGenerator  # noqa: E402
 from mom_compile.graphs import MomConfig  # noqa: E402
-from mom_compile.graphs.export_graphs import PrefillGraph  # noqa: E402
+from mom_compile.graphs.export_graphs import DecodeStepGraph, PrefillGraph  # noqa: E402
+
+from models import tiny_model  # noqa: E402
 
 ATOL = 2e-5
 
 
+@pytest.fixture(scope="module", params=[DEFAULT_OPSET, LINEAR_ATTENTION_OPSET], ids=lambda v: f"opset{v}")
+def opset(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(opset, tmp_path_factory):
     torch.manual_seed(0)
     model = MomForCausalLM(MomConfig.preset("tiny")).eval()
-    folder = str(tmp_path_factory.mktemp("onnx"))
-    paths = export_onnx(model, folder, progress=lambda _: None)
-    write_manifest(folder, build_manifest(model.config, torch.float32, 18, False))
+    folder = str(tmp_path_factory.mktemp(f"onnx{opset}"))
+    paths = export_onnx(model, folder, opset=opset, progress=lambda _: None)
+    write_manifest(folder, build_manifest(model.config, torch.float32, opset, False))
     sessions = {name: ort.InferenceSession(path, providers=["CPUExecutionProvider"])
                 for name, path in paths.items()}
     return model, folder, paths, sessions
@@ -57,6 +67,34 @@ def test_checker_and_standard_ops_only(exported):
         assert batch_axes == {"batch"}
 
 
+def _op_counts(path: str) -> Counter:
+    return Counter(n.op_type for n in _all_nodes(onnx.load(path).graph))
+
+
+def test_recurrence_is_linear_attention_from_opset_27(exported, opset):
+    model, _, paths, _ = exported
+    layers = model.config.num_hidden_layers
+    for name, path in paths.items():
+        assert {(o.domain, o.version) for o in onnx.load(path).opset_import} == {("", opset)}
+        ops = _op_counts(path)
+        if opset >= LINEAR_ATTENTION_OPSET:  # one node per layer: the padded segment grid, or one step
+            assert (ops["LinearAttention"], ops["Scan"]) == (layers, 0)
+        else:
+            assert (ops["LinearAttention"], ops["Scan"]) == (0, layers if name == "prefill" else 0)
+
+
+def test_float64_keeps_the_scan_at_opset_27(tmp_path):
+    """LinearAttention takes no float64, so a float64 model keeps the scripted recurrence. (Not run
+    here: onnxruntime 1.32 has no float64 Softplus kernel above opset 18.)"""
+    model = tiny_model(torch.float64)
+    paths = export_onnx(model, str(tmp_path), opset=LINEAR_ATTENTION_OPSET, progress=lambda _: None)
+    for name, path in paths.items():
+        onnx.checker.check_model(path, full_check=True)
+        ops = _op_counts(path)
+        assert ops["LinearAttention"] == 0
+        assert ops["Scan"] == (model.config.num_hidden_layers if name == "prefill" else 0)
+
+
 def _prefill_both(model, session, ids, mask):
     with torch.no_grad():
         ref = PrefillGraph(model)(ids, mask)
@@ -76,6 +114,21 @@ def test_prefill_parity(exported, batch, seq, pad):
     assert len(got) == len(ref) == 1 + 2 * model.config.num_hidden_layers
     for g, r in zip(got, ref):
         assert g.shape == tuple(r.shape)
+        np.testing.assert_allclose(g, r.numpy(), atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_step_parity_from_random_state(exported, batch):
+    model, _, _, sessions = exported
+    specs = graph_specs(model.config)
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), generator=gen)
+    past = example_states(model, batch, gen)
+    with torch.no_grad():
+        ref = DecodeStepGraph(model)(ids, past)
+    got = sessions["decode_step"].run(None, dict(zip(specs["decode_step"].inputs,
+                                                     [ids.numpy(), *(t.numpy() for t in past)])))
+    for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r.numpy(), atol=ATOL, rtol=1e-4)
 
 

@@ -1,4 +1,5 @@
-"""--plugin exports: the recurrent step is a mom::MemoryStep node with a registered schema."""
+"""--plugin exports: the recurrent step is a mom::MemoryStep node with a registered schema, also
+at opsets that have the standard LinearAttention op."""
 from __future__ import annotations
 
 import pytest
@@ -11,17 +12,18 @@ np = pytest.importorskip("numpy")
 
 from mom_compile import MomForCausalLM  # noqa: E402
 from mom_compile.export import plugin  # noqa: E402
-from mom_compile.export.onnx_export import DECODE, PREFILL, export_onnx  # noqa: E402
+from mom_compile.export.onnx_export import DECODE, DEFAULT_OPSET, PREFILL, export_onnx  # noqa: E402
+from mom_compile.export.onnx_ops import LINEAR_ATTENTION_OPSET  # noqa: E402
 from mom_compile.export.verify import verify  # noqa: E402
 from mom_compile.graphs import MomConfig  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=[DEFAULT_OPSET, LINEAR_ATTENTION_OPSET], ids=lambda v: f"opset{v}")
+def exported(request, tmp_path_factory):
     torch.manual_seed(1)
     model = MomForCausalLM(MomConfig.preset("tiny")).eval()
     folder = str(tmp_path_factory.mktemp("plugin"))
-    return model, export_onnx(model, folder, use_plugin=True, progress=lambda _: None)
+    return model, export_onnx(model, folder, opset=request.param, use_plugin=True, progress=lambda _: None)
 
 
 def _memory_steps(graph):

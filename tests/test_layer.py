@@ -63,11 +63,11 @@ def test_layer_with_padding_anywhere_matches_oracle(where):
 
 def test_strong_decay_and_beta_near_one_match_oracle():
     layer, sd = layer_and_weights()
-    with torch.no_grad():
-        layer.A_log.fill_(3.0)           # exp(A) ~ 20: the state forgets within a few tokens
-        layer.memory_proj[:, -2 * layer.num_heads:-layer.num_heads] *= 0
-        layer.memory_proj[:, -2 * layer.num_heads:-layer.num_heads, 0] = 50.0  # beta ~ 1
-    sd = {k: v.detach() for k, v in layer.state_dict().items()}
+    sd["A_log"] = torch.full_like(sd["A_log"], 3.0)  # exp(A) ~ 20: the state forgets within a few tokens
+    for name in [n for n in sd if n.startswith(("b_proj.", "shared_b"))]:
+        sd[name] = torch.zeros_like(sd[name])
+        sd[name][:, 0] = 50.0  # beta ~ 1
+    layer.load_state_dict(sd)
     x = torch.randn(2, 70, layer.config.hidden_size, dtype=f64).abs()
     torch.testing.assert_close(layer(x)[0], oracle.mom_layer(sd, layer.config, x), rtol=1e-8, atol=1e-10)
 
@@ -86,11 +86,10 @@ def test_memories_without_tokens_and_all_tokens_to_one_memory():
     d = layer.config.hidden_size
     common = torch.randn(d, dtype=f64)
     x = common + 0.1 * torch.randn(2, 6, d, dtype=f64)
-    with torch.no_grad():  # memory 2 gets a dominant logit on every token; 0, 1 and 3 get none
-        layer.gate.weight.zero_()
-        layer.gate.weight[2] = 10 * common
-    sd["gate.weight"] = layer.gate.weight.detach().clone()
-    _, memory_idx, _ = layer.route(x)
+    sd["gate.weight"] = torch.zeros_like(sd["gate.weight"])  # memory 2 gets a dominant logit on
+    sd["gate.weight"][2] = 10 * common                       # every token; 0, 1 and 3 get none
+    layer.load_state_dict(sd)
+    memory_idx, _ = layer.route(layer.project(x)[0])
     assert (memory_idx[..., 0] == 2).all()
     torch.testing.assert_close(layer(x)[0], oracle.mom_layer(sd, layer.config, x), rtol=1e-9, atol=1e-10)
 
@@ -122,3 +121,14 @@ def test_layer_gradients_match_autograd_through_oracle(variant):
     for k, ref in sd.items():
         expect = torch.zeros_like(ref) if ref.grad is None else ref.grad
         torch.testing.assert_close(mine[k], expect, rtol=1e-8, atol=1e-10, msg=k)
+
+
+def test_top_k_matches_torch_topk_and_breaks_ties_to_the_lower_index():
+    from mom_compile.graphs.layer import top_k
+    probs = torch.rand(5, 7, 6, dtype=f64)
+    values, indices = top_k(probs, 3)
+    expect = probs.topk(3, dim=-1)
+    assert torch.equal(indices, expect.indices) and torch.equal(values, expect.values)
+    tied = torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.3]])
+    values, indices = top_k(tied, 3)
+    assert indices.tolist() == [[1, 2, 4]] and values.tolist() == [[0.3, 0.3, 0.3]]

@@ -69,9 +69,11 @@ def test_step_path_equals_scan_path_for_one_token(model):
     states = [model.new_cache(3)[0] for _ in range(2)]
     for s in states:
         layer(x[:, :4], None, s)
-    _, memory_idx, weights = layer.route(x[:, 4:])
-    y_step = layer._step(x[:, 4:], memory_idx, weights, None, states[0])
-    y_scan = layer._scan(x[:, 4:], memory_idx, weights, None, states[1])
+    logits, q, _, per_set = layer.project(x[:, 4:])
+    memory_idx, weights = layer.route(logits)
+    with torch.no_grad():  # the fused decode op is inference-only
+        y_step = layer._step(q, per_set, memory_idx, weights, None, states[0])
+    y_scan = layer._scan(q, per_set, memory_idx, weights, None, states[1])
     torch.testing.assert_close(y_step, y_scan, **TOL)
     torch.testing.assert_close(states[0].recurrent, states[1].recurrent, **TOL)
     torch.testing.assert_close(states[0].conv, states[1].conv, **TOL)

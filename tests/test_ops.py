@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mom_compile import ops
 from mom_compile.ops.chunk_scan import chunk_backward_reference, chunk_reference
 
-from oracle import causal_conv, segments_recurrence
+from oracle import causal_conv, recurrence, segments_recurrence
 
 f64 = torch.float64
 
@@ -186,6 +186,32 @@ def test_combine_and_its_gradients():
     assert torch.autograd.gradcheck(lambda o, w: ops.combine(o, w, perm), (o_rows, weights))
 
 
+def decode_inputs(rows=4, h=2, dk=4, dv=3, width=3, slots=7, dtype=f64):
+    c = 2 * h * dk + h * dv
+    return [torch.randn(rows, c, dtype=dtype), torch.rand(rows, h, dtype=dtype),
+            -torch.rand(rows, h, dtype=f64 if dtype == f64 else torch.float32),
+            torch.randperm(slots)[:rows], torch.randn(c, width, dtype=dtype), torch.randn(c, dtype=dtype),
+            torch.randn(slots, width - 1, c, dtype=dtype),
+            torch.randn(slots, h, dk, dv, dtype=f64 if dtype == f64 else torch.float32)]
+
+
+def test_memory_decode_matches_conv_and_recurrence_per_row():
+    """Each row: the causal conv over [its history; its input], L2-normalised q and k, one token of
+    the recurrence from its slot's state."""
+    h, dk, dv = 2, 4, 3
+    conv_in, beta, g, slot, weight, bias, conv_states, rec_states = args = decode_inputs(h=h, dk=dk, dv=dv)
+    o, conv_new, rec_new = ops.memory_decode(*args, 0.7)
+    for r, s in enumerate(slot.tolist()):
+        y, hist = causal_conv(conv_in[r:r + 1], weight, bias, conv_states[s])
+        q, k, v = y[0].split([h * dk, h * dk, h * dv])
+        q, k = (t.view(h, dk) / (t.view(h, dk).pow(2).sum(-1, keepdim=True) + 1e-6).sqrt() for t in (q, k))
+        o_r, state = recurrence(q[None], k[None], v.view(1, h, dv), g[r:r + 1], beta[r:r + 1], 0.7,
+                                rec_states[s])
+        torch.testing.assert_close(o[r], o_r[0])
+        torch.testing.assert_close(rec_new[r], state)
+        torch.testing.assert_close(conv_new[r], hist)
+
+
 def opcheck_cases():
     a = scan_inputs([0, 3, 3, 7], 8, dtype=torch.float32)
     conv_x = torch.randn(8, 4, requires_grad=True)
@@ -208,10 +234,11 @@ def opcheck_cases():
         (torch.ops.mom.dispatch.default, (idx, torch.rand(2, 3) > 0.2, 4)),
         (torch.ops.mom.combine.default,
          (torch.randn(12, 2, 3, **grad), torch.rand(2, 3, 2, **grad), torch.randperm(12).view(2, 3, 2))),
+        (torch.ops.mom.memory_decode.default, (*decode_inputs(dtype=torch.float32), 0.5)),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -236,6 +263,10 @@ def test_opcheck(case):
      r"mask: expected shape \[1, 2\]"),
     (lambda: ops.combine(torch.randn(5, 1, 1), torch.rand(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int64)),
      "o_rows: expected 4 rows"),
+    (lambda: ops.memory_decode(*decode_inputs()[:3], torch.arange(4, dtype=torch.int32),
+                               *decode_inputs()[4:], 1.0), "slot: expected dtype"),
+    (lambda: ops.memory_decode(*decode_inputs()[:6], *decode_inputs(slots=7, h=1)[6:], 1.0),
+     r"conv_in: expected shape \[\*, 11\]"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

@@ -135,6 +135,24 @@ def check_conv(impl_fwd, impl_bwd, layout, d, width, dtype, device, seed=0):
     return errors
 
 
+def check_decode(impl, rows, h, dk, dv, with_bias, dtype, device, seed=0, width=4):
+    """The fused decode op vs the float64 reference, at rows spread over a cache of 2 * rows."""
+    gen = torch.Generator().manual_seed(seed)
+    state_dtype = F64 if dtype == F64 else torch.float32
+    c = 2 * h * dk + h * dv
+    args = [_rand(rows, c, dtype=dtype, device=device, gen=gen),
+            torch.rand(rows, h, generator=gen, dtype=F64).to(dtype).to(device),
+            (-torch.rand(rows, h, generator=gen, dtype=F64)).to(state_dtype).to(device),
+            torch.randperm(2 * rows, generator=gen)[:rows].to(device),
+            _rand(c, width, dtype=dtype, device=device, gen=gen) * 0.5,
+            _rand(c, dtype=dtype, device=device, gen=gen) if with_bias else None,
+            _rand(2 * rows, width - 1, c, dtype=dtype, device=device, gen=gen),
+            _rand(2 * rows, h, dk, dv, dtype=state_dtype, device=device, gen=gen)]
+    outs = impl(*args, dk ** -0.5)
+    refs = torch.ops.mom.memory_decode(*map(_to_cpu64, args), dk ** -0.5)
+    return _compare(["o", "conv_new", "rec_new"], outs, refs)
+
+
 def run_case(case: tuple, device: str) -> dict[str, float]:
     """One case of `CASES`/`INTERPRETER_CASES` on `device`: CUDA goes through torch.ops.mom (the
     registered kernels), CPU calls the Triton wrappers directly (under the interpreter)."""
@@ -146,6 +164,10 @@ def run_case(case: tuple, device: str) -> dict[str, float]:
         bwd = torch.ops.mom.chunk_gated_delta_backward if via_ops else ct.chunk_gated_delta_backward_triton
         layout, h, dk, dv, with_state = rest
         return check_chunk(fwd, bwd, layout, h, dk, dv, dtype, device, with_state=with_state)
+    if op == "decode":
+        from mom_compile.ops import memory_decode_triton as md
+        return check_decode(torch.ops.mom.memory_decode if via_ops else md.memory_decode_triton,
+                            *rest, dtype, device)
     if op == "step":
         from mom_compile.ops import state_step_triton as st
         h, dk, dv = rest
@@ -169,10 +191,17 @@ CASES = (
     + [("chunk", dt, layout, 2, 64, 64, False) for dt in (torch.float32, torch.bfloat16)
        for layout in ("singletons", "all_empty", "mixed")]
     + [("chunk", F64, "long", 2, 128, 128, True), ("chunk", F64, "long", 2, 256, 256, True)]
+    # head sizes between the verified ones run zero-padded (8 -> 64, 96 -> 128, 200 -> 256)
+    + [("chunk", dt, "mixed", 2, dk, dv, True) for dt in (torch.float32, torch.bfloat16)
+       for dk, dv in ((8, 8), (96, 192), (200, 100))]
     + [("step", dt, 4, dk, dk * ev) for dt in (torch.float32, torch.bfloat16, F64)
        for dk in (64, 128, 256) for ev in (1, 2)]
     + [("conv", dt, layout, d, 4) for dt in (torch.float32, torch.bfloat16, F64)
        for layout in ("mixed", "singletons", "all_empty", "long") for d in (96, 1536)]
+    # (rows, H, K, V, conv bias)
+    + [("decode", dt, 9, 4, dk, dk * ev, True) for dt in (torch.float32, torch.bfloat16, F64)
+       for dk in (64, 128, 256) for ev in (1, 2)]
+    + [("decode", dt, 3, 2, 8, 8, False) for dt in (torch.float32, torch.bfloat16)]
 )
 INTERPRETER_CASES = (
     [("chunk", torch.float32, layout, 2, 16, 16 * ev, ws)
@@ -184,6 +213,8 @@ INTERPRETER_CASES = (
     + [("chunk", F64, "long", 1, 16, 16, True), ("chunk", torch.float32, "long", 1, 16, 32, False)]
     + [("step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
     + [("conv", dt, layout, 40, 4) for dt in (torch.float32, F64) for layout in ("mixed", "all_empty")]
+    + [("decode", dt, 7, 2, 16, 32, bias) for dt in (torch.float32, F64) for bias in (True, False)]
+    + [("decode", torch.float32, 2, 1, 256, 64, True)]  # V-blocks of 8: v histories split, q/k not
 )
 
 
@@ -243,24 +274,32 @@ if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
     _interpret_all()
 
 
-def test_unverified_head_sizes_take_the_reference_kernel(monkeypatch):
-    """The CUDA entry point launches Triton only for verified head sizes; head_dim 8 (below
-    tl.dot's 16) must be answered by the reference kernel, never by a launch."""
+def test_cuda_entry_pads_heads_to_verified_sizes(monkeypatch):
+    """The CUDA entry point launches Triton only at verified head sizes: smaller heads are
+    zero-padded up to one, which must not change any output or gradient, and heads wider than
+    every verified size take the reference kernel. The launches are replaced by the reference
+    (CPU, float64) so that the padding itself is what is checked."""
+    from mom_compile.ops import chunk_scan as cs
     from mom_compile.ops import chunk_scan_triton as ct
+    launched = []
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a Triton kernel was launched for an unverified head size")
+    def at_verified_size(impl):
+        def launch(q, k, v, *args):
+            launched.append((k.shape[-1], v.shape[-1]))
+            assert k.shape[-1] in ct.VERIFIED_K and v.shape[-1] in ct.VERIFIED_V
+            return impl(q, k, v, *args)
+        return launch
 
-    monkeypatch.setattr(ct, "chunk_gated_delta_triton", refuse)
-    monkeypatch.setattr(ct, "chunk_gated_delta_backward_triton", refuse)
-    n, h, dk = 7, 2, 8
-    args = (torch.randn(n, h, dk, dtype=F64), F.normalize(torch.randn(n, h, dk, dtype=F64), dim=-1),
-            torch.randn(n, h, dk, dtype=F64), -torch.rand(n, h, dtype=F64), torch.rand(n, h, dtype=F64),
-            torch.tensor([0, 3, 7]), None, 0.5)
-    o, final = ct._cuda_forward(*args)
-    o_ref, final_ref = torch.ops.mom.chunk_gated_delta(*args)
-    torch.testing.assert_close(o, o_ref)
-    torch.testing.assert_close(final, final_ref)
-    grads = ct._cuda_backward(*args, torch.randn_like(o), None)
-    assert len(grads) == 6 and all(torch.isfinite(t).all() for t in grads)
-    assert ct._verified(torch.empty(1, 1, 128), torch.empty(1, 1, 256))
+    monkeypatch.setattr(ct, "chunk_gated_delta_triton", at_verified_size(cs.reference_forward))
+    monkeypatch.setattr(ct, "chunk_gated_delta_backward_triton", at_verified_size(cs.reference_backward))
+    for dk, dv, padded in ((8, 12, (64, 64)), (96, 300, (128, 512)), (300, 8, None)):
+        a = scan_inputs("mixed", 2, dk, dv, F64, "cpu", seed=dk)
+        args = [a[name] for name in ("q", "k", "v", "g", "beta", "offsets", "initial_state")] + [0.3]
+        d_o, d_final = torch.randn_like(a["v"]), torch.randn_like(a["initial_state"])
+        launched.clear()
+        outs = ct._cuda_forward(*args) + ct._cuda_backward(*args, d_o, d_final)
+        refs = cs.reference_forward(*args) + cs.reference_backward(*args, d_o, d_final)
+        assert launched == ([padded] * 2 if padded else [])
+        for out, ref in zip(outs, refs):
+            assert out.shape == ref.shape and out.is_contiguous()  # as the fake kernels promise
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

@@ -6,6 +6,8 @@ onnx_ops.py, a linear-time optimisation (`optimize`), then a finishing pass on t
   - the scripted helper functions the translations call (MemoryStep, GatedDeltaScan) are made
     part of the model and inlined, so the standard graph holds default-domain ops only; a plugin
     graph keeps MemoryStep nodes (domain "mom", schema in plugin.py) and drops their body;
+  - LinearAttention nodes (opset 27 and newer), recorded in a staging domain that the exporter's
+    opset conversion passes through, move to the default domain;
   - the exporter's intermediate value_info is dropped (onnxruntime infers it again);
   - the symbolic axes of the graph inputs and outputs are named `batch` and `seq`.
 Weights larger than protobuf's 2 GB limit go to an external data file next to the graph.
@@ -96,7 +98,7 @@ def to_onnx(program: torch.export.ExportedProgram, spec: GraphSpec, path: str, o
             use_plugin: bool, external_data: bool) -> None:
     """Translate one ExportedProgram to ONNX at `path` and finish it (see the module doc)."""
     onnx_program = torch.onnx.export(
-        program, dynamo=True, custom_translation_table=onnx_ops.translation_table(use_plugin),
+        program, dynamo=True, custom_translation_table=onnx_ops.translation_table(opset, use_plugin),
         input_names=spec.inputs, output_names=spec.outputs, opset_version=opset, verbose=False,
         optimize=False)
     optimize(onnx_program.model)
@@ -150,6 +152,10 @@ def finish(model: onnx.ModelProto, spec: GraphSpec, use_plugin: bool) -> onnx.Mo
     else:
         model = onnx.inliner.inline_local_functions(model)
         dropped = {fn.opset.domain for fn in helpers}
+    for node in model.graph.node:
+        if node.domain == onnx_ops.STAGING_DOMAIN:
+            node.domain = ""
+    dropped.add(onnx_ops.STAGING_DOMAIN)
     del model.functions[:]
     imports = [o for o in model.opset_import if o.domain not in dropped]
     del model.opset_import[:]

@@ -9,19 +9,20 @@ docstrings of mom_compile/ops/*.py are the contract). They run on stock onnxrunt
 - segment_conv: the reference's gather formulation: every output row reads W rows of the table
   [x ; history ; 0], so no tap ever crosses a segment boundary.
 - chunk_gated_delta: the segments laid out time-major on a padded [L, S] grid (L = the longest
-  segment) and one Scan over time whose body is the per-token gated delta step. Padding cells get
-  beta = 0 and g = 0, which leaves the state unchanged.
-- gated_delta_step: the per-token formula once.
+  segment). Padding cells get beta = 0 and g = 0, which leaves the state unchanged. The grid goes
+  through one Scan over time whose body is the per-token gated delta step, or, from opset 27 on,
+  through one standard LinearAttention(update_rule="gated_delta") node with the segments as its
+  batch (float32 only: the op has no float64).
+- gated_delta_step: the per-token formula once, or from opset 27 on LinearAttention with T = 1.
 - combine: Gather of each token's k rows and their weighted sum.
 
 Shapes are read with Shape at run time, so batch and sequence stay dynamic.
-
-opset 27's standard LinearAttention(update_rule="gated_delta") computes the same rule and runs
-correctly in onnxruntime 1.32, but needs opset >= 27 and a non-float64 state; it is not used yet
-(the evidence is in benchmarks/RESULTS.md, "CPU decode (issue 4)").
 """
+import functools
+from collections.abc import Callable
 from typing import TypeVar, Union
 
+import onnx
 import onnx_ir as ir
 import onnxscript
 from onnxscript import DOUBLE, FLOAT
@@ -180,44 +181,110 @@ def GatedDeltaScan(  # noqa: N802
     return final, o
 
 
-# -- mom::chunk_gated_delta ---------------------------------------------------------------------
-def chunk_gated_delta(q, k, v, g, beta, offsets, initial_state=None, scale: float = 1.0):
-    """(o [N, H, V], final state [S, H, K, V]) of the gated delta rule over packed segments."""
-    dt = _compute_type(q)
-    state_type = dt if initial_state is None else initial_state.dtype
-    n = _dim(q, 0)
-    starts = op.Slice(offsets, [0], [-1])
-    lengths = op.Sub(op.Slice(offsets, [1], [_INT64_MAX]), starts)
-    longest = op.Max(op.ReduceMax(lengths, keepdims=0), op.Constant(value_int=1))  # Scan needs >= 1 step
-    time = op.Range(0, longest, 1)
-    valid = op.Less(_col(time), _row(lengths))  # [L, S]
-    grid_rows = op.Where(valid, op.Add(_row(starts), _col(time)), 0)
-    keep = op.Unsqueeze(op.Cast(valid, to=dt), [2])  # padding cells: g = beta = 0, a no-op step
-    q_grid, k_grid, v_grid = (op.Gather(_cast(t, dt), grid_rows) for t in (q, k, v))
-    g_grid, beta_grid = (op.Mul(op.Gather(_cast(t, dt), grid_rows), keep) for t in (g, beta))
-
-    if initial_state is None:
-        state_shape = op.Concat(op.Shape(offsets), op.Shape(q, start=1), op.Shape(v, start=2), axis=0)
-        state_shape = op.Sub(state_shape, _ints(1, 0, 0, 0))
-        state0 = op.Expand(op.Cast(op.Constant(value_float=0.0), to=dt), state_shape)
-    else:
-        state0 = _cast(initial_state, dt)
-    q_grid = op.Mul(q_grid, op.CastLike(scale, q_grid))
-    final, o_grid = GatedDeltaScan(state0, q_grid, k_grid, v_grid, g_grid, beta_grid)
-
-    seg, in_segment, pos = _segment_of_rows(offsets, n)
-    pos = op.Max(op.Min(pos, op.Sub(longest, 1)), op.Constant(value_int=0))
-    o = op.GatherND(o_grid, op.Concat(_col(pos), _col(seg), axis=1))
-    o = op.Mul(o, op.CastLike(op.Unsqueeze(in_segment, [1, 2]), o))
-    return op.CastLike(o, v), op.Cast(final, to=state_type)
+# -- opset 27's standard LinearAttention --------------------------------------------------------
+LINEAR_ATTENTION_OPSET = 27
+# The exporter builds an opset-18 graph, then converts it to the requested opset, and the
+# converter fails on LinearAttention (it has no adapter for it). So the translations record the op
+# in this domain, which the conversion passes through, and onnx_export.finish moves it to the
+# default domain.
+STAGING_DOMAIN = "mom.staging"
 
 
-# -- mom::gated_delta_step ----------------------------------------------------------------------
-def gated_delta_step(q, k, v, g, beta, state, scale: float = 1.0):
-    """(o [R, H, V], new state [R, H, K, V]) for one token per row; computes in the state's type."""
-    q, k, v, g, beta = (op.CastLike(t, state) for t in (q, k, v, g, beta))
-    o, new_state = MemoryStep(q, k, v, g, beta, state, scale=scale)
-    return op.CastLike(o, v), new_state
+def _linear_attention(q, k, v, g, beta, state0, heads: int):
+    """(o [B, T, H, V], final state [B, H, K, V]) by one LinearAttention over the T axis, for
+    q, k [B, T, H, K] (q pre-scaled), v [B, T, H, V], g, beta [B, T, H], state0 [B, H, K, V]."""
+    packed = _ints(0, 0, -1)  # heads into the last axis, as the op wants
+    # scale explicit: the op's default 0.0 means K^-0.5
+    o, final = _staged_linear_attention()(
+        op.Reshape(q, packed), op.Reshape(k, packed), op.Reshape(v, packed), state0, g, beta,
+        q_num_heads=heads, kv_num_heads=heads, update_rule="gated_delta", scale=1.0)
+    return op.Reshape(o, op.Shape(v)), final
+
+
+@functools.cache
+def _staged_linear_attention() -> onnxscript.values.Op:
+    """The standard LinearAttention op (same inputs, outputs and attributes) under STAGING_DOMAIN."""
+    standard = onnx.defs.get_schema("LinearAttention", LINEAR_ATTENTION_OPSET)
+
+    def formal(p):
+        return onnx.defs.OpSchema.FormalParameter(p.name, p.type_str, p.description, param_option=p.option)
+
+    schema = onnx.defs.OpSchema(
+        standard.name, STAGING_DOMAIN, 1,
+        inputs=[formal(p) for p in standard.inputs], outputs=[formal(p) for p in standard.outputs],
+        type_constraints=[(c.type_param_str, c.allowed_type_strs, c.description)
+                          for c in standard.type_constraints],
+        attributes=list(standard.attributes.values()))
+    return onnxscript.values.Op(onnxscript.values.Opset(STAGING_DOMAIN, 1), standard.name, schema)
+
+
+def _heads(x) -> int:
+    """H of x [N, H, ...]: a model constant, static in every exported program."""
+    heads = x.shape[1] if x.shape is not None else None
+    if not isinstance(heads, int):
+        raise ValueError(f"LinearAttention needs a static number of heads (axis 1), got shape {x.shape}")
+    return heads
+
+
+# -- mom::chunk_gated_delta and mom::gated_delta_step --------------------------------------------
+def gated_delta_translations(linear_attention: bool) -> tuple[Callable, Callable]:
+    """The translations of the two recurrent ops, (chunk_gated_delta, gated_delta_step).
+
+    With linear_attention they emit opset 27's standard LinearAttention(update_rule="gated_delta"),
+    which computes exactly this rule; it takes no float64, so float64 exports (and all exports
+    without linear_attention) use the scripted MemoryStep, under a Scan over time for sequences."""
+
+    def standard_op(dtype: ir.DataType) -> bool:
+        return linear_attention and dtype == ir.DataType.FLOAT
+
+    def chunk_gated_delta(q, k, v, g, beta, offsets, initial_state=None, scale: float = 1.0):
+        """(o [N, H, V], final state [S, H, K, V]) of the gated delta rule over packed segments."""
+        dt = _compute_type(q)
+        state_type = dt if initial_state is None else initial_state.dtype
+        n = _dim(q, 0)
+        starts = op.Slice(offsets, [0], [-1])
+        lengths = op.Sub(op.Slice(offsets, [1], [_INT64_MAX]), starts)
+        longest = op.Max(op.ReduceMax(lengths, keepdims=0), op.Constant(value_int=1))  # Scan needs >= 1 step
+        time = op.Range(0, longest, 1)
+        valid = op.Less(_col(time), _row(lengths))  # [L, S]
+        grid_rows = op.Where(valid, op.Add(_row(starts), _col(time)), 0)
+        keep = op.Unsqueeze(op.Cast(valid, to=dt), [2])  # padding cells: g = beta = 0, a no-op step
+        q_grid, k_grid, v_grid = (op.Gather(_cast(t, dt), grid_rows) for t in (q, k, v))
+        g_grid, beta_grid = (op.Mul(op.Gather(_cast(t, dt), grid_rows), keep) for t in (g, beta))
+
+        if initial_state is None:
+            state_shape = op.Concat(op.Shape(offsets), op.Shape(q, start=1), op.Shape(v, start=2), axis=0)
+            state_shape = op.Sub(state_shape, _ints(1, 0, 0, 0))
+            state0 = op.Expand(op.Cast(op.Constant(value_float=0.0), to=dt), state_shape)
+        else:
+            state0 = _cast(initial_state, dt)
+        q_grid = op.Mul(q_grid, op.CastLike(scale, q_grid))
+        if standard_op(dt):  # LinearAttention wants [segment, time] grids
+            seg_major = [op.Transpose(t, perm=[1, 0, 2, 3]) for t in (q_grid, k_grid, v_grid)]
+            seg_major += [op.Transpose(t, perm=[1, 0, 2]) for t in (g_grid, beta_grid)]
+            o_grid, final = _linear_attention(*seg_major, state0, _heads(q))
+            o_grid = op.Transpose(o_grid, perm=[1, 0, 2, 3])
+        else:
+            final, o_grid = GatedDeltaScan(state0, q_grid, k_grid, v_grid, g_grid, beta_grid)
+
+        seg, in_segment, pos = _segment_of_rows(offsets, n)
+        pos = op.Max(op.Min(pos, op.Sub(longest, 1)), op.Constant(value_int=0))
+        o = op.GatherND(o_grid, op.Concat(_col(pos), _col(seg), axis=1))
+        o = op.Mul(o, op.CastLike(op.Unsqueeze(in_segment, [1, 2]), o))
+        return op.CastLike(o, v), op.Cast(final, to=state_type)
+
+    def gated_delta_step(q, k, v, g, beta, state, scale: float = 1.0):
+        """(o [R, H, V], new state [R, H, K, V]) for one token per row; computes in the state's type."""
+        q, k, v, g, beta = (op.CastLike(t, state) for t in (q, k, v, g, beta))
+        if standard_op(state.dtype):
+            one_token = (op.Unsqueeze(t, [1]) for t in (op.Mul(q, op.CastLike(scale, q)), k, v, g, beta))
+            o, new_state = _linear_attention(*one_token, state, _heads(state))
+            o = op.Squeeze(o, [1])
+        else:
+            o, new_state = MemoryStep(q, k, v, g, beta, state, scale=scale)
+        return op.CastLike(o, v), new_state
+
+    return chunk_gated_delta, gated_delta_step
 
 
 def plugin_memory_step(q, k, v, g, beta, state, scale: float = 1.0):
@@ -231,6 +298,42 @@ def plugin_memory_step(q, k, v, g, beta, state, scale: float = 1.0):
     return op.CastLike(o, v), new_state
 
 
+# -- mom::memory_decode -------------------------------------------------------------------------
+def memory_decode_translation(step: Callable) -> Callable:
+    """mom::memory_decode as the composition its reference is (ops/memory_decode.py): the conv
+    over one-row segments, per-head L2 normalisation, then `step` (the table's gated_delta_step
+    translation, so the plugin and LinearAttention choices apply here too) on the states gathered
+    by slot."""
+
+    def memory_decode(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states, rec_states,
+                      scale: float = 1.0):
+        _, h, dk, dv = rec_states.shape  # model constants, static in every exported program
+        one_each = op.Range(0, op.Add(_dim(conv_in, 0), 1), 1)
+        if conv_bias is None:
+            conv_bias = op.CastLike(op.ConstantOfShape(op.Shape(conv_weight, start=0, end=1)), conv_weight)
+        conv_out, conv_new = segment_conv(conv_in, conv_weight, conv_bias, one_each,
+                                          op.Gather(conv_states, slot))
+        bounds = [0, h * dk, 2 * h * dk, 2 * h * dk + h * dv]
+        q, k, v = (op.Slice(conv_out, _ints(lo), _ints(hi), _ints(1)) for lo, hi in zip(bounds, bounds[1:]))
+        q, k = (_l2_normalize(op.Reshape(t, _ints(0, h, dk))) for t in (q, k))
+        # the tracer infers no type or shape for a Gather; `step` picks its ONNX op by them
+        state = op.Gather(rec_states, slot)
+        state.dtype, state.shape = rec_states.dtype, ir.Shape([slot.shape[0], h, dk, dv])
+        o, rec_new = step(q, k, op.Reshape(v, _ints(0, h, dv)), g, beta, state, scale=scale)
+        return op.CastLike(o, rec_states), conv_new, rec_new
+
+    return memory_decode
+
+
+def _l2_normalize(x):
+    """x / sqrt(sum x^2 + eps) over the last axis, computed in float32 (or float64)."""
+    from ..ops.memory_decode import L2_EPS
+
+    xf = _cast(x, _compute_type(x))
+    norm = op.Sqrt(op.Add(op.ReduceSum(op.Mul(xf, xf), _ints(-1), keepdims=1), op.CastLike(L2_EPS, xf)))
+    return op.CastLike(op.Div(xf, norm), x)
+
+
 # -- mom::combine -------------------------------------------------------------------------------
 def combine(o_rows, weights, row_of_choice):
     """y [B, T, H, V] = sum_i weights[b, t, i] * o_rows[row_of_choice[b, t, i]], in weights' type."""
@@ -238,18 +341,24 @@ def combine(o_rows, weights, row_of_choice):
     return op.ReduceSum(op.Mul(picked, op.Unsqueeze(weights, [3, 4])), [2], keepdims=0)
 
 
-def translation_table(use_plugin: bool = False) -> dict:
-    """The exporter's custom_translation_table entries for every `mom` op; with use_plugin the
-    recurrent step becomes a mom::MemoryStep node."""
+def translation_table(opset: int, use_plugin: bool = False) -> dict:
+    """The exporter's custom_translation_table entries for every `mom` op at ONNX `opset`. From
+    LINEAR_ATTENTION_OPSET on, the gated delta rule is the standard LinearAttention op; with
+    use_plugin the recurrent step is a mom::MemoryStep node, also inside the prefill's Scan, so
+    that one plugin implements every recurrence of the deployed graphs."""
     import torch
 
     import mom_compile.ops  # noqa: F401  (registers the ops)
 
     mom = torch.ops.mom
+    chunk_gated_delta, gated_delta_step = gated_delta_translations(
+        linear_attention=opset >= LINEAR_ATTENTION_OPSET and not use_plugin)
+    step = plugin_memory_step if use_plugin else gated_delta_step
     return {
         mom.dispatch.default: dispatch,
         mom.segment_conv.default: segment_conv,
         mom.chunk_gated_delta.default: chunk_gated_delta,
-        mom.gated_delta_step.default: plugin_memory_step if use_plugin else gated_delta_step,
+        mom.gated_delta_step.default: step,
+        mom.memory_decode.default: memory_decode_translation(step),
         mom.combine.default: combine,
     }

@@ -16,22 +16,32 @@ from .cache import LayerState
 from .config import MomConfig
 from .norm import RMSNorm, rms_norm
 from .precision import upcast
+from .stacked import Part, blocks, stacked_parameter
 
-L2_EPS = 1e-6
 
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    xf = upcast(x)
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2_EPS)).to(x.dtype)
+def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest of the last dim, largest first, ties to the lower index.
+    torch.topk launches sort kernels; over a handful of memories, ranking by pairwise comparison
+    is a few pointwise ops that the compiler fuses into the router's kernel."""
+    m = probs.shape[-1]
+    idx = torch.arange(m, device=probs.device)
+    p_i, p_j = probs[..., :, None], probs[..., None, :]
+    beats = (p_j > p_i) | ((p_j == p_i) & (idx[None, :] < idx[:, None]))
+    rank = beats.sum(-1)  # [..., m]: how many memories come before each one
+    picked = rank[..., None, :] == torch.arange(k, device=probs.device)[:, None]  # [..., k, m]
+    values = (picked * probs[..., None, :]).sum(-1)
+    indices = (picked * idx).sum(-1)
+    return values, indices
 
 
 class MomLayer(nn.Module):
     """Input x [B, T, hidden] (the block's normed hidden states) -> output [B, T, hidden].
 
-    The per-memory key/value/beta/alpha projections live in one stacked parameter
-    `memory_proj` [sets, H*K + H*V + 2H, hidden] (one set per memory plus the shared one, or a
-    single set with single_kv_proj), so all memories project in one matrix product; state_dict()
-    and load_state_dict() speak the reference names (k_proj.{m}.weight, shared_k.weight, ...).
+    Every projection of x lives in one stacked parameter `in_proj` (rows: router gate | q | output
+    gate | k, v, beta, alpha of each memory set, the shared one last), and the q/k/v short convs in
+    `conv_weight` (and `conv_bias`), so that one matrix product projects every memory;
+    state_dict() and load_state_dict() speak the reference names (gate.weight, k_proj.{m}.weight,
+    shared_k.weight, q_conv1d.weight, ...).
     """
 
     def __init__(self, config: MomConfig) -> None:
@@ -40,32 +50,32 @@ class MomLayer(nn.Module):
         c = config
         self.num_heads, self.head_dim, self.head_v_dim = c.num_heads, c.head_dim, c.head_v_dim
         self.scale = c.head_dim ** -0.5
-        self.gate = nn.Linear(c.hidden_size, c.num_memories, bias=False)
-        self.q_proj = nn.Linear(c.hidden_size, c.key_dim, bias=False)
-        self.memory_proj = nn.Parameter(torch.empty(self._num_sets(), self._set_rows(), c.hidden_size))
+        self.in_parts = self._in_parts()
+        self.in_proj = stacked_parameter(self, "in_proj", self.in_parts)
         self.A_log = nn.Parameter(torch.empty(c.num_heads))
         self.dt_bias = nn.Parameter(torch.empty(c.num_heads))
-        self.q_conv1d, self.k_conv1d, self.v_conv1d = (
-            nn.Conv1d(dim, dim, c.conv_size, groups=dim, bias=c.conv_bias)
-            for dim in (c.key_dim, c.key_dim, c.value_dim))
-        if c.use_output_gate:
-            self.g_proj = nn.Linear(c.hidden_size, c.value_dim, bias=False)
+        convs = [(f"{n}_conv1d", dim) for n, dim in (("q", c.key_dim), ("k", c.key_dim), ("v", c.value_dim))]
+        self.conv_parts = [(f"{n}.weight", (dim, 1, c.conv_size)) for n, dim in convs]
+        self.conv_weight = stacked_parameter(self, "conv_weight", self.conv_parts)
+        self.conv_bias = stacked_parameter(self, "conv_bias", [(f"{n}.bias", (dim,)) for n, dim in convs]) \
+            if c.conv_bias else None
         self.o_norm = RMSNorm(c.head_v_dim, c.norm_eps)
         self.o_proj = nn.Linear(c.value_dim, c.hidden_size, bias=False)
-        self.register_state_dict_post_hook(_split_memory_proj)
-        self.register_load_state_dict_pre_hook(_stack_memory_proj)
         self.reset_parameters()
 
     # -- parameters ----------------------------------------------------------------------------
-    def _num_sets(self) -> int:
-        return 1 if self.config.single_kv_proj else self.config.memory_slots
-
-    def _set_rows(self) -> int:
+    def _in_parts(self) -> list[Part]:
         c = self.config
-        return c.key_dim + c.value_dim + 2 * c.num_heads
+        d = c.hidden_size
+        parts = [("gate.weight", (c.num_memories, d)), ("q_proj.weight", (c.key_dim, d))]
+        if c.use_output_gate:
+            parts.append(("g_proj.weight", (c.value_dim, d)))
+        for names in self.memory_set_names():
+            parts += [(f"{name}.weight", (rows, d)) for name, rows in zip(names, self._set_split())]
+        return parts
 
-    def reference_names(self) -> list[list[str]]:
-        """Reference parameter names of each set, in the order k, v, b, a."""
+    def memory_set_names(self) -> list[list[str]]:
+        """Reference names of each memory set's projections, in the order k, v, beta, alpha."""
         c = self.config
         shared = ["shared_k", "shared_v", "shared_b", "shared_a"]
         if c.single_kv_proj:
@@ -78,42 +88,45 @@ class MomLayer(nn.Module):
         c = self.config
         return [c.key_dim, c.value_dim, c.num_heads, c.num_heads]
 
+    def _head_split(self) -> list[int]:
+        """Columns of x @ in_proj^T: router logits, q, output gate, then the memory sets."""
+        c = self.config
+        sets = len(self.memory_set_names()) * sum(self._set_split())
+        return [c.num_memories, c.key_dim, c.value_dim if c.use_output_gate else 0, sets]
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The reference initialisation: Xavier-uniform (gain 2^-2.5) projections, A ~ U(0, 16),
-        dt ~ logU(1e-3, 1e-1) stored through the inverse softplus."""
-        for lin in (self.gate, self.q_proj, self.o_proj, getattr(self, "g_proj", None)):
-            if lin is not None:
-                nn.init.xavier_uniform_(lin.weight, gain=2 ** -2.5)
-        for weights in self.memory_proj:
-            for block in weights.split(self._set_split()):
-                nn.init.xavier_uniform_(block, gain=2 ** -2.5)
+        dt ~ logU(1e-3, 1e-1) stored through the inverse softplus, convs as nn.Conv1d's default."""
+        for block in blocks(self.in_proj, self.in_parts) + [self.o_proj.weight]:
+            nn.init.xavier_uniform_(block, gain=2 ** -2.5)
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())
         dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001))
                        + math.log(0.001)).clamp(min=1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
-            conv.reset_parameters()
+        bound = self.config.conv_size ** -0.5  # nn.Conv1d's default for a depthwise conv
+        for p in (self.conv_weight, self.conv_bias):
+            if p is not None:
+                p.uniform_(-bound, bound)
         self.o_norm.weight.fill_(1.0)
 
-    def _conv_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        weight = torch.cat([c.weight.squeeze(1) for c in convs])
-        bias = torch.cat([c.bias for c in convs]) if self.config.conv_bias else None
-        return weight, bias
-
     # -- forward -------------------------------------------------------------------------------
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits [B, T, M], and each token's memories [B, T, k'] and float32 weights
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x @ in_proj^T, split: router logits [..., M], q [..., HK], output gate [..., HV] (empty
+        without one), the memory sets [..., sets, HK + HV + 2H]."""
+        logits, q, z, per_set = F.linear(x, self.in_proj).split(self._head_split(), dim=-1)
+        return logits, q, z, per_set.unflatten(-1, (-1, sum(self._set_split())))
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's memories [B, T, k'] and float32 weights from router logits [B, T, M]
         (k' = topk + 1 with the shared memory, which always has weight 1)."""
-        logits = self.gate(x)
         probs = upcast(logits).softmax(-1)
-        weights, memory_idx = probs.topk(self.config.topk, dim=-1)
+        weights, memory_idx = top_k(probs, self.config.topk)
         weights = weights / weights.sum(-1, keepdim=True)
         if self.config.shared_mem:
             memory_idx = F.pad(memory_idx, (0, 1), value=self.config.num_memories)
             weights = F.pad(weights, (0, 1), value=1.0)
-        return logits, memory_idx, weights
+        return memory_idx, weights
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, state: LayerState | None = None,
@@ -121,27 +134,24 @@ class MomLayer(nn.Module):
         """x [B, T, hidden]; mask [B, T] bool (False = padding) or None; state: this layer's cache
         entry, advanced in place. Returns (output [B, T, hidden], router logits [B, T, M])."""
         b, t, _ = x.shape
-        logits, memory_idx, weights = self.route(x)
-        if state is not None and t == 1:
-            y = self._step(x, memory_idx, weights, mask, state)
-        else:
-            y = self._scan(x, memory_idx, weights, mask, state)
-        z = upcast(self.g_proj(x).view(b, t, self.num_heads, self.head_v_dim)) \
-            if self.config.use_output_gate else None
+        logits, q, z, per_set = self.project(x)
+        memory_idx, weights = self.route(logits)
+        rows = (q, per_set, memory_idx, weights, mask, state)
+        # the fused decode op has no autograd; with gradients on, one token goes through the scan
+        one_step = state is not None and t == 1 and not torch.is_grad_enabled()
+        y = self._step(*rows) if one_step else self._scan(*rows)
         o = rms_norm(y, self.o_norm.weight, self.o_norm.eps)
-        if z is not None:
-            o = o * F.silu(z)
+        if self.config.use_output_gate:
+            o = o * F.silu(upcast(z.view(b, t, self.num_heads, self.head_v_dim)))
         return self.o_proj(o.to(x.dtype).flatten(2)), logits
 
-    def _rows(self, x: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
+    def _rows(self, q: torch.Tensor, per_set: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
         """Pre-conv q|k|v [R, 2HK+HV] and beta, g [R, H] of the rows (token, memory)."""
         c = self.config
-        flat = x.flatten(0, 1)
-        per_set = F.linear(flat, self.memory_proj.flatten(0, 1)).view(flat.shape[0], self._num_sets(), -1)
         proj_set = torch.zeros_like(memory) if c.single_kv_proj else memory
-        mem = per_set[token, proj_set]
+        mem = per_set.flatten(0, 1)[token, proj_set]
         kv, b_pre, a_pre = mem.split([c.key_dim + c.value_dim, c.num_heads, c.num_heads], dim=-1)
-        conv_in = torch.cat([self.q_proj(flat)[token], kv], dim=-1)
+        conv_in = torch.cat([q.flatten(0, 1)[token], kv], dim=-1)
         beta = b_pre.sigmoid()
         g = -upcast(self.A_log).exp() * F.softplus(upcast(a_pre) + self.dt_bias)
         return conv_in, beta, g
@@ -150,22 +160,22 @@ class MomLayer(nn.Module):
         c = self.config
         q, k, v = conv_out.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
         r = conv_out.shape[0]
-        q = l2_normalize(q.view(r, c.num_heads, c.head_dim))
-        k = l2_normalize(k.view(r, c.num_heads, c.head_dim))
+        q = ops.l2_normalize(q.view(r, c.num_heads, c.head_dim))
+        k = ops.l2_normalize(k.view(r, c.num_heads, c.head_dim))
         return q, k, v.reshape(r, c.num_heads, c.head_v_dim)
 
-    def _scan(self, x, memory_idx, weights, mask, state):
+    def _scan(self, q, per_set, memory_idx, weights, mask, state):
         """Any T: dispatch tokens into (sequence, memory) segments, conv and scan them."""
-        b, t, _ = x.shape
+        b, t, _ = q.shape
         slots = self.config.memory_slots
         if mask is None:
-            mask = torch.ones(b, t, dtype=torch.bool, device=x.device)
+            mask = torch.ones(b, t, dtype=torch.bool, device=q.device)
         choice_of_row, row_of_choice, offsets = ops.dispatch(memory_idx, mask, slots)
         token = choice_of_row // memory_idx.shape[-1]
-        conv_in, beta, g = self._rows(x, token, memory_idx.flatten()[choice_of_row])
-        conv_weight, conv_bias = self._conv_params()
+        conv_in, beta, g = self._rows(q, per_set, token, memory_idx.flatten()[choice_of_row])
         conv_init = None if state is None else state.conv.flatten(0, 1)
-        conv_out, conv_final = ops.segment_conv(conv_in, conv_weight, conv_bias, offsets, conv_init)
+        conv_out, conv_final = ops.segment_conv(conv_in, self.conv_weight.squeeze(1), self.conv_bias,
+                                                offsets, conv_init)
         q, k, v = self._qkv(conv_out)
         rec_init = None if state is None else state.recurrent.flatten(0, 1)
         o_rows, rec_final = ops.chunk_gated_delta(q, k, v, g, beta, offsets, rec_init, self.scale)
@@ -174,45 +184,26 @@ class MomLayer(nn.Module):
             state.conv.copy_(conv_final.view_as(state.conv))
         return ops.combine(o_rows, weights, row_of_choice)
 
-    def _step(self, x, memory_idx, weights, mask, state):
-        """T = 1 with a cache: each token advances only the states of its k' memories."""
-        b = x.shape[0]
-        chosen = memory_idx.shape[-1]
-        slots = self.config.memory_slots
-        rows = b * chosen
-        token = torch.arange(b, device=x.device).repeat_interleave(chosen)
+    def _step(self, q, per_set, memory_idx, weights, mask, state):
+        """T = 1 with a cache, no autograd: each token advances only its k' memories' states, all
+        rows in one `mom::memory_decode`."""
+        b, _, chosen = memory_idx.shape
+        token = torch.arange(b, device=q.device).repeat_interleave(chosen)
         memory = memory_idx.flatten()
-        slot = token * slots + memory
-        conv_in, beta, g = self._rows(x, token, memory)
-        conv_weight, conv_bias = self._conv_params()
-        # views, not copies: the index_copy_ below must land in the cache's own buffers
+        slot = token * self.config.memory_slots + memory
+        conv_in, beta, g = self._rows(q, per_set, token, memory)
+        # views, not copies: the index_put_ below must land in the cache's own buffers
         conv_states = state.conv.view(-1, *state.conv.shape[2:])
         rec_states = state.recurrent.view(-1, *state.recurrent.shape[2:])
-        conv_prev, rec_prev = conv_states[slot], rec_states[slot]
-        one_each = torch.arange(rows + 1, device=x.device)
-        conv_out, conv_new = ops.segment_conv(conv_in, conv_weight, conv_bias, one_each, conv_prev)
-        q, k, v = self._qkv(conv_out)
-        o_rows, rec_new = ops.gated_delta_step(q, k, v, g, beta, rec_prev, self.scale)
+        o, conv_new, rec_new = ops.memory_decode(conv_in, beta, g, slot, self.conv_weight.squeeze(1),
+                                                 self.conv_bias, conv_states, rec_states, self.scale)
         if mask is not None:  # a padding token changes no state
             keep = mask[:, -1].repeat_interleave(chosen)
-            conv_new = torch.where(keep[:, None, None], conv_new, conv_prev)
-            rec_new = torch.where(keep[:, None, None, None], rec_new, rec_prev)
-        conv_states.index_copy_(0, slot, conv_new)
-        rec_states.index_copy_(0, slot, rec_new)
-        return ops.combine(o_rows, weights, torch.arange(rows, device=x.device).view(b, 1, chosen))
-
-
-def _split_memory_proj(module: MomLayer, state_dict, prefix, local_metadata) -> None:
-    stacked = state_dict.pop(prefix + "memory_proj")
-    for names, weights in zip(module.reference_names(), stacked):
-        for name, block in zip(names, weights.split(module._set_split())):
-            state_dict[f"{prefix}{name}.weight"] = block
-
-
-def _stack_memory_proj(module: MomLayer, state_dict, prefix, local_metadata, strict, missing_keys,
-                       unexpected_keys, error_msgs) -> None:
-    keys = [[f"{prefix}{name}.weight" for name in names] for names in module.reference_names()]
-    if prefix + "memory_proj" in state_dict or not all(k in state_dict for ks in keys for k in ks):
-        return  # leave the keys as they are: load_state_dict reports what is missing
-    state_dict[prefix + "memory_proj"] = torch.stack(
-        [torch.cat([state_dict.pop(k) for k in ks]) for ks in keys])
+            conv_new = torch.where(keep[:, None, None], conv_new, conv_states[slot])
+            rec_new = torch.where(keep[:, None, None, None], rec_new, rec_states[slot])
+        # index_put_, which the compiler re-inplaces on the cache buffers (index_copy_ made it
+        # clone every buffer and copy it back, per layer and step)
+        conv_states.index_put_((slot,), conv_new)
+        rec_states.index_put_((slot,), rec_new)
+        # mom::combine's weighted sum, in plain torch so that it fuses into the output norm
+        return (weights.view(b, chosen, 1, 1) * o.view(b, chosen, *o.shape[1:])).sum(1, keepdim=True)

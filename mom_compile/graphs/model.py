@@ -15,18 +15,22 @@ from .generation import generate
 from .layer import MomLayer
 from .loss import causal_lm_loss, load_balancing_loss
 from .norm import RMSNorm
+from .stacked import stacked_parameter
 
 
 class MomMLP(nn.Module):
+    """SwiGLU MLP; the gate and up projections are one stacked parameter, `gate_up`."""
+
     def __init__(self, config: MomConfig) -> None:
         super().__init__()
         d, i = config.hidden_size, config.mlp_size
-        self.gate_proj = nn.Linear(d, i, bias=False)
-        self.up_proj = nn.Linear(d, i, bias=False)
+        self.gate_up = stacked_parameter(self, "gate_up", [("gate_proj.weight", (i, d)),
+                                                           ("up_proj.weight", (i, d))])
         self.down_proj = nn.Linear(i, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MomBlock(nn.Module):
@@ -99,10 +103,10 @@ class MomForCausalLM(nn.Module):
         """The reference initialisation: N(0, initializer_range) for embeddings, MLPs and the head
         (the token mixers initialise themselves)."""
         std = self.config.initializer_range
-        linears = [self.lm_head, self.model.embeddings] + [
-            p for block in self.model.layers for p in block.mlp.children()]
-        for module in linears:
-            nn.init.normal_(module.weight, std=std)
+        weights = [self.lm_head.weight, self.model.embeddings.weight] + [
+            p for block in self.model.layers for p in block.mlp.parameters()]
+        for weight in weights:
+            nn.init.normal_(weight, std=std)
         if self.config.pad_token_id is not None:
             self.model.embeddings.weight[self.config.pad_token_id].zero_()
 

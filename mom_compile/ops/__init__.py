@@ -5,13 +5,20 @@ kernel and the test oracle), a fake implementation, and an analytic autograd for
 functions below are their checked entry points.
 """
 from .chunk_scan import chunk_gated_delta
+from .memory_decode import l2_normalize, memory_decode
 from .routing import combine, dispatch
 from .segment_conv import segment_conv
 from .state_step import gated_delta_step
 
 try:  # Triton kernels become the CUDA kernels of the ops; CPU-only installs keep the references
-    from . import chunk_scan_triton, segment_conv_triton, state_step_triton  # noqa: F401
+    from . import (  # noqa: F401
+        chunk_scan_triton,
+        memory_decode_triton,
+        segment_conv_triton,
+        state_step_triton,
+    )
 except ImportError:
     pass
 
-__all__ = ["chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "segment_conv"]
+__all__ = ["chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "l2_normalize", "memory_decode",
+           "segment_conv"]

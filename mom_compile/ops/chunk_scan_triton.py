@@ -190,25 +190,58 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     return dq, dk, dv, dg, dbeta, d_init
 
 
-# Head sizes the kernels are verified for on Hopper (tests/test_triton_kernels.py). Other sizes, such
-# as the tests' tiny head_dim 8 (below tl.dot's minimum of 16, an illegal memory access on the H200),
-# run the PyTorch reference instead of an unverified launch.
+# Head sizes the kernels are verified for on Hopper (tests/test_triton_kernels.py). Smaller or
+# in-between sizes are zero-padded up to the next verified one, which is exact: zero key/query
+# columns add nothing to any product and zero value columns stay zero in the state and the output.
+# Only heads wider than every verified size run the PyTorch reference (which syncs with the host).
+# Padding, not an unverified launch: head_dim 8, below tl.dot's 16, was an illegal memory access
+# on the H200.
 VERIFIED_K = (64, 128, 256)
 VERIFIED_V = (64, 128, 256, 512)
 
 
-def _verified(k: torch.Tensor, v: torch.Tensor) -> bool:
-    return k.shape[-1] in VERIFIED_K and v.shape[-1] in VERIFIED_V
+def _padded_sizes(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int] | None:
+    """The verified (K, V) the kernels run these heads at, or None when a head is too wide."""
+    pk = next((size for size in VERIFIED_K if size >= k.shape[-1]), None)
+    pv = next((size for size in VERIFIED_V if size >= v.shape[-1]), None)
+    return None if pk is None or pv is None else (pk, pv)
+
+
+def _pad(x: torch.Tensor | None, *sizes: int) -> torch.Tensor | None:
+    """Zero-pad the trailing dims of x up to sizes (a no-op at the verified sizes)."""
+    if x is None:
+        return None
+    widths = [w for size, dim in zip(reversed(sizes), reversed(x.shape)) for w in (0, size - dim)]
+    return torch.nn.functional.pad(x, widths) if any(widths) else x
+
+
+def _unpad(x: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """The leading `sizes` of x's trailing dims, contiguous (the ops' outputs are)."""
+    index = (..., *(slice(0, size) for size in sizes))
+    return x[index].contiguous()
 
 
 def _cuda_forward(q, k, v, g, beta, offsets, initial_state, scale):
-    impl = chunk_gated_delta_triton if _verified(k, v) else reference_forward
-    return impl(q, k, v, g, beta, offsets, initial_state, scale)
+    sizes = _padded_sizes(k, v)
+    if sizes is None:
+        return reference_forward(q, k, v, g, beta, offsets, initial_state, scale)
+    pk, pv = sizes
+    dk, dv = k.shape[-1], v.shape[-1]
+    o, final = chunk_gated_delta_triton(_pad(q, pk), _pad(k, pk), _pad(v, pv), g, beta, offsets,
+                                        _pad(initial_state, pk, pv), scale)
+    return _unpad(o, dv), _unpad(final, dk, dv)
 
 
 def _cuda_backward(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
-    impl = chunk_gated_delta_backward_triton if _verified(k, v) else reference_backward
-    return impl(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
+    sizes = _padded_sizes(k, v)
+    if sizes is None:
+        return reference_backward(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
+    pk, pv = sizes
+    dk, dv = k.shape[-1], v.shape[-1]
+    dq, dk_, dv_, dg, dbeta, d_init = chunk_gated_delta_backward_triton(
+        _pad(q, pk), _pad(k, pk), _pad(v, pv), g, beta, offsets, _pad(initial_state, pk, pv), scale,
+        _pad(d_o, pv), _pad(d_final, pk, pv))
+    return _unpad(dq, dk), _unpad(dk_, dk), _unpad(dv_, dv), dg, dbeta, _unpad(d_init, dk, dv)
 
 
 torch.library.register_kernel("mom::chunk_gated_delta", "cuda", _cuda_forward)

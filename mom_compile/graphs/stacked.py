@@ -1,0 +1,48 @@
+"""Weights stored stacked, saved and loaded under the reference checkpoint's names.
+
+Weights that multiply the same input (the router, q and output-gate projections with every
+memory's k/v/beta/alpha projections; the MLP's gate and up projections; the three short convs) are
+kept as one parameter, concatenated along dim 0, so that one kernel applies them all: a decode step
+is bound by the number of kernels it launches. `stacked_parameter` makes state_dict() split the
+parameter into the reference names and shapes, and load_state_dict() join them back.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+Part = tuple[str, tuple[int, ...]]  # a reference name and its shape; parts share shape[1:]
+
+
+def stacked_parameter(module: nn.Module, name: str, parts: Sequence[Part]) -> nn.Parameter:
+    """Create module.<name> [sum of the parts' rows, *shape[1:]] (uninitialised) whose state-dict
+    entries are the parts."""
+    parts = list(parts)
+    tails = {shape[1:] for _, shape in parts}
+    if len(tails) != 1:
+        raise ValueError(f"parts: stacked weights must agree beyond dim 0, got shapes {parts}")
+    rows = [shape[0] for _, shape in parts]
+    param = nn.Parameter(torch.empty(sum(rows), *tails.pop()))
+    module.register_parameter(name, param)
+
+    def split(module, state_dict, prefix, local_metadata) -> None:
+        stacked = state_dict.pop(prefix + name)
+        for (part, _), block in zip(parts, stacked.split(rows)):
+            state_dict[prefix + part] = block
+
+    def join(module, state_dict, prefix, *unused) -> None:
+        keys = [prefix + part for part, _ in parts]
+        if prefix + name in state_dict or not all(k in state_dict for k in keys):
+            return  # leave the keys as they are: load_state_dict reports what is missing
+        state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys])
+
+    module.register_state_dict_post_hook(split)
+    module.register_load_state_dict_pre_hook(join)
+    return param
+
+
+def blocks(param: torch.Tensor, parts: Sequence[Part]) -> list[torch.Tensor]:
+    """Views of param's parts, in order (for initialising them one by one)."""
+    return list(param.split([shape[0] for _, shape in parts]))
