@@ -129,6 +129,6 @@ def test_top_k_matches_torch_topk_and_breaks_ties_to_the_lower_index():
     values, indices = top_k(probs, 3)
     expect = probs.topk(3, dim=-1)
     assert torch.equal(indices, expect.indices) and torch.equal(values, expect.values)
-    tied = torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.3]])
+    tied = torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.3]], dtype=f64)
     values, indices = top_k(tied, 3)
     assert indices.tolist() == [[1, 2, 4]] and values.tolist() == [[0.3, 0.3, 0.3]]
