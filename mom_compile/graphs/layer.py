@@ -192,18 +192,16 @@ class MomLayer(nn.Module):
         memory = memory_idx.flatten()
         slot = token * self.config.memory_slots + memory
         conv_in, beta, g = self._rows(q, per_set, token, memory)
-        # views, not copies: the index_put_ below must land in the cache's own buffers
-        conv_states = state.conv.view(-1, *state.conv.shape[2:])
-        rec_states = state.recurrent.view(-1, *state.recurrent.shape[2:])
+        conv_states, rec_states = state.conv.flatten(0, 1), state.recurrent.flatten(0, 1)
         o, conv_new, rec_new = ops.memory_decode(conv_in, beta, g, slot, self.conv_weight.squeeze(1),
                                                  self.conv_bias, conv_states, rec_states, self.scale)
         if mask is not None:  # a padding token changes no state
             keep = mask[:, -1].repeat_interleave(chosen)
             conv_new = torch.where(keep[:, None, None], conv_new, conv_states[slot])
             rec_new = torch.where(keep[:, None, None, None], rec_new, rec_states[slot])
-        # index_put_, which the compiler re-inplaces on the cache buffers (index_copy_ made it
-        # clone every buffer and copy it back, per layer and step)
-        conv_states.index_put_((slot,), conv_new)
-        rec_states.index_put_((slot,), rec_new)
+        # written through the cache tensors themselves, not views of them: torch 2.11's inductor
+        # then updates the buffers in place instead of cloning each one and copying it back
+        state.conv.index_put_((token, memory), conv_new)
+        state.recurrent.index_put_((token, memory), rec_new)
         # mom::combine's weighted sum, in plain torch so that it fuses into the output norm
         return (weights.view(b, chosen, 1, 1) * o.view(b, chosen, *o.shape[1:])).sum(1, keepdim=True)
