@@ -5,7 +5,7 @@
 2. Timings, bf16, the paper's 340M layer (d=1024, H=4, head_dim=256, expand_v=1, M=4, top-2, shared
    memory) at 32K tokens per batch for each T (default 2K, 8K, 32K): forward (under no_grad) and
    forward+backward (gradients of the input and the parameters) of
-   - `MomLayer` with the Triton kernels;
+   - `MomLayer` with the Triton kernels, eager and under torch.compile(fullgraph=True);
    - the same layer with the pure-PyTorch reference kernels (the same ops with their CUDA kernels
      disabled);
    - the reference implementation's layer, flash-linear-attention's `MomAttention` (chunk mode,
@@ -259,12 +259,14 @@ def layer_timings(ts: list[int], tokens: int, with_reference: bool, with_fla: bo
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     layer = MomLayer(cfg).to(dev, dt)
+    compiled = torch.compile(layer, fullgraph=True)  # fuses the routing, gathers and norms around the ops
     attn = SoftmaxAttention(1024, 4, 256).to(dev, dt)
     floors = {t: layer_floor(Shape.of_config(cfg, t, max(1, tokens // t)), card) for t in ts}
     runner = LayerBench(tokens, budget_s)
     for t in ts:
         x, d_y = runner.inputs(t)
         runner.run(t, "MomLayer, Triton kernels", layer, x, d_y)
+        runner.run(t, "MomLayer, Triton kernels, torch.compile", compiled, x, d_y)
         if with_reference:
             runner.run(t, "MomLayer, PyTorch reference kernels", layer, x, d_y, reference_kernels, slow=True)
         runner.run(t, "softmax attention (SDPA)", attn, x, d_y)
