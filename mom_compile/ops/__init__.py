@@ -1,8 +1,8 @@
 """The MoM primitives as `torch.library` custom ops in namespace `mom`.
 
 Importing this package registers them. Each op has a pure-PyTorch reference kernel (the CPU
-kernel and the test oracle), a fake implementation, and an analytic autograd formula; the
-functions below are their checked entry points.
+kernel and the test oracle), a fake implementation, and an analytic autograd formula (except
+`memory_decode`, which serves inference only); the functions below are their checked entry points.
 """
 from .chunk_scan import chunk_gated_delta
 from .memory_decode import l2_normalize, memory_decode
