@@ -50,13 +50,12 @@ class MomLayer(nn.Module):
         c = config
         self.num_heads, self.head_dim, self.head_v_dim = c.num_heads, c.head_dim, c.head_v_dim
         self.scale = c.head_dim ** -0.5
-        self.in_parts = self._in_parts()
-        self.in_proj = stacked_parameter(self, "in_proj", self.in_parts)
+        self.in_proj = stacked_parameter(self, "in_proj", self._in_parts())
         self.A_log = nn.Parameter(torch.empty(c.num_heads))
         self.dt_bias = nn.Parameter(torch.empty(c.num_heads))
         convs = [(f"{n}_conv1d", dim) for n, dim in (("q", c.key_dim), ("k", c.key_dim), ("v", c.value_dim))]
-        self.conv_parts = [(f"{n}.weight", (dim, 1, c.conv_size)) for n, dim in convs]
-        self.conv_weight = stacked_parameter(self, "conv_weight", self.conv_parts)
+        self.conv_weight = stacked_parameter(self, "conv_weight",
+                                             [(f"{n}.weight", (dim, 1, c.conv_size)) for n, dim in convs])
         self.conv_bias = stacked_parameter(self, "conv_bias", [(f"{n}.bias", (dim,)) for n, dim in convs]) \
             if c.conv_bias else None
         self.o_norm = RMSNorm(c.head_v_dim, c.norm_eps)
@@ -98,7 +97,7 @@ class MomLayer(nn.Module):
     def reset_parameters(self) -> None:
         """The reference initialisation: Xavier-uniform (gain 2^-2.5) projections, A ~ U(0, 16),
         dt ~ logU(1e-3, 1e-1) stored through the inverse softplus, convs as nn.Conv1d's default."""
-        for block in blocks(self.in_proj, self.in_parts) + [self.o_proj.weight]:
+        for block in blocks(self.in_proj, self._in_parts()) + [self.o_proj.weight]:
             nn.init.xavier_uniform_(block, gain=2 ** -2.5)
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())
         dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001))
