@@ -26,5 +26,5 @@ def perturb_(model) -> None:
     """Make every weight matter: norm weights off 1 and conv biases non-zero (strong decays have
     their own test in test_layer.py)."""
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or name.endswith("conv1d.bias"):
+        if name.endswith(("norm.weight", "conv_bias")):
             p.add_(0.3 * torch.randn_like(p))

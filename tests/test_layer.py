@@ -132,3 +132,23 @@ def test_top_k_matches_torch_topk_and_breaks_ties_to_the_lower_index():
     tied = torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.3]], dtype=f64)
     values, indices = top_k(tied, 3)
     assert indices.tolist() == [[1, 2, 4]] and values.tolist() == [[0.3, 0.3, 0.3]]
+
+
+def test_in_proj_padding_is_zero_and_invisible_to_the_state_dict():
+    """in_proj ends in zero rows up to a multiple of 8 (aligned output rows for cuBLAS): no
+    state-dict entry shows them, loading the reference names zeroes them whatever they held, and a
+    gradient never makes them non-zero."""
+    from mom_compile.graphs.stacked import padding
+    layer, sd = layer_and_weights(num_memories=3, topk=1)  # 179 rows: 5 padding rows
+    parts = layer._in_parts()
+    assert layer.in_proj.shape[0] == 184 and not any("in_proj" in k for k in sd)
+    with torch.no_grad():
+        layer.in_proj.fill_(float("nan"))
+    layer.load_state_dict(sd)
+    assert torch.equal(padding(layer.in_proj, parts), torch.zeros(5, 32, dtype=f64))
+    x = torch.randn(2, 9, 32, dtype=f64)
+    layer(x)[0].sum().backward()
+    assert torch.equal(padding(layer.in_proj.grad, parts), torch.zeros(5, 32, dtype=f64))
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.equal(padding(layer.in_proj, parts), torch.zeros(5, 32, dtype=f64))

@@ -16,7 +16,7 @@ from .cache import LayerState
 from .config import MomConfig
 from .norm import RMSNorm, rms_norm
 from .precision import upcast
-from .stacked import Part, blocks, stacked_parameter
+from .stacked import Part, blocks, padding, stacked_parameter
 
 
 def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,8 @@ class MomLayer(nn.Module):
         c = config
         self.num_heads, self.head_dim, self.head_v_dim = c.num_heads, c.head_dim, c.head_v_dim
         self.scale = c.head_dim ** -0.5
-        self.in_proj = stacked_parameter(self, "in_proj", self._in_parts())
+        # padded to 8 rows (16 bytes in bf16): the router's M rows would misalign the output
+        self.in_proj = stacked_parameter(self, "in_proj", self._in_parts(), multiple_of=8)
         self.A_log = nn.Parameter(torch.empty(c.num_heads))
         self.dt_bias = nn.Parameter(torch.empty(c.num_heads))
         convs = [(f"{n}_conv1d", dim) for n, dim in (("q", c.key_dim), ("k", c.key_dim), ("v", c.value_dim))]
@@ -88,10 +89,11 @@ class MomLayer(nn.Module):
         return [c.key_dim, c.value_dim, c.num_heads, c.num_heads]
 
     def _head_split(self) -> list[int]:
-        """Columns of x @ in_proj^T: router logits, q, output gate, then the memory sets."""
+        """Columns of x @ in_proj^T: router logits, q, output gate, the memory sets, padding."""
         c = self.config
         sets = len(self.memory_set_names()) * sum(self._set_split())
-        return [c.num_memories, c.key_dim, c.value_dim if c.use_output_gate else 0, sets]
+        split = [c.num_memories, c.key_dim, c.value_dim if c.use_output_gate else 0, sets]
+        return split + [self.in_proj.shape[0] - sum(split)]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -99,6 +101,7 @@ class MomLayer(nn.Module):
         dt ~ logU(1e-3, 1e-1) stored through the inverse softplus, convs as nn.Conv1d's default."""
         for block in blocks(self.in_proj, self._in_parts()) + [self.o_proj.weight]:
             nn.init.xavier_uniform_(block, gain=2 ** -2.5)
+        padding(self.in_proj, self._in_parts()).zero_()
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())
         dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001))
                        + math.log(0.001)).clamp(min=1e-4)
@@ -113,7 +116,7 @@ class MomLayer(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x @ in_proj^T, split: router logits [..., M], q [..., HK], output gate [..., HV] (empty
         without one), the memory sets [..., sets, HK + HV + 2H]."""
-        logits, q, z, per_set = F.linear(x, self.in_proj).split(self._head_split(), dim=-1)
+        logits, q, z, per_set, _ = F.linear(x, self.in_proj).split(self._head_split(), dim=-1)
         return logits, q, z, per_set.unflatten(-1, (-1, sum(self._set_split())))
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,10 @@ memory's k/v/beta/alpha projections; the MLP's gate and up projections; the thre
 kept as one parameter, concatenated along dim 0, so that one kernel applies them all: a decode step
 is bound by the number of kernels it launches. `stacked_parameter` makes state_dict() split the
 parameter into the reference names and shapes, and load_state_dict() join them back.
+
+A stacked weight can end in zero padding rows that no state-dict entry shows (`multiple_of`): the
+rows of a product's output are its weight's row count apart, and cuBLAS runs bf16 products on
+Hopper's fast kernels only when that stride is a multiple of 16 bytes.
 """
 from __future__ import annotations
 
@@ -16,27 +20,36 @@ import torch.nn as nn
 Part = tuple[str, tuple[int, ...]]  # a reference name and its shape; parts share shape[1:]
 
 
-def stacked_parameter(module: nn.Module, name: str, parts: Sequence[Part]) -> nn.Parameter:
-    """Create module.<name> [sum of the parts' rows, *shape[1:]] (uninitialised) whose state-dict
-    entries are the parts."""
+def stacked_parameter(module: nn.Module, name: str, parts: Sequence[Part], multiple_of: int = 1,
+                      ) -> nn.Parameter:
+    """Create module.<name> [sum of the parts' rows, rounded up to multiple_of, *shape[1:]] whose
+    state-dict entries are the parts; the parts are uninitialised, the padding rows zero (a
+    module's reset_parameters zeroes them again: nothing may ever make them non-zero, since
+    backward multiplies them by their outputs' zero gradients)."""
     parts = list(parts)
     tails = {shape[1:] for _, shape in parts}
     if len(tails) != 1:
         raise ValueError(f"parts: stacked weights must agree beyond dim 0, got shapes {parts}")
+    tail = tails.pop()
     rows = [shape[0] for _, shape in parts]
-    param = nn.Parameter(torch.empty(sum(rows), *tails.pop()))
+    pad = -sum(rows) % multiple_of
+    param = nn.Parameter(torch.empty(sum(rows) + pad, *tail))
+    with torch.no_grad():
+        padding(param, parts).zero_()
     module.register_parameter(name, param)
 
     def split(module, state_dict, prefix, local_metadata) -> None:
         stacked = state_dict.pop(prefix + name)
-        for (part, _), block in zip(parts, stacked.split(rows)):
+        for (part, _), block in zip(parts, blocks(stacked, parts)):
             state_dict[prefix + part] = block
 
     def join(module, state_dict, prefix, *unused) -> None:
         keys = [prefix + part for part, _ in parts]
         if prefix + name in state_dict or not all(k in state_dict for k in keys):
             return  # leave the keys as they are: load_state_dict reports what is missing
-        state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys])
+        loaded = [state_dict.pop(k) for k in keys]
+        zeros = loaded[0].new_zeros(pad, *loaded[0].shape[1:])
+        state_dict[prefix + name] = torch.cat(loaded + [zeros])
 
     module.register_state_dict_post_hook(split)
     module.register_load_state_dict_pre_hook(join)
@@ -45,4 +58,10 @@ def stacked_parameter(module: nn.Module, name: str, parts: Sequence[Part]) -> nn
 
 def blocks(param: torch.Tensor, parts: Sequence[Part]) -> list[torch.Tensor]:
     """Views of param's parts, in order (for initialising them one by one)."""
-    return list(param.split([shape[0] for _, shape in parts]))
+    rows = [shape[0] for _, shape in parts]
+    return list(param.split(rows + [param.shape[0] - sum(rows)]))[:len(parts)]
+
+
+def padding(param: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
+    """View of param's padding rows (after the parts)."""
+    return param[sum(shape[0] for _, shape in parts):]

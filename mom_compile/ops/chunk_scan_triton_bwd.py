@@ -193,7 +193,10 @@ def wy_bwd_kernel(
         k_c = load_rows(k, rows, ok, h, kc, H, K)
         x_w = (bg[:, None] * k_c.to(COMPUTE)).to(DOT)
         d_t += tl.dot(load_rows(dw, rows, ok, h, kc, H, K).to(DOT), tl.trans(x_w), input_precision=PREC)
-        kk += tl.dot(k_c.to(DOT), tl.trans(k_c.to(DOT)), input_precision=PREC)
+        # K K^T from float32 operands: with 16-bit operands, triton 3.6 on an H100 made dbeta and
+        # dg differ from run to run (by ~1e-2, the rest of the backward bit-identical)
+        k32 = k_c.to(COMPUTE)
+        kk += tl.dot(k32, tl.trans(k32), input_precision=PREC32)
     for v0 in range(0, V, BV):
         vc = v0 + tl.arange(0, BV)
         v_c = load_rows(v, rows, ok, h, vc, H, V).to(COMPUTE)

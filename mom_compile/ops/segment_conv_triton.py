@@ -5,8 +5,9 @@ its rows' segment by a binary search over the offsets (no host sync, grid from s
 reads every tap straight from x or from the segment's history, so nothing is materialised.
 
 Backward, in two launches:
-1. `_dz_kernel`: recompute z, d_z = d_y * silu'(z), and per row-block partial sums of d_weight and
-   d_bias (summed afterwards by torch: a fixed-size reduction, deterministic, no atomics);
+1. `_dz_kernel`: recompute z, d_z = d_y * silu'(z) (stored in x's dtype), and per row-block partial
+   sums of d_weight and d_bias from the unrounded d_z (summed afterwards by torch: a fixed-size
+   reduction, deterministic, no atomics);
 2. `_dx_kernel`: one pass over the "table rows" (the N rows of x, then the W-1 history rows of
    every segment), each collecting the d_z of the outputs that tapped it and the d_final entry that
    copied it. Both kinds of row have a position in their segment (history rows: -(W-1)..-1), so one
@@ -112,7 +113,7 @@ def _dz_kernel(x, init, weight, bias, offsets, d_y, d_z, d_w_part, d_b_part, n, 
     dy = tl.load(d_y + tile, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(COMPUTE)
     sig = tl.sigmoid(z)
     dz = tl.where(row_ok[:, None], dy * sig * (1.0 + z * (1.0 - sig)), 0.0)
-    tl.store(d_z + tile, dz, mask=(rows < n)[:, None] & col_ok[None, :])
+    tl.store(d_z + tile, dz.to(d_z.dtype.element_ty), mask=(rows < n)[:, None] & col_ok[None, :])
     part = tl.program_id(0) * D + cols
     tl.store(d_b_part + part, tl.sum(dz, axis=0), mask=col_ok)
     for i in tl.static_range(W):  # the taps again: cache hits, cheaper than keeping W tiles live
@@ -141,7 +142,7 @@ def _dx_kernel(d_z, d_final, weight, offsets, d_x, d_init, n, n_seg,
         out_pos = pos + back
         ok = row_ok & (out_pos >= 0) & (out_pos < length)
         dz = tl.load(d_z + (start + out_pos)[:, None].to(tl.int64) * D + cols[None, :],
-                     mask=ok[:, None] & col_ok[None, :], other=0.0)
+                     mask=ok[:, None] & col_ok[None, :], other=0.0).to(COMPUTE)
         w = tl.load(weight + cols * W + (W - 1 - back), mask=col_ok, other=0.0).to(COMPUTE)
         acc += dz * w[None, :]
     j = pos - length + (W - 1)  # which final-state entry copied this row, if any
@@ -204,9 +205,12 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     steps = _search_steps(n_seg)
     compute = _compute(x.dtype)
     row_blocks = triton.cdiv(n, BLOCK_N)
-    d_z = torch.empty(n, d, dtype=_torch_compute(x.dtype), device=x.device)
-    d_w_part = torch.zeros(row_blocks, d, width, dtype=d_z.dtype, device=x.device)
-    d_b_part = torch.zeros(row_blocks, d, dtype=d_z.dtype, device=x.device)
+    # d_z in x's dtype: a bf16 model's d_x is bf16 anyway, and d_z crosses memory twice (the
+    # largest traffic of the backward); the weight and bias sums use it before rounding
+    d_z = torch.empty(n, d, dtype=x.dtype, device=x.device)
+    acc = _torch_compute(x.dtype)
+    d_w_part = torch.empty(row_blocks, d, width, dtype=acc, device=x.device)
+    d_b_part = torch.empty(row_blocks, d, dtype=acc, device=x.device)
     d_x = torch.empty_like(x)
     d_init = torch.empty_like(initial_state)
     if n > 0 and d > 0:
