@@ -241,6 +241,23 @@ def test_cuda_dispatch_reaches_triton():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("state", [(16, 4), (64, 8)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("dv", [256, 512])
+def test_cuda_both_state_pass_configs_match_reference(state, dv):
+    """At K=256 in bf16 the state passes take [256, 64] slices on 8 warps when there are enough
+    segment-heads to fill the GPU, else [256, 16] on 4 (`default_config`); the cases above are too
+    small to reach the wide ones, so both are forced here."""
+    import functools
+
+    from mom_compile.ops import chunk_scan_triton as ct
+    config = dict(state_bv=state[0], state_warps=state[1])
+    errors = check_chunk(functools.partial(ct.chunk_gated_delta_triton, config=config),
+                         functools.partial(ct.chunk_gated_delta_backward_triton, config=config),
+                         "long", 2, 256, dv, torch.bfloat16, "cuda")
+    assert_within_tolerance(("chunk", torch.bfloat16), errors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cuda_scan_is_deterministic_at_layer_shapes(dtype):
     """Forward and backward twice on the same inputs give bit-identical results, at the 340M

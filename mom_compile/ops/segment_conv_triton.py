@@ -157,6 +157,9 @@ def _dx_kernel(d_z, d_final, weight, offsets, d_x, d_init, n, n_seg,
 
 
 BLOCK_N = 32
+# rows per program; on an H100 at the 340M layer's shapes 64 rows made the backward 3.84 -> 3.25 ms
+# but the forward 0.88 -> 0.97 ms
+BLOCK_N_BACKWARD = 64
 BLOCK_D = 64
 
 
@@ -204,7 +207,7 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     n_seg = offsets.shape[0] - 1
     steps = _search_steps(n_seg)
     compute = _compute(x.dtype)
-    row_blocks = triton.cdiv(n, BLOCK_N)
+    row_blocks = triton.cdiv(n, BLOCK_N_BACKWARD)
     # d_z in x's dtype: a bf16 model's d_x is bf16 anyway, and d_z crosses memory twice (the
     # largest traffic of the backward); the weight and bias sums use it before rounding
     d_z = torch.empty(n, d, dtype=x.dtype, device=x.device)
@@ -216,12 +219,12 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     if n > 0 and d > 0:
         _dz_kernel[(row_blocks, triton.cdiv(d, BLOCK_D))](
             x, initial_state, weight, bias, offsets, d_y, d_z, d_w_part, d_b_part, n, n_seg,
-            D=d, W=width, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SEARCH_STEPS=steps, COMPUTE=compute)
+            D=d, W=width, BLOCK_N=BLOCK_N_BACKWARD, BLOCK_D=BLOCK_D, SEARCH_STEPS=steps, COMPUTE=compute)
     table_rows = n + n_seg * (width - 1)
     if table_rows > 0 and d > 0:
-        _dx_kernel[(triton.cdiv(table_rows, BLOCK_N), triton.cdiv(d, BLOCK_D))](
+        _dx_kernel[(triton.cdiv(table_rows, BLOCK_N_BACKWARD), triton.cdiv(d, BLOCK_D))](
             d_z, d_final, weight, offsets, d_x, d_init, n, n_seg,
-            D=d, W=width, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SEARCH_STEPS=steps, COMPUTE=compute)
+            D=d, W=width, BLOCK_N=BLOCK_N_BACKWARD, BLOCK_D=BLOCK_D, SEARCH_STEPS=steps, COMPUTE=compute)
     return (d_x, d_w_part.sum(0).to(weight.dtype), d_b_part.sum(0).to(bias.dtype), d_init)
 
 
