@@ -244,9 +244,8 @@ def test_cuda_dispatch_reaches_triton():
 @pytest.mark.parametrize("state", [(16, 4), (64, 8)], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dv", [256, 512])
 def test_cuda_both_state_pass_configs_match_reference(state, dv):
-    """At K=256 in bf16 the state passes take [256, 64] slices on 8 warps when there are enough
-    segment-heads to fill the GPU, else [256, 16] on 4 (`default_config`); the cases above are too
-    small to reach the wide ones, so both are forced here."""
+    """The two state-pass configurations at K=256: [256, 64] slices on 8 warps (bf16's default)
+    and [256, 16] on 4 (the default of wider operands), both in bf16 against the reference."""
     import functools
 
     from mom_compile.ops import chunk_scan_triton as ct

@@ -66,14 +66,13 @@ def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch
     return table, first.contiguous(), max_chunks
 
 
-def default_config(dk: int, dv: int, elem_bytes: int, segment_heads: int = 0, sms: int = 0) -> dict:
+def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     """Tile sizes: K- and V-blocks of 64 for the per-chunk kernels (32 for 4- and 8-byte operands,
     whose [64, 64] tiles would overflow shared memory in grad_qkw); the sequential passes keep the
     whole [K, state_bv] state slice in registers, one program per (segment, head, V-block). At
     K=256 in bf16/fp16 that slice is [256, 64] on 8 warps: on an H100 it ran the 340M layer's scan
-    (T=2K, 320 segment-heads) 1.5x (forward) and 1.7x (backward) faster than [256, 16] slices on 4
-    warps. Those narrow slices stay for wider operands, and where the wide ones would not give
-    every one of the `sms` multiprocessors two programs (few long segments: T=32K at batch 1).
+    1.5x (forward) and 1.7x (backward) faster than [256, 16] slices on 4 warps at T=2K, and as fast
+    at T=32K, batch 1 (5 segments, so only 80 programs); wider operands keep the narrow slices.
     Only these configurations are verified on Hopper (H100/H200, triton 3.6): there, state_bv=32
     at K=256 (bf16, 4 or 8 warps) and 16 warps for the float32 backward kernels raised illegal
     memory accesses, and register spills start at 8 warps for the bf16 backward kernels."""
@@ -81,10 +80,8 @@ def default_config(dk: int, dv: int, elem_bytes: int, segment_heads: int = 0, sm
     tile = 64 if elem_bytes <= 2 else 32
     if block_k <= 128:
         state_bv, state_warps = min(64, max(16, triton.next_power_of_2(dv))), 4
-    elif elem_bytes <= 2 and segment_heads * triton.cdiv(dv, 64) >= 2 * sms:
-        state_bv, state_warps = 64, 8
     else:
-        state_bv, state_warps = 16, 4
+        state_bv, state_warps = (64, 8) if elem_bytes <= 2 else (16, 4)
     return dict(bk=min(tile, block_k), bv=min(tile, max(16, triton.next_power_of_2(dv))),
                 state_bv=state_bv, state_warps=state_warps, warps=8,
                 bwd_warps=16 if elem_bytes <= 2 else 8)
@@ -140,9 +137,7 @@ def _prepare(q, k, v, g, beta, offsets, initial_state, config):
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     offsets = offsets.to(torch.int64).contiguous()
     elem_bytes = 8 if initial_state is not None and initial_state.dtype == torch.float64 else q.element_size()
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
-    segment_heads = (offsets.shape[0] - 1) * q.shape[1]
-    cfg = dict(default_config(q.shape[-1], v.shape[-1], elem_bytes, segment_heads, sms), **(config or {}))
+    cfg = dict(default_config(q.shape[-1], v.shape[-1], elem_bytes), **(config or {}))
     return (q, k, v, g, beta, offsets), _Plan(q, v, offsets, initial_state, cfg)
 
 
