@@ -67,15 +67,17 @@ def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch
 
 
 def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
-    """Tile sizes: K- and V-blocks of 64 for the per-chunk kernels (32 for 4- and 8-byte operands,
-    whose [64, 64] tiles would overflow shared memory in grad_qkw); the sequential passes keep the
-    whole [K, state_bv] state slice in registers, one program per (segment, head, V-block). At
-    K=256 in bf16/fp16 that slice is [256, 64] on 8 warps: on an H100 it ran the 340M layer's scan
-    1.5x (forward) and 1.7x (backward) faster than [256, 16] slices on 4 warps at T=2K, and as fast
-    at T=32K, batch 1 (5 segments, so only 80 programs); wider operands keep the narrow slices.
+    """Tile sizes and warps. K- and V-blocks of 64 for the per-chunk kernels (32 for 4- and 8-byte
+    operands, whose [64, 64] tiles would overflow shared memory in grad_qkw). The sequential passes
+    keep the whole [K, state_bv] state slice in registers, one program per (segment, head,
+    V-block); at K=256 in bf16/fp16 that slice is [256, 64] on 8 warps, wider operands keep
+    [256, 16] on 4. Measured on an H100 at the 340M layer's scan (bf16, 98K rows, T=2K; forward /
+    backward ms): [256, 16] slices 7.8 / 19.7, [256, 64] 5.1 / 12.3 (and as fast as the narrow ones
+    at T=32K, batch 1, with only 80 programs); then the triangular solve on 2 warps instead of 8
+    3.7 / 10.9, and the backward's per-chunk kernels on 8 warps instead of 16 about 1 ms less.
     Only these configurations are verified on Hopper (H100/H200, triton 3.6): there, state_bv=32
     at K=256 (bf16, 4 or 8 warps) and 16 warps for the float32 backward kernels raised illegal
-    memory accesses, and register spills start at 8 warps for the bf16 backward kernels."""
+    memory accesses."""
     block_k = max(16, triton.next_power_of_2(dk))
     tile = 64 if elem_bytes <= 2 else 32
     if block_k <= 128:
@@ -83,8 +85,7 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     else:
         state_bv, state_warps = (64, 8) if elem_bytes <= 2 else (16, 4)
     return dict(bk=min(tile, block_k), bv=min(tile, max(16, triton.next_power_of_2(dv))),
-                state_bv=state_bv, state_warps=state_warps, warps=8,
-                bwd_warps=16 if elem_bytes <= 2 else 8)
+                state_bv=state_bv, state_warps=state_warps, warps=8, solve_warps=2, bwd_warps=8)
 
 
 class _Plan:
@@ -121,7 +122,7 @@ def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
     v_new = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
     grid = (p.max_chunks, p.h)
     fwd.wy_solve_kernel[grid](k, g, beta, offsets, p.table, t_buf, H=p.h, K=p.dk, C=CHUNK, BK=cfg["bk"],
-                              **kw, num_warps=cfg["warps"])
+                              **kw, num_warps=cfg["solve_warps"])
     fwd.wy_apply_kernel[grid](k, v, g, beta, offsets, p.table, t_buf, w, u, **dims, BK=cfg["bk"],
                               BV=cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"],
                               num_warps=cfg["warps"])
