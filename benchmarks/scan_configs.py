@@ -1,0 +1,102 @@
+"""Tile and warp configurations of the chunk scan's Triton kernels at the 340M layer's shapes.
+
+Shapes: 16 sequences of T=2048, 4 routed memory segments of uneven length (2T rows in all) and
+the shared one (T rows) each: 98,304 rows, H=4, K=V=256, bf16 inputs, fp32 decays. Each
+configuration (a JSON object of `chunk_scan_triton.default_config` keys to override) runs in its
+own process, since a miscompiled one can leave an illegal memory access behind, and is compared
+with the default configuration of the same process (max |diff| / max |default| over the outputs
+and gradients: a different warp count reorders sums, so ~1e-3 in bf16 is expected; a wrong
+kernel shows as far more). Forward and backward (which recomputes the forward's states) in median
+ms over CUDA events.
+
+    python benchmarks/scan_configs.py ['{"state_bv": 16, "state_warps": 4}' ...]
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import torch
+
+DEFAULT_SWEEP = [{}, {"state_bv": 16, "state_warps": 4}, {"solve_warps": 8}, {"bwd_warps": 8}]
+
+
+def inputs():
+    torch.manual_seed(0)
+    b, t, m, h, d = 16, 2048, 4, 4, 256
+    lens = []
+    for _ in range(b):
+        share = torch.rand(m) + 0.2
+        seg = (share / share.sum() * 2 * t).long()
+        seg[-1] = 2 * t - seg[:-1].sum()
+        lens += seg.tolist() + [t]
+    offsets = torch.tensor([0] + lens).cumsum(0).cuda()
+    n = int(offsets[-1])
+    q, k = (torch.nn.functional.normalize(torch.randn(n, h, d, device="cuda"), dim=-1).to(torch.bfloat16)
+            for _ in range(2))
+    v = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
+    g = -torch.rand(n, h, device="cuda") * 0.1
+    beta = torch.rand(n, h, device="cuda", dtype=torch.bfloat16)
+    return q, k, v, g, beta, offsets
+
+
+def timed(fn, iters: int = 8) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(config: dict) -> dict:
+    from mom_compile.ops import chunk_scan_triton as cst
+    args = (*inputs(), None, 256 ** -0.5)
+    d_o = torch.randn_like(args[2])
+
+    def fwd(cfg):
+        return cst.chunk_gated_delta_triton(*args, config=cfg)
+
+    def bwd(cfg):
+        return cst.chunk_gated_delta_backward_triton(*args, d_o, None, config=cfg)[:5]
+
+    ref = [*fwd(None), *bwd(None)]
+    out = [*fwd(config), *bwd(config)]
+    diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+               for a, b in zip(out, ref))
+    return dict(diff=diff, fwd=timed(lambda: fwd(config)), bwd=timed(lambda: bwd(config)))
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        print(json.dumps(measure(json.loads(sys.argv[2]))))
+        return
+    configs = [json.loads(c) for c in sys.argv[1:]] or DEFAULT_SWEEP
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; 98,304 rows, H=4, K=V=256, bf16")
+    print("| config | max diff vs default | forward ms | backward ms |")
+    print("| --- | --- | --- | --- |")
+    for config in configs:
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)],
+                                  capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            print(f"| {config or 'default'} | timed out | | |", flush=True)
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]
+            print(f"| {config or 'default'} | failed: {error} | | |", flush=True)
+            continue
+        r = json.loads(lines[-1])
+        print(f"| {config or 'default'} | {r['diff']:.1e} | {r['fwd']:.2f} | {r['bwd']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
