@@ -13,12 +13,16 @@ ms over CUDA events.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
 
 DEFAULT_SWEEP = [{}, {"state_bv": 16, "state_warps": 4}, {"solve_warps": 8}, {"bwd_warps": 8}]
 
@@ -75,14 +79,20 @@ def measure(config: dict) -> dict:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--child"]:
-        print(json.dumps(measure(json.loads(sys.argv[2]))))
+    parser = argparse.ArgumentParser(description="the chunk scan's kernel configurations, timed")
+    parser.add_argument("configs", nargs="*", type=json.loads, metavar="JSON",
+                        help="overrides of default_config, e.g. '{\"solve_warps\": 8}' (default: a sweep)")
+    parser.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(measure(args.child)))
         return
-    configs = [json.loads(c) for c in sys.argv[1:]] or DEFAULT_SWEEP
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; 98,304 rows, H=4, K=V=256, bf16")
     print("| config | max diff vs default | forward ms | backward ms |")
     print("| --- | --- | --- | --- |")
-    for config in configs:
+    for config in args.configs or DEFAULT_SWEEP:
         try:
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)],
                                   capture_output=True, text=True, timeout=300)
