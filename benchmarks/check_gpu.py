@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
+from gpu_timing import bench  # noqa: E402
 from layer_floor import Card, Floor, Shape, card_for, layer_floor  # noqa: E402
 
 from mom_compile import MomConfig, MomLayer  # noqa: E402
@@ -94,30 +94,6 @@ def run_checks() -> None:
     print(f"{len(CASES)} cases, {len(failures)} failures")
     for line in failures:
         print("  FAIL", line)
-
-
-def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0) -> tuple[float, int]:
-    """(median milliseconds of fn() by CUDA events after warm-up, timed calls). Stops once budget_s
-    of wall time is spent, counted from the end of the first warm-up call (which may compile and
-    autotune), after at least one timed call."""
-    t_start = time.perf_counter()
-    for i in range(warmup):
-        fn()
-        if i == 0:
-            torch.cuda.synchronize()
-            t_start = time.perf_counter()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-        if time.perf_counter() - t_start > budget_s:
-            break
-    return statistics.median(times), len(times)
 
 
 class SoftmaxAttention(nn.Module):

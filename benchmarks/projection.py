@@ -20,28 +20,14 @@ for grouped, the gather's scatter-add back onto tokens). Median ms over CUDA eve
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import bench
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -96,7 +82,7 @@ def main() -> None:
             outs = fn()
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
-        f, fb = timed(fwd), timed(fwd_bwd)
+        f, fb = bench(fwd, warmup=3, iters=20)[0], bench(fwd_bwd, warmup=3, iters=20)[0]
         flops = flops_grouped if name.startswith("grouped") else flops_all
         print(f"| {name} | {f:.3f} | {fb:.3f} | {flops / f / 1e9:.0f} |")
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from gpu_timing import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
 
@@ -46,20 +46,6 @@ def inputs():
     return q, k, v, g, beta, offsets
 
 
-def timed(fn, iters: int = 8) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def measure(config: dict) -> dict:
     from mom_compile.ops import chunk_scan_triton as cst
     args = (*inputs(), None, 256 ** -0.5)
@@ -75,7 +61,8 @@ def measure(config: dict) -> dict:
     out = [*fwd(config), *bwd(config)]
     diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
                for a, b in zip(out, ref))
-    return dict(diff=diff, fwd=timed(lambda: fwd(config)), bwd=timed(lambda: bwd(config)))
+    return dict(diff=diff, fwd=bench(lambda: fwd(config), iters=8)[0],
+                bwd=bench(lambda: bwd(config), iters=8)[0])
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ The reference is always the CPU kernel of the same op, in float64, on the same (
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -246,8 +247,6 @@ def test_cuda_dispatch_reaches_triton():
 def test_cuda_both_state_pass_configs_match_reference(state, dv):
     """The two state-pass configurations at K=256: [256, 64] slices on 8 warps (bf16's default)
     and [256, 16] on 4 (the default of wider operands), both in bf16 against the reference."""
-    import functools
-
     from mom_compile.ops import chunk_scan_triton as ct
     config = dict(state_bv=state[0], state_warps=state[1])
     errors = check_chunk(functools.partial(ct.chunk_gated_delta_triton, config=config),
