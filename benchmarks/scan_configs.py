@@ -24,7 +24,7 @@ from gpu_timing import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
 
-DEFAULT_SWEEP = [{}, {"state_bv": 16, "state_warps": 4}, {"solve_warps": 8}, {"bwd_warps": 8}]
+DEFAULT_SWEEP = [{}, {"state_bv": 16, "state_warps": 4}, {"solve_warps": 8}, {"bwd_warps": 16}]
 
 
 def inputs():

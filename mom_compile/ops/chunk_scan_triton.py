@@ -74,8 +74,7 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     [256, 16] on 4. Measured on an H100 at the 340M layer's scan (bf16, 98K rows, T=2K; forward /
     backward ms): [256, 16] slices 7.8 / 19.7, [256, 64] 5.1 / 12.3 (and as fast as the narrow ones
     at T=32K, batch 1, with only 80 programs); then the triangular solve on 2 warps instead of 8:
-    3.7 / 10.9. The backward's per-chunk kernels on 8 warps instead of 16 measured ~1 ms faster
-    again but are not yet through the GPU's determinism test, so they stay on 16 (bf16).
+    3.7 / 10.9; then the backward's per-chunk kernels on 8 warps instead of 16: 3.7 / 9.7.
     Only these configurations are verified on Hopper (H100/H200, triton 3.6): there, state_bv=32
     at K=256 (bf16, 4 or 8 warps) and 16 warps for the float32 backward kernels raised illegal
     memory accesses."""
@@ -87,7 +86,7 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
         state_bv, state_warps = (64, 8) if elem_bytes <= 2 else (16, 4)
     return dict(bk=min(tile, block_k), bv=min(tile, max(16, triton.next_power_of_2(dv))),
                 state_bv=state_bv, state_warps=state_warps, warps=8, solve_warps=2,
-                bwd_warps=16 if elem_bytes <= 2 else 8)
+                bwd_warps=8)
 
 
 class _Plan:
