@@ -212,8 +212,11 @@ INTERPRETER_CASES = (
     + [("chunk", F64, layout, 2, 16, 16 * ev, True) for layout in ("mixed", "singletons") for ev in (1, 2)]
     # several chunks per segment, a partial last chunk, an empty segment between long ones
     + [("chunk", F64, "long", 1, 16, 16, True), ("chunk", torch.float32, "long", 1, 16, 32, False)]
+    # several K- and V-blocks on one grid axis (float64 tiles are 32 wide, state slices 64)
+    + [("chunk", F64, "mixed", 1, 64, 128, True)]
     + [("step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
     + [("conv", dt, layout, 40, 4) for dt in (torch.float32, F64) for layout in ("mixed", "all_empty")]
+    + [("conv", F64, "long", 8, 4)]  # several row blocks in one program of the backward
     + [("decode", dt, 7, 2, 16, 32, bias) for dt in (torch.float32, F64) for bias in (True, False)]
     + [("decode", torch.float32, 2, 1, 256, 64, True)]  # V-blocks of 8: v histories split, q/k not
 )

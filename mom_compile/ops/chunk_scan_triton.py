@@ -128,7 +128,7 @@ def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
                               BV=cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"],
                               num_warps=cfg["warps"])
     init = final if initial_state is None else initial_state.contiguous()  # placeholder if absent
-    fwd.state_fwd_kernel[(p.n_seg, p.h, triton.cdiv(p.dv, cfg["state_bv"]))](
+    fwd.state_fwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
         k, g, w, u, offsets, p.first, init, h_buf, v_new, final, **dims, BLOCK_K=p.block_k,
         BV=cfg["state_bv"], HAS_INIT=initial_state is not None, COMPUTE=kw["COMPUTE"], DOT=kw["DOT"],
         PREC=kw["PREC"], num_warps=cfg["state_warps"])
@@ -153,7 +153,7 @@ def chunk_gated_delta_triton(q, k, v, g, beta, offsets, initial_state, scale, co
         return o, final
     _, _, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state, final)
     kw = p.kw
-    fwd.output_kernel[(p.max_chunks, p.h, triton.cdiv(p.dv, p.cfg["bv"]))](
+    fwd.output_kernel[(p.max_chunks * triton.cdiv(p.dv, p.cfg["bv"]), p.h)](
         q, k, g, offsets, p.table, h_buf, v_new, o, *split_scale(scale), **p.dims(), BK=p.cfg["bk"],
         BV=p.cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"], num_warps=p.cfg["warps"])
     return o, final
@@ -182,7 +182,7 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
                                BV=cfg["bv"], **dot_kw, num_warps=cfg["warps"])
     dh_buf = torch.empty_like(h_buf)
     dfin = final if d_final is None else d_final.contiguous()  # placeholder if absent
-    bwd.state_bwd_kernel[(p.n_seg, p.h, triton.cdiv(p.dv, cfg["state_bv"]))](
+    bwd.state_bwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
         q, k, g, w, d_o, offsets, p.first, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
         BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_DFINAL=d_final is not None, **dot_kw,
         num_warps=cfg["state_warps"])
@@ -190,7 +190,7 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     dk_part = p.new(p.n, p.h, p.dk)
     dw = p.new(p.n, p.h, p.dk, dtype=p.dot_dtype)
     dg_part = p.new(n_kb, p.n, p.h)
-    bwd.grad_qkw_kernel[(p.max_chunks, p.h, n_kb)](
+    bwd.grad_qkw_kernel[(p.max_chunks * n_kb, p.h)](
         q, k, g, offsets, p.table, d_o, h_buf, dh_buf, v_new, d_vn, dq, dk_part, dw, dg_part, *scale2,
         p.n, **dims, BK=cfg["bk"], BV=cfg["bv"], **dot_kw, num_warps=cfg["bwd_warps"])
     bwd.wy_bwd_kernel[grid](

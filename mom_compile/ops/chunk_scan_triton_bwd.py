@@ -25,6 +25,7 @@ from .chunk_scan_triton_fwd import (
     chunk_bounds,
     chunk_decay,
     gated_lower,
+    item_and_block,
     load_rows,
     load_t,
     state_offsets,
@@ -71,11 +72,11 @@ def state_bwd_kernel(
 ):
     """Per (segment, head, V-block), chunks in reverse with dS in registers: save each chunk's dS1
     (dh_buf), complete dVn in place (d_vn holds the within-chunk part on entry), step dS back."""
-    s = tl.program_id(0)
+    s, vb = item_and_block(tl.cdiv(V, BV))
     h = tl.program_id(1)
     scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
     kk = tl.arange(0, BLOCK_K)
-    col = tl.program_id(2) * BV + tl.arange(0, BV)
+    col = vb * BV + tl.arange(0, BV)
     start = tl.load(offsets + s).to(tl.int64)
     end = tl.load(offsets + s + 1).to(tl.int64)
     n_chunks = (end - start + C - 1) // C
@@ -117,9 +118,8 @@ def grad_qkw_kernel(
     """Per (chunk, head, K-block), summing over V: dQ (final), the output and state-update parts
     of dK (dk_part), dW, and this K-block's share of dG (dg_part[K-block]), the terms of dG being
     sums over K."""
-    cid = tl.program_id(0)
+    cid, kb = item_and_block(tl.cdiv(K, BK))
     h = tl.program_id(1)
-    kb = tl.program_id(2)
     seg, start, end = chunk_bounds(table, offsets, cid)
     if seg < 0:
         return

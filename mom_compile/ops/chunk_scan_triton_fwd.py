@@ -35,6 +35,15 @@ def chunk_bounds(table, offsets, cid):
 
 
 @triton.jit
+def item_and_block(NB: tl.constexpr):
+    """(item, block) of this program on a grid of (items * NB, H). The NB blocks of one item (the
+    V- or K-blocks of one chunk or segment) are launched next to each other, so the tiles they all
+    read (the item's rows of q, k, W) come from DRAM once and then from L2."""
+    pid = tl.program_id(0)
+    return pid // NB, pid % NB
+
+
+@triton.jit
 def chunk_decay(g, rows, ok, h, H: tl.constexpr, C: tl.constexpr, COMPUTE: tl.constexpr):
     """G = within-chunk cumulative log-decay (padding adds 0) and G at the chunk's last row."""
     cum = tl.cumsum(tl.load(g + rows * H + h, mask=ok, other=0.0).to(COMPUTE), axis=0)
@@ -250,10 +259,10 @@ def state_fwd_kernel(
 ):
     """The only sequential part, per (segment, head, V-block): walk the segment's chunks with the
     [K, BV] state slice in registers; save each chunk's start state (h_buf) and Vn = U - W S0."""
-    s = tl.program_id(0)
+    s, vb = item_and_block(tl.cdiv(V, BV))
     h = tl.program_id(1)
     kk = tl.arange(0, BLOCK_K)
-    col = tl.program_id(2) * BV + tl.arange(0, BV)
+    col = vb * BV + tl.arange(0, BV)
     start = tl.load(offsets + s).to(tl.int64)
     end = tl.load(offsets + s + 1).to(tl.int64)
     cid = tl.load(first_chunk + s)
@@ -288,13 +297,13 @@ def output_kernel(
     C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """O = scale (diag(e^G) Q S0 + (Q K^T o Gamma) Vn) of one (chunk, head, V-block)."""
-    cid = tl.program_id(0)
+    cid, vb = item_and_block(tl.cdiv(V, BV))
     h = tl.program_id(1)
     seg, start, end = chunk_bounds(table, offsets, cid)
     if seg < 0:
         return
     scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
-    col = tl.program_id(2) * BV + tl.arange(0, BV)
+    col = vb * BV + tl.arange(0, BV)
     rows = start + tl.arange(0, C)
     ok = rows < end
     qk = tl.zeros((C, C), dtype=COMPUTE)
