@@ -216,7 +216,6 @@ INTERPRETER_CASES = (
     + [("chunk", F64, "mixed", 1, 64, 128, True)]
     + [("step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
     + [("conv", dt, layout, 40, 4) for dt in (torch.float32, F64) for layout in ("mixed", "all_empty")]
-    + [("conv", F64, "long", 8, 4)]  # several row blocks in one program of the backward
     + [("decode", dt, 7, 2, 16, 32, bias) for dt in (torch.float32, F64) for bias in (True, False)]
     + [("decode", torch.float32, 2, 1, 256, 64, True)]  # V-blocks of 8: v histories split, q/k not
 )
