@@ -233,6 +233,14 @@ def test_cuda_kernel_matches_reference(case):
     assert_within_tolerance(case, run_case(case, "cuda"))
 
 
+@pytest.mark.parametrize("op", ["chunk_gated_delta", "chunk_gated_delta_backward", "gated_delta_step",
+                                "segment_conv", "segment_conv_backward", "memory_decode"])
+def test_op_has_a_cuda_kernel(op):
+    """Each op with a Triton kernel has it registered for CUDA (without it the CUDA cases above
+    would compare the reference with itself); a registry query, so it runs without a GPU."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mom::{op}", "CUDA")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_dispatch_reaches_triton():
     """torch.ops.mom on CUDA tensors runs the Triton wrapper, not the reference."""
