@@ -47,6 +47,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from gpu_timing import bench  # noqa: E402
 from layer_floor import Card, Floor, Shape, card_for, layer_floor  # noqa: E402
+from scan_inputs import scan_inputs  # noqa: E402
 
 from mom_compile import MomConfig, MomLayer  # noqa: E402
 
@@ -274,11 +275,7 @@ def scan_op_timings(ts: list[int], tokens: int) -> list[tuple]:
         counts[:, 4] = t
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.flatten().cumsum(0)]).cuda()
         n = int(offsets[-1])
-        q = F.normalize(torch.randn(n, h, dk, device="cuda"), dim=-1).bfloat16()
-        k = F.normalize(torch.randn(n, h, dk, device="cuda"), dim=-1).bfloat16()
-        v = torch.randn(n, h, dv, device="cuda", dtype=torch.bfloat16)
-        g = -torch.rand(n, h, device="cuda") * 0.1
-        beta = torch.rand(n, h, device="cuda", dtype=torch.bfloat16)
+        q, k, v, g, beta = scan_inputs(offsets, h=h, dk=dk, dv=dv)
         d_o = torch.randn_like(v)
         args = (q, k, v, g, beta, offsets, None, dk ** -0.5)
         variants = [("fwd chunked (registered)", functools.partial(torch.ops.mom.chunk_gated_delta, *args)),
@@ -370,6 +367,8 @@ def main() -> None:
     parser.add_argument("--row-budget", type=float, default=30.0,
                         help="seconds of wall time per layer measurement, after its first warm-up call")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import triton
+from scan_inputs import scan_inputs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime import jit
@@ -47,13 +48,11 @@ def launches(dtype: torch.dtype, head_dim: int, expand_v: int) -> list[tuple]:
 
     run, jit.JITFunction.run = jit.JITFunction.run, record
     try:
-        n, h, dv, width = 300, 4, head_dim * expand_v, 4
-        state = torch.float64 if dtype == torch.float64 else torch.float32
-        q, k = (torch.randn(n, h, head_dim, dtype=dtype) for _ in range(2))
-        v = torch.randn(n, h, dv, dtype=dtype)
-        g, beta = -torch.rand(n, h, dtype=state), torch.rand(n, h, dtype=dtype)
+        h, dv, width = 4, head_dim * expand_v, 4
         offsets = torch.tensor([0, 100, 300])
-        init = torch.zeros(2, h, head_dim, dv, dtype=state) if dtype == torch.float64 else None
+        n = int(offsets[-1])
+        q, k, v, g, beta = scan_inputs(offsets, dtype, h, head_dim, dv)
+        init = torch.zeros(2, h, head_dim, dv, dtype=g.dtype) if dtype == torch.float64 else None
         scan = (q, k, v, g, beta, offsets, init, head_dim ** -0.5)
         chunk_scan_triton.chunk_gated_delta_triton(*scan)
         chunk_scan_triton.chunk_gated_delta_backward_triton(*scan, torch.randn_like(v), init)

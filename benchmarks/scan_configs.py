@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from gpu_timing import bench
+from scan_inputs import scan_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
 
@@ -28,8 +29,9 @@ DEFAULT_SWEEP = [{}, {"state_bv": 16, "state_warps": 4}, {"solve_warps": 8}, {"b
 
 
 def inputs():
+    """16 sequences of T=2048, each 4 routed segments of uneven length (2T rows) and the shared one."""
     torch.manual_seed(0)
-    b, t, m, h, d = 16, 2048, 4, 4, 256
+    b, t, m = 16, 2048, 4
     lens = []
     for _ in range(b):
         share = torch.rand(m) + 0.2
@@ -37,13 +39,7 @@ def inputs():
         seg[-1] = 2 * t - seg[:-1].sum()
         lens += seg.tolist() + [t]
     offsets = torch.tensor([0] + lens).cumsum(0).cuda()
-    n = int(offsets[-1])
-    q, k = (torch.nn.functional.normalize(torch.randn(n, h, d, device="cuda"), dim=-1).to(torch.bfloat16)
-            for _ in range(2))
-    v = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
-    g = -torch.rand(n, h, device="cuda") * 0.1
-    beta = torch.rand(n, h, device="cuda", dtype=torch.bfloat16)
-    return q, k, v, g, beta, offsets
+    return (*scan_inputs(offsets), offsets)
 
 
 def measure(config: dict) -> dict:
