@@ -25,7 +25,7 @@ from scan_inputs import scan_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
 
-DEFAULT_SWEEP = [{}, {"state_bv": 16, "state_warps": 4}, {"solve_warps": 8}, {"bwd_warps": 16}]
+DEFAULT_SWEEP = [{}, {"state_stages": 1}, {"state_stages": 3}, {"state_bv": 16, "state_warps": 4}]
 
 
 def inputs():

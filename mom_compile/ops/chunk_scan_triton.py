@@ -75,6 +75,8 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     backward ms): [256, 16] slices 7.8 / 19.7, [256, 64] 5.1 / 12.3 (and as fast as the narrow ones
     at T=32K, batch 1, with only 80 programs); then the triangular solve on 2 warps instead of 8:
     3.7 / 10.9; then the backward's per-chunk kernels on 8 warps instead of 16: 3.7 / 9.7.
+    state_stages: the sequential passes' loop over chunks is software-pipelined over that many
+    stages (1: not at all); 2 is a guess until timed (benchmarks/scan_configs.py).
     Only these configurations are verified on Hopper (H100/H200, triton 3.6): there, state_bv=32
     at K=256 (bf16, 4 or 8 warps) and 16 warps for the float32 backward kernels raised illegal
     memory accesses."""
@@ -85,7 +87,7 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     else:
         state_bv, state_warps = (64, 8) if elem_bytes <= 2 else (16, 4)
     return dict(bk=min(tile, block_k), bv=min(tile, max(16, triton.next_power_of_2(dv))),
-                state_bv=state_bv, state_warps=state_warps, warps=8, solve_warps=2,
+                state_bv=state_bv, state_warps=state_warps, state_stages=2, warps=8, solve_warps=2,
                 bwd_warps=8)
 
 
@@ -131,7 +133,7 @@ def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
     fwd.state_fwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
         k, g, w, u, offsets, p.first, init, h_buf, v_new, final, **dims, BLOCK_K=p.block_k,
         BV=cfg["state_bv"], HAS_INIT=initial_state is not None, COMPUTE=kw["COMPUTE"], DOT=kw["DOT"],
-        PREC=kw["PREC"], num_warps=cfg["state_warps"])
+        PREC=kw["PREC"], STAGES=cfg["state_stages"], num_warps=cfg["state_warps"])
     return t_buf, w, h_buf, v_new
 
 
@@ -185,7 +187,7 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     bwd.state_bwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
         q, k, g, w, d_o, offsets, p.first, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
         BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_DFINAL=d_final is not None, **dot_kw,
-        num_warps=cfg["state_warps"])
+        STAGES=cfg["state_stages"], num_warps=cfg["state_warps"])
     n_kb = triton.cdiv(p.dk, cfg["bk"])
     dk_part = p.new(p.n, p.h, p.dk)
     dw = p.new(p.n, p.h, p.dk, dtype=p.dot_dtype)

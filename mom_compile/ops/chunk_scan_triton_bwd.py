@@ -68,10 +68,11 @@ def state_bwd_kernel(
     q, k, g, w, d_o, offsets, first_chunk, d_final, dh_buf, d_vn, d_init, scale_hi, scale_lo,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, HAS_DFINAL: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Per (segment, head, V-block), chunks in reverse with dS in registers: save each chunk's dS1
-    (dh_buf), complete dVn in place (d_vn holds the within-chunk part on entry), step dS back."""
+    (dh_buf), complete dVn in place (d_vn holds the within-chunk part on entry), step dS back.
+    STAGES: software pipelining, as in state_fwd_kernel."""
     s, vb = item_and_block(tl.cdiv(V, BV))
     h = tl.program_id(1)
     scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
@@ -79,18 +80,18 @@ def state_bwd_kernel(
     col = vb * BV + tl.arange(0, BV)
     start = tl.load(offsets + s).to(tl.int64)
     end = tl.load(offsets + s + 1).to(tl.int64)
-    n_chunks = (end - start + C - 1) // C
-    cid = tl.load(first_chunk + s) + n_chunks - 1
+    n_chunks = tl.cdiv(end - start, C)
+    first = tl.load(first_chunk + s)
     tile, tile_ok = state_offsets(s, h, kk, col, H, K, V)
     if HAS_DFINAL:
         d_state = tl.load(d_final + tile, mask=tile_ok, other=0.0).to(COMPUTE)
     else:
         d_state = tl.zeros((BLOCK_K, BV), dtype=COMPUTE)
-    row0 = start + (n_chunks - 1) * C
-    while row0 >= start:
-        rows = row0 + tl.arange(0, C)
+    for i in tl.range(0, n_chunks, num_stages=STAGES):
+        c = n_chunks - 1 - i
+        rows = start + c * C + tl.arange(0, C)
         ok = rows < end
-        h_off, h_ok = state_offsets(cid, h, kk, col, H, K, V)
+        h_off, h_ok = state_offsets(first + c, h, kk, col, H, K, V)
         tl.store(dh_buf + h_off, d_state.to(dh_buf.dtype.element_ty), mask=h_ok)
         cum, last = chunk_decay(g, rows, ok, h, H, C, COMPUTE)
         k_end = (load_rows(k, rows, ok, h, kk, H, K).to(COMPUTE) * tl.exp(last - cum)[:, None]).to(DOT)
@@ -103,8 +104,6 @@ def state_bwd_kernel(
         w_c = load_rows(w, rows, ok, h, kk, H, K).to(DOT)
         d_state = (d_state * tl.exp(last) + scale * tl.dot(tl.trans(q_g), do_c, input_precision=PREC)
                    - tl.dot(tl.trans(w_c), dvn, input_precision=PREC))
-        row0 -= C
-        cid -= 1
     tl.store(d_init + tile, d_state.to(d_init.dtype.element_ty), mask=tile_ok)
 
 

@@ -257,27 +257,28 @@ def state_fwd_kernel(
     k, g, w, u, offsets, first_chunk, init, h_buf, v_new, final,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, HAS_INIT: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     """The only sequential part, per (segment, head, V-block): walk the segment's chunks with the
-    [K, BV] state slice in registers; save each chunk's start state (h_buf) and Vn = U - W S0."""
+    [K, BV] state slice in registers; save each chunk's start state (h_buf) and Vn = U - W S0.
+    With STAGES > 1 Triton software-pipelines the loop: the next chunks' W, U, K and g, which do
+    not depend on the state, load while this chunk computes."""
     s, vb = item_and_block(tl.cdiv(V, BV))
     h = tl.program_id(1)
     kk = tl.arange(0, BLOCK_K)
     col = vb * BV + tl.arange(0, BV)
     start = tl.load(offsets + s).to(tl.int64)
     end = tl.load(offsets + s + 1).to(tl.int64)
-    cid = tl.load(first_chunk + s)
+    first = tl.load(first_chunk + s)
     tile, tile_ok = state_offsets(s, h, kk, col, H, K, V)
     if HAS_INIT:
         state = tl.load(init + tile, mask=tile_ok, other=0.0).to(COMPUTE)
     else:
         state = tl.zeros((BLOCK_K, BV), dtype=COMPUTE)
-    row0 = start
-    while row0 < end:  # a while loop: the interpreter cannot take loaded values as range bounds
-        rows = row0 + tl.arange(0, C)
+    for i in tl.range(0, tl.cdiv(end - start, C), num_stages=STAGES):
+        rows = start + i * C + tl.arange(0, C)
         ok = rows < end
-        h_off, h_ok = state_offsets(cid, h, kk, col, H, K, V)
+        h_off, h_ok = state_offsets(first + i, h, kk, col, H, K, V)
         tl.store(h_buf + h_off, state.to(h_buf.dtype.element_ty), mask=h_ok)
         w_c = load_rows(w, rows, ok, h, kk, H, K).to(DOT)
         vn = load_rows(u, rows, ok, h, col, H, V).to(COMPUTE) - tl.dot(w_c, state.to(DOT),
@@ -287,8 +288,6 @@ def state_fwd_kernel(
         cum, last = chunk_decay(g, rows, ok, h, H, C, COMPUTE)
         k_end = (load_rows(k, rows, ok, h, kk, H, K).to(COMPUTE) * tl.exp(last - cum)[:, None]).to(DOT)
         state = state * tl.exp(last) + tl.dot(tl.trans(k_end), vn, input_precision=PREC)
-        row0 += C
-        cid += 1
     tl.store(final + tile, state.to(final.dtype.element_ty), mask=tile_ok)
 
 
