@@ -235,10 +235,13 @@ def opcheck_cases():
         (torch.ops.mom.combine.default,
          (torch.randn(12, 2, 3, **grad), torch.rand(2, 3, 2, **grad), torch.randperm(12).view(2, 3, 2))),
         (torch.ops.mom.memory_decode.default, (*decode_inputs(dtype=torch.float32), 0.5)),
+        (torch.ops.mom.combine_backward.default,
+         (torch.randn(2, 3, 2, 3), torch.randn(12, 2, 3), torch.rand(2, 3, 2),
+          torch.randperm(12).view(2, 3, 2))),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     torch.library.opcheck(op, args)

@@ -154,6 +154,21 @@ def check_decode(impl, rows, h, dk, dv, with_bias, dtype, device, seed=0, width=
     return _compare(["o", "conv_new", "rec_new"], outs, refs)
 
 
+def check_combine(impl_fwd, impl_bwd, b, t, k, h, dv, dtype, device, seed=0):
+    """Combine and its backward vs the float64 reference, rows in a random permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    weight_dtype = F64 if dtype == F64 else torch.float32
+    o_rows = _rand(b * t * k, h, dv, dtype=dtype, device=device, gen=gen)
+    weights = torch.rand(b, t, k, generator=gen, dtype=F64).to(weight_dtype).to(device)
+    row_of_choice = torch.randperm(b * t * k, generator=gen).view(b, t, k).to(device)
+    d_y = _rand(b, t, h, dv, dtype=weight_dtype, device=device, gen=gen)
+    ref = [_to_cpu64(x) for x in (o_rows, weights, row_of_choice)]
+    errors = _compare(["y"], [impl_fwd(o_rows, weights, row_of_choice)], [torch.ops.mom.combine(*ref)])
+    errors.update(_compare(["d_rows", "d_weights"], impl_bwd(d_y, o_rows, weights, row_of_choice),
+                           torch.ops.mom.combine_backward(_to_cpu64(d_y), *ref)))
+    return errors
+
+
 def run_case(case: tuple, device: str) -> dict[str, float]:
     """One case of `CASES`/`INTERPRETER_CASES` on `device`: CUDA goes through torch.ops.mom (the
     registered kernels), CPU calls the Triton wrappers directly (under the interpreter)."""
@@ -174,6 +189,11 @@ def run_case(case: tuple, device: str) -> dict[str, float]:
         h, dk, dv = rest
         return check_step(torch.ops.mom.gated_delta_step if via_ops else st.gated_delta_step_triton,
                           h, dk, dv, dtype, device)
+    if op == "combine":
+        from mom_compile.ops import routing_triton as rt
+        fwd = torch.ops.mom.combine if via_ops else rt.combine_triton
+        bwd = torch.ops.mom.combine_backward if via_ops else rt.combine_backward_triton
+        return check_combine(fwd, bwd, *rest, dtype, device)
     from mom_compile.ops import segment_conv_triton as sc
     fwd = torch.ops.mom.segment_conv if via_ops else sc.segment_conv_triton
     bwd = torch.ops.mom.segment_conv_backward if via_ops else sc.segment_conv_backward_triton
@@ -199,6 +219,9 @@ CASES = (
        for dk in (64, 128, 256) for ev in (1, 2)]
     + [("conv", dt, layout, d, 4) for dt in (torch.float32, torch.bfloat16, F64)
        for layout in ("mixed", "singletons", "all_empty", "long") for d in (96, 1536)]
+    # (B, T, k, H, V): the 340M layer's rows, a partial column block, k = 1, two column blocks
+    + [("combine", dt, b, t, k, h, dv) for dt in (torch.float32, torch.bfloat16, F64)
+       for b, t, k, h, dv in ((2, 5, 3, 4, 256), (1, 3, 2, 2, 96), (2, 2, 1, 4, 64), (1, 3, 3, 4, 512))]
     # (rows, H, K, V, conv bias)
     + [("decode", dt, 9, 4, dk, dk * ev, True) for dt in (torch.float32, torch.bfloat16, F64)
        for dk in (64, 128, 256) for ev in (1, 2)]
@@ -218,6 +241,8 @@ INTERPRETER_CASES = (
     + [("conv", dt, layout, 40, 4) for dt in (torch.float32, F64) for layout in ("mixed", "all_empty")]
     + [("decode", dt, 7, 2, 16, 32, bias) for dt in (torch.float32, F64) for bias in (True, False)]
     + [("decode", torch.float32, 2, 1, 256, 64, True)]  # V-blocks of 8: v histories split, q/k not
+    + [("combine", dt, 2, 3, 3, 2, 16) for dt in (torch.float32, F64)]
+    + [("combine", F64, 1, 2, 2, 2, 1040)]  # H*V over one column block, the last one partial
 )
 
 

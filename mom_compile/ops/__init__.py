@@ -14,6 +14,7 @@ try:  # Triton kernels become the CUDA kernels of the ops; CPU-only installs kee
     from . import (  # noqa: F401
         chunk_scan_triton,
         memory_decode_triton,
+        routing_triton,
         segment_conv_triton,
         state_step_triton,
     )

@@ -76,16 +76,30 @@ def _(o_rows, weights, row_of_choice):
     return o_rows.new_empty(b, t, *o_rows.shape[1:], dtype=weights.dtype)
 
 
+@torch.library.custom_op("mom::combine_backward", mutates_args=())
+def _combine_backward_op(
+    d_y: torch.Tensor, o_rows: torch.Tensor, weights: torch.Tensor, row_of_choice: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_rows in o_rows' dtype, d_weights in d_y's dtype) of combine."""
+    spread = weights[..., None, None] * d_y[:, :, None]
+    d_rows = torch.zeros(o_rows.shape, dtype=spread.dtype, device=o_rows.device)
+    d_rows = d_rows.index_copy(0, row_of_choice.flatten(), spread.flatten(0, 2)).to(o_rows.dtype)
+    d_weights = (o_rows[row_of_choice].to(d_y.dtype) * d_y[:, :, None]).sum((-1, -2))
+    return d_rows, d_weights
+
+
+@_combine_backward_op.register_fake
+def _(d_y, o_rows, weights, row_of_choice):
+    return torch.empty_like(o_rows), d_y.new_empty(row_of_choice.shape)
+
+
 def _combine_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
 def _combine_backward(ctx, d_y):
     o_rows, weights, row_of_choice = ctx.saved_tensors
-    spread = weights[..., None, None] * d_y[:, :, None]
-    d_rows = torch.zeros(o_rows.shape, dtype=spread.dtype, device=o_rows.device)
-    d_rows = d_rows.index_copy(0, row_of_choice.flatten(), spread.flatten(0, 2)).to(o_rows.dtype)
-    d_weights = (o_rows[row_of_choice].to(d_y.dtype) * d_y[:, :, None]).sum((-1, -2))
+    d_rows, d_weights = torch.ops.mom.combine_backward(d_y, o_rows, weights, row_of_choice)
     return d_rows, d_weights, None
 
 
