@@ -76,7 +76,7 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     at T=32K, batch 1, with only 80 programs); then the triangular solve on 2 warps instead of 8:
     3.7 / 10.9; then the backward's per-chunk kernels on 8 warps instead of 16: 3.7 / 9.7.
     state_stages: the sequential passes' loop over chunks is software-pipelined over that many
-    stages (1: not at all); 2 is a guess until timed (benchmarks/scan_configs.py).
+    stages (1: not at all); 2 is a guess until timed (benchmarks/kernel_configs.py).
     Only these configurations are verified on Hopper (H100/H200, triton 3.6): there, state_bv=32
     at K=256 (bf16, 4 or 8 warps) and 16 warps for the float32 backward kernels raised illegal
     memory accesses."""

@@ -156,11 +156,11 @@ def _dx_kernel(d_z, d_final, weight, offsets, d_x, d_init, n, n_seg,
              mask=(~is_x & row_ok)[:, None] & col_ok[None, :])
 
 
-BLOCK_N = 32
-# rows per program; on an H100 at the 340M layer's shapes 64 rows made the backward 3.84 -> 3.25 ms
-# but the forward 0.88 -> 0.97 ms
-BLOCK_N_BACKWARD = 64
-BLOCK_D = 64
+def default_config() -> dict:
+    """Rows and channels per program, and warps. On an H100 at the 340M layer's conv (98K rows x
+    3072 channels, bf16), 64-row blocks made the backward 3.84 -> 3.25 ms but the forward 0.88 ->
+    0.97 ms, hence 32 forward and 64 backward."""
+    return dict(block_n=32, block_n_backward=64, block_d=64, warps=4, dz_warps=4, dx_warps=4)
 
 
 def _search_steps(n_seg: int) -> int:
@@ -177,9 +177,10 @@ def _compute(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def segment_conv_triton(x, weight, bias, offsets, initial_state):
+def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | None = None):
     """Same contract as `mom::segment_conv`: (silu(conv) [N, D], final state [S, W-1, D]) in x's
-    dtype."""
+    dtype. config: overrides of `default_config()`."""
+    cfg = dict(default_config(), **(config or {}))
     x, weight, bias, offsets, initial_state = (
         t.contiguous() for t in (x, weight, bias, offsets, initial_state))
     n, d = x.shape
@@ -188,18 +189,22 @@ def segment_conv_triton(x, weight, bias, offsets, initial_state):
     y = torch.empty_like(x)
     final = torch.empty_like(initial_state)
     if n > 0 and d > 0:
-        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(d, BLOCK_D))
+        grid = (triton.cdiv(n, cfg["block_n"]), triton.cdiv(d, cfg["block_d"]))
         _conv_kernel[grid](x, initial_state, weight, bias, offsets, y, n, n_seg, D=d, W=width,
-                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SEARCH_STEPS=_search_steps(n_seg),
-                           COMPUTE=_compute(x.dtype))
+                           BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], SEARCH_STEPS=_search_steps(n_seg),
+                           COMPUTE=_compute(x.dtype), num_warps=cfg["warps"])
     if n_seg > 0 and d > 0:
-        _final_state_kernel[(n_seg, triton.cdiv(d, BLOCK_D))](
-            x, initial_state, offsets, final, D=d, W=width, BLOCK_D=BLOCK_D)
+        _final_state_kernel[(n_seg, triton.cdiv(d, cfg["block_d"]))](
+            x, initial_state, offsets, final, D=d, W=width, BLOCK_D=cfg["block_d"])
     return y, final
 
 
-def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial_state):
-    """Same contract as `mom::segment_conv_backward`: (dx, d_weight, d_bias, d_initial_state)."""
+def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial_state,
+                                 config: dict | None = None):
+    """Same contract as `mom::segment_conv_backward`: (dx, d_weight, d_bias, d_initial_state).
+    config: overrides of `default_config()`."""
+    cfg = dict(default_config(), **(config or {}))
+    block_n, block_d = cfg["block_n_backward"], cfg["block_d"]
     d_y, d_final, x, weight, bias, offsets, initial_state = (
         t.contiguous() for t in (d_y, d_final, x, weight, bias, offsets, initial_state))
     n, d = x.shape
@@ -207,7 +212,7 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     n_seg = offsets.shape[0] - 1
     steps = _search_steps(n_seg)
     compute = _compute(x.dtype)
-    row_blocks = triton.cdiv(n, BLOCK_N_BACKWARD)
+    row_blocks = triton.cdiv(n, block_n)
     # d_z in x's dtype: a bf16 model's d_x is bf16 anyway, and d_z crosses memory twice (the
     # largest traffic of the backward); the weight and bias sums use it before rounding
     d_z = torch.empty(n, d, dtype=x.dtype, device=x.device)
@@ -217,14 +222,16 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     d_x = torch.empty_like(x)
     d_init = torch.empty_like(initial_state)
     if n > 0 and d > 0:
-        _dz_kernel[(row_blocks, triton.cdiv(d, BLOCK_D))](
+        _dz_kernel[(row_blocks, triton.cdiv(d, block_d))](
             x, initial_state, weight, bias, offsets, d_y, d_z, d_w_part, d_b_part, n, n_seg,
-            D=d, W=width, BLOCK_N=BLOCK_N_BACKWARD, BLOCK_D=BLOCK_D, SEARCH_STEPS=steps, COMPUTE=compute)
+            D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, SEARCH_STEPS=steps, COMPUTE=compute,
+            num_warps=cfg["dz_warps"])
     table_rows = n + n_seg * (width - 1)
     if table_rows > 0 and d > 0:
-        _dx_kernel[(triton.cdiv(table_rows, BLOCK_N_BACKWARD), triton.cdiv(d, BLOCK_D))](
+        _dx_kernel[(triton.cdiv(table_rows, block_n), triton.cdiv(d, block_d))](
             d_z, d_final, weight, offsets, d_x, d_init, n, n_seg,
-            D=d, W=width, BLOCK_N=BLOCK_N_BACKWARD, BLOCK_D=BLOCK_D, SEARCH_STEPS=steps, COMPUTE=compute)
+            D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, SEARCH_STEPS=steps, COMPUTE=compute,
+            num_warps=cfg["dx_warps"])
     return (d_x, d_w_part.sum(0).to(weight.dtype), d_b_part.sum(0).to(bias.dtype), d_init)
 
 

@@ -1,0 +1,118 @@
+"""Tile and warp configurations of the chunk scan's and the segment conv's Triton kernels, at the
+340M layer's shapes.
+
+Rows: 16 sequences of T=2048, each split into 4 routed memory segments of uneven length (2T rows
+in all) and the shared one (T rows): 98,304 rows, bf16.
+  scan: H=4, K=V=256, fp32 decays; forward and backward (which recomputes the forward's states);
+  conv: 3,072 channels (q|k|v), width 4, with a history per segment; forward and backward.
+Each configuration (a JSON object of the op's `default_config` keys to override) runs in its own
+process, since a miscompiled one can leave an illegal memory access behind, and is compared with
+the default configuration of the same process (max |diff| / max |default| over the outputs and
+gradients: a different warp count reorders sums, so ~1e-3 in bf16 is expected; a wrong kernel
+shows as far more). Median ms over CUDA events.
+
+    python benchmarks/kernel_configs.py scan ['{"state_bv": 16, "state_warps": 4}' ...]
+    python benchmarks/kernel_configs.py conv ['{"dz_warps": 2}' ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from gpu_timing import bench
+from scan_inputs import scan_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
+
+SWEEPS = {
+    "scan": [{}, {"state_stages": 1}, {"state_stages": 3}, {"state_bv": 16, "state_warps": 4}],
+    "conv": [{}, {"dz_warps": 2}, {"dz_warps": 8}, {"block_n_backward": 32, "dz_warps": 2}],
+}
+
+
+def layer_offsets(b: int = 16, t: int = 2048, memories: int = 4) -> torch.Tensor:
+    torch.manual_seed(0)
+    lens = []
+    for _ in range(b):
+        share = torch.rand(memories) + 0.2
+        seg = (share / share.sum() * 2 * t).long()
+        seg[-1] = 2 * t - seg[:-1].sum()
+        lens += seg.tolist() + [t]
+    return torch.tensor([0] + lens).cumsum(0).cuda()
+
+
+def scan_calls():
+    from mom_compile.ops import chunk_scan_triton as cst
+    offsets = layer_offsets()
+    q, k, v, g, beta = scan_inputs(offsets)
+    args = (q, k, v, g, beta, offsets, None, 256 ** -0.5)
+    d_o = torch.randn_like(v)
+    return (lambda cfg: cst.chunk_gated_delta_triton(*args, config=cfg),
+            lambda cfg: cst.chunk_gated_delta_backward_triton(*args, d_o, None, config=cfg)[:5])
+
+
+def conv_calls():
+    from mom_compile.ops import segment_conv_triton as sct
+    offsets = layer_offsets()
+    n, d, width, n_seg = int(offsets[-1]), 3072, 4, offsets.numel() - 1
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(d, width, device="cuda", dtype=torch.bfloat16) * 0.5
+    bias = torch.randn(d, device="cuda", dtype=torch.bfloat16)
+    history = torch.randn(n_seg, width - 1, d, device="cuda", dtype=torch.bfloat16)
+    d_y, d_final = torch.randn_like(x), torch.randn_like(history)
+    args = (x, weight, bias, offsets, history)
+    return (lambda cfg: sct.segment_conv_triton(*args, config=cfg),
+            lambda cfg: sct.segment_conv_backward_triton(d_y, d_final, *args, config=cfg))
+
+
+CALLS = {"scan": scan_calls, "conv": conv_calls}
+
+
+def measure(op: str, config: dict) -> dict:
+    fwd, bwd = CALLS[op]()
+    ref = [*fwd(None), *bwd(None)]
+    out = [*fwd(config), *bwd(config)]
+    diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+               for a, b in zip(out, ref))
+    return dict(diff=diff, fwd=bench(lambda: fwd(config), iters=8)[0],
+                bwd=bench(lambda: bwd(config), iters=8)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the Triton kernels' configurations, timed")
+    parser.add_argument("op", choices=sorted(CALLS))
+    parser.add_argument("configs", nargs="*", type=json.loads, metavar="JSON",
+                        help="overrides of the op's default_config, e.g. '{\"dz_warps\": 2}' "
+                             "(default: a sweep)")
+    parser.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(measure(args.op, args.child)))
+        return
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.op}, 98,304 rows, bf16")
+    print("| config | max diff vs default | forward ms | backward ms |")
+    print("| --- | --- | --- | --- |")
+    for config in args.configs or SWEEPS[args.op]:
+        try:
+            proc = subprocess.run([sys.executable, __file__, args.op, "--child", json.dumps(config)],
+                                  capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            print(f"| {config or 'default'} | timed out | | |", flush=True)
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]
+            print(f"| {config or 'default'} | failed: {error} | | |", flush=True)
+            continue
+        r = json.loads(lines[-1])
+        print(f"| {config or 'default'} | {r['diff']:.1e} | {r['fwd']:.2f} | {r['bwd']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
