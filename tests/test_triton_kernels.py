@@ -259,7 +259,8 @@ def test_cuda_kernel_matches_reference(case):
 
 
 @pytest.mark.parametrize("op", ["chunk_gated_delta", "chunk_gated_delta_backward", "gated_delta_step",
-                                "segment_conv", "segment_conv_backward", "memory_decode"])
+                                "segment_conv", "segment_conv_backward", "memory_decode", "combine",
+                                "combine_backward"])
 def test_op_has_a_cuda_kernel(op):
     """Each op with a Triton kernel has it registered for CUDA (without it the CUDA cases above
     would compare the reference with itself); a registry query, so it runs without a GPU."""

@@ -76,7 +76,10 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     at T=32K, batch 1, with only 80 programs); then the triangular solve on 2 warps instead of 8:
     3.7 / 10.9; then the backward's per-chunk kernels on 8 warps instead of 16: 3.7 / 9.7.
     state_stages: the sequential passes' loop over chunks is software-pipelined over that many
-    stages (1: not at all); 2 is a guess until timed (benchmarks/kernel_configs.py).
+    stages (1: not at all). Each stage keeps the next chunk's tiles in shared memory: with 2
+    stages the float32 backward at K=256 and float64 at K >= 128 need more than Hopper's 227 KB
+    (compiled for sm_90: 238-443 KB), so only 2-byte inputs take 2 (bf16 K=256: 123 KB forward,
+    172 KB backward); whether it is faster is for benchmarks/kernel_configs.py to say.
     Only these configurations are verified on Hopper (H100/H200, triton 3.6): there, state_bv=32
     at K=256 (bf16, 4 or 8 warps) and 16 warps for the float32 backward kernels raised illegal
     memory accesses."""
@@ -87,7 +90,8 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     else:
         state_bv, state_warps = (64, 8) if elem_bytes <= 2 else (16, 4)
     return dict(bk=min(tile, block_k), bv=min(tile, max(16, triton.next_power_of_2(dv))),
-                state_bv=state_bv, state_warps=state_warps, state_stages=2, warps=8, solve_warps=2,
+                state_bv=state_bv, state_warps=state_warps, state_stages=2 if elem_bytes <= 2 else 1,
+                warps=8, solve_warps=2,
                 bwd_warps=8)
 
 

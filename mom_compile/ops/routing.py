@@ -90,7 +90,7 @@ def _combine_backward_op(
 
 @_combine_backward_op.register_fake
 def _(d_y, o_rows, weights, row_of_choice):
-    return torch.empty_like(o_rows), d_y.new_empty(row_of_choice.shape)
+    return o_rows.new_empty(o_rows.shape), d_y.new_empty(row_of_choice.shape)
 
 
 def _combine_setup(ctx, inputs, output):

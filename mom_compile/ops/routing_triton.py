@@ -85,7 +85,7 @@ def combine_backward_triton(d_y, o_rows, weights, row_of_choice):
     if b * t > 0 and hv > 0:
         _combine_backward_kernel[(b * t,)](
             d_y, o_rows, weights, row_of_choice, d_rows, d_weights, HV=hv, K=k, BLOCK=_block(hv),
-            COMPUTE=_compute(d_y.dtype))
+            COMPUTE=_compute(torch.promote_types(d_y.dtype, weights.dtype)))
     return d_rows, d_weights
 
 
