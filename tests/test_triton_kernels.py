@@ -11,6 +11,7 @@ The reference is always the CPU kernel of the same op, in float64, on the same (
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -169,6 +170,23 @@ def check_combine(impl_fwd, impl_bwd, b, t, k, h, dv, dtype, device, seed=0):
     return errors
 
 
+@contextlib.contextmanager
+def fresh_memory_is_nan():
+    """torch.empty hands out NaN (deterministic mode's fill of uninitialized memory), so an output
+    element that no kernel writes, or a buffer read before it is written, fails the comparison
+    instead of passing on memory that happened to hold zeros."""
+    mode = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@fresh_memory_is_nan()
 def run_case(case: tuple, device: str) -> dict[str, float]:
     """One case of `CASES`/`INTERPRETER_CASES` on `device`: CUDA goes through torch.ops.mom (the
     registered kernels), CPU calls the Triton wrappers directly (under the interpreter)."""

@@ -164,7 +164,9 @@ class MomLayer(nn.Module):
         r = conv_out.shape[0]
         q = ops.l2_normalize(q.view(r, c.num_heads, c.head_dim))
         k = ops.l2_normalize(k.view(r, c.num_heads, c.head_dim))
-        return q, k, v.reshape(r, c.num_heads, c.head_v_dim)
+        # v is a column slice of conv_out: made contiguous once here (Inductor fuses the copy), the
+        # scan's forward and backward take it as it is instead of each copying the strided view
+        return q, k, v.reshape(r, c.num_heads, c.head_v_dim).contiguous()
 
     def _scan(self, q, per_set, memory_idx, weights, mask, state):
         """Any T: dispatch tokens into (sequence, memory) segments, conv and scan them."""

@@ -66,6 +66,30 @@ def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch
     return table, first.contiguous(), max_chunks
 
 
+@triton.jit
+def _zero_tail_kernel(x, offsets, n_seg, numel, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """Zero x's elements in rows past offsets[-1], which no chunk writes; a program wholly before
+    that row exits after one load."""
+    first = tl.program_id(0).to(tl.int64) * BLOCK
+    end = tl.load(offsets + n_seg) * ROW
+    if first + BLOCK <= end:
+        return
+    idx = first + tl.arange(0, BLOCK)
+    tl.store(x + idx, tl.zeros((BLOCK,), dtype=x.dtype.element_ty), mask=(idx >= end) & (idx < numel))
+
+
+def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs shaped like `likes` [N, ...] whose rows in no segment read 0: only those rows are
+    cleared (filling all of o, dq, dk and dv with zeros took ~0.2 ms of the layer's step)."""
+    outs = [torch.empty_like(x) for x in likes]
+    n_seg, block = offsets.shape[0] - 1, 1024
+    for out in outs:
+        if out.numel():
+            _zero_tail_kernel[(triton.cdiv(out.numel(), block),)](
+                out, offsets, n_seg, out.numel(), ROW=out[0].numel(), BLOCK=block)
+    return outs
+
+
 def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     """Tile sizes and warps. K- and V-blocks of 64 for the per-chunk kernels (32 for 4- and 8-byte
     operands, whose [64, 64] tiles would overflow shared memory in grad_qkw). The sequential passes
@@ -153,10 +177,10 @@ def chunk_gated_delta_triton(q, k, v, g, beta, offsets, initial_state, scale, co
     """Same contract as `mom::chunk_gated_delta`: (o [N, H, V] in v's dtype, final state
     [S, H, K, V] in the initial state's dtype, float32 when there is none)."""
     (q, k, v, g, beta, offsets), p = _prepare(q, k, v, g, beta, offsets, initial_state, config)
-    o = torch.zeros_like(v)  # rows past offsets[-1] belong to no segment and read 0
     final = torch.empty(p.n_seg, p.h, p.dk, p.dv, dtype=p.state_dtype, device=q.device)
     if p.empty:
-        return o, final
+        return torch.zeros_like(v), final
+    (o,) = _empty_like_rows(offsets, v)
     _, _, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state, final)
     kw = p.kw
     fwd.output_kernel[(p.max_chunks * triton.cdiv(p.dv, p.cfg["bv"]), p.h)](
@@ -170,13 +194,10 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     """Same contract as `mom::chunk_gated_delta_backward`: (dq, dk, dv, dg, dbeta, d_initial)."""
     (q, k, v, g, beta, offsets), p = _prepare(q, k, v, g, beta, offsets, initial_state, config)
     d_o = d_o.contiguous()
-    dev = q.device
-    # rows in no segment get zero gradients; every other row is written by the kernels
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dg, dbeta = torch.zeros_like(g), torch.zeros_like(beta)
-    d_init = torch.zeros(p.n_seg, p.h, p.dk, p.dv, dtype=p.state_dtype, device=dev)
-    if p.empty:
-        return dq, dk, dv, dg, dbeta, d_init
+    d_init = torch.empty(p.n_seg, p.h, p.dk, p.dv, dtype=p.state_dtype, device=q.device)
+    if p.empty:  # nothing to scan: every gradient is 0
+        return (*(torch.zeros_like(x) for x in (q, k, v, g, beta)), d_init.zero_())
+    dq, dk, dv, dg, dbeta = _empty_like_rows(offsets, q, k, v, g, beta)
     final = torch.empty_like(d_init)
     t_buf, w, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state, final)
     kw, dims, cfg = p.kw, p.dims(), p.cfg
