@@ -94,9 +94,12 @@ def state_bwd_kernel(
         h_off, h_ok = state_offsets(first + c, h, kk, col, H, K, V)
         tl.store(dh_buf + h_off, d_state.to(dh_buf.dtype.element_ty), mask=h_ok)
         cum, last = chunk_decay(g, rows, ok, h, H, C, COMPUTE)
-        k_end = (load_rows(k, rows, ok, h, kk, H, K).to(COMPUTE) * tl.exp(last - cum)[:, None]).to(DOT)
-        dvn = load_rows(d_vn, rows, ok, h, col, H, V).to(COMPUTE) + tl.dot(
-            k_end, d_state.to(DOT), input_precision=PREC)
+        # diag(e^{G_last-G}) (K dS): the decay on the [C, BV] product, K straight from memory (as
+        # in state_fwd_kernel). Q keeps its decay: staging Q as well would take 2-stage bf16 at
+        # K = 256 to 262 KB of shared memory, past sm_90's 227 KB
+        k_c = load_rows(k, rows, ok, h, kk, H, K).to(DOT)
+        dvn = load_rows(d_vn, rows, ok, h, col, H, V).to(COMPUTE) + tl.exp(last - cum)[:, None] * tl.dot(
+            k_c, d_state.to(DOT), input_precision=PREC)
         dvn = dvn.to(DOT)
         store_rows(d_vn, dvn, rows, ok, h, col, H, V)
         q_g = (load_rows(q, rows, ok, h, kk, H, K).to(COMPUTE) * tl.exp(cum)[:, None]).to(DOT)
