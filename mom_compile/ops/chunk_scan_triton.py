@@ -80,7 +80,7 @@ def _zero_tail_kernel(x, offsets, n_seg, numel, ROW: tl.constexpr, BLOCK: tl.con
 
 def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.Tensor]:
     """Outputs shaped like `likes` [N, ...] whose rows in no segment read 0: only those rows are
-    cleared (filling all of o, dq, dk and dv with zeros took ~0.2 ms of the layer's step)."""
+    cleared (zero-filling o, dq, dk and dv whole took ~0.3 ms of the compiled layer's step)."""
     outs = [torch.empty_like(x) for x in likes]
     n_seg, block = offsets.shape[0] - 1, 1024
     for out in outs:
