@@ -175,8 +175,11 @@ def fresh_memory_is_nan():
     """torch.empty hands out NaN (deterministic mode's fill of uninitialized memory), so an output
     element that no kernel writes, or a buffer read before it is written, fails the comparison
     instead of passing on memory that happened to hold zeros."""
+    from torch._inductor import config as inductor_config  # the mode switch sets its flag too
+
     mode = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
+    inductor = getattr(inductor_config, "deterministic", None)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     try:
@@ -184,6 +187,8 @@ def fresh_memory_is_nan():
     finally:
         torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill
+        if inductor is not None:
+            inductor_config.deterministic = inductor
 
 
 @fresh_memory_is_nan()

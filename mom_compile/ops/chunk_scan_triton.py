@@ -79,8 +79,9 @@ def _zero_tail_kernel(x, offsets, n_seg, numel, ROW: tl.constexpr, BLOCK: tl.con
 
 
 def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.Tensor]:
-    """Outputs shaped like `likes` [N, ...] whose rows in no segment read 0: only those rows are
-    cleared (zero-filling o, dq, dk and dv whole took ~0.3 ms of the compiled layer's step)."""
+    """Outputs shaped like `likes` [N, ...] whose rows in no segment (those past offsets[-1]; the
+    contract has offsets[0] = 0) read 0: only those rows are cleared (zero-filling o, dq, dk and dv
+    whole took ~0.3 ms of the compiled layer's step)."""
     outs = [torch.empty_like(x) for x in likes]
     n_seg, block = offsets.shape[0] - 1, 1024
     for out in outs:
