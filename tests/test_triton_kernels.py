@@ -303,6 +303,7 @@ def test_cuda_dispatch_reaches_triton():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("state", [(16, 4), (64, 8)], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dv", [256, 512])
+@fresh_memory_is_nan()
 def test_cuda_both_state_pass_configs_match_reference(state, dv):
     """The two state-pass configurations at K=256: [256, 64] slices on 8 warps (bf16's default)
     and [256, 16] on 4 (the default of wider operands), both in bf16 against the reference."""
