@@ -35,6 +35,13 @@ def split_scale(scale: float) -> tuple[float, float]:
     return hi, float(scale) - hi
 
 
+def compute_type(dtype: torch.dtype) -> tl.dtype:
+    """The arithmetic dtype of the elementwise kernels (step, decode, conv, combine): float32 for
+    every input precision, float64 only for float64 (the test oracle's precision, so the kernels
+    can be checked to rounding)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def _precision(q_dtype: torch.dtype, state_dtype: torch.dtype) -> dict:
     """COMPUTE: float32 accumulation, float64 when anything is float64 (the test oracle's precision,
     so the kernels can be checked to rounding). DOT: the operand dtype of the big products (bf16 and
@@ -116,8 +123,7 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
         state_bv, state_warps = (64, 8) if elem_bytes <= 2 else (16, 4)
     return dict(bk=min(tile, block_k), bv=min(tile, max(16, triton.next_power_of_2(dv))),
                 state_bv=state_bv, state_warps=state_warps, state_stages=2 if elem_bytes <= 2 else 1,
-                warps=8, solve_warps=2,
-                bwd_warps=8)
+                warps=8, solve_warps=2, bwd_warps=8)
 
 
 class _Plan:

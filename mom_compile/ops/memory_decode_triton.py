@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_scan_triton import split_scale
+from .chunk_scan_triton import compute_type, split_scale
 from .memory_decode import L2_EPS
 from .state_step_triton import block_sizes
 
@@ -96,12 +96,11 @@ def memory_decode_triton(conv_in, beta, g, slot, conv_weight, conv_bias, conv_st
     block_k, widest = block_sizes(dk, dv)
     # about 512 programs: a decode step's few state slices must spread over the whole GPU
     block_v = max(8, min(widest, triton.next_power_of_2(max(1, rows * h * dv // 512))))
-    compute = tl.float64 if rec_states.dtype == torch.float64 else tl.float32
     bias = conv_weight if conv_bias is None else conv_bias.contiguous()  # placeholder if absent
     _decode_kernel[(rows, h, triton.cdiv(dv, block_v))](
         conv_in, beta, g, slot, conv_weight, bias, conv_states, rec_states, o, conv_new, rec_new,
         *split_scale(scale), L2_EPS, H=h, K=dk, V=dv, W=conv_weight.shape[1], BLOCK_K=block_k,
-        BLOCK_V=block_v, HAS_BIAS=conv_bias is not None, COMPUTE=compute,
+        BLOCK_V=block_v, HAS_BIAS=conv_bias is not None, COMPUTE=compute_type(rec_states.dtype),
         num_warps=8 if block_k * block_v >= 4096 else 4)
     return o, conv_new, rec_new
 

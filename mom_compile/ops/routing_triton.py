@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_scan_triton import compute_type
+
 BLOCK = 1024  # columns (H*V) per step
 
 
@@ -52,11 +54,6 @@ def _combine_backward_kernel(d_y, o_rows, weights, row_of_choice, d_rows, d_weig
         tl.store(d_weights + token * K + i, tl.sum(dot, axis=0).to(d_weights.dtype.element_ty))
 
 
-def _compute(dtype: torch.dtype):
-    """float64 for float64 weights (the test oracle's precision), else float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _block(hv: int) -> int:
     return min(BLOCK, triton.next_power_of_2(max(hv, 16)))
 
@@ -70,7 +67,7 @@ def combine_triton(o_rows, weights, row_of_choice):
     if b * t > 0 and hv > 0:
         block = _block(hv)
         _combine_kernel[(b * t, triton.cdiv(hv, block))](
-            o_rows, weights, row_of_choice, y, HV=hv, K=k, BLOCK=block, COMPUTE=_compute(weights.dtype))
+            o_rows, weights, row_of_choice, y, HV=hv, K=k, BLOCK=block, COMPUTE=compute_type(weights.dtype))
     return y
 
 
@@ -79,13 +76,16 @@ def combine_backward_triton(d_y, o_rows, weights, row_of_choice):
     d_y, o_rows, weights, row_of_choice = (t.contiguous() for t in (d_y, o_rows, weights, row_of_choice))
     b, t, k = row_of_choice.shape
     hv = math.prod(o_rows.shape[1:])
-    # zeros: rows no choice points to (none, when row_of_choice is a permutation as dispatch returns)
-    d_rows = torch.zeros_like(o_rows)
-    d_weights = torch.zeros(b, t, k, dtype=d_y.dtype, device=d_y.device)
-    if b * t > 0 and hv > 0:
+    # row_of_choice is a permutation of o_rows' rows (combine's contract, as dispatch returns it),
+    # so the kernel writes every row of d_rows and every weight gradient: no zero-fill first
+    d_rows = torch.empty_like(o_rows)
+    d_weights = torch.empty(b, t, k, dtype=d_y.dtype, device=d_y.device)
+    if hv == 0:  # empty rows: each weight's gradient is an empty sum
+        return d_rows, d_weights.zero_()
+    if b * t > 0:
         _combine_backward_kernel[(b * t,)](
             d_y, o_rows, weights, row_of_choice, d_rows, d_weights, HV=hv, K=k, BLOCK=_block(hv),
-            COMPUTE=_compute(torch.promote_types(d_y.dtype, weights.dtype)))
+            COMPUTE=compute_type(torch.promote_types(d_y.dtype, weights.dtype)))
     return d_rows, d_weights
 
 

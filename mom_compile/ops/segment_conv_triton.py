@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_scan_triton import compute_type
+
 
 @triton.jit
 def _segment_of(offsets, rows, n_seg, SEARCH_STEPS: tl.constexpr):
@@ -173,10 +175,6 @@ def _torch_compute(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | None = None):
     """Same contract as `mom::segment_conv`: (silu(conv) [N, D], final state [S, W-1, D]) in x's
     dtype. config: overrides of `default_config()`."""
@@ -192,7 +190,7 @@ def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | 
         grid = (triton.cdiv(n, cfg["block_n"]), triton.cdiv(d, cfg["block_d"]))
         _conv_kernel[grid](x, initial_state, weight, bias, offsets, y, n, n_seg, D=d, W=width,
                            BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], SEARCH_STEPS=_search_steps(n_seg),
-                           COMPUTE=_compute(x.dtype), num_warps=cfg["warps"])
+                           COMPUTE=compute_type(x.dtype), num_warps=cfg["warps"])
     if n_seg > 0 and d > 0:
         _final_state_kernel[(n_seg, triton.cdiv(d, cfg["block_d"]))](
             x, initial_state, offsets, final, D=d, W=width, BLOCK_D=cfg["block_d"])
@@ -211,7 +209,7 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     width = weight.shape[1]
     n_seg = offsets.shape[0] - 1
     steps = _search_steps(n_seg)
-    compute = _compute(x.dtype)
+    compute = compute_type(x.dtype)
     row_blocks = triton.cdiv(n, block_n)
     # d_z in x's dtype: a bf16 model's d_x is bf16 anyway, and d_z crosses memory twice (the
     # largest traffic of the backward); the weight and bias sums use it before rounding

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_scan_triton import split_scale
+from .chunk_scan_triton import compute_type, split_scale
 
 
 @triton.jit
@@ -68,9 +68,8 @@ def gated_delta_step_triton(q, k, v, g, beta, state, scale):
         return o.zero_(), new_state.copy_(state)
     block_k, block_v = block_sizes(dk, dv)
     grid = (r, h, triton.cdiv(dv, block_v))
-    compute = tl.float64 if state.dtype == torch.float64 else tl.float32
     _step_kernel[grid](q, k, v, g, beta, state, o, new_state, *split_scale(scale),
-                       H=h, K=dk, V=dv, BLOCK_K=block_k, BLOCK_V=block_v, COMPUTE=compute,
+                       H=h, K=dk, V=dv, BLOCK_K=block_k, BLOCK_V=block_v, COMPUTE=compute_type(state.dtype),
                        num_warps=8 if block_k >= 128 else 4)
     return o, new_state
 
