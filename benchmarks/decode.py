@@ -1,8 +1,9 @@
 """Decode latency on a GPU: ms per generated token after a 512-token prompt, batch 1 and 64, for
 the paper's 340M MoM config with random bf16 weights: eager, torch.compile, and CUDA graphs
-(torch.compile mode="reduce-overhead"). Peers in the same run: a Transformer of the same width and
-depth with a static KV cache through scaled_dot_product_attention (compiled the same ways), and
-the reference implementation's generate() (flash-linear-attention), when it imports.
+(torch.compile mode="reduce-overhead"); and the prefill of the prompt (ms, eager and compiled).
+Peers in the same run: a Transformer of the same width and depth with a static KV cache through
+scaled_dot_product_attention (compiled the same ways), and the reference implementation's
+generate() (flash-linear-attention), when it imports.
 
     python benchmarks/decode.py [--batches 1 64] [--steps 64] [--prompt 512]
 """
@@ -84,6 +85,25 @@ def bench_mom(model: MomForCausalLM, batch: int, prompt: int, steps: int, mode: 
     return time_steps(step, out.logits[:, -1].argmax(-1, keepdim=True), steps)
 
 
+def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | None) -> float:
+    """Median ms of one prefill of `prompt` tokens into a fresh cache (eager, or compiled with mode
+    "default": CUDA graphs do not apply, the cache is new each time)."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    forward = model.forward if mode is None else torch.compile(model.forward, fullgraph=True)
+    times = []
+    with torch.no_grad():
+        for i in range(8):
+            cache = model.new_cache(batch)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            forward(ids, past_key_values=cache, use_cache=True)
+            end.record()
+            end.synchronize()
+            if i >= 3:
+                times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def bench_transformer(config: MomConfig, batch: int, prompt: int, steps: int, mode: str | None) -> float:
     heads = config.hidden_size // 64
     model = StaticKVTransformer(config.vocab_size, config.hidden_size, config.num_hidden_layers, heads,
@@ -142,6 +162,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                         help="which ways to run the decode step (default: all)")
     parser.add_argument("--no-reference", action="store_true", help="skip the fla generate() peer")
+    parser.add_argument("--no-transformer", action="store_true", help="skip the Transformer peer")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = MomConfig.preset(args.config)
@@ -159,13 +180,19 @@ def main() -> None:
 
     for batch in args.batches:
         for name, mode in MODES.items():
+            if name in args.modes and name != "cudagraphs":
+                torch._dynamo.reset()
+                add(batch, f"MoM prefill of {args.prompt}, {name}",
+                    bench_prefill(model, batch, args.prompt, mode))
+        for name, mode in MODES.items():
             if name not in args.modes:
                 continue
             torch._dynamo.reset()
             add(batch, f"MoM {name}", bench_mom(model, batch, args.prompt, args.steps, mode))
-            torch._dynamo.reset()
-            add(batch, f"Transformer+SDPA {name}",
-                bench_transformer(config, batch, args.prompt, args.steps, mode))
+            if not args.no_transformer:
+                torch._dynamo.reset()
+                add(batch, f"Transformer+SDPA {name}",
+                    bench_transformer(config, batch, args.prompt, args.steps, mode))
         if not args.no_reference:
             add(batch, "reference fla generate", bench_reference(config, batch, args.prompt, args.steps))
     print(f"\n{'batch':>5}  {'implementation':32} {'ms/token':>10}")

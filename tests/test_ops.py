@@ -186,30 +186,54 @@ def test_combine_and_its_gradients():
     assert torch.autograd.gradcheck(lambda o, w: ops.combine(o, w, perm), (o_rows, weights))
 
 
-def decode_inputs(rows=4, h=2, dk=4, dv=3, width=3, slots=7, dtype=f64):
+def decode_inputs(batch=3, chosen=2, slots=5, h=2, dk=4, dv=3, width=3, dtype=f64, single_set=False):
+    """Arguments of the decode ops up to the scale: token 0 chooses slot 0 (the shared slot of a
+    single set), the last token is padding (every choice -1)."""
+    state_dtype = f64 if dtype == f64 else torch.float32
     c = 2 * h * dk + h * dv
-    return [torch.randn(rows, c, dtype=dtype), torch.rand(rows, h, dtype=dtype),
-            -torch.rand(rows, h, dtype=f64 if dtype == f64 else torch.float32),
-            torch.randperm(slots)[:rows], torch.randn(c, width, dtype=dtype), torch.randn(c, dtype=dtype),
-            torch.randn(slots, width - 1, c, dtype=dtype),
-            torch.randn(slots, h, dk, dv, dtype=f64 if dtype == f64 else torch.float32)]
+    memory_idx = torch.stack([torch.randperm(slots)[:chosen] for _ in range(batch)])
+    memory_idx[0, 0], memory_idx[-1] = 0, -1
+    memory_idx[0, 1:] = memory_idx[0, 1:].clamp(min=1)
+    return [torch.randn(batch, h * dk, dtype=dtype),
+            torch.randn(batch, 1 if single_set else slots, h * dk + h * dv + 2 * h, dtype=dtype),
+            memory_idx, torch.rand(h, dtype=dtype) * 2, torch.randn(h, dtype=dtype),
+            torch.randn(c, width, dtype=dtype), torch.randn(c, dtype=dtype),
+            torch.randn(batch, slots, width - 1, c, dtype=dtype),
+            torch.randn(batch, slots, h, dk, dv, dtype=state_dtype)]
 
 
-def test_memory_decode_matches_conv_and_recurrence_per_row():
-    """Each row: the causal conv over [its history; its input], L2-normalised q and k, one token of
-    the recurrence from its slot's state."""
+@pytest.mark.parametrize("single_set", [False, True])
+def test_memory_decode_matches_conv_and_recurrence_per_row(single_set):
+    """Each chosen (token, memory): the causal conv over [its history; its input], L2-normalised q
+    and k, one token of the recurrence from its slot's state; unchosen slots and padding tokens
+    keep their states, and the in-place op leaves the tables the functional op returns."""
     h, dk, dv = 2, 4, 3
-    conv_in, beta, g, slot, weight, bias, conv_states, rec_states = args = decode_inputs(h=h, dk=dk, dv=dv)
-    o, conv_new, rec_new = ops.memory_decode(*args, 0.7)
-    for r, s in enumerate(slot.tolist()):
-        y, hist = causal_conv(conv_in[r:r + 1], weight, bias, conv_states[s])
-        q, k, v = y[0].split([h * dk, h * dk, h * dv])
-        q, k = (t.view(h, dk) / (t.view(h, dk).pow(2).sum(-1, keepdim=True) + 1e-6).sqrt() for t in (q, k))
-        o_r, state = recurrence(q[None], k[None], v.view(1, h, dv), g[r:r + 1], beta[r:r + 1], 0.7,
-                                rec_states[s])
-        torch.testing.assert_close(o[r], o_r[0])
-        torch.testing.assert_close(rec_new[r], state)
-        torch.testing.assert_close(conv_new[r], hist)
+    args = decode_inputs(h=h, dk=dk, dv=dv, single_set=single_set)
+    q, per_set, memory_idx, a_log, dt_bias, weight, bias, conv_states, rec_states = args
+    o, conv_new, rec_new = ops.memory_decode(*args, 0.7, single_set)
+    conv_expect, rec_expect = conv_states.clone(), rec_states.clone()
+    for b, i in torch.cartesian_prod(torch.arange(3), torch.arange(2)).tolist():
+        m = int(memory_idx[b, i])
+        if m < 0:
+            assert o[b, i].eq(0).all()
+            continue
+        proj = per_set[b, 0 if single_set else m]
+        x = torch.cat([q[b], proj[:h * dk + h * dv]])
+        beta = 1 / (1 + torch.exp(-proj[-2 * h:-h]))
+        g = -a_log.exp() * torch.log1p(torch.exp(proj[-h:] + dt_bias))
+        y, hist = causal_conv(x[None], weight, bias, conv_states[b, m])
+        qc, kc, vc = y[0].split([h * dk, h * dk, h * dv])
+        qc, kc = (t.view(h, dk) / (t.view(h, dk).pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+                  for t in (qc, kc))
+        o_r, state = recurrence(qc[None], kc[None], vc.view(1, h, dv), g[None], beta[None], 0.7,
+                                rec_states[b, m])
+        torch.testing.assert_close(o[b, i], o_r[0])
+        conv_expect[b, m], rec_expect[b, m] = hist, state
+    torch.testing.assert_close(conv_new, conv_expect, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rec_new, rec_expect)
+    o_inplace = ops.memory_decode_(*args, 0.7, single_set)
+    assert torch.equal(o_inplace, o)
+    assert torch.equal(conv_states, conv_new) and torch.equal(rec_states, rec_new)
 
 
 def opcheck_cases():
@@ -234,14 +258,15 @@ def opcheck_cases():
         (torch.ops.mom.dispatch.default, (idx, torch.rand(2, 3) > 0.2, 4)),
         (torch.ops.mom.combine.default,
          (torch.randn(12, 2, 3, **grad), torch.rand(2, 3, 2, **grad), torch.randperm(12).view(2, 3, 2))),
-        (torch.ops.mom.memory_decode.default, (*decode_inputs(dtype=torch.float32), 0.5)),
+        (torch.ops.mom.memory_decode.default, (*decode_inputs(dtype=torch.float32), 0.5, False)),
+        (torch.ops.mom.memory_decode_.default, (*decode_inputs(dtype=torch.float32), 0.5, False)),
         (torch.ops.mom.combine_backward.default,
          (torch.randn(2, 3, 2, 3), torch.randn(12, 2, 3), torch.rand(2, 3, 2),
           torch.randperm(12).view(2, 3, 2))),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -266,10 +291,12 @@ def test_opcheck(case):
      r"mask: expected shape \[1, 2\]"),
     (lambda: ops.combine(torch.randn(5, 1, 1), torch.rand(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int64)),
      "o_rows: expected 4 rows"),
-    (lambda: ops.memory_decode(*decode_inputs()[:3], torch.arange(4, dtype=torch.int32),
-                               *decode_inputs()[4:], 1.0), "slot: expected dtype"),
-    (lambda: ops.memory_decode(*decode_inputs()[:6], *decode_inputs(slots=7, h=1)[6:], 1.0),
-     r"conv_in: expected shape \[\*, 11\]"),
+    (lambda: ops.memory_decode_(*decode_inputs()[:2], decode_inputs()[2].int(), *decode_inputs()[3:], 1.0),
+     "memory_idx: expected dtype"),
+    (lambda: ops.memory_decode_(*decode_inputs()[:7], *decode_inputs(slots=7, h=1)[7:], 1.0),
+     r"q: expected shape \[3, 4\]"),
+    (lambda: ops.memory_decode(*decode_inputs(slots=4)[:2], *decode_inputs(slots=5)[2:], 1.0),
+     "per_set: expected at least 5 projection sets"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

@@ -137,22 +137,30 @@ def check_conv(impl_fwd, impl_bwd, layout, d, width, dtype, device, seed=0):
     return errors
 
 
-def check_decode(impl, rows, h, dk, dv, with_bias, dtype, device, seed=0, width=4):
-    """The fused decode op vs the float64 reference, at rows spread over a cache of 2 * rows."""
+def check_decode(impl, batch, h, dk, dv, with_bias, single_set, dtype, device, seed=0, width=4, chosen=3,
+                 slots=5):
+    """The in-place decode op vs the float64 reference: o and both state tables after the step.
+    q and the projection sets are strided views of one projection row, as the layer passes them;
+    the last token is padding (every choice -1) when there are several."""
     gen = torch.Generator().manual_seed(seed)
     state_dtype = F64 if dtype == F64 else torch.float32
-    c = 2 * h * dk + h * dv
-    args = [_rand(rows, c, dtype=dtype, device=device, gen=gen),
-            torch.rand(rows, h, generator=gen, dtype=F64).to(dtype).to(device),
-            (-torch.rand(rows, h, generator=gen, dtype=F64)).to(state_dtype).to(device),
-            torch.randperm(2 * rows, generator=gen)[:rows].to(device),
+    c, set_width = 2 * h * dk + h * dv, h * dk + h * dv + 2 * h
+    sets = 1 if single_set else slots
+    proj = _rand(batch, 3 + h * dk + sets * set_width, dtype=dtype, device=device, gen=gen)
+    memory_idx = torch.stack([torch.randperm(slots, generator=gen)[:chosen] for _ in range(batch)])
+    if batch > 1:
+        memory_idx[-1] = -1
+    args = [proj[:, 3:3 + h * dk], proj[:, 3 + h * dk:].unflatten(-1, (sets, set_width)),
+            memory_idx.to(device),
+            (torch.rand(h, generator=gen, dtype=F64) * 2).to(dtype).to(device),
+            _rand(h, dtype=dtype, device=device, gen=gen),
             _rand(c, width, dtype=dtype, device=device, gen=gen) * 0.5,
             _rand(c, dtype=dtype, device=device, gen=gen) if with_bias else None,
-            _rand(2 * rows, width - 1, c, dtype=dtype, device=device, gen=gen),
-            _rand(2 * rows, h, dk, dv, dtype=state_dtype, device=device, gen=gen)]
-    outs = impl(*args, dk ** -0.5)
-    refs = torch.ops.mom.memory_decode(*map(_to_cpu64, args), dk ** -0.5)
-    return _compare(["o", "conv_new", "rec_new"], outs, refs)
+            _rand(batch, slots, width - 1, c, dtype=dtype, device=device, gen=gen),
+            _rand(batch, slots, h, dk, dv, dtype=state_dtype, device=device, gen=gen)]
+    refs = torch.ops.mom.memory_decode(*map(_to_cpu64, args), dk ** -0.5, single_set)
+    o = impl(*args, dk ** -0.5, single_set)
+    return _compare(["o", "conv_states", "rec_states"], (o, args[7], args[8]), refs)
 
 
 def check_combine(impl_fwd, impl_bwd, b, t, k, h, dv, dtype, device, seed=0):
@@ -205,7 +213,7 @@ def run_case(case: tuple, device: str) -> dict[str, float]:
         return check_chunk(fwd, bwd, layout, h, dk, dv, dtype, device, with_state=with_state)
     if op == "decode":
         from mom_compile.ops import memory_decode_triton as md
-        return check_decode(torch.ops.mom.memory_decode if via_ops else md.memory_decode_triton,
+        return check_decode(torch.ops.mom.memory_decode_ if via_ops else md.memory_decode_triton_,
                             *rest, dtype, device)
     if op == "step":
         from mom_compile.ops import state_step_triton as st
@@ -245,10 +253,12 @@ CASES = (
     # (B, T, k, H, V): the 340M layer's rows, a partial column block, k = 1, two column blocks
     + [("combine", dt, b, t, k, h, dv) for dt in (torch.float32, torch.bfloat16, F64)
        for b, t, k, h, dv in ((2, 5, 3, 4, 256), (1, 3, 2, 2, 96), (2, 2, 1, 4, 64), (1, 3, 3, 4, 512))]
-    # (rows, H, K, V, conv bias)
-    + [("decode", dt, 9, 4, dk, dk * ev, True) for dt in (torch.float32, torch.bfloat16, F64)
+    # (batch, H, K, V, conv bias, single projection set)
+    + [("decode", dt, 3, 4, dk, dk * ev, True, False) for dt in (torch.float32, torch.bfloat16, F64)
        for dk in (64, 128, 256) for ev in (1, 2)]
-    + [("decode", dt, 3, 2, 8, 8, False) for dt in (torch.float32, torch.bfloat16)]
+    + [("decode", dt, 1, 2, 8, 8, False, single) for dt in (torch.float32, torch.bfloat16)
+       for single in (False, True)]
+    + [("decode", torch.bfloat16, 64, 4, 256, 256, False, False)]  # the 340M layer at batch 64
 )
 INTERPRETER_CASES = (
     [("chunk", torch.float32, layout, 2, 16, 16 * ev, ws)
@@ -262,8 +272,9 @@ INTERPRETER_CASES = (
     + [("chunk", F64, "mixed", 1, 64, 128, True)]
     + [("step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
     + [("conv", dt, layout, 40, 4) for dt in (torch.float32, F64) for layout in ("mixed", "all_empty")]
-    + [("decode", dt, 7, 2, 16, 32, bias) for dt in (torch.float32, F64) for bias in (True, False)]
-    + [("decode", torch.float32, 2, 1, 256, 64, True)]  # V-blocks of 8: v histories split, q/k not
+    + [("decode", dt, 3, 2, 16, 32, bias, False) for dt in (torch.float32, F64) for bias in (True, False)]
+    + [("decode", F64, 2, 2, 16, 32, True, True)]
+    + [("decode", torch.float32, 1, 1, 256, 64, True, False)]  # V-blocks of 8 in the step
     + [("combine", dt, 2, 3, 3, 2, 16) for dt in (torch.float32, F64)]
     + [("combine", F64, 1, 2, 2, 2, 1040)]  # H*V over one column block, the last one partial
 )
@@ -282,7 +293,7 @@ def test_cuda_kernel_matches_reference(case):
 
 
 @pytest.mark.parametrize("op", ["chunk_gated_delta", "chunk_gated_delta_backward", "gated_delta_step",
-                                "segment_conv", "segment_conv_backward", "memory_decode", "combine",
+                                "segment_conv", "segment_conv_backward", "memory_decode_", "combine",
                                 "combine_backward"])
 def test_op_has_a_cuda_kernel(op):
     """Each op with a Triton kernel has it registered for CUDA (without it the CUDA cases above

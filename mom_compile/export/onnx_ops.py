@@ -299,30 +299,75 @@ def plugin_memory_step(q, k, v, g, beta, state, scale: float = 1.0):
 
 
 # -- mom::memory_decode -------------------------------------------------------------------------
-def memory_decode_translation(step: Callable) -> Callable:
-    """mom::memory_decode as the composition its reference is (ops/memory_decode.py): the conv
-    over one-row segments, per-head L2 normalisation, then `step` (the table's gated_delta_step
-    translation, so the plugin and LinearAttention choices apply here too) on the states gathered
-    by slot."""
+SOFTPLUS_THRESHOLD = 20.0  # torch's softplus: x itself above it (ONNX Softplus has no threshold)
 
-    def memory_decode(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states, rec_states,
-                      scale: float = 1.0):
-        _, h, dk, dv = rec_states.shape  # model constants, static in every exported program
-        one_each = op.Range(0, op.Add(_dim(conv_in, 0), 1), 1)
+
+def memory_decode_translation(step: Callable) -> Callable:
+    """mom::memory_decode (the functional form the export graphs use) as the composition its
+    reference is (ops/memory_decode.py): the rows' projections gathered, the gates, the conv over
+    one-row segments, per-head L2 normalisation, then `step` (the table's gated_delta_step
+    translation, so the plugin and LinearAttention choices apply here too) on the states gathered
+    by slot. The new tables take each chosen slot's row by a Where over all slots, not a scatter:
+    a padding token's rows all point at slot 0, and ScatterND with repeated indices is undefined."""
+
+    def memory_decode(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,  # noqa: N803
+                      rec_states, scale: float = 1.0, single_set: bool = False):
+        _, slots, h, dk, dv = rec_states.shape  # model constants, static in every exported program
+        n_sets, set_width = per_set.shape[1], per_set.shape[2]
+        dt = _compute_type(q)
+        batch = _dim(memory_idx, 0)
+        memory = op.Reshape(memory_idx, _ints(-1))
+        valid = op.GreaterOrEqual(memory, op.Constant(value_int=0))
+        slot = op.Max(memory, op.Constant(value_int=0))
+        token = op.Reshape(op.Expand(_col(op.Range(0, batch, 1)), op.Shape(memory_idx)), _ints(-1))
+        proj_set = op.Mul(slot, op.Constant(value_int=0)) if single_set else slot
+        proj_row = op.Add(op.Mul(token, n_sets), proj_set)
+        proj = op.Gather(op.Reshape(per_set, _ints(-1, set_width)), proj_row)
+        hk, hv = h * dk, h * dv
+        bounds = [0, hk + hv, hk + hv + h, hk + hv + 2 * h]
+        kv, b_pre, a_pre = (op.Slice(proj, _ints(lo), _ints(hi), _ints(1))
+                            for lo, hi in zip(bounds, bounds[1:]))
+        beta = op.Sigmoid(b_pre)
+        a = op.Add(_cast(a_pre, dt), _cast(dt_bias, dt))
+        capped = op.Min(a, op.CastLike(SOFTPLUS_THRESHOLD, a))
+        softplus = op.Where(op.Greater(a, op.CastLike(SOFTPLUS_THRESHOLD, a)), a,
+                            op.Log(op.Add(op.Exp(capped), op.CastLike(1.0, a))))
+        g = op.Mul(op.Neg(op.Exp(_cast(A_log, dt))), softplus)
+
+        slot_row = op.Add(op.Mul(token, slots), slot)  # row of the [B * S, ...] tables
+        conv_table = op.Reshape(conv_states, op.Concat(_ints(-1), op.Shape(conv_states, start=2), axis=0))
+        conv_rows = op.Gather(conv_table, slot_row)
+        rec_rows = op.Gather(op.Reshape(rec_states, _ints(-1, h, dk, dv)), slot_row)
+        # the tracer infers no type or shape for a Gather; `step` picks its ONNX op by them
+        rec_rows.dtype, rec_rows.shape = rec_states.dtype, ir.Shape([None, h, dk, dv])
+        conv_in = op.Concat(op.Gather(q, token), kv, axis=1)
         if conv_bias is None:
             conv_bias = op.CastLike(op.ConstantOfShape(op.Shape(conv_weight, start=0, end=1)), conv_weight)
-        conv_out, conv_new = segment_conv(conv_in, conv_weight, conv_bias, one_each,
-                                          op.Gather(conv_states, slot))
-        bounds = [0, h * dk, 2 * h * dk, 2 * h * dk + h * dv]
-        q, k, v = (op.Slice(conv_out, _ints(lo), _ints(hi), _ints(1)) for lo, hi in zip(bounds, bounds[1:]))
-        q, k = (_l2_normalize(op.Reshape(t, _ints(0, h, dk))) for t in (q, k))
-        # the tracer infers no type or shape for a Gather; `step` picks its ONNX op by them
-        state = op.Gather(rec_states, slot)
-        state.dtype, state.shape = rec_states.dtype, ir.Shape([slot.shape[0], h, dk, dv])
-        o, rec_new = step(q, k, op.Reshape(v, _ints(0, h, dv)), g, beta, state, scale=scale)
-        return op.CastLike(o, rec_states), conv_new, rec_new
+        one_each = op.Range(0, op.Add(_dim(conv_in, 0), 1), 1)
+        conv_out, conv_new = segment_conv(conv_in, conv_weight, conv_bias, one_each, conv_rows)
+        bounds = [0, hk, 2 * hk, 2 * hk + hv]
+        qc, kc, vc = (op.Slice(conv_out, _ints(lo), _ints(hi), _ints(1))
+                      for lo, hi in zip(bounds, bounds[1:]))
+        qc, kc = (_l2_normalize(op.Reshape(t, _ints(0, h, dk))) for t in (qc, kc))
+        o, rec_new = step(qc, kc, op.Reshape(vc, _ints(0, h, dv)), g, beta, rec_rows, scale=scale)
+        o = op.Mul(op.CastLike(o, rec_states), op.CastLike(op.Unsqueeze(valid, [1, 2]), rec_states))
+        o = op.Reshape(o, op.Concat(op.Shape(memory_idx), _ints(h, dv), axis=0))
+        return o, _take_rows(conv_states, conv_new, memory_idx), _take_rows(rec_states, rec_new, memory_idx)
 
     return memory_decode
+
+
+def _take_rows(table, rows, memory_idx):
+    """table [B, S, ...] with slot (b, s) replaced by rows[b * k' + i] where memory_idx[b, i] = s."""
+    slots = table.shape[1]
+    chosen_at = op.Equal(op.Unsqueeze(memory_idx, [2]), _row(_row(op.Range(0, slots, 1))))  # [B, k', S]
+    picked = op.Cast(chosen_at, to=ir.DataType.INT64)
+    taken = op.Greater(op.ReduceMax(picked, _ints(1), keepdims=0), op.Constant(value_int=0))  # [B, S]
+    which = op.ArgMax(picked, axis=1, keepdims=0)  # [B, S]: the choice that wrote the slot
+    row = op.Add(op.Mul(_col(op.Range(0, _dim(memory_idx, 0), 1)), _dim(memory_idx, 1)), which)
+    new = op.Gather(op.CastLike(rows, table), row)  # [B, S, ...]
+    tail = [1] * (len(table.shape) - 2)
+    return op.Where(op.Reshape(taken, op.Concat(op.Shape(taken), _ints(*tail), axis=0)), new, table)
 
 
 def _l2_normalize(x):

@@ -18,8 +18,19 @@ from .config import MomConfig
 
 @dataclass
 class LayerState:
+    """One layer's states. A functional state (the export graphs') takes new tensors on update
+    instead of writing into its own, so that a traced graph holds no mutation."""
+
     recurrent: torch.Tensor
     conv: torch.Tensor
+    functional: bool = False
+
+    def update(self, recurrent: torch.Tensor, conv: torch.Tensor) -> None:
+        if self.functional:
+            self.recurrent, self.conv = recurrent, conv
+        else:
+            self.recurrent.copy_(recurrent)
+            self.conv.copy_(conv)
 
 
 def conv_channels(config: MomConfig) -> int:
@@ -54,18 +65,19 @@ class MomCache:
                 torch._dynamo.mark_static_address(t)
 
     @staticmethod
-    def _pair(states: list[torch.Tensor]) -> list[LayerState]:
-        return [LayerState(recurrent=states[i], conv=states[i + 1]) for i in range(0, len(states), 2)]
+    def _pair(states: list[torch.Tensor], functional: bool = False) -> list[LayerState]:
+        return [LayerState(states[i], states[i + 1], functional) for i in range(0, len(states), 2)]
 
     @classmethod
-    def from_states(cls, states: list[torch.Tensor]) -> MomCache:
-        """A cache over existing tensors, (recurrent, conv) per layer as `states()` lists them;
-        they are updated in place, so they must be contiguous."""
+    def from_states(cls, states: list[torch.Tensor], functional: bool = False) -> MomCache:
+        """A cache over existing tensors, (recurrent, conv) per layer as `states()` lists them.
+        They are updated in place, so they must be contiguous; with functional=True they are
+        never written, and `states()` returns the new tensors after each forward."""
         for i, t in enumerate(states):
-            if not t.is_contiguous():
+            if not functional and not t.is_contiguous():
                 raise ValueError(f"states[{i}]: expected a contiguous tensor (it is updated in place)")
         cache = cls.__new__(cls)
-        cache.layers = cls._pair(list(states))
+        cache.layers = cls._pair(list(states), functional)
         return cache
 
     def states(self) -> list[torch.Tensor]:

@@ -2,9 +2,9 @@
 
 `MomForCausalLM` advances a `MomCache` in place, which an exported graph cannot express. These
 wrappers make the state explicit instead: the decode step takes every state tensor as an input
-(`past.<layer>.<name>`), clones it into a private cache that the model then mutates, and returns
-the mutated tensors (`present.<layer>.<name>`). The clones are what make the function functional:
-the caller's tensors are never written, so a tracer sees state in -> new state out.
+(`past.<layer>.<name>`) into a functional cache, whose layers take new tensors instead of writing
+into the old ones, and returns them (`present.<layer>.<name>`): a tracer sees state in -> new
+state out, and the caller's tensors are never written.
 
 Prefill has no past: its cache starts as zeros (zero state is exactly "no history"), sized from
 the input batch so that batch stays a dynamic axis.
@@ -39,7 +39,7 @@ class PrefillGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weight = self.model.lm_head.weight
         states = zero_states(self.model.config, input_ids.shape[0], weight.dtype, weight.device)
-        cache = MomCache.from_states(states)
+        cache = MomCache.from_states(states, functional=True)
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache)
         return (out.logits, *cache.states())
 
@@ -52,6 +52,6 @@ class DecodeStepGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        cache = MomCache.from_states([t.clone() for t in past])
+        cache = MomCache.from_states(past, functional=True)
         out = self.model(input_ids, past_key_values=cache)
         return (out.logits, *cache.states())

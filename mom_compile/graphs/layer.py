@@ -154,8 +154,7 @@ class MomLayer(nn.Module):
         mem = per_set.flatten(0, 1)[token, proj_set]
         kv, b_pre, a_pre = mem.split([c.key_dim + c.value_dim, c.num_heads, c.num_heads], dim=-1)
         conv_in = torch.cat([q.flatten(0, 1)[token], kv], dim=-1)
-        beta = b_pre.sigmoid()
-        g = -upcast(self.A_log).exp() * F.softplus(upcast(a_pre) + self.dt_bias)
+        beta, g = ops.gates(b_pre, a_pre, self.A_log, self.dt_bias)
         return conv_in, beta, g
 
     def _qkv(self, conv_out: torch.Tensor):
@@ -184,28 +183,23 @@ class MomLayer(nn.Module):
         rec_init = None if state is None else state.recurrent.flatten(0, 1)
         o_rows, rec_final = ops.chunk_gated_delta(q, k, v, g, beta, offsets, rec_init, self.scale)
         if state is not None:
-            state.recurrent.copy_(rec_final.view_as(state.recurrent))
-            state.conv.copy_(conv_final.view_as(state.conv))
+            state.update(rec_final.view_as(state.recurrent), conv_final.view_as(state.conv))
         return ops.combine(o_rows, weights, row_of_choice)
 
     def _step(self, q, per_set, memory_idx, weights, mask, state):
-        """T = 1 with a cache, no autograd: each token advances only its k' memories' states, all
-        rows in one `mom::memory_decode`."""
-        b, _, chosen = memory_idx.shape
-        token = torch.arange(b, device=q.device).repeat_interleave(chosen)
-        memory = memory_idx.flatten()
-        slot = token * self.config.memory_slots + memory
-        conv_in, beta, g = self._rows(q, per_set, token, memory)
-        conv_states, rec_states = state.conv.flatten(0, 1), state.recurrent.flatten(0, 1)
-        o, conv_new, rec_new = ops.memory_decode(conv_in, beta, g, slot, self.conv_weight.squeeze(1),
-                                                 self.conv_bias, conv_states, rec_states, self.scale)
+        """T = 1 with a cache, no autograd: each token advances only its k' memories' states, every
+        row in one `mom::memory_decode_`, which reads the projections where they lie and writes the
+        cache in place (a functional cache takes new tables from `mom::memory_decode` instead)."""
+        memory = memory_idx[:, 0]
         if mask is not None:  # a padding token changes no state
-            keep = mask[:, -1].repeat_interleave(chosen)
-            conv_new = torch.where(keep[:, None, None], conv_new, conv_states[slot])
-            rec_new = torch.where(keep[:, None, None, None], rec_new, rec_states[slot])
-        # written through the cache tensors themselves, not views of them: torch 2.11's inductor
-        # then updates the buffers in place instead of cloning each one and copying it back
-        state.conv.index_put_((token, memory), conv_new)
-        state.recurrent.index_put_((token, memory), rec_new)
+            memory = torch.where(mask[:, -1:], memory, -1)
+        args = (q[:, 0], per_set[:, 0], memory, self.A_log, self.dt_bias, self.conv_weight.squeeze(1),
+                self.conv_bias)
+        single_set = self.config.single_kv_proj
+        if state.functional:
+            o, conv, recurrent = ops.memory_decode(*args, state.conv, state.recurrent, self.scale, single_set)
+            state.update(recurrent, conv)
+        else:
+            o = ops.memory_decode_(*args, state.conv, state.recurrent, self.scale, single_set)
         # mom::combine's weighted sum, in plain torch so that it fuses into the output norm
-        return (weights.view(b, chosen, 1, 1) * o.view(b, chosen, *o.shape[1:])).sum(1, keepdim=True)
+        return (weights[:, 0, :, None, None] * o).sum(1, keepdim=True)

@@ -5,7 +5,7 @@ kernel and the test oracle), a fake implementation, and an analytic autograd for
 `memory_decode`, which serves inference only); the functions below are their checked entry points.
 """
 from .chunk_scan import chunk_gated_delta
-from .memory_decode import l2_normalize, memory_decode
+from .memory_decode import gates, l2_normalize, memory_decode, memory_decode_
 from .routing import combine, dispatch
 from .segment_conv import segment_conv
 from .state_step import gated_delta_step
@@ -21,5 +21,5 @@ try:  # Triton kernels become the CUDA kernels of the ops; CPU-only installs kee
 except ImportError:
     pass
 
-__all__ = ["chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "l2_normalize", "memory_decode",
-           "segment_conv"]
+__all__ = ["chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "gates", "l2_normalize",
+           "memory_decode", "memory_decode_", "segment_conv"]

@@ -1,20 +1,28 @@
-"""`mom::memory_decode`: one decode token through one memory, reading its state from the cache.
+"""`mom::memory_decode_` and `mom::memory_decode`: one decode token of every sequence through the
+memories it is routed to, reading and writing the cache's states by slot.
 
-Each row r is a (token, memory) pair whose states are row slot[r] of the cache's state tables.
-With x = conv_in[r] the memory's pre-conv q|k|v projection of the token:
-    c        = silu(conv of [conv_states[slot] ; x])      the `segment_conv.py` math, one row
+For sequence b and its i-th choice m = memory_idx[b, i] (-1 marks a padding token: it reads out 0
+and changes no state), with projection set s = 0 if single_set else m:
+    x        = q[b] | the k and v parts of per_set[b, s]      the pre-conv q|k|v projections, C channels
+    beta, g  = gates(beta and alpha parts of per_set[b, s])  see `gates`
+    c        = silu(conv of [conv_states[b, m] ; x])          the `segment_conv.py` math, one row
     q, k     = per-head L2-normalised q and k parts of c; v its v part
-    o, S'    = one gated delta step of rec_states[slot]   the `state_step.py` math
-Returns o [R, H, V] (float32, float64 for float64 states) and the rows' advanced states, conv_new
-[R, W-1, C] and rec_new [R, H, K, V], which the caller writes back into its cache.
+    o, S'    = one gated delta step of rec_states[b, m]       the `gated_delta_step.py` math
+and conv_states[b, m], rec_states[b, m] advance by that token. A token's choices are distinct
+memories, so no two rows touch one slot.
 
-The op exists for speed: decoding is bound by kernel launches, and the composition of the ops
-above is about ten kernels per layer where the Triton kernel is one. It is inference-only, with
-no autograd: `MomLayer` steps through the scan ops when gradients are needed.
+`memory_decode_` writes the advanced states into the tables in place (the cache of `generate`, whose
+buffers a CUDA graph keeps at fixed addresses); `memory_decode` returns new tables instead, for the
+export graphs, which cannot express mutation. Both share this reference and the Triton kernels.
+The ops exist for speed: decoding is bound by kernel launches and by reading and writing the states,
+and the composition of the other ops is about ten kernels a layer and two extra passes over them.
+They are inference-only, with no autograd: `MomLayer` steps through the scan ops when gradients are
+needed.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, STATE_DTYPES, check_same_device, check_tensor
 from .segment_conv import conv_reference
@@ -29,62 +37,136 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2_EPS)).to(x.dtype)
 
 
-def decode_reference(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states, rec_states, scale: float):
-    """The composition of the conv and step references, rounding where the separate ops round
-    (conv output, normalised q and k, and o in the input dtype)."""
-    rows = conv_in.shape[0]
-    _, h, dk, dv = rec_states.shape
+def gates(b_pre: torch.Tensor, a_pre: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):  # noqa: N803
+    """Write strength and log-decay from the projections: beta = sigmoid(b_pre) in b_pre's dtype,
+    g = -exp(A_log) * softplus(a_pre + dt_bias) in float32 (float64 for float64)."""
+    dt = torch.promote_types(a_pre.dtype, torch.float32)
+    g = -A_log.to(dt).exp() * F.softplus(a_pre.to(dt) + dt_bias.to(dt))
+    return b_pre.sigmoid(), g
+
+
+def _rows(q, per_set, memory_idx, A_log, dt_bias, single_set: bool):  # noqa: N803
+    """The decode rows (b, i) in row-major order: batch index, memory slot (clamped), validity,
+    pre-conv x [R, C], beta and g [R, H]."""
+    b, chosen = memory_idx.shape
+    h = A_log.shape[0]
+    token = torch.arange(b, device=q.device).repeat_interleave(chosen)
+    memory = memory_idx.flatten()
+    valid = memory >= 0
+    slot = memory.clamp(min=0)
+    proj = per_set[token, torch.zeros_like(slot) if single_set else slot]
+    kv, b_pre, a_pre = proj.split([proj.shape[-1] - 2 * h, h, h], dim=-1)
+    beta, g = gates(b_pre, a_pre, A_log, dt_bias)
+    return token, slot, valid, torch.cat([q[token], kv], dim=-1), beta, g
+
+
+def decode_reference_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,  # noqa: N803
+                      conv_states, rec_states, scale: float, single_set: bool) -> torch.Tensor:
+    """The reference kernel of `memory_decode_`: the conv and step references per row, rounding
+    where the separate ops round (conv output, normalised q and k, o in the input dtype)."""
+    h, dk, dv = rec_states.shape[2:]
+    token, slot, valid, x, beta, g = _rows(q, per_set, memory_idx, A_log, dt_bias, single_set)
     if conv_bias is None:
         conv_bias = conv_weight.new_zeros(conv_weight.shape[0])
-    one_each = torch.arange(rows + 1, device=conv_in.device)
-    _, conv_out, conv_new = conv_reference(conv_in, conv_weight, conv_bias, one_each, conv_states[slot])
-    q, k, v = conv_out.to(conv_in.dtype).split([h * dk, h * dk, h * dv], dim=-1)
-    q, k = (l2_normalize(t.reshape(rows, h, dk)) for t in (q, k))
-    o, rec_new = step_reference(q, k, v.reshape(rows, h, dv), g, beta, rec_states[slot], scale)
-    return o.to(conv_in.dtype).to(rec_states.dtype), conv_new.to(conv_states.dtype), rec_new
+    one_each = torch.arange(x.shape[0] + 1, device=x.device)
+    old_conv, old_rec = conv_states[token, slot], rec_states[token, slot]
+    _, conv_out, conv_new = conv_reference(x, conv_weight, conv_bias, one_each, old_conv)
+    qc, kc, vc = conv_out.to(x.dtype).split([h * dk, h * dk, h * dv], dim=-1)
+    qc, kc = (l2_normalize(t.reshape(-1, h, dk)) for t in (qc, kc))
+    o, rec_new = step_reference(qc, kc, vc.reshape(-1, h, dv), g, beta.to(x.dtype), old_rec, scale)
+    # a reference kernel may read values: only rows of real tokens are written
+    conv_states[token[valid], slot[valid]] = conv_new[valid].to(conv_states.dtype)
+    rec_states[token[valid], slot[valid]] = rec_new[valid]
+    o = torch.where(valid.view(-1, 1, 1), o.to(x.dtype).to(rec_states.dtype), 0.0)
+    return o.view(*memory_idx.shape, h, dv)
+
+
+@torch.library.custom_op("mom::memory_decode_", mutates_args=("conv_states", "rec_states"))
+def _memory_decode_(
+    q: torch.Tensor, per_set: torch.Tensor, memory_idx: torch.Tensor, A_log: torch.Tensor,  # noqa: N803
+    dt_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+    conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float, single_set: bool,
+) -> torch.Tensor:
+    return decode_reference_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,
+                             rec_states, scale, single_set)
+
+
+@_memory_decode_.register_fake
+def _(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states, rec_states, scale,  # noqa: N803
+      single_set):
+    return rec_states.new_empty(*memory_idx.shape, *rec_states.shape[2:3], rec_states.shape[4])
 
 
 @torch.library.custom_op("mom::memory_decode", mutates_args=())
 def _memory_decode(
-    conv_in: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, slot: torch.Tensor, conv_weight: torch.Tensor,
-    conv_bias: torch.Tensor | None, conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float,
+    q: torch.Tensor, per_set: torch.Tensor, memory_idx: torch.Tensor, A_log: torch.Tensor,  # noqa: N803
+    dt_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+    conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float, single_set: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return decode_reference(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states, rec_states, scale)
+    conv_states, rec_states = conv_states.clone(), rec_states.clone()
+    o = torch.ops.mom.memory_decode_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,
+                                     conv_states, rec_states, scale, single_set)
+    return o, conv_states, rec_states
 
 
 @_memory_decode.register_fake
-def _(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states, rec_states, scale):
-    rows = conv_in.shape[0]
-    _, h, dk, dv = rec_states.shape
-    return (rec_states.new_empty(rows, h, dv), conv_states.new_empty(rows, *conv_states.shape[1:]),
-            rec_states.new_empty(rows, h, dk, dv))
+def _(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states, rec_states, scale,  # noqa: N803
+      single_set):
+    o = rec_states.new_empty(*memory_idx.shape, *rec_states.shape[2:3], rec_states.shape[4])
+    return o, torch.empty_like(conv_states), torch.empty_like(rec_states)
 
 
-def memory_decode(
-    conv_in: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, slot: torch.Tensor, conv_weight: torch.Tensor,
-    conv_bias: torch.Tensor | None, conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One decode token through one memory per row (see the module docstring).
-
-    conv_in: [R, C] pre-conv q|k|v (C = 2HK + HV); beta: [R, H]; g: [R, H] float32 log-decay;
-    slot: [R] int64 rows of the state tables; conv_weight: [C, W]; conv_bias: [C] or None;
-    conv_states: [P, W-1, C]; rec_states: [P, H, K, V] float32 (or float64).
-    Returns (o [R, H, V] in the states' dtype, conv_new [R, W-1, C], rec_new [R, H, K, V]).
-    """
-    check_tensor("rec_states", rec_states, shape=(None, None, None, None), dtypes=STATE_DTYPES)
-    p, h, dk, dv = rec_states.shape
-    check_tensor("conv_in", conv_in, shape=(None, 2 * h * dk + h * dv), dtypes=FLOAT_DTYPES)
-    rows, c = conv_in.shape
-    check_tensor("beta", beta, shape=(rows, h), dtypes=(conv_in.dtype,))
-    check_tensor("g", g, shape=(rows, h), dtypes=STATE_DTYPES)
-    check_tensor("slot", slot, shape=(rows,), dtypes=INDEX_DTYPES)
-    check_tensor("conv_weight", conv_weight, shape=(c, None), dtypes=(conv_in.dtype,))
+def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,  # noqa: N803
+             rec_states, scale, single_set) -> tuple:
+    check_tensor("rec_states", rec_states, shape=(None, None, None, None, None), dtypes=STATE_DTYPES)
+    b, slots, h, dk, dv = rec_states.shape
+    c = 2 * h * dk + h * dv
+    check_tensor("q", q, shape=(b, h * dk), dtypes=FLOAT_DTYPES)
+    check_tensor("per_set", per_set, shape=(b, None, h * dk + h * dv + 2 * h), dtypes=(q.dtype,))
+    sets = 1 if single_set else slots
+    if per_set.shape[1] < sets:
+        raise ValueError(f"per_set: expected at least {sets} projection sets, got {per_set.shape[1]}")
+    check_tensor("memory_idx", memory_idx, shape=(b, None), dtypes=INDEX_DTYPES)
+    check_tensor("A_log", A_log, shape=(h,), dtypes=FLOAT_DTYPES)
+    check_tensor("dt_bias", dt_bias, shape=(h,), dtypes=FLOAT_DTYPES)
+    check_tensor("conv_weight", conv_weight, shape=(c, None), dtypes=(q.dtype,))
     if conv_weight.shape[1] < 2:
         raise ValueError(f"conv_weight: expected a width of at least 2, got {conv_weight.shape[1]}")
     if conv_bias is not None:
-        check_tensor("conv_bias", conv_bias, shape=(c,), dtypes=(conv_in.dtype,))
-    check_tensor("conv_states", conv_states, shape=(p, conv_weight.shape[1] - 1, c), dtypes=(conv_in.dtype,))
-    check_same_device(conv_in=conv_in, beta=beta, g=g, slot=slot, conv_weight=conv_weight,
-                      conv_bias=conv_bias, conv_states=conv_states, rec_states=rec_states)
-    return torch.ops.mom.memory_decode(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states,
-                                       rec_states, float(scale))
+        check_tensor("conv_bias", conv_bias, shape=(c,), dtypes=(q.dtype,))
+    check_tensor("conv_states", conv_states, shape=(b, slots, conv_weight.shape[1] - 1, c), dtypes=(q.dtype,))
+    check_same_device(q=q, per_set=per_set, memory_idx=memory_idx, A_log=A_log, dt_bias=dt_bias,
+                      conv_weight=conv_weight, conv_bias=conv_bias, conv_states=conv_states,
+                      rec_states=rec_states)
+    return (q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states, rec_states,
+            float(scale), bool(single_set))
+
+
+def memory_decode_(
+    q: torch.Tensor, per_set: torch.Tensor, memory_idx: torch.Tensor, A_log: torch.Tensor,  # noqa: N803
+    dt_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+    conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float, single_set: bool = False,
+) -> torch.Tensor:
+    """One decode token per sequence through its chosen memories (see the module docstring); the
+    states advance in place.
+
+    q: [B, H*K] pre-conv query projection; per_set: [B, n_sets, H*K + H*V + 2H], each memory set's
+    pre-conv k | v projections, then the beta and alpha logits; memory_idx: [B, k'] int64, the slots
+    each token writes (distinct per token; -1 = padding); A_log, dt_bias: [H];
+    conv_weight: [C, W] and conv_bias: [C] or None (C = 2*H*K + H*V); conv_states: [B, S, W-1, C]
+    in q's dtype; rec_states: [B, S, H, K, V] float32 (or float64); single_set: every memory uses
+    projection set 0. Returns o [B, k', H, V] in the states' dtype.
+    """
+    return torch.ops.mom.memory_decode_(*_checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight,
+                                                  conv_bias, conv_states, rec_states, scale, single_set))
+
+
+def memory_decode(
+    q: torch.Tensor, per_set: torch.Tensor, memory_idx: torch.Tensor, A_log: torch.Tensor,  # noqa: N803
+    dt_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+    conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float, single_set: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`memory_decode_` without mutation: the same arguments; returns (o, the advanced conv_states,
+    the advanced rec_states) and leaves the given tables alone."""
+    return torch.ops.mom.memory_decode(*_checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight,
+                                                 conv_bias, conv_states, rec_states, scale, single_set))

@@ -1,12 +1,13 @@
-"""Triton CUDA kernel of `mom::memory_decode`: a decode row's conv, normalisation and state step in
-one launch.
+"""Triton CUDA kernels of `mom::memory_decode_`: a decode step in two launches, states in place.
 
-One program owns one (row, head, V-block): it recomputes the head's q and k conv outputs (K
-channels each, cheap next to the [K, BLOCK_V] state slice it streams), normalises them and steps
-its slice of the state, which it loads first so that the load overlaps the conv. Programs share
-nothing, so a step is one dependent chain of loads deep (latency, not bandwidth, bounds decode).
-The q/k conv histories are written by the V-block-0 program only; each V-block writes its own v
-channels.
+1. `_decode_conv_kernel`, one program per (row, head): reads the row's projections straight from
+   the layer's projection output (no gathered copy), computes beta and g, the head's q|k|v conv
+   (shifting its conv history in place: every channel's history belongs to one program), the L2
+   norms, and writes the conv outputs, beta and g to a small scratch buffer.
+2. `_decode_step_kernel`, one program per (row, head, V-block): one gated delta step of its slice
+   of the row's state, read and written in place.
+Two launches because the q and k conv outputs feed every V-block of a head: a single launch would
+have the program that rewrites a q/k history race the programs still reading it.
 """
 from __future__ import annotations
 
@@ -18,23 +19,7 @@ from .chunk_scan_triton import compute_type, split_scale
 from .memory_decode import L2_EPS
 from .state_step_triton import block_sizes
 
-
-@triton.jit
-def _conv_channels(conv_in, conv_w, conv_b, conv_states, conv_new, row, src, ch, ok, write,
-                   C: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
-    """silu(conv) of channels `ch` of one row, whose history is conv_states[src]; writes the
-    shifted history to conv_new[row] where `write`."""
-    x = tl.load(conv_in + row * C + ch, mask=ok, other=0.0)
-    z = tl.load(conv_w + ch * W + (W - 1), mask=ok, other=0.0).to(COMPUTE) * x.to(COMPUTE)
-    if HAS_BIAS:
-        z += tl.load(conv_b + ch, mask=ok, other=0.0).to(COMPUTE)
-    for i in tl.static_range(W - 1):
-        past = tl.load(conv_states + (src * (W - 1) + i) * C + ch, mask=ok, other=0.0)
-        z += tl.load(conv_w + ch * W + i, mask=ok, other=0.0).to(COMPUTE) * past.to(COMPUTE)
-        if i > 0:
-            tl.store(conv_new + (row * (W - 1) + i - 1) * C + ch, past, mask=ok & write)
-    tl.store(conv_new + (row * (W - 1) + W - 2) * C + ch, x, mask=ok & write)
-    return z / (1.0 + tl.exp(-z))
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's softplus: x itself above it
 
 
 @triton.jit
@@ -43,66 +28,140 @@ def _l2_normalize(x, eps):
 
 
 @triton.jit
-def _decode_kernel(
-    conv_in, beta, g, slot, conv_w, conv_b, conv_states, rec_states, o, conv_new, rec_new,
-    scale_hi, scale_lo, eps,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr,
+def _decode_conv_kernel(
+    q, per_set, memory_idx, a_log, dt_bias, conv_w, conv_b, conv_states, qkv, beta_g,
+    q_stride, set_stride_b, set_stride_s, slots, eps,
+    CHOICES: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, SINGLE_SET: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    v_block = tl.program_id(2)
+    memory = tl.load(memory_idx + row)
+    if memory < 0:  # a padding token: the step kernel writes o = 0 and reads nothing of this
+        return
+    b = row // CHOICES
+    proj = per_set + b * set_stride_b
+    if not SINGLE_SET:
+        proj += memory * set_stride_s
     C: tl.constexpr = 2 * H * K + H * V
+    hist0 = conv_states + (b * slots + memory) * (W - 1) * C
+
+    kk = tl.arange(0, BLOCK_K)
+    k_ok = kk < K
+    vv = tl.arange(0, BLOCK_V)
+    v_ok = vv < V
+    qc = _conv_channels_at(q + b * q_stride + h * K, kk, h * K + kk, k_ok, conv_w, conv_b, hist0, C, W,
+                           HAS_BIAS, COMPUTE)
+    kc = _conv_channels_at(proj + h * K, kk, H * K + h * K + kk, k_ok, conv_w, conv_b, hist0, C, W,
+                           HAS_BIAS, COMPUTE)
+    vc = _conv_channels_at(proj + H * K + h * V, vv, 2 * H * K + h * V + vv, v_ok, conv_w, conv_b, hist0,
+                           C, W, HAS_BIAS, COMPUTE)
+    out = qkv + (row * H + h) * (2 * K + V)
+    tl.store(out + kk, _l2_normalize(qc, eps), mask=k_ok)
+    tl.store(out + K + kk, _l2_normalize(kc, eps), mask=k_ok)
+    tl.store(out + 2 * K + vv, vc, mask=v_ok)
+
+    # beta = sigmoid(b_pre), rounded to the input dtype as the scan path holds it; g in COMPUTE
+    b_pre = tl.load(proj + H * K + H * V + h).to(COMPUTE)
+    beta = (1.0 / (1.0 + tl.exp(-b_pre))).to(q.dtype.element_ty).to(COMPUTE)
+    a = tl.load(proj + H * K + H * V + H + h).to(COMPUTE) + tl.load(dt_bias + h).to(COMPUTE)
+    softplus = tl.where(a > SOFTPLUS_THRESHOLD, a, tl.log(1.0 + tl.exp(tl.minimum(a, SOFTPLUS_THRESHOLD))))
+    g = -tl.exp(tl.load(a_log + h).to(COMPUTE)) * softplus
+    tl.store(beta_g + (row * H + h) * 2, beta)
+    tl.store(beta_g + (row * H + h) * 2 + 1, g)
+
+
+@triton.jit
+def _conv_channels_at(x_ptr, n, ch, ok, conv_w, conv_b, hist0, C: tl.constexpr, W: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
+    """silu(conv) of channels ch (inputs x_ptr + n), history rows hist0 + i * C, shifted in place."""
+    x = tl.load(x_ptr + n, mask=ok, other=0.0)
+    z = tl.load(conv_w + ch * W + (W - 1), mask=ok, other=0.0).to(COMPUTE) * x.to(COMPUTE)
+    if HAS_BIAS:
+        z += tl.load(conv_b + ch, mask=ok, other=0.0).to(COMPUTE)
+    for i in tl.static_range(W - 1):
+        past = tl.load(hist0 + i * C + ch, mask=ok, other=0.0)
+        z += tl.load(conv_w + ch * W + i, mask=ok, other=0.0).to(COMPUTE) * past.to(COMPUTE)
+        if i > 0:  # the same threads loaded row i - 1 in the previous iteration
+            tl.store(hist0 + (i - 1) * C + ch, past, mask=ok)
+    tl.store(hist0 + (W - 2) * C + ch, x, mask=ok)
+    return z / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _decode_step_kernel(
+    memory_idx, qkv, beta_g, rec_states, o, slots, scale_hi, scale_lo,
+    CHOICES: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    col = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = col < V
+    rh = row * H + h
+    memory = tl.load(memory_idx + row)
+    if memory < 0:
+        tl.store(o + rh * V + col, tl.zeros((BLOCK_V,), dtype=o.dtype.element_ty), mask=v_ok)
+        return
     scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)  # exact in float64 (see split_scale)
     kk = tl.arange(0, BLOCK_K)
-    col = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
     k_ok = kk < K
-    v_ok = col < V
     tile_ok = k_ok[:, None] & v_ok[None, :]
-    src = tl.load(slot + row)
-    s = tl.load(rec_states + (src * H + h) * K * V + kk[:, None] * V + col[None, :], mask=tile_ok, other=0.0)
+    slice_start = (((row // CHOICES) * slots + memory) * H + h) * K * V
+    state = rec_states + slice_start + kk[:, None] * V + col[None, :]
+    s = tl.load(state, mask=tile_ok, other=0.0).to(COMPUTE)
+    vec = qkv + rh * (2 * K + V)
+    q = tl.load(vec + kk, mask=k_ok, other=0.0)
+    k = tl.load(vec + K + kk, mask=k_ok, other=0.0)
+    v = tl.load(vec + 2 * K + col, mask=v_ok, other=0.0)
+    beta = tl.load(beta_g + rh * 2)
+    g = tl.load(beta_g + rh * 2 + 1)
 
-    first = v_block == 0
-    q = _conv_channels(conv_in, conv_w, conv_b, conv_states, conv_new, row, src, h * K + kk, k_ok,
-                       first, C, W, HAS_BIAS, COMPUTE)
-    k = _conv_channels(conv_in, conv_w, conv_b, conv_states, conv_new, row, src, H * K + h * K + kk,
-                       k_ok, first, C, W, HAS_BIAS, COMPUTE)
-    v = _conv_channels(conv_in, conv_w, conv_b, conv_states, conv_new, row, src,
-                       2 * H * K + h * V + col, v_ok, v_ok, C, W, HAS_BIAS, COMPUTE)
-    q = _l2_normalize(q, eps)
-    k = _l2_normalize(k, eps)
-
-    rh = row * H + h
-    s = s.to(COMPUTE) * tl.exp(tl.load(g + rh).to(COMPUTE))
-    u = tl.load(beta + rh).to(COMPUTE) * (v - tl.sum(s * k[:, None], axis=0))
+    s = s * tl.exp(g)
+    u = beta * (v - tl.sum(s * k[:, None], axis=0))
     s = s + k[:, None] * u[None, :]
-    out = scale * tl.sum(s * q[:, None], axis=0)
-    tl.store(rec_new + rh.to(tl.int64) * K * V + kk[:, None] * V + col[None, :], s, mask=tile_ok)
-    tl.store(o + rh * V + col, out, mask=v_ok)
+    tl.store(state, s.to(rec_states.dtype.element_ty), mask=tile_ok)
+    tl.store(o + rh * V + col, (scale * tl.sum(s * q[:, None], axis=0)).to(o.dtype.element_ty), mask=v_ok)
 
 
-def memory_decode_triton(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states, rec_states, scale):
-    """Same contract as `decode_reference`, computing in the states' dtype throughout, without the
-    reference's intermediate rounding to the input dtype."""
-    conv_in, beta, g, slot, conv_weight, conv_states, rec_states = (
-        t.contiguous() for t in (conv_in, beta, g, slot, conv_weight, conv_states, rec_states))
-    rows = conv_in.shape[0]
-    _, h, dk, dv = rec_states.shape
-    o = rec_states.new_empty(rows, h, dv)
-    conv_new = conv_states.new_empty(rows, *conv_states.shape[1:])
-    rec_new = rec_states.new_empty(rows, h, dk, dv)
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,  # noqa: N803
+                          conv_states, rec_states, scale, single_set):
+    """Same contract as `decode_reference_`, computing in the states' dtype throughout, without the
+    reference's intermediate rounding to the input dtype. q and per_set are read through their
+    strides (the layer passes views of its projection output)."""
+    q, per_set = _last_dim_contiguous(q), _last_dim_contiguous(per_set)
+    memory_idx, A_log, dt_bias, conv_weight = (
+        t.contiguous() for t in (memory_idx, A_log, dt_bias, conv_weight))
+    if not (conv_states.is_contiguous() and rec_states.is_contiguous()):
+        raise ValueError("conv_states, rec_states: expected contiguous tables (they are written in place)")
+    b, chosen = memory_idx.shape
+    _, slots, h, dk, dv = rec_states.shape
+    rows = b * chosen
+    o = rec_states.new_empty(b, chosen, h, dv)
     if rows * h == 0 or dk * dv == 0:
-        return o.zero_(), conv_new.copy_(conv_states[slot]), rec_new.copy_(rec_states[slot])
+        return o.zero_()
+    compute = compute_type(rec_states.dtype)
+    scratch_dtype = torch.float64 if rec_states.dtype == torch.float64 else torch.float32
+    qkv = torch.empty(rows, h, 2 * dk + dv, dtype=scratch_dtype, device=q.device)
+    beta_g = torch.empty(rows, h, 2, dtype=scratch_dtype, device=q.device)
     block_k, widest = block_sizes(dk, dv)
+    bias = conv_weight if conv_bias is None else conv_bias.contiguous()  # placeholder if absent
+    _decode_conv_kernel[(rows, h)](
+        q, per_set, memory_idx, A_log, dt_bias, conv_weight, bias, conv_states, qkv, beta_g,
+        q.stride(0), per_set.stride(0), per_set.stride(1), slots, L2_EPS, CHOICES=chosen, H=h, K=dk, V=dv,
+        W=conv_weight.shape[1], BLOCK_K=block_k, BLOCK_V=triton.next_power_of_2(dv),
+        HAS_BIAS=conv_bias is not None, SINGLE_SET=single_set, COMPUTE=compute, num_warps=4)
     # about 512 programs: a decode step's few state slices must spread over the whole GPU
     block_v = max(8, min(widest, triton.next_power_of_2(max(1, rows * h * dv // 512))))
-    bias = conv_weight if conv_bias is None else conv_bias.contiguous()  # placeholder if absent
-    _decode_kernel[(rows, h, triton.cdiv(dv, block_v))](
-        conv_in, beta, g, slot, conv_weight, bias, conv_states, rec_states, o, conv_new, rec_new,
-        *split_scale(scale), L2_EPS, H=h, K=dk, V=dv, W=conv_weight.shape[1], BLOCK_K=block_k,
-        BLOCK_V=block_v, HAS_BIAS=conv_bias is not None, COMPUTE=compute_type(rec_states.dtype),
-        num_warps=8 if block_k * block_v >= 4096 else 4)
-    return o, conv_new, rec_new
+    _decode_step_kernel[(rows, h, triton.cdiv(dv, block_v))](
+        memory_idx, qkv, beta_g, rec_states, o, slots, *split_scale(scale), CHOICES=chosen, H=h, K=dk, V=dv,
+        BLOCK_K=block_k, BLOCK_V=block_v, COMPUTE=compute, num_warps=8 if block_k * block_v >= 4096 else 4)
+    return o
 
 
-torch.library.register_kernel("mom::memory_decode", "cuda", memory_decode_triton)
+torch.library.register_kernel("mom::memory_decode_", "cuda", memory_decode_triton_)
