@@ -76,7 +76,6 @@ def generate(
     # addresses that a CUDA-graph decode step may update in place.
     cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
     out = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-    eos_ids = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     running = torch.zeros((), dtype=torch.int64, device=input_ids.device)  # steps begun unfinished
     tokens = [input_ids]
@@ -86,7 +85,7 @@ def generate(
         tokens.append(next_ids[:, None])
         if eos:
             running += ~finished.all()
-            finished |= torch.isin(next_ids, eos_ids)
+            finished |= torch.stack([next_ids == e for e in eos]).any(0)  # no host-to-device copy
             if (step + 1) % CHECK_EVERY == 0 and bool(finished.all()):  # a host sync
                 break
         if step + 1 < max_new_tokens:
