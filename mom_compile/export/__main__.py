@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, metavar="N",
                    help=f"ONNX opset of the graphs, {MIN_OPSET} or newer (default {MIN_OPSET}); from 27 on, "
                         "the memories' recurrence is the standard LinearAttention op instead of a "
-                        "Scan (prefill) and plain step ops (decode), except with --plugin")
+                        "Scan (prefill) and plain step ops (decode), except with --plugin; an opset "
+                        "the installed onnxruntime cannot load gets a warning (an error with --verify)")
     p.add_argument("--verify", action="store_true",
                    help="run both graphs in onnxruntime against PyTorch on fresh random inputs and "
                         "print the max absolute / relative error of every output (with --aoti, "
