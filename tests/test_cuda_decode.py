@@ -1,11 +1,15 @@
 """Decoding on a GPU: CUDA-graph generation (torch.compile mode="reduce-overhead") over the static
-cache gives the eager tokens without re-recording per step, and a decode step does no host sync.
-Runs only where CUDA is present."""
+cache gives the eager tokens without re-recording per step, a decode step does no host sync, and
+generate with an eos id syncs once per CHECK_EVERY steps. Runs only where CUDA is present."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
+
+from mom_compile.graphs.generation import CHECK_EVERY
 
 from models import tiny_model
 
@@ -52,3 +56,29 @@ def test_decode_step_does_no_host_sync():
             model(step, past_key_values=out.past_key_values, use_cache=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _sync_warnings(call) -> tuple[int, torch.Tensor]:
+    """(host syncs that torch.cuda's sync debug mode reports during call, call's result)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught), result
+
+
+def test_generate_with_eos_syncs_once_per_check_interval():
+    """An eos id costs one host sync per CHECK_EVERY decode steps and one at the end, not one per
+    step; the tokens are those of the run without it (the eos id never comes)."""
+    model = tiny_model(dtype=torch.float32).cuda()
+    prompt = torch.randint(0, 97, (2, 5), device="cuda")
+    new = 3 * CHECK_EVERY
+    base, free = _sync_warnings(lambda: model.generate(prompt, max_new_tokens=new))
+    never = next(i for i in range(97) if i not in free[:, 5:])
+    syncs, got = _sync_warnings(lambda: model.generate(prompt, max_new_tokens=new, eos_token_id=never))
+    assert torch.equal(got, free)
+    assert syncs - base == new // CHECK_EVERY + 1, (syncs, base)

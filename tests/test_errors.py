@@ -1,4 +1,5 @@
-"""Bad input gets an error that names the argument and what was expected."""
+"""Bad input gets an error that names the argument and what was expected (generate's arguments:
+test_generate_args.py)."""
 from __future__ import annotations
 
 import pytest
@@ -43,22 +44,6 @@ def test_cache_of_another_batch_size(model):
         model(torch.ones(2, 1, dtype=torch.int64), past_key_values=[1, 2])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_new_tokens=-1), "max_new_tokens: expected >= 0"),
-    (dict(temperature=0.0, do_sample=True), "temperature: expected > 0"),
-    (dict(top_p=1.5, do_sample=True), r"top_p: expected a value in \(0, 1\]"),
-    (dict(top_k=0, do_sample=True), "top_k: expected >= 1"),
-])
-def test_bad_generate_arguments(model, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        model.generate(torch.ones(1, 3, dtype=torch.int64), **kwargs)
-
-
-def test_generate_checks_prompt_ids_eagerly(model):
-    with pytest.raises(ValueError, match=r"input_ids: ids must lie in \[0, 97\), got values in \[0, 200\]"):
-        model.generate(torch.tensor([[0, 200]]))
-
-
 @pytest.mark.parametrize("overrides, match", [
     (dict(topk=5), "MomConfig.topk: expected at most num_memories=4"),
     (dict(hidden_size=0), "MomConfig.hidden_size: expected a positive integer"),
@@ -70,12 +55,6 @@ def test_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**overrides)
     assert isinstance(tiny_config(), MomConfig)
-
-
-def test_generate_refuses_right_padding(model):
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    with pytest.raises(ValueError, match="attention_mask: generate expects left padding"):
-        model.generate(torch.ones(2, 4, dtype=torch.int64), attention_mask=mask)
 
 
 def test_wider_mask_needs_a_cache(model):

@@ -1,10 +1,13 @@
 """ONNX export of the tiny model at the default opset and at opset 27 (the standard
-LinearAttention op): checker, onnxruntime parity at many shapes, left padding, decode steps fed
-present -> past, the manifest, and the torch-free runtime vs generate."""
+LinearAttention op; that folder keeps its weights in the shared data file): checker, no scatter,
+onnxruntime parity at many shapes, left padding, decode steps fed present -> past, one copy of the
+weights, the manifest and its validation, and the torch-free runtime (I/O-bound) vs generate and
+vs plain session runs."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -17,12 +20,17 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 np = pytest.importorskip("numpy")
 
-from mom_compile import MomForCausalLM  # noqa: E402
-from mom_compile.export.manifest import build_manifest, write_manifest  # noqa: E402
-from mom_compile.export.onnx_export import DEFAULT_OPSET, example_states, export_onnx, graph_specs  # noqa: E402
+from mom_compile.export import onnx_ops  # noqa: E402
+from mom_compile.export.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
+from mom_compile.export.onnx_export import (  # noqa: E402
+    DEFAULT_OPSET,
+    WEIGHTS_FILE,
+    example_states,
+    export_onnx,
+    graph_specs,
+)
 from mom_compile.export.onnx_ops import LINEAR_ATTENTION_OPSET  # noqa: E402
-from mom_compile.export.runtime import OnnxGenerator  # noqa: E402
-from mom_compile.graphs import MomConfig  # noqa: E402
+from mom_compile.export.runtime import Generator, OnnxGenerator  # noqa: E402
 from mom_compile.graphs.export_graphs import DecodeStepGraph, PrefillGraph  # noqa: E402
 
 from models import tiny_model  # noqa: E402
@@ -36,12 +44,8 @@ def opset(request):
 
 
 @pytest.fixture(scope="module")
-def exported(opset, tmp_path_factory):
-    torch.manual_seed(0)
-    model = MomForCausalLM(MomConfig.preset("tiny")).eval()
-    folder = str(tmp_path_factory.mktemp(f"onnx{opset}"))
-    paths = export_onnx(model, folder, opset=opset, progress=lambda _: None)
-    write_manifest(folder, build_manifest(model.config, torch.float32, opset, False))
+def exported(opset, tiny_onnx):
+    model, folder, paths = tiny_onnx(opset)
     sessions = {name: ort.InferenceSession(path, providers=["CPUExecutionProvider"])
                 for name, path in paths.items()}
     return model, folder, paths, sessions
@@ -55,12 +59,17 @@ def _all_nodes(graph):
                 yield from _all_nodes(attr.g)
 
 
+SCATTERS = {"Scatter", "ScatterND", "ScatterElements"}
+
+
 def test_checker_and_standard_ops_only(exported):
     _, _, paths, _ = exported
     for path in paths.values():
         onnx.checker.check_model(path, full_check=True)
         model = onnx.load(path)
         assert {n.domain for n in _all_nodes(model.graph)} <= {"", "ai.onnx"}
+        # a scatter's result is undefined where its indices repeat (issue 15): none at all
+        assert not SCATTERS & {n.op_type for n in _all_nodes(model.graph)}
         assert not model.functions
         values = [*model.graph.input, *model.graph.output]
         batch_axes = {v.type.tensor_type.shape.dim[0].dim_param for v in values}
@@ -245,3 +254,121 @@ def test_runtime_runs_without_torch(exported):
                           "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"{prompt.replace(',', ' ')} -> {' '.join(map(str, ref.tolist()))}"
+
+
+def _external_ranges(path: str) -> set[tuple[str, int, int]]:
+    model = onnx.load(path, load_external_data=False)
+    return {(info["location"], int(info["offset"]), int(info["length"]))
+            for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for info in [{e.key: e.value for e in t.external_data}]}
+
+
+def test_one_copy_of_the_weights(exported, opset):
+    """Above the threshold (lowered to 0 for the opset-27 folder), both graphs read one data file,
+    identical weights from the same byte range; below it they keep the weights inside."""
+    model, folder, paths, _ = exported
+    manifest = read_manifest(folder)
+    on_disk = {f: os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f != MANIFEST_NAME}
+    assert manifest["files"] == on_disk
+    ranges = {name: _external_ranges(path) for name, path in paths.items()}
+    if opset < LINEAR_ATTENTION_OPSET:
+        assert set(on_disk) == {"prefill.onnx", "decode_step.onnx"}
+        assert ranges == {"prefill": set(), "decode_step": set()}
+        return
+    assert set(on_disk) == {"prefill.onnx", "decode_step.onnx", WEIGHTS_FILE}
+    assert {loc for r in ranges.values() for loc, _, _ in r} == {WEIGHTS_FILE}
+    shared = ranges["prefill"] & ranges["decode_step"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert sum(length for _, _, length in shared) >= 0.9 * weight_bytes  # the weights, stored once
+    assert on_disk[WEIGHTS_FILE] < 1.5 * weight_bytes  # a copy per graph would be twice the weights
+
+
+class PlainBackend:
+    """The graphs run the plain way, session.run with numpy feeds, as the reference for the I/O
+    binding of OnnxBackend."""
+
+    def __init__(self, folder: str) -> None:
+        self.manifest = read_manifest(folder)
+        self.sessions = {name: ort.InferenceSession(os.path.join(folder, graph["file"]),
+                                                    providers=["CPUExecutionProvider"])
+                         for name, graph in self.manifest["graphs"].items()}
+        self.past = [s["past"] for s in self.manifest["state"]]
+
+    def _run(self, name: str, feed: dict) -> np.ndarray:
+        logits, *self.states = self.sessions[name].run(None, feed)
+        return logits[:, -1]
+
+    def prefill(self, input_ids, attention_mask):
+        return self._run("prefill", {"input_ids": input_ids, "attention_mask": attention_mask})
+
+    def step(self, input_ids):
+        return self._run("decode_step", {"input_ids": input_ids, **dict(zip(self.past, self.states))})
+
+
+def test_io_bound_states_equal_a_plain_run(exported):
+    model, folder, _, _ = exported
+    ids, mask = _prompts(model, 15)
+    bound, plain = OnnxGenerator(folder).backend, PlainBackend(folder)
+    np.testing.assert_array_equal(bound.prefill(ids.numpy(), mask.numpy()),
+                                  plain.prefill(ids.numpy(), mask.numpy()))
+    for i in range(5):
+        step = ids[:, i:i + 1].numpy()
+        np.testing.assert_array_equal(bound.step(step), plain.step(step))
+    ref = model.generate(ids, mask, max_new_tokens=16, do_sample=True, top_k=20,
+                         generator=torch.Generator().manual_seed(0))[:, :7]
+    got = [Generator(backend).generate(ids.numpy(), mask.numpy(), max_new_tokens=16, do_sample=True,
+                                       top_k=20, seed=4) for backend in (bound, plain)]
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_array_equal(got[0][:, :7], ref.numpy())
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda m: "{not json", ValueError, "model.json: not an export manifest: not valid JSON"),
+    (lambda m: [1, 2], ValueError, "model.json: not an export manifest: expected a JSON object"),
+    (lambda m: {**m, "format": "mom_compile.onnx/1"}, ValueError,
+     "model.json: key 'format' is 'mom_compile.onnx/1', expected 'mom_compile.onnx/2'"),
+    (lambda m: {k: v for k, v in m.items() if k != "files"}, ValueError,
+     "model.json: not an export manifest: missing key 'files'"),
+    (lambda m: {**m, "graphs": {**m["graphs"], "decode_step": {"inputs": []}}}, ValueError,
+     "missing key 'graphs.decode_step.file'"),
+    (lambda m: {**m, "state": [{**m["state"][0], "past": 3}]}, ValueError,
+     "key 'state.0.past': expected a string, got 3"),
+    (lambda m: {**m, "vocab_size": "256"}, ValueError, "key 'vocab_size': expected an integer"),
+    (lambda m: {**m, "files": {**m["files"], "gone.onnx": 5}}, FileNotFoundError,
+     "gone.onnx: missing .model.json lists it."),
+    (lambda m: {**m, "files": {**m["files"], "prefill.onnx": 5}}, ValueError,
+     "prefill.onnx: .* bytes, model.json says 5"),
+])
+def test_a_folder_that_is_no_export_gets_one_clear_error(exported, tmp_path, edit, error, match):
+    _, folder, _, _ = exported
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    manifest = read_manifest(copy)
+    edited = edit(manifest)
+    (copy / MANIFEST_NAME).write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(error, match=match):
+        OnnxGenerator(copy)
+
+
+def test_index_put_translation_with_repeated_and_negative_indices(tmp_path):
+    """The scatter-free aten.index_put: each position takes the last row naming it, negative
+    indices count from the end (what a scatter leaves undefined, and what torch does on CPU)."""
+
+    class Write(torch.nn.Module):
+        def forward(self, table, rows, cols, values):
+            return table.index_put((rows, cols), values)
+
+    table, values = torch.randn(3, 4, 5), torch.randn(6, 5)
+    rows, cols = torch.tensor([0, 2, 0, 1, -1, 2]), torch.tensor([1, 3, 1, 0, 0, -1])
+    program = torch.export.export(Write(), (table, rows, cols, values))
+    onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, custom_translation_table={
+        torch.ops.aten.index_put.default: onnx_ops.index_put})
+    path = str(tmp_path / "write.onnx")
+    onnx_program.save(path)
+    assert not SCATTERS & {n.op_type for n in onnx.load(path).graph.node}
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, dict(zip([i.name for i in session.get_inputs()],
+                                        [t.numpy() for t in (table, rows, cols, values)])))
+    want = table.clone().numpy()
+    for r, c, v in zip(rows.tolist(), cols.tolist(), values.numpy()):  # in order: the last one wins
+        want[r, c] = v
+    np.testing.assert_array_equal(got, want)

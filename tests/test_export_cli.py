@@ -1,6 +1,8 @@
-"""`python -m mom_compile.export`: exit codes, one-line errors, and a full checkpoint run."""
+"""`python -m mom_compile.export`: exit codes, one-line errors, no half-written output folder, the
+files of a re-export, no exporter noise, and a full checkpoint run."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,8 +20,10 @@ from mom_compile.graphs import MomConfig  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def cli(*args: str, timeout: int = 180, path_first: str | None = None) -> subprocess.CompletedProcess:
+    """The command in a subprocess; path_first: a folder put before everything on its PYTHONPATH."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (path_first, ROOT, os.environ.get("PYTHONPATH")) if p))
     env.pop("MOM_EXPORT_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "mom_compile.export", *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -38,8 +42,9 @@ def test_help_is_for_newcomers():
     result = cli("--help")
     assert result.returncode == 0
     for words in ("--onnx OUT", "--checkpoint", "--config", "--verify", "--plugin", "--pt2",
-                  "prefill.onnx", "decode_step.onnx", "model.json", "examples:"):
-        assert words in result.stdout
+                  "prefill.onnx", "decode_step.onnx", "weights.onnx.data", "model.json", "examples:",
+                  "leaves OUT as it was", "MoM paper's names", "545M"):
+        assert words in " ".join(result.stdout.split())
 
 
 def test_bad_arguments(tmp_path):
@@ -98,3 +103,74 @@ def test_checkpoint_export_verify_and_pt2(tmp_path):
     with torch.no_grad():
         ref = model(ids).logits
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ref, atol=1e-5, rtol=1e-5)
+
+
+def assert_no_temporary_folder(parent, out_name: str) -> None:
+    assert not [name for name in os.listdir(parent) if name.startswith(f".{out_name}.")]
+
+
+def test_damaged_checkpoint_is_named_and_nothing_is_left(tmp_path):
+    torch.manual_seed(2)
+    MomForCausalLM(MomConfig.preset("tiny")).save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated download
+    result = cli("--onnx", str(tmp_path / "new" / "out"), "--checkpoint", str(tmp_path / "ckpt"))
+    assert_one_line_error(result, 1, "--checkpoint", f"{weights}: damaged safetensors file")
+    assert not (tmp_path / "new").exists()  # no OUT, nor the parent folder made for it
+
+    keep = tmp_path / "keep"  # an existing OUT is left as it was
+    keep.mkdir()
+    (keep / "prefill.onnx").write_text("an earlier export")
+    assert_one_line_error(cli("--onnx", str(keep), "--checkpoint", str(tmp_path / "ckpt")), 1, "damaged")
+    assert os.listdir(keep) == ["prefill.onnx"] and (keep / "prefill.onnx").read_text() == "an earlier export"
+    assert_no_temporary_folder(tmp_path, "keep")
+
+
+def test_without_torch_the_error_names_torch_first(tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "torch.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+    result = cli("--onnx", str(tmp_path / "out"), path_first=str(shim))
+    assert_one_line_error(result, 1, "missing package 'torch'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_reexport_at_opset_27_is_quiet_and_replaces_the_earlier_files(tmp_path):
+    """No exporter noise (onnxscript's opset-converter warnings); in an existing OUT the files of
+    an earlier export are replaced or removed, others stay; model.json lists the files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in (("notes.txt", "mine"), ("prefill.onnx.data", "stale"), ("prefill.onnx", "old")):
+        (out / name).write_text(text)
+    result = cli("--onnx", str(out), "--opset", "27")
+    assert result.returncode == 0, result.stderr
+    assert all(line.startswith("warning: --opset") for line in result.stderr.splitlines()), result.stderr
+    manifest = json.loads((out / "model.json").read_text())
+    assert sorted(os.listdir(out)) == sorted(["notes.txt", "model.json", *manifest["files"]])
+    assert (out / "notes.txt").read_text() == "mine"
+    assert manifest["files"] == {name: (out / name).stat().st_size for name in manifest["files"]}
+    assert set(manifest["files"]) == {"prefill.onnx", "decode_step.onnx"}  # tiny: weights inside
+    assert "prefill.onnx (" in result.stdout and str(out) in result.stdout
+    assert_no_temporary_folder(tmp_path, "out")
+
+
+def test_opset_beyond_onnxruntime(monkeypatch, capsys):
+    """A warning (the graphs may run elsewhere), or an error with --verify; the probe itself finds
+    an opset the installed onnxruntime loads."""
+    import onnx
+    import onnxruntime
+
+    from mom_compile.export import __main__ as main
+
+    newest = onnx.defs.onnx_opset_version()
+    runnable = main.onnxruntime_max_opset(newest)
+    assert main.MIN_OPSET <= runnable <= newest
+    monkeypatch.setattr(main, "onnxruntime_max_opset", lambda newest: main.MIN_OPSET)
+    args = main.build_parser().parse_args(["--onnx", "x", "--opset", str(main.MIN_OPSET + 1)])
+    main._check_args(args)
+    warning = capsys.readouterr().err
+    assert warning.startswith(f"warning: --opset {main.MIN_OPSET + 1}: the installed onnxruntime "
+                              f"{onnxruntime.__version__} runs opsets up to {main.MIN_OPSET}")
+    args.verify = True
+    with pytest.raises(main._Failure, match=f"--opset {main.MIN_OPSET + 1} --verify"):
+        main._check_args(args)

@@ -57,6 +57,14 @@ def test_prefill_scan_body_uses_memory_step(exported):
     assert len(_memory_steps(onnx.load(paths[PREFILL]).graph)) == model.config.num_hidden_layers
 
 
+def test_no_scatter(exported):
+    """No scatter in plugin graphs either (a scatter is undefined where its indices repeat)."""
+    _, paths = exported
+    for path in paths.values():
+        ops = {n.op_type for n in onnx.load(path).graph.node}
+        assert not {"Scatter", "ScatterND", "ScatterElements"} & ops
+
+
 def test_schema_shapes_and_full_check(exported):
     _, paths = exported
     plugin.register_schema()

@@ -152,18 +152,46 @@ def test_generate_equals_greedy_loop_over_forward_with_left_padding(model):
     assert torch.equal(got, greedy_by_hand(model, x, mask, 8))
 
 
-def test_generate_stops_at_eos_and_pads_finished_rows(model):
+@pytest.mark.parametrize("new", [6, 20])  # below and above the steps between two looks at the end
+def test_generate_stops_at_eos_and_pads_finished_rows(model, new):
     x = ids(2, 4)
-    free = model.generate(x, max_new_tokens=6)
+    free = model.generate(x, max_new_tokens=new)
     eos = int(free[0, 5])  # the second generated token of row 0
-    got = model.generate(x, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    got = model.generate(x, max_new_tokens=new, eos_token_id=eos, pad_token_id=0)
     expect = []
     for row in free[:, 4:].tolist():  # each row: its tokens up to its first eos, then padding
         cut = row.index(eos) + 1 if eos in row else len(row)
         expect.append(row[:cut] + [0] * (len(row) - cut))
-    steps = max(r.index(eos) + 1 if eos in r else 6 for r in free[:, 4:].tolist())
-    assert got.shape[1] == 4 + steps  # stops once every row has finished
+    steps = max(r.index(eos) + 1 if eos in r else new for r in free[:, 4:].tolist())
+    assert got.shape[1] == 4 + steps  # exactly where every row had finished
     assert got[:, 4:].tolist() == [r[:steps] for r in expect]
+
+
+def _host_syncs(monkeypatch, call) -> tuple[int, torch.Tensor]:
+    """(number of calls that read a tensor's value on the host, call's result)."""
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _f=original, **k: calls.append(1) or _f(self, *a, **k))
+    try:
+        result = call()
+    finally:
+        monkeypatch.undo()
+    return len(calls), result
+
+
+def test_generate_with_eos_looks_at_the_host_once_per_check_interval(model, monkeypatch):
+    """With an eos id, generate reads the device every CHECK_EVERY steps and once at the end, not
+    every step (the CUDA version of this: test_cuda_decode.py)."""
+    from mom_compile.graphs.generation import CHECK_EVERY
+
+    x, new = ids(2, 4), 3 * CHECK_EVERY
+    base, free = _host_syncs(monkeypatch, lambda: model.generate(x, max_new_tokens=new))
+    never = next(i for i in range(97) if i not in free[:, 4:])
+    syncs, got = _host_syncs(monkeypatch, lambda: model.generate(x, max_new_tokens=new, eos_token_id=never))
+    assert torch.equal(got, free)
+    assert syncs - base == new // CHECK_EVERY + 1
 
 
 def test_sampling_controls(model):

@@ -2,20 +2,27 @@
 
 Every failure a user can cause (bad arguments, unreadable checkpoint, unwritable output folder,
 missing packages) ends in one `error:` line and a non-zero exit status; set MOM_EXPORT_DEBUG=1 to
-see the traceback of an unexpected failure.
+see the traceback of an unexpected failure. The files are written into a temporary folder beside
+OUT and moved into OUT once all are written, so a failed or interrupted export changes nothing.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_MISMATCH = 2, 1, 3
 DTYPES = ("float32", "float16")
 MIN_OPSET = 18
+# Every file name an export of any version of this command writes into OUT.
+ARTEFACTS = ("model.json", "prefill.onnx", "decode_step.onnx", "weights.onnx.data", "prefill.onnx.data",
+             "decode_step.onnx.data", "prefill.pt2", "decode_step.pt2", "prefill.aoti.pt2",
+             "decode_step.aoti.pt2")
 
 DESCRIPTION = """\
 Export a Mixture-of-Memories (MoM) language model to two ONNX graphs that stock onnxruntime runs:
@@ -24,7 +31,9 @@ Export a Mixture-of-Memories (MoM) language model to two ONNX graphs that stock 
                         -> logits [batch, seq, vocab] + present.<layer>.{recurrent,conv}
   OUT/decode_step.onnx  input_ids [batch, 1] + past.<layer>.{recurrent,conv}
                         -> logits [batch, 1, vocab] + present.<layer>.{recurrent,conv}
-  OUT/model.json        names, shapes, dtypes and the state layout
+  OUT/weights.onnx.data the weights of both graphs, for models above 1 GB of weights (smaller
+                        ones keep them inside each graph)
+  OUT/model.json        names, shapes, dtypes, the state layout and every file with its size
 
 Generate by running prefill once, then decode_step per token, feeding each present.X back as
 past.X (mom_compile/export/runtime.py and examples/onnx_generate.py do exactly that)."""
@@ -36,7 +45,7 @@ examples:
   python -m mom_compile.export --onnx out/mom --checkpoint path/to/mom-checkpoint --verify
       a reference `mom` checkpoint folder (config.json + model.safetensors)
   python -m mom_compile.export --onnx out/340m --config 340m
-      the paper's 340M configuration with random weights
+      the MoM paper's "340M" configuration (545M parameters) with random weights
   python -m mom_compile.export --onnx out/trt --plugin
       keep the recurrent step as mom::MemoryStep nodes for a TensorRT plugin
   python -m mom_compile.export --onnx out/tiny --pt2 --aoti --verify
@@ -52,19 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m mom_compile.export", description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--onnx", metavar="OUT", required=True,
-                   help="output folder (created if missing); existing files of the same name are replaced")
+                   help="output folder (created if missing). The export is written beside it and moved in "
+                        "when complete: a failed or interrupted export leaves OUT as it was. In an "
+                        "existing OUT, the files an export writes (" + ", ".join(ARTEFACTS) + ") are "
+                        "replaced or, if this export does not write them, removed; other files stay")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR",
                      help="model folder in the reference `mom` layout, or one saved by this package")
     src.add_argument("--config", choices=("tiny", "340m", "1.3b"), default=None,
-                     help="without --checkpoint: a built-in size with random weights (default: tiny)")
+                     help="without --checkpoint: a built-in size with random weights (default: tiny). "
+                          "340m and 1.3b are the MoM paper's names of its two sizes, after the dense "
+                          "models of the same width and depth; with their memories' own projections and "
+                          "untied 32K-token embeddings they have 545M and 1.62B parameters")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and activations of the exported graphs (states stay float32); "
                         "default float32")
     p.add_argument("--opset", type=int, default=None, metavar="N",
                    help=f"ONNX opset of the graphs, {MIN_OPSET} or newer (default {MIN_OPSET}); from 27 on, "
                         "the memories' recurrence is the standard LinearAttention op instead of a "
-                        "Scan (prefill) and plain step ops (decode), except with --plugin")
+                        "Scan (prefill) and plain step ops (decode), except with --plugin; an opset "
+                        "the installed onnxruntime cannot load gets a warning (an error with --verify)")
     p.add_argument("--verify", action="store_true",
                    help="run both graphs in onnxruntime against PyTorch on fresh random inputs and "
                         "print the max absolute / relative error of every output (with --aoti, "
@@ -92,9 +108,45 @@ def _progress(message: str) -> None:
 
 
 def _quiet_exporter() -> None:
-    """The exporter logs every optional library it cannot find; none of that concerns the user."""
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    """The exporter logs every optional library it cannot find, and onnxscript's opset converter
+    says which converter it falls back to; none of that concerns the user."""
+    for name in ("torch.onnx", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+
+
+def _check_packages(args) -> None:
+    """torch first (everything needs it), then what the ONNX export needs."""
+    names = ["torch", "onnx", "onnxscript"] + (["onnxruntime"] if args.verify else [])
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            raise _Failure(f"missing package {name!r}: pip install torch onnx onnxscript onnxruntime "
+                           "(or pip install -e '.[export]' in the repository)") from None
+
+
+def onnxruntime_max_opset(newest: int) -> int | None:
+    """The newest default-domain opset (up to `newest`) whose models the installed onnxruntime
+    loads, found by loading a one-node model at each opset; None without onnxruntime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    import onnx
+    import onnx.helper as h
+
+    value = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = h.make_graph([h.make_node("Identity", ["x"], ["x_out"])], "probe", [value],
+                         [h.make_tensor_value_info("x_out", onnx.TensorProto.FLOAT, [1])])
+    for opset in range(newest, MIN_OPSET - 1, -1):
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=8)
+        try:
+            onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 (onnxruntime's errors share no public type)
+            continue
+        return opset
+    return None
 
 
 def _check_args(args) -> None:
@@ -105,6 +157,16 @@ def _check_args(args) -> None:
         if not MIN_OPSET <= args.opset <= newest:
             raise _Failure(f"--opset: expected {MIN_OPSET}..{newest} (the installed onnx's newest), "
                            f"got {args.opset}")
+        runnable = onnxruntime_max_opset(newest)
+        if runnable is not None and args.opset > runnable:
+            import onnxruntime
+
+            why = (f"the installed onnxruntime {onnxruntime.__version__} runs opsets up to {runnable}")
+            if args.verify:
+                raise _Failure(f"--opset {args.opset} --verify: {why}; export with --opset {runnable} "
+                               "to check the graphs here")
+            print(f"warning: --opset {args.opset}: {why}, so the graphs will not load in it (they may "
+                  f"elsewhere); --opset {runnable} runs here", file=sys.stderr, flush=True)
     if args.aoti:
         from .aoti import compiler
 
@@ -113,17 +175,56 @@ def _check_args(args) -> None:
                            "(install g++ or set CXX)")
 
 
-def _prepare_out(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise _Failure(f"--onnx: {path!r} exists and is not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".mom_export_probe")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise _Failure(f"--onnx: cannot write to {path!r} ({e.strerror or e})") from None
+class _Staging:
+    """A temporary folder beside OUT that receives the export; `publish` moves its files into OUT,
+    `discard` removes it (and the parent folders made for it)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = os.path.abspath(out)
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise _Failure(f"--onnx: {out!r} exists and is not a folder")
+        parent = os.path.dirname(self.out)
+        self.made = []  # parent folders created here, deepest last
+        while not os.path.exists(parent) and parent != os.path.dirname(parent):
+            self.made.insert(0, parent)
+            parent = os.path.dirname(parent)
+        try:
+            for folder in self.made:
+                os.mkdir(folder)
+            self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.", suffix=".partial",
+                                         dir=os.path.dirname(self.out))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.path, 0o777 & ~umask)  # mkdtemp's 0700 would become OUT's
+        except OSError as e:
+            self.discard()
+            raise _Failure(f"--onnx: cannot write to {out!r} ({e.strerror or e})") from None
+
+    def publish(self) -> None:
+        """Move the export into OUT: the whole folder if OUT is new, else file by file, model.json
+        last, after removing the files of an earlier export that this one does not write."""
+        if not os.path.exists(self.out):
+            os.rename(self.path, self.out)
+            self.made = []
+            return
+        names = sorted(os.listdir(self.path), key=lambda n: n == "model.json")
+        for stale in set(ARTEFACTS) - set(names):
+            if os.path.isfile(os.path.join(self.out, stale)):
+                os.remove(os.path.join(self.out, stale))
+        for name in names:
+            os.replace(os.path.join(self.path, name), os.path.join(self.out, name))
+        os.rmdir(self.path)
+        self.made = []
+
+    def discard(self) -> None:
+        if hasattr(self, "path"):
+            shutil.rmtree(self.path, ignore_errors=True)
+        for folder in reversed(self.made):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self.made = []
 
 
 def _load_model(args):
@@ -145,56 +246,73 @@ def _load_model(args):
         name = args.config or "tiny"
         torch.manual_seed(args.seed)
         model = MomForCausalLM(MomConfig.preset(name)).to(dtype)
-        what = f"config {name!r} with random weights"
+        what = f"config {name!r}" + (" (the MoM paper's size name)" if name != "tiny" else "") + \
+            " with random weights"
     params = sum(p.numel() for p in model.parameters())
     _progress(f"model: {what}, {params / 1e6:.1f}M parameters, {args.dtype} "
               f"({time.perf_counter() - start:.1f}s)")
     return model.eval()
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def run(args) -> int:
+    _check_packages(args)
     _check_args(args)
-    _prepare_out(args.onnx)
+    staging = _Staging(args.onnx)
+
+    def progress(message: str) -> None:  # name the files where they will be
+        _progress(message.replace(staging.path, args.onnx))
+
     try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-        if args.verify:
-            import onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise _Failure(f"missing package {e.name!r}: pip install onnx onnxscript onnxruntime") from None
+        paths, packages, model, manifest = _export(args, staging.path, progress)
+        staging.publish()
+    finally:
+        staging.discard()
+    _progress(f"wrote {args.onnx}: " + ", ".join(f"{name} ({_size(size)})" for name, size in
+                                                 manifest["files"].items()) + ", listed in model.json")
+    if args.verify:
+        def published(found: dict[str, str] | None):
+            return found and {k: os.path.join(args.onnx, os.path.basename(v)) for k, v in found.items()}
+        return _verify(model, published(paths), published(packages), args)
+    return 0
+
+
+def _export(args, out: str, progress):
+    """Every artefact into `out`; returns (ONNX paths, AOTI package paths or None, model, manifest)."""
     _quiet_exporter()
     from .manifest import build_manifest, write_manifest
-    from .onnx_export import DEFAULT_OPSET, export_onnx, export_programs
+    from .onnx_export import DEFAULT_OPSET, export_files, export_onnx, export_programs
 
     opset = args.opset or DEFAULT_OPSET
     model = _load_model(args)
     start = time.perf_counter()
     programs = export_programs(model)
-    _progress(f"torch.export of prefill and decode_step: {time.perf_counter() - start:.1f}s")
-    paths = export_onnx(model, args.onnx, opset=opset, use_plugin=args.plugin, programs=programs,
-                        progress=_progress)
-    manifest = write_manifest(args.onnx, build_manifest(model.config, model.lm_head.weight.dtype,
-                                                        opset, args.plugin))
-    _progress(f"wrote {manifest}")
+    progress(f"torch.export of prefill and decode_step: {time.perf_counter() - start:.1f}s")
+    paths = export_onnx(model, out, opset=opset, use_plugin=args.plugin, programs=programs,
+                        progress=progress)
+    files = export_files(out)
     if args.pt2:
         from .pt2 import save_programs
 
         start = time.perf_counter()
-        for path in save_programs(programs, args.onnx).values():
-            _progress(f"wrote {path}")
-        _progress(f"torch.export.save: {time.perf_counter() - start:.1f}s")
-    packages = _build_aoti(programs, args.onnx) if args.aoti else None
-    if args.verify:
-        return _verify(model, paths, packages, args)
-    return 0
+        files += save_programs(programs, out).values()
+        progress(f"torch.export.save: {time.perf_counter() - start:.1f}s")
+    packages = _build_aoti(programs, out, progress) if args.aoti else None
+    files += (packages or {}).values()
+    manifest = build_manifest(model.config, model.lm_head.weight.dtype, opset, args.plugin, files)
+    write_manifest(out, manifest)
+    return paths, packages, model, manifest
 
 
-def _build_aoti(programs, out_dir: str) -> dict[str, str]:
+def _build_aoti(programs, out_dir: str, progress) -> dict[str, str]:
     from .aoti import build_packages
 
-    _progress("AOTInductor: compiling C++ kernels (the slowest step)")
+    progress("AOTInductor: compiling C++ kernels (the slowest step)")
     try:
-        return build_packages(programs, out_dir, progress=_progress)
+        return build_packages(programs, out_dir, progress=progress)
     except Exception as e:  # a compiler or Inductor failure: name the flag, keep one line
         if os.environ.get("MOM_EXPORT_DEBUG"):
             raise

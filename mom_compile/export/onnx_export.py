@@ -10,12 +10,17 @@ onnx_ops.py, a linear-time optimisation (`optimize`), then a finishing pass on t
     opset conversion passes through, move to the default domain;
   - the exporter's intermediate value_info is dropped (onnxruntime infers it again);
   - the symbolic axes of the graph inputs and outputs are named `batch` and `seq`.
-Weights larger than protobuf's 2 GB limit go to an external data file next to the graph.
+Weights above EXTERNAL_DATA_BYTES (protobuf stops at 2 GB) go to one external data file,
+WEIGHTS_FILE, that both graphs reference: a tensor of either graph whose bytes are already there
+(matched by content, whatever its name) points at the same byte range, so the folder holds one copy
+of the weights.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -37,6 +42,7 @@ DEFAULT_OPSET = 18
 # Export examples: batch 2 and seq 8 (sizes 0 and 1 would be specialised by torch.export).
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to a side file (protobuf stops at 2 GB)
+WEIGHTS_FILE = "weights.onnx.data"
 
 
 @dataclass
@@ -106,9 +112,6 @@ def to_onnx(program: torch.export.ExportedProgram, spec: GraphSpec, path: str, o
     model = onnx.load(path, load_external_data=False)
     model = finish(model, spec, use_plugin)
     onnx.save(model, path)
-    if use_plugin:
-        plugin.register_schema()
-    onnx.checker.check_model(path, full_check=True)
 
 
 def optimize(model: onnx_ir.Model) -> None:
@@ -180,19 +183,88 @@ def _name_axes(model: onnx.ModelProto, spec: GraphSpec) -> None:
 
 
 def export_onnx(model: MomForCausalLM, out_dir: str, opset: int = DEFAULT_OPSET,
-                use_plugin: bool = False, programs=None, progress=print) -> dict[str, str]:
-    """Write prefill.onnx and decode_step.onnx into out_dir. Returns {graph name: path}."""
+                use_plugin: bool = False, programs=None, progress=print,
+                external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, str]:
+    """Write prefill.onnx and decode_step.onnx into out_dir, and WEIGHTS_FILE for weights above
+    external_data_bytes. Returns {graph name: path}."""
     specs = graph_specs(model.config)
     if programs is None:
         start = time.perf_counter()
         programs = export_programs(model)
         progress(f"torch.export of both graphs: {time.perf_counter() - start:.1f}s")
-    external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
+    external = _weight_bytes(model) > external_data_bytes
+    weights = os.path.join(out_dir, WEIGHTS_FILE)
+    if external and os.path.exists(weights):
+        os.remove(weights)
+    stored: dict[bytes, tuple[int, int]] = {}
     paths = {}
     for name, program in programs.items():
         start = time.perf_counter()
         path = os.path.join(out_dir, f"{name}.onnx")
         to_onnx(program, specs[name], path, opset, use_plugin, external)
+        if external:
+            share_external_data(path, weights, stored)
+        if use_plugin:
+            plugin.register_schema()
+        onnx.checker.check_model(path, full_check=True)
         paths[name] = path
         progress(f"wrote {path}: {time.perf_counter() - start:.1f}s")
+    if external:
+        progress(f"wrote {weights}: {os.path.getsize(weights) / 1e9:.2f} GB, the weights of both graphs")
     return paths
+
+
+def export_files(out_dir: str) -> list[str]:
+    """The ONNX export's files in out_dir: both graphs and, for large models, the weights file."""
+    names = [f"{PREFILL}.onnx", f"{DECODE}.onnx", WEIGHTS_FILE]
+    return [os.path.join(out_dir, n) for n in names if os.path.exists(os.path.join(out_dir, n))]
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in a graph: initializers and attribute tensors, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _tensors(sub)
+
+
+def _aligned(offset: int, size: int) -> int:
+    """Where a tensor of `size` bytes starts at or after `offset`: large ones on 64 KiB boundaries
+    (so onnxruntime can map them), the rest on 64 bytes."""
+    align = 1 << 16 if size >= 1 << 20 else 64
+    return -(-offset // align) * align
+
+
+def share_external_data(graph_path: str, shared_path: str, stored: dict[bytes, tuple[int, int]]) -> None:
+    """Move the external tensors of graph_path into shared_path and point them there; bytes already
+    stored (`stored`: content hash -> (offset, length), updated) are reused, not written again. The
+    graph's own data files are deleted."""
+    model = onnx.load(graph_path, load_external_data=False)
+    folder = os.path.dirname(graph_path)
+    sources = set()
+    with open(shared_path, "ab") as out:
+        for tensor in _tensors(model.graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            source = os.path.join(folder, info["location"])
+            sources.add(source)
+            with open(source, "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                data = f.read(int(info["length"])) if "length" in info else f.read()
+            key = hashlib.sha256(data).digest()
+            if key not in stored:
+                offset = _aligned(out.tell(), len(data))
+                out.write(bytes(offset - out.tell()))
+                out.write(data)
+                stored[key] = (offset, len(data))
+            offset, length = stored[key]
+            del tensor.external_data[:]
+            for k, v in (("location", os.path.basename(shared_path)), ("offset", offset), ("length", length)):
+                tensor.external_data.add(key=k, value=str(v))
+    onnx.save(model, graph_path)
+    for source in sources - {shared_path}:
+        os.remove(source)

@@ -5,7 +5,8 @@ through onnxscript in trace mode, computing what the op's PyTorch reference comp
 docstrings of mom_compile/ops/*.py are the contract). They run on stock onnxruntime:
 
 - dispatch: a stable sort as TopK over the unique keys segment * N + choice (ties impossible, so
-  stability is automatic), counts by ScatterElements(reduction="add"), offsets by CumSum.
+  stability is automatic), its inverse by a second TopK, segment sizes by comparing each choice
+  with each memory, offsets by CumSum.
 - segment_conv: the reference's gather formulation: every output row reads W rows of the table
   [x ; history ; 0], so no tap ever crosses a segment boundary.
 - chunk_gated_delta: the segments laid out time-major on a padded [L, S] grid (L = the longest
@@ -15,6 +16,9 @@ docstrings of mom_compile/ops/*.py are the contract). They run on stock onnxrunt
   batch (float32 only: the op has no float64).
 - gated_delta_step: the per-token formula once, or from opset 27 on LinearAttention with T = 1.
 - combine: Gather of each token's k rows and their weighted sum.
+- aten.index_put (the decode step writing its rows' new states): Where over a comparison of
+  positions with rows. No graph holds a scatter (ScatterND's result is undefined where indices
+  repeat; ScatterElements' reductions have had provider bugs).
 
 Shapes are read with Shape at run time, so batch and sequence stay dynamic.
 """
@@ -86,25 +90,17 @@ def dispatch(memory_idx, mask, num_memories: int):
     segment = op.Add(op.Mul(batch, num_memories), memory_idx)
     key = op.Reshape(op.Where(op.Unsqueeze(mask, [2]), segment, n_seg), [-1])
     n = _dim(key, 0)
-    choices = op.Range(0, n, 1)
-    unique = op.Add(op.Mul(key, n), choices)  # distinct keys: the order of equal segments is time
-    _, choice_of_row = op.TopK(unique, op.Reshape(n, [1]), axis=0, largest=0, sorted=1)
-    row_of_choice = op.ScatterElements(op.ConstantOfShape(op.Shape(key), value=_zero_int64()),
-                                       choice_of_row, choices, axis=0)
-    counts = op.ScatterElements(
-        op.ConstantOfShape(op.Reshape(op.Add(n_seg, 1), [1]), value=_zero_int64()),
-        key, op.ConstantOfShape(op.Shape(key), value=_one_int64()), axis=0, reduction="add")
-    in_segments = op.Slice(counts, [0], op.Reshape(n_seg, [1]))
-    offsets = op.Concat(op.Constant(value_ints=[0]), op.CumSum(in_segments, 0), axis=0)
+    everything = op.Reshape(n, [1])
+    unique = op.Add(op.Mul(key, n), op.Range(0, n, 1))  # distinct keys: the order of equal segments is time
+    _, choice_of_row = op.TopK(unique, everything, axis=0, largest=0, sorted=1)
+    # the inverse permutation by sorting the permutation, not by a scatter
+    _, row_of_choice = op.TopK(choice_of_row, everything, axis=0, largest=0, sorted=1)
+    # each segment's size: its sequence's unmasked choices of its memory, counted by comparison
+    memories = op.Constant(value_ints=list(range(num_memories)))
+    chosen = op.And(op.Equal(op.Unsqueeze(memory_idx, [3]), memories), op.Unsqueeze(mask, [2, 3]))
+    counts = op.ReduceSum(op.Cast(chosen, to=ir.DataType.INT64), _ints(1, 2), keepdims=0)  # [B, M]
+    offsets = op.Concat(op.Constant(value_ints=[0]), op.CumSum(op.Reshape(counts, [-1]), 0), axis=0)
     return choice_of_row, op.Reshape(row_of_choice, shape), offsets
-
-
-def _zero_int64():
-    return ir.tensor([0], dtype=ir.DataType.INT64)
-
-
-def _one_int64():
-    return ir.tensor([1], dtype=ir.DataType.INT64)
 
 
 # -- mom::segment_conv --------------------------------------------------------------------------
@@ -386,6 +382,36 @@ def combine(o_rows, weights, row_of_choice):
     return op.ReduceSum(op.Mul(picked, op.Unsqueeze(weights, [3, 4])), [2], keepdims=0)
 
 
+# -- aten.index_put (the decode step's state write) ----------------------------------------------
+def index_put(self, indices, values, accumulate: bool = False):
+    """self with the rows named by `indices` (index tensors for its leading axes) replaced by
+    `values`, without ScatterND: ScatterND's result is undefined where indices repeat, and
+    providers resolve that differently. Here every position of the indexed axes takes the last row
+    that names it, else keeps its value: a [positions, rows] comparison, which for the decode
+    step's write of B*k' rows into B*memory_slots states is a few thousand integers per layer."""
+    if accumulate or any(i is None for i in indices):
+        raise NotImplementedError("index_put: only assignment through index tensors for leading axes")
+    lead = op.Shape(self, start=0, end=len(indices))
+    flat = None
+    for axis, index in enumerate(indices):
+        size = op.Gather(lead, axis)
+        index = op.Where(op.Less(index, 0), op.Add(index, size), index)  # torch's negative indices
+        flat = index if flat is None else op.Add(op.Mul(flat, size), index)
+    rest = op.Shape(self, start=len(indices))
+    values = op.Reshape(op.Expand(values, op.Concat(op.Shape(flat), rest, axis=0)),
+                        op.Concat(_ints(-1), rest, axis=0))
+    flat = op.Reshape(flat, _ints(-1))
+    positions = op.Range(0, op.ReduceProd(lead, keepdims=0), 1)
+    rows = op.Range(0, _dim(flat, 0), 1)
+    hits = op.Equal(_col(positions), _row(flat))  # [P, R]
+    last = op.ReduceMax(op.Where(hits, _row(rows), op.Constant(value_int=-1)), _ints(1), keepdims=0)
+    ones = _ints(*[1] * (len(self.shape) - len(indices)))
+    written = op.Reshape(op.GreaterOrEqual(last, 0), op.Concat(_ints(-1), ones, axis=0))
+    table = op.Reshape(self, op.Concat(_ints(-1), rest, axis=0))
+    out = op.Where(written, op.Gather(values, op.Max(last, op.Constant(value_int=0))), table)
+    return op.Reshape(out, op.Shape(self))
+
+
 def translation_table(opset: int, use_plugin: bool = False) -> dict:
     """The exporter's custom_translation_table entries for every `mom` op at ONNX `opset`. From
     LINEAR_ATTENTION_OPSET on, the gated delta rule is the standard LinearAttention op; with
@@ -400,6 +426,7 @@ def translation_table(opset: int, use_plugin: bool = False) -> dict:
         linear_attention=opset >= LINEAR_ATTENTION_OPSET and not use_plugin)
     step = plugin_memory_step if use_plugin else gated_delta_step
     return {
+        torch.ops.aten.index_put.default: index_put,
         mom.dispatch.default: dispatch,
         mom.segment_conv.default: segment_conv,
         mom.chunk_gated_delta.default: chunk_gated_delta,

@@ -3,22 +3,40 @@
     gen = OnnxGenerator("out/tiny")                    # reads model.json, opens both graphs
     ids = gen.generate(prompt_ids, attention_mask, max_new_tokens=32)
 
-One prefill over the (left-padded) prompt batch, then one decode_step per new token, feeding every
-`present.X` back as `past.X`. Token choice mirrors `MomForCausalLM.generate`: argmax, or sampling
-from softmax(logits / temperature) restricted to the top_k ids and to the smallest set whose
-probability reaches top_p; a sequence that produced an eos id is filled with the pad id, and
-generation stops once all have. Nothing here imports torch.
+Generation is one loop (`Generator`) over a `GraphBackend`: one prefill over the (left-padded)
+prompt batch, then one decode step per new token. A backend runs the graphs and keeps the states
+where they live (`OnnxBackend`: on the onnxruntime session's device, through I/O binding; the
+TensorRT backend: in its engine's buffers); the loop sees only last-position logits on the host.
+
+Token choice mirrors `MomForCausalLM.generate`, and so do the argument checks (one shared
+`check_generate_args`): argmax, or sampling from softmax(logits / temperature) restricted to the
+top_k ids and to the smallest set whose probability reaches top_p; a sequence that produced an eos
+id is filled with the pad id, and generation stops once all have. Nothing here imports torch.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-MANIFEST_NAME = "model.json"
+from ..generation_args import as_array, check_generate_args
+from .manifest import read_manifest
+
+
+class GraphBackend(Protocol):
+    """Runs an export's two graphs and keeps their states itself (on its device)."""
+
+    manifest: dict  # the folder's model.json, validated
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """int64 [B, T] ids and mask -> last-position logits [B, vocab] float32 on the host; the
+        present states stay with the backend."""
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        """int64 [B, 1] -> logits [B, vocab] float32 on the host; the states advance."""
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -50,66 +68,40 @@ def pick_next_token(logits: np.ndarray, do_sample: bool = False, temperature: fl
     return np.minimum((cum <= draws).sum(-1), probs.shape[-1] - 1)
 
 
-class OnnxGenerator:
-    """Generation over an export folder (prefill.onnx, decode_step.onnx, model.json)."""
+def _as_numpy(name: str, value) -> np.ndarray:
+    return as_array(name, value, lambda v: isinstance(v, np.ndarray), np.asarray, "numpy array")
 
-    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] | None = None,
-                 session_options: ort.SessionOptions | None = None) -> None:
-        folder = os.fspath(folder)
-        with open(os.path.join(folder, MANIFEST_NAME)) as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("plugin"):
-            raise ValueError(f"{folder}: plugin graphs need a mom::MemoryStep kernel that onnxruntime "
-                             "lacks; export without --plugin to run them here")
-        providers = list(providers or ["CPUExecutionProvider"])
-        graphs = self.manifest["graphs"]
-        self.prefill = ort.InferenceSession(os.path.join(folder, graphs["prefill"]["file"]),
-                                            session_options, providers=providers)
-        self.decode = ort.InferenceSession(os.path.join(folder, graphs["decode_step"]["file"]),
-                                           session_options, providers=providers)
-        self.pairs = [(s["present"], s["past"]) for s in self.manifest["state"]]
-        self.vocab_size = self.manifest["vocab_size"]
 
-    def _step(self, outputs: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {past: outputs[present] for present, past in self.pairs}
-        feed["input_ids"] = ids
-        names = [o.name for o in self.decode.get_outputs()]
-        return dict(zip(names, self.decode.run(names, feed)))
+class Generator:
+    """The generation loop over a backend: argument checks, token choice, eos and padding, stopping."""
 
-    def run_prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        names = [o.name for o in self.prefill.get_outputs()]
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return dict(zip(names, self.prefill.run(names, feed)))
+    def __init__(self, backend: GraphBackend) -> None:
+        self.backend = backend
+        self.manifest = backend.manifest
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, seed: int | None = None) -> np.ndarray:
-        """Token ids [B, T + n]: the prompt, then up to max_new_tokens generated ids."""
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        if input_ids.ndim != 2 or input_ids.size == 0:
-            raise ValueError(f"input_ids: expected a non-empty [batch, seq] array, "
-                             f"got shape {input_ids.shape}")
-        if input_ids.min() < 0 or input_ids.max() >= self.vocab_size:
-            raise ValueError(f"input_ids: ids must lie in [0, {self.vocab_size})")
-        if temperature <= 0:
-            raise ValueError(f"temperature: expected > 0, got {temperature}")
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: expected shape {input_ids.shape}, got {mask.shape}")
-        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
-                                                else list(eos_token_id))
-        if pad_token_id is None:
-            configured = self.manifest.get("pad_token_id")
-            pad_token_id = configured if configured is not None else (eos or [0])[0]
-        if max_new_tokens <= 0:
-            return input_ids
+        """Token ids [B, T + n] int64: the prompt, then n <= max_new_tokens generated ids (fewer
+        once every sequence has produced an eos id). input_ids [B, T] and attention_mask (1 =
+        token, 0 = left padding) are numpy arrays or nested lists; seed seeds the sampling."""
+        input_ids = _as_numpy("input_ids", input_ids)
+        attention_mask = None if attention_mask is None else _as_numpy("attention_mask", attention_mask)
+        eos, pad_token_id = check_generate_args(
+            input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+            pad_token_id, self.manifest["vocab_size"], self.manifest["pad_token_id"])
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if max_new_tokens == 0:
+            return ids
+        mask = np.ones_like(ids) if attention_mask is None else \
+            np.ascontiguousarray(attention_mask, dtype=np.int64)
         rng = np.random.default_rng(seed)
-        outputs = self.run_prefill(input_ids, mask)
-        finished = np.zeros(input_ids.shape[0], dtype=bool)
-        tokens = [input_ids]
+        logits = self.backend.prefill(ids, mask)
+        finished = np.zeros(ids.shape[0], dtype=bool)
+        tokens = [ids]
         for step in range(max_new_tokens):
-            next_ids = pick_next_token(outputs["logits"][:, -1], do_sample, temperature, top_k, top_p, rng)
+            next_ids = pick_next_token(logits, do_sample, temperature, top_k, top_p, rng)
             next_ids = np.where(finished, pad_token_id, next_ids).astype(np.int64)
             tokens.append(next_ids[:, None])
             if eos:
@@ -117,5 +109,88 @@ class OnnxGenerator:
                 if finished.all():
                     break
             if step + 1 < max_new_tokens:
-                outputs = self._step(outputs, next_ids[:, None])
+                logits = self.backend.step(np.ascontiguousarray(next_ids[:, None]))
         return np.concatenate(tokens, axis=1)
+
+
+def _state_device(session: ort.InferenceSession) -> tuple[str, int]:
+    """Where the session's graph runs: ("cuda", device id) under the CUDA provider, else ("cpu", 0)."""
+    if "CUDAExecutionProvider" in session.get_providers():
+        options = session.get_provider_options().get("CUDAExecutionProvider", {})
+        return "cuda", int(options.get("device_id", 0))
+    return "cpu", 0
+
+
+class OnnxBackend:
+    """The two graphs of an export folder in onnxruntime, the states kept on the session's device.
+
+    Two sets of state tensors are allocated there per batch: prefill writes one, and every decode
+    step reads one set as past.X and writes the other as present.X (I/O binding, so the states
+    never travel to the host and no step allocates them); only the logits come back."""
+
+    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] | None = None,
+                 session_options: ort.SessionOptions | None = None) -> None:
+        folder = os.fspath(folder)
+        self.manifest = read_manifest(folder)
+        if self.manifest["plugin"]:
+            raise ValueError(f"{folder}: plugin graphs need a mom::MemoryStep kernel that onnxruntime "
+                             "lacks; export without --plugin to run them here")
+        providers = list(providers or ["CPUExecutionProvider"])
+        graphs = self.manifest["graphs"]
+        self.prefill_session, self.decode_session = (
+            ort.InferenceSession(os.path.join(folder, graphs[name]["file"]), session_options,
+                                 providers=providers) for name in ("prefill", "decode_step"))
+        self.device = _state_device(self.decode_session)
+        self._states: list[dict[str, ort.OrtValue]] = []  # the two sets, by present name
+        self._bindings: list[ort.IOBinding] = []          # decode step reading set i, writing 1 - i
+        self._turn = 0
+
+    def _allocate(self, batch: int) -> dict[str, ort.OrtValue]:
+        return {s["present"]: ort.OrtValue.ortvalue_from_shape_and_type(
+                    [batch if d == "batch" else d for d in s["shape"]], np.dtype(s["dtype"]), *self.device)
+                for s in self.manifest["state"]}
+
+    def _run(self, session: ort.InferenceSession, binding: ort.IOBinding) -> np.ndarray:
+        session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()  # bound first, to the host
+        return logits[:, -1].astype(np.float32)
+
+    def _bind_outputs(self, binding: ort.IOBinding, states: dict[str, ort.OrtValue]) -> None:
+        binding.bind_output("logits", "cpu")
+        for present, value in states.items():
+            binding.bind_ortvalue_output(present, value)
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        batch = input_ids.shape[0]
+        self._states = [self._allocate(batch), self._allocate(batch)]
+        self._bindings = []
+        for i in (0, 1):
+            binding = self.decode_session.io_binding()
+            for s in self.manifest["state"]:
+                binding.bind_ortvalue_input(s["past"], self._states[i][s["present"]])
+            self._bind_outputs(binding, self._states[1 - i])
+            self._bindings.append(binding)
+        self._turn = 0
+        binding = self.prefill_session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        self._bind_outputs(binding, self._states[0])
+        return self._run(self.prefill_session, binding)
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        if not self._bindings:
+            raise RuntimeError("step: call prefill first")
+        binding = self._bindings[self._turn]
+        binding.bind_cpu_input("input_ids", input_ids)
+        logits = self._run(self.decode_session, binding)
+        self._turn = 1 - self._turn
+        return logits
+
+
+class OnnxGenerator(Generator):
+    """Generation over an export folder (prefill.onnx, decode_step.onnx, model.json) in onnxruntime:
+    `providers` as for an InferenceSession (default CPU), the states on that provider's device."""
+
+    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] | None = None,
+                 session_options: ort.SessionOptions | None = None) -> None:
+        super().__init__(OnnxBackend(folder, providers, session_options))

@@ -7,6 +7,7 @@ import os
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import MomConfig
@@ -17,6 +18,13 @@ TORCH_NAME = "pytorch_model.bin"
 TIED_HEAD = "lm_head.weight"
 
 
+def _load_safetensors(file: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except SafetensorError as e:  # a truncated or corrupted file
+        raise ValueError(f"{file}: damaged safetensors file ({e})") from e
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, on the CPU, under their stored names."""
     folder = os.fspath(path)
@@ -25,17 +33,17 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     legacy = os.path.join(folder, TORCH_NAME)
     try:
         if os.path.isfile(single):
-            return load_file(single)
+            return _load_safetensors(single)
         if os.path.isfile(index):
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             weights: dict[str, torch.Tensor] = {}
             for shard in shards:
-                weights.update(load_file(os.path.join(folder, shard)))
+                weights.update(_load_safetensors(os.path.join(folder, shard)))
             return weights
         if os.path.isfile(legacy):
             return torch.load(legacy, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         raise ValueError(f"{folder}: cannot read the checkpoint's weights ({e})") from e
     raise FileNotFoundError(
         f"path: {folder!r} holds none of {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {TORCH_NAME}")

@@ -125,7 +125,13 @@ class MomConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MomConfig:
-        """A named size: "tiny" (tests and quick exports), "340m" and "1.3b" (the paper's)."""
+        """A named size: "tiny" (tests and quick exports), "340m" and "1.3b".
+
+        "340m" and "1.3b" are the MoM paper's names of its two sizes (hidden size 1024 and 2048, 24
+        layers), after the dense models of the same width and depth it compares with; they are
+        names, not counts. Each memory (4 routed and 1 shared) has its own key, value, beta and
+        alpha projections, and the 32K-token embeddings and output head are untied, so the models
+        have 545.2M and 1618.6M parameters (`python -m mom_compile.export` prints the count)."""
         if name not in PRESETS:
             raise ValueError(f"name: expected one of {sorted(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides})

@@ -2,7 +2,9 @@
 
 Decode steps pass no attention mask (a new token is never padding), so every step has the same
 shapes: a compiled `forward` (`model.forward = torch.compile(model.forward)`) is traced once for
-the decode step and reused.
+the decode step and reused. The loop keeps its state on the device: whether every sequence has
+finished is looked at every CHECK_EVERY steps (a host sync each), finished sequences pad
+meanwhile, and the output is cut where they had all finished, so it equals stopping at once.
 """
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+
+from ..generation_args import as_array, check_generate_args
+
+CHECK_EVERY = 8  # decode steps between two host syncs that look for the end (with an eos id)
 
 
 def pick_next_token(
@@ -35,24 +41,9 @@ def pick_next_token(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _check(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, vocab_size) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: expected >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a value in (0, 1] or None, got {top_p}")
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.numel() \
-            and not input_ids.is_floating_point():
-        lo, hi = int(input_ids.min()), int(input_ids.max())  # eager API boundary: one sync
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"input_ids: ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.numel() \
-            and not bool((attention_mask[:, -1] != 0).all()):
-        raise ValueError("attention_mask: generate expects left padding (the last column all 1); "
-                         "a right-padded prompt would continue from a padding position")
+def _as_tensor(name: str, value, model: nn.Module) -> torch.Tensor:
+    device = model.lm_head.weight.device
+    return as_array(name, value, torch.is_tensor, lambda v: torch.as_tensor(v, device=device), "torch.Tensor")
 
 
 @torch.no_grad()
@@ -71,30 +62,34 @@ def generate(
 ) -> torch.Tensor:
     """Batched generation with left padding. Returns [B, T + n] ids, n <= max_new_tokens: it stops
     early once every sequence has produced an eos id; a finished sequence is filled with
-    pad_token_id (default: the config's, else the first eos id)."""
+    pad_token_id (default: the config's, else the first eos id). input_ids and attention_mask may
+    also be nested lists (made tensors on the model's device)."""
     config = model.config
-    _check(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, config.vocab_size)
-    eos = [] if eos_token_id is None else (
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos or [0])[0]
+    input_ids = _as_tensor("input_ids", input_ids, model)
+    attention_mask = None if attention_mask is None else _as_tensor("attention_mask", attention_mask, model)
+    eos, pad_token_id = check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k,
+                                            top_p, eos_token_id, pad_token_id, config.vocab_size,
+                                            config.pad_token_id)
     if max_new_tokens == 0:
         return input_ids
     # The cache is made here, outside any compiled forward, so that its buffers are static
     # addresses that a CUDA-graph decode step may update in place.
     cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
     out = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-    eos_ids = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    running = torch.zeros((), dtype=torch.int64, device=input_ids.device)  # steps begun unfinished
     tokens = [input_ids]
     for step in range(max_new_tokens):
         next_ids = pick_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         next_ids = torch.where(finished, pad_token_id, next_ids).to(input_ids.dtype)
         tokens.append(next_ids[:, None])
         if eos:
-            finished |= torch.isin(next_ids, eos_ids)
-            if bool(finished.all()):
+            running += ~finished.all()
+            finished |= torch.stack([next_ids == e for e in eos]).any(0)  # no host-to-device copy
+            if (step + 1) % CHECK_EVERY == 0 and bool(finished.all()):  # a host sync
                 break
         if step + 1 < max_new_tokens:
             out = model(next_ids[:, None], past_key_values=cache, use_cache=True)
-    return torch.cat(tokens, dim=1)
+    ids = torch.cat(tokens, dim=1)
+    # the steps after the one that finished the last sequence only padded: cut them (one sync)
+    return ids[:, :input_ids.shape[1] + int(running)] if eos else ids

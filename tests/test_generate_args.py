@@ -1,0 +1,92 @@
+"""`MomForCausalLM.generate` and the onnxruntime generator refuse the same bad input with the same
+message (one shared check), and accept nested lists alike."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mom_compile import MomConfig, MomForCausalLM
+
+VOCAB = MomConfig.preset("tiny").vocab_size
+
+
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def generator(request, tiny_onnx):
+    """(generate, as_array) of one generator, where as_array makes nested lists its array type."""
+    if request.param == "torch":
+        torch.manual_seed(0)
+        model = MomForCausalLM(MomConfig.preset("tiny")).eval()
+        return model.generate, torch.tensor
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    from mom_compile.export.runtime import OnnxGenerator
+
+    return OnnxGenerator(tiny_onnx(18)[1]).generate, np.array
+
+
+PROMPT = [[5, 6, 7]]
+
+
+@pytest.mark.parametrize("ids, mask, kwargs, match", [
+    ([[5, 6, 0]], [[1, 1, 0]], {}, "attention_mask: generate expects left padding"),
+    ([[5.0, 6.0, 7.0]], None, {}, "input_ids: expected an int64 or int32 array, got float"),
+    ([[True, False]], None, {}, "input_ids: expected an int64 or int32 array, got bool"),
+    ([5, 6, 7], None, {}, r"input_ids: expected a non-empty \[batch, seq\] array, got shape \[3\]"),
+    (np.zeros((1, 0), np.int64), None, {}, r"input_ids: expected a non-empty \[batch, seq\] array"),
+    ([[0, VOCAB]], None, {}, rf"input_ids: ids must lie in \[0, {VOCAB}\), got values in \[0, {VOCAB}\]"),
+    ([[-1, 3]], None, {}, rf"input_ids: ids must lie in \[0, {VOCAB}\), got values in \[-1, 3\]"),
+    (PROMPT, [[1, 1]], {}, r"attention_mask: expected shape \[1, 3\] like input_ids, got \[1, 2\]"),
+    (PROMPT, [[1.0, 1.0, 1.0]], {}, "attention_mask: expected 0/1 integers or bools, got float"),
+    (PROMPT, None, dict(max_new_tokens=-1), "max_new_tokens: expected an integer >= 0, got -1"),
+    (PROMPT, None, dict(max_new_tokens=2.5), "max_new_tokens: expected an integer >= 0, got 2.5"),
+    (PROMPT, None, dict(temperature=0.0, do_sample=True), "temperature: expected > 0, got 0.0"),
+    (PROMPT, None, dict(top_k=0, do_sample=True), "top_k: expected an integer >= 1 or None, got 0"),
+    (PROMPT, None, dict(top_p=1.5, do_sample=True), r"top_p: expected a value in \(0, 1\] or None"),
+    (PROMPT, None, dict(eos_token_id=-1), rf"eos_token_id: expected an id or a list of ids in \[0, {VOCAB}"),
+    (PROMPT, None, dict(eos_token_id=[2, "x"]), "eos_token_id: expected an id or a list of ids"),
+    (PROMPT, None, dict(pad_token_id=VOCAB), rf"pad_token_id: expected an id in \[0, {VOCAB}\) or None"),
+])
+@pytest.mark.parametrize("as_list", [True, False], ids=["lists", "arrays"])
+def test_bad_input_same_error(generator, ids, mask, kwargs, match, as_list):
+    generate, as_array = generator
+    if not as_list:
+        ids, mask = (v if v is None else as_array(v) for v in (ids, mask))
+    with pytest.raises(ValueError, match=match):
+        generate(ids, mask, **kwargs)
+
+
+def test_ragged_lists(generator):
+    generate, _ = generator
+    with pytest.raises(ValueError, match=r"input_ids: expected a .* or nested lists of token ids \[batch"):
+        generate([[1, 2], [3]])
+
+
+def test_right_padding_is_refused_but_left_padding_is_not(generator):
+    """The issue's case: [[5, 6, 0]] with mask [[1, 1, 0]] was answered with other tokens than
+    [[5, 6]] (now refused, above); its left-padded form gives [[5, 6]]'s tokens."""
+    generate, as_array = generator
+    alone = np.asarray(generate(as_array([[5, 6]]), max_new_tokens=4))
+    padded = np.asarray(generate(as_array([[0, 5, 6]]), as_array([[0, 1, 1]]), max_new_tokens=4))
+    np.testing.assert_array_equal(padded[:, 1:], alone)
+
+
+def test_nested_lists_and_int32_equal_int64_arrays(generator):
+    generate, as_array = generator
+    ids, mask = [[9, 4, 7], [0, 3, 8]], [[1, 1, 1], [0, 1, 1]]
+    ref = np.asarray(generate(as_array(ids), as_array(mask), max_new_tokens=5))
+    np.testing.assert_array_equal(np.asarray(generate(ids, mask, max_new_tokens=5)), ref)
+    int32 = np.asarray(generate(as_array(np.array(ids, np.int32)), as_array(mask), max_new_tokens=5))
+    np.testing.assert_array_equal(int32, ref)
+
+
+def test_both_generators_give_the_same_tokens(tiny_onnx):
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    from mom_compile.export.runtime import OnnxGenerator
+
+    model, folder, _ = tiny_onnx(18)
+    ids, mask = [[9, 4, 7, 1], [0, 0, 3, 8]], [[1, 1, 1, 1], [0, 0, 1, 1]]
+    ref = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[3, 4])
+    got = OnnxGenerator(folder).generate(ids, mask, max_new_tokens=12, eos_token_id=[3, 4])
+    np.testing.assert_array_equal(got, ref.numpy())
