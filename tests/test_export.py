@@ -20,7 +20,6 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 np = pytest.importorskip("numpy")
 
-from mom_compile.export import onnx_ops  # noqa: E402
 from mom_compile.export.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
 from mom_compile.export.onnx_export import (  # noqa: E402
     DEFAULT_OPSET,
@@ -349,26 +348,3 @@ def test_a_folder_that_is_no_export_gets_one_clear_error(exported, tmp_path, edi
         OnnxGenerator(copy)
 
 
-def test_index_put_translation_with_repeated_and_negative_indices(tmp_path):
-    """The scatter-free aten.index_put: each position takes the last row naming it, negative
-    indices count from the end (what a scatter leaves undefined, and what torch does on CPU)."""
-
-    class Write(torch.nn.Module):
-        def forward(self, table, rows, cols, values):
-            return table.index_put((rows, cols), values)
-
-    table, values = torch.randn(3, 4, 5), torch.randn(6, 5)
-    rows, cols = torch.tensor([0, 2, 0, 1, -1, 2]), torch.tensor([1, 3, 1, 0, 0, -1])
-    program = torch.export.export(Write(), (table, rows, cols, values))
-    onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, custom_translation_table={
-        torch.ops.aten.index_put.default: onnx_ops.index_put})
-    path = str(tmp_path / "write.onnx")
-    onnx_program.save(path)
-    assert not SCATTERS & {n.op_type for n in onnx.load(path).graph.node}
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, dict(zip([i.name for i in session.get_inputs()],
-                                        [t.numpy() for t in (table, rows, cols, values)])))
-    want = table.clone().numpy()
-    for r, c, v in zip(rows.tolist(), cols.tolist(), values.numpy()):  # in order: the last one wins
-        want[r, c] = v
-    np.testing.assert_array_equal(got, want)

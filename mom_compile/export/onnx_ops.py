@@ -16,9 +16,10 @@ docstrings of mom_compile/ops/*.py are the contract). They run on stock onnxrunt
   batch (float32 only: the op has no float64).
 - gated_delta_step: the per-token formula once, or from opset 27 on LinearAttention with T = 1.
 - combine: Gather of each token's k rows and their weighted sum.
-- aten.index_put (the decode step writing its rows' new states): Where over a comparison of
-  positions with rows. No graph holds a scatter (ScatterND's result is undefined where indices
-  repeat; ScatterElements' reductions have had provider bugs).
+- memory_decode (the decode step, functional form): the rows' composition, and the new state
+  tables by a Where over slots.
+No graph holds a scatter (ScatterND's result is undefined where indices repeat; ScatterElements'
+reductions have had provider bugs).
 
 Shapes are read with Shape at run time, so batch and sequence stay dynamic.
 """
@@ -382,36 +383,6 @@ def combine(o_rows, weights, row_of_choice):
     return op.ReduceSum(op.Mul(picked, op.Unsqueeze(weights, [3, 4])), [2], keepdims=0)
 
 
-# -- aten.index_put (the decode step's state write) ----------------------------------------------
-def index_put(self, indices, values, accumulate: bool = False):
-    """self with the rows named by `indices` (index tensors for its leading axes) replaced by
-    `values`, without ScatterND: ScatterND's result is undefined where indices repeat, and
-    providers resolve that differently. Here every position of the indexed axes takes the last row
-    that names it, else keeps its value: a [positions, rows] comparison, which for the decode
-    step's write of B*k' rows into B*memory_slots states is a few thousand integers per layer."""
-    if accumulate or any(i is None for i in indices):
-        raise NotImplementedError("index_put: only assignment through index tensors for leading axes")
-    lead = op.Shape(self, start=0, end=len(indices))
-    flat = None
-    for axis, index in enumerate(indices):
-        size = op.Gather(lead, axis)
-        index = op.Where(op.Less(index, 0), op.Add(index, size), index)  # torch's negative indices
-        flat = index if flat is None else op.Add(op.Mul(flat, size), index)
-    rest = op.Shape(self, start=len(indices))
-    values = op.Reshape(op.Expand(values, op.Concat(op.Shape(flat), rest, axis=0)),
-                        op.Concat(_ints(-1), rest, axis=0))
-    flat = op.Reshape(flat, _ints(-1))
-    positions = op.Range(0, op.ReduceProd(lead, keepdims=0), 1)
-    rows = op.Range(0, _dim(flat, 0), 1)
-    hits = op.Equal(_col(positions), _row(flat))  # [P, R]
-    last = op.ReduceMax(op.Where(hits, _row(rows), op.Constant(value_int=-1)), _ints(1), keepdims=0)
-    ones = _ints(*[1] * (len(self.shape) - len(indices)))
-    written = op.Reshape(op.GreaterOrEqual(last, 0), op.Concat(_ints(-1), ones, axis=0))
-    table = op.Reshape(self, op.Concat(_ints(-1), rest, axis=0))
-    out = op.Where(written, op.Gather(values, op.Max(last, op.Constant(value_int=0))), table)
-    return op.Reshape(out, op.Shape(self))
-
-
 def translation_table(opset: int, use_plugin: bool = False) -> dict:
     """The exporter's custom_translation_table entries for every `mom` op at ONNX `opset`. From
     LINEAR_ATTENTION_OPSET on, the gated delta rule is the standard LinearAttention op; with
@@ -426,7 +397,6 @@ def translation_table(opset: int, use_plugin: bool = False) -> dict:
         linear_attention=opset >= LINEAR_ATTENTION_OPSET and not use_plugin)
     step = plugin_memory_step if use_plugin else gated_delta_step
     return {
-        torch.ops.aten.index_put.default: index_put,
         mom.dispatch.default: dispatch,
         mom.segment_conv.default: segment_conv,
         mom.chunk_gated_delta.default: chunk_gated_delta,
