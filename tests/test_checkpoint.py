@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from mom_compile import MomConfig, MomForCausalLM
 
-from models import tiny_config, tiny_model
+from models import ids, tiny_config, tiny_model
 
 
 def spec_layout(c: MomConfig) -> dict[str, list[int]]:
@@ -61,7 +61,7 @@ def test_round_trip_is_exact(tmp_path):
     assert loaded.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
-    x = torch.randint(0, 97, (2, 7))
+    x = ids(2, 7)
     assert torch.equal(model(x).logits, loaded(x).logits)
 
 
@@ -97,7 +97,7 @@ def test_sharded_safetensors_and_tied_embeddings(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     loaded = MomForCausalLM.from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embeddings.weight
-    x = torch.randint(0, 97, (1, 5))
+    x = ids(1, 5)
     assert torch.equal(model(x).logits, loaded(x).logits)
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import oracle
-from models import tiny_model
+from models import ids, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
@@ -14,10 +14,6 @@ TOL = dict(rtol=1e-9, atol=1e-10)
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
-
-
-def ids(b, t, vocab=97):
-    return torch.randint(0, vocab, (b, t))
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=True, single_kv_proj=True)])
