@@ -25,8 +25,12 @@ from typing import TypeVar, Union
 import onnx
 import onnx_ir as ir
 import onnxscript
+import torch
 from onnxscript import DOUBLE, FLOAT
 from onnxscript import opset18 as op
+
+from ..ops.memory_decode import L2_EPS
+from ..ops.precision import compute_dtype
 
 # The scripted functions' type: the state's (float32, or float64 for a float64 model).
 TState = TypeVar("TState", bound=Union[FLOAT, DOUBLE])  # noqa: UP007 (onnxscript reads typing.Union)
@@ -40,9 +44,16 @@ def _dim(x, axis: int):
     return op.Squeeze(op.Shape(x, start=axis, end=axis + 1))
 
 
+_TORCH_OF_ONNX = {ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16,
+                  ir.DataType.FLOAT: torch.float32, ir.DataType.DOUBLE: torch.float64}
+
+
 def _compute_type(x) -> ir.DataType:
-    """float64 stays float64, everything else computes in float32 (the ops' precision policy)."""
-    return ir.DataType.DOUBLE if x.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+    """The ops' precision rule (`compute_dtype`) for a float value x whose type the tracer knows."""
+    if x.dtype not in _TORCH_OF_ONNX:
+        raise TypeError(f"{x.name}: expected a float value of known type, got {x.dtype}")
+    compute = compute_dtype(_TORCH_OF_ONNX[x.dtype])
+    return next(onnx_type for onnx_type, dtype in _TORCH_OF_ONNX.items() if dtype == compute)
 
 
 def _cast(x, dtype: ir.DataType):
@@ -315,7 +326,7 @@ def memory_decode_translation(step: Callable) -> Callable:
                                           op.Gather(conv_states, slot))
         bounds = [0, h * dk, 2 * h * dk, 2 * h * dk + h * dv]
         q, k, v = (op.Slice(conv_out, _ints(lo), _ints(hi), _ints(1)) for lo, hi in zip(bounds, bounds[1:]))
-        q, k = (_l2_normalize(op.Reshape(t, _ints(0, h, dk))) for t in (q, k))
+        q, k = (_l2_normalize(op.Reshape(t, _ints(0, h, dk)), _compute_type(conv_in)) for t in (q, k))
         # the tracer infers no type or shape for a Gather; `step` picks its ONNX op by them
         state = op.Gather(rec_states, slot)
         state.dtype, state.shape = rec_states.dtype, ir.Shape([slot.shape[0], h, dk, dv])
@@ -325,11 +336,10 @@ def memory_decode_translation(step: Callable) -> Callable:
     return memory_decode
 
 
-def _l2_normalize(x):
-    """x / sqrt(sum x^2 + eps) over the last axis, computed in float32 (or float64)."""
-    from ..ops.memory_decode import L2_EPS
-
-    xf = _cast(x, _compute_type(x))
+def _l2_normalize(x, dt: ir.DataType):
+    """x / sqrt(sum x^2 + eps) over the last axis, computed in `dt` (x's compute type, given by the
+    caller: the tracer infers no type for x, a reshaped slice)."""
+    xf = op.Cast(x, to=dt)
     norm = op.Sqrt(op.Add(op.ReduceSum(op.Mul(xf, xf), _ints(-1), keepdims=1), op.CastLike(L2_EPS, xf)))
     return op.CastLike(op.Div(xf, norm), x)
 
@@ -346,10 +356,6 @@ def translation_table(opset: int, use_plugin: bool = False) -> dict:
     LINEAR_ATTENTION_OPSET on, the gated delta rule is the standard LinearAttention op; with
     use_plugin the recurrent step is a mom::MemoryStep node, also inside the prefill's Scan, so
     that one plugin implements every recurrence of the deployed graphs."""
-    import torch
-
-    import mom_compile.ops  # noqa: F401  (registers the ops)
-
     mom = torch.ops.mom
     chunk_gated_delta, gated_delta_step = gated_delta_translations(
         linear_attention=opset >= LINEAR_ATTENTION_OPSET and not use_plugin)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.precision import compute_dtype
 from .config import MomConfig
 
 
@@ -31,7 +32,7 @@ def state_specs(config: MomConfig, batch: int | str, dtype: torch.dtype) -> list
     `batch` may be a symbolic size or the name of a symbolic axis."""
     recurrent = (batch, config.memory_slots, config.num_heads, config.head_dim, config.head_v_dim)
     conv = (batch, config.memory_slots, config.conv_size - 1, conv_channels(config))
-    return [(recurrent, torch.promote_types(dtype, torch.float32)), (conv, dtype)] * config.num_hidden_layers
+    return [(recurrent, compute_dtype(dtype)), (conv, dtype)] * config.num_hidden_layers
 
 
 def zero_states(config: MomConfig, batch: int, dtype: torch.dtype, device=None) -> list[torch.Tensor]:

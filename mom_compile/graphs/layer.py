@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.precision import upcast
 from .cache import LayerState
 from .config import MomConfig
 from .norm import RMSNorm, rms_norm
-from .precision import upcast
 from .stacked import Part, blocks, padding, stacked_parameter
 
 

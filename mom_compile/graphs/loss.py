@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .precision import upcast
+from ..ops.precision import upcast
 
 IGNORE_INDEX = -100
 

@@ -4,7 +4,7 @@ Each row r is a (token, memory) pair whose states are row slot[r] of the cache's
 With x = conv_in[r] the memory's pre-conv q|k|v projection of the token:
     c        = silu(conv of [conv_states[slot] ; x])      the `segment_conv.py` math, one row
     q, k     = per-head L2-normalised q and k parts of c; v its v part
-    o, S'    = one gated delta step of rec_states[slot]   the `state_step.py` math
+    o, S'    = one gated delta step of rec_states[slot]   the `gated_delta_step.py` math
 Returns o [R, H, V] (float32, float64 for float64 states) and the rows' advanced states, conv_new
 [R, W-1, C] and rec_new [R, H, K, V], which the caller writes back into its cache.
 
@@ -17,15 +17,16 @@ from __future__ import annotations
 import torch
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, STATE_DTYPES, check_same_device, check_tensor
+from .gated_delta_step import step_reference
+from .precision import upcast
 from .segment_conv import conv_reference
-from .state_step import step_reference
 
 L2_EPS = 1e-6
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(sum x^2 + 1e-6) over the last dim, computed in float32 (or float64)."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = upcast(x)
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2_EPS)).to(x.dtype)
 
 
@@ -45,14 +46,14 @@ def decode_reference(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states
 
 
 @torch.library.custom_op("mom::memory_decode", mutates_args=())
-def _memory_decode(
+def memory_decode_op(
     conv_in: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, slot: torch.Tensor, conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None, conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return decode_reference(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states, rec_states, scale)
 
 
-@_memory_decode.register_fake
+@memory_decode_op.register_fake
 def _(conv_in, beta, g, slot, conv_weight, conv_bias, conv_states, rec_states, scale):
     rows = conv_in.shape[0]
     _, h, dk, dv = rec_states.shape

@@ -10,13 +10,12 @@ channels.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .chunk_scan_triton import compute_type, split_scale
+from .gated_delta_step_triton import block_sizes
 from .memory_decode import L2_EPS
-from .state_step_triton import block_sizes
+from .triton_precision import compute_type, split_scale
 
 
 @triton.jit
@@ -103,6 +102,3 @@ def memory_decode_triton(conv_in, beta, g, slot, conv_weight, conv_bias, conv_st
         BLOCK_V=block_v, HAS_BIAS=conv_bias is not None, COMPUTE=compute_type(rec_states.dtype),
         num_warps=8 if block_k * block_v >= 4096 else 4)
     return o, conv_new, rec_new
-
-
-torch.library.register_kernel("mom::memory_decode", "cuda", memory_decode_triton)
