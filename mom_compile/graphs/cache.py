@@ -4,7 +4,7 @@ step can be captured in a CUDA graph).
 Per layer and sequence there are `memory_slots` memories (the routed ones, then the shared one):
     recurrent [B, slots, H, K, V] float32 (float64 for a float64 model): each memory's state;
     conv      [B, slots, W-1, 2*H*K + H*V]: the last W-1 pre-conv (q | k | v) projections of each
-              memory's own sub-sequence, oldest first (spec section 6).
+              memory's own sub-sequence, oldest first (docs/math.md#decoding-state).
 A memory that has seen no token has zero state, which is exactly "no history".
 """
 from __future__ import annotations

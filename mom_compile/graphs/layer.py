@@ -1,4 +1,5 @@
-"""`MomLayer`: one Mixture-of-Memories token mixer (spec section 3), built from the `mom` ops.
+"""`MomLayer`: one Mixture-of-Memories token mixer (docs/math.md#routing-and-segments and the
+sections after it), built from the `mom` ops.
 
 The shared memory is treated as one more memory (index num_memories) that every token chooses
 with weight 1, so routed and shared memories go through one dispatch, one conv and one scan.

@@ -1,4 +1,5 @@
-"""Training losses (spec section 4): next-token cross-entropy and the router load-balancing loss."""
+"""Training losses (docs/math.md#block-model-and-loss): next-token cross-entropy and the router
+load-balancing loss."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in float32 at least whatever the input dtype (spec section 4)."""
+"""RMSNorm, computed in float32 at least whatever the input dtype (docs/math.md#precision)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""`mom::memory_decode`: one decode token through one memory, reading its state from the cache.
+"""`mom::memory_decode`: one decode token through one memory, reading its state from the cache
+(docs/math.md#decoding-state).
 
 Each row r is a (token, memory) pair whose states are row slot[r] of the cache's state tables.
 With x = conv_in[r] the memory's pre-conv q|k|v projection of the token:

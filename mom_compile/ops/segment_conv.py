@@ -1,4 +1,5 @@
-"""`mom::segment_conv`: causal depthwise convolution + SiLU, local to each packed segment.
+"""`mom::segment_conv`: causal depthwise convolution + SiLU, local to each packed segment
+(docs/math.md#projections-and-the-short-convolution).
 
 Row n of segment s (position p inside it) gets
     y[n] = silu(bias + sum_{i<W} weight[:, i] * x_s[p - (W-1) + i])
