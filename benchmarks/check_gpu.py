@@ -50,24 +50,17 @@ from layer_floor import Card, Floor, Shape, card_for, layer_floor  # noqa: E402
 from scan_inputs import scan_inputs  # noqa: E402
 
 from mom_compile import MomConfig, MomLayer  # noqa: E402
-
-OPS = ["chunk_scan.chunk_gated_delta", "chunk_scan.chunk_gated_delta_backward",
-       "segment_conv.segment_conv", "segment_conv.segment_conv_backward", "state_step.gated_delta_step"]
-
-
-def custom_op_defs():
-    """The CustomOpDef of each op that has a Triton kernel (module `_name` attributes)."""
-    for path in OPS:
-        module, name = path.split(".")
-        yield getattr(sys.modules[f"mom_compile.ops.{module}"], f"_{name}")
+from mom_compile.ops.table import OPS  # noqa: E402
 
 
 @contextlib.contextmanager
 def reference_kernels():
-    """Run the ops' pure-PyTorch reference on CUDA by disabling their CUDA (Triton) kernels."""
+    """Run the ops' pure-PyTorch reference on CUDA by disabling the CUDA (Triton) kernel of every op
+    of the table that has one."""
     with contextlib.ExitStack() as stack:
-        for op in custom_op_defs():
-            stack.enter_context(op.set_kernel_enabled("cuda", False))
+        for op in OPS:
+            if op.triton is not None:
+                stack.enter_context(op.definition.set_kernel_enabled("cuda", False))
         yield
 
 
@@ -343,7 +336,7 @@ def print_layer_tables(rows: list[tuple], floors: dict[int, Floor], ts: list[int
 
 def sync_free_check() -> None:
     """The registered scan, forward and backward, under torch.cuda.set_sync_debug_mode("error")."""
-    from test_triton_kernels import scan_inputs
+    from inputs import scan_inputs
     a = scan_inputs("mixed", 2, 64, 64, torch.bfloat16, "cuda", seed=5)
     d_o = torch.randn_like(a["v"])
     torch.cuda.synchronize()

@@ -22,11 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from gpu_timing import bench
-from scan_inputs import scan_inputs
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
+
+import torch  # noqa: E402
+from gpu_timing import bench  # noqa: E402
+from scan_inputs import scan_inputs  # noqa: E402
 
 SWEEPS = {
     "scan": [{}, {"state_stages": 1}, {"state_bv": 16, "state_warps": 4}],
@@ -48,7 +48,7 @@ def layer_offsets(b: int = 16, t: int = 2048, memories: int = 4) -> torch.Tensor
 
 
 def scan_calls():
-    from mom_compile.ops import chunk_scan_triton as cst
+    from mom_compile.ops import chunk_gated_delta_triton as cst
     offsets = layer_offsets()
     q, k, v, g, beta = scan_inputs(offsets)
     args = (q, k, v, g, beta, offsets, None, 256 ** -0.5)

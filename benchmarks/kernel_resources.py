@@ -23,14 +23,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-import triton
-from scan_inputs import scan_inputs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, make_backend
-from triton.runtime import jit
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from scan_inputs import scan_inputs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime import jit  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
@@ -39,7 +39,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 
 def launches(dtype: torch.dtype, head_dim: int, expand_v: int) -> list[tuple]:
     """(kernel, args, kwargs) of every launch of the scan's and the conv's forward and backward."""
-    from mom_compile.ops import chunk_scan_triton, segment_conv_triton
+    from mom_compile.ops import chunk_gated_delta_triton, segment_conv_triton
 
     recorded = []
 
@@ -54,8 +54,8 @@ def launches(dtype: torch.dtype, head_dim: int, expand_v: int) -> list[tuple]:
         q, k, v, g, beta = scan_inputs(offsets, dtype, h, head_dim, dv)
         init = torch.zeros(2, h, head_dim, dv, dtype=g.dtype) if dtype == torch.float64 else None
         scan = (q, k, v, g, beta, offsets, init, head_dim ** -0.5)
-        chunk_scan_triton.chunk_gated_delta_triton(*scan)
-        chunk_scan_triton.chunk_gated_delta_backward_triton(*scan, torch.randn_like(v), init)
+        chunk_gated_delta_triton.chunk_gated_delta_triton(*scan)
+        chunk_gated_delta_triton.chunk_gated_delta_backward_triton(*scan, torch.randn_like(v), init)
         d = h * (2 * head_dim + dv)
         x, history = torch.randn(n, d, dtype=dtype), torch.zeros(2, width - 1, d, dtype=dtype)
         conv = (x, torch.randn(d, width, dtype=dtype), torch.randn(d, dtype=dtype), offsets, history)

@@ -3,7 +3,7 @@
 The same random weights are loaded into the reference MomForCausalLM and into ours (through a
 checkpoint folder the reference writes with save_pretrained), and their logits are compared in
 float32: at T >= 70 (the reference's chunk path), with left padding, and on tiny prefills with
-B*T*k <= 32, where the reference's unstable sort loses time order (mom-spec.md section 7). Our
+B*T*k <= 32, where the reference's unstable sort loses time order (docs/math.md#correctness). Our
 float64 CPU run is the arbiter where the two disagree.
 
     python benchmarks/reference_parity.py     # needs CUDA and the flash-linear-attention package

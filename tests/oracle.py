@@ -1,4 +1,5 @@
-"""Independent float64 oracles written straight from mom-spec.md, token by token, with Python loops.
+"""Independent float64 oracles written straight from docs/math.md, token by token, with Python
+loops.
 
 They read weights by their reference checkpoint names (state_dict), never through the package's
 ops or its stacked parameters, so they check the implementation rather than restate it.
@@ -60,7 +61,8 @@ def _memory_names(config, memory):
 
 
 def _run_memory(sd, config, memory, xs):
-    """Spec section 3 step 3 over one sub-sequence xs [L, d]: returns o [L, H, V]."""
+    """One memory over one sub-sequence xs [L, d] (docs/math.md#the-gated-delta-rule): returns
+    o [L, H, V]."""
     h, dk, dv = config.num_heads, config.head_dim, config.head_v_dim
     kn, vn, bn, an = _memory_names(config, memory)
 
@@ -78,7 +80,8 @@ def _run_memory(sd, config, memory, xs):
 
 
 def mom_layer(sd, config, x, mask=None):
-    """One MoM layer (spec section 3) on x [B, T, d] float64, mask [B, T] (1 = token)."""
+    """One MoM layer (docs/math.md#routing-and-segments) on x [B, T, d] float64, mask [B, T]
+    (1 = token)."""
     b_size, t_size, _ = x.shape
     h, dv, m_count = config.num_heads, config.head_v_dim, config.num_memories
     probs = (x @ sd["gate.weight"].t()).softmax(-1)
@@ -103,7 +106,8 @@ def mom_layer(sd, config, x, mask=None):
 
 
 def load_balancing(router_logits, topk, mask=None):
-    """Switch/Mixtral aux loss with explicit counting loops over tokens (spec section 4)."""
+    """Switch/Mixtral aux loss with explicit counting loops over tokens
+    (docs/math.md#block-model-and-loss)."""
     num_memories = router_logits[0].shape[-1]
     share = torch.zeros(topk, num_memories, dtype=torch.float64)
     prob = torch.zeros(num_memories, dtype=torch.float64)
@@ -126,8 +130,8 @@ def _rms(x, w, eps):
 
 
 def mom_model(sd, config, ids, mask=None):
-    """Logits of the whole model (spec section 4): embeddings, pre-norm blocks of `mom_layer` and
-    a SwiGLU MLP, final norm, lm_head; weights read by their reference names."""
+    """Logits of the whole model (docs/math.md#block-model-and-loss): embeddings, pre-norm blocks
+    of `mom_layer` and a SwiGLU MLP, final norm, lm_head; weights read by their reference names."""
     eps = config.norm_eps
     h = sd["model.embeddings.weight"][ids]
     for i in range(config.num_hidden_layers):

@@ -1,5 +1,5 @@
-"""Checkpoints in the reference `mom` layout: names and shapes of spec section 5, round trips, and
-clear errors."""
+"""Checkpoints in the reference `mom` layout: names and shapes of docs/math.md#checkpoint-layout,
+round trips, and clear errors."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,11 @@ from safetensors.torch import load_file, save_file
 
 from mom_compile import MomConfig, MomForCausalLM
 
-from models import tiny_config, tiny_model
+from models import ids, tiny_config, tiny_model
 
 
 def spec_layout(c: MomConfig) -> dict[str, list[int]]:
-    """Every weight name and shape, written out from mom-spec.md section 5."""
+    """Every weight name and shape, written out from docs/math.md#checkpoint-layout."""
     d, hk, hv, h, w, m = c.hidden_size, c.key_dim, c.value_dim, c.num_heads, c.conv_size, c.num_memories
     i = c.mlp_size
     out = {"model.embeddings.weight": [c.vocab_size, d], "model.norm.weight": [d],
@@ -61,12 +61,12 @@ def test_round_trip_is_exact(tmp_path):
     assert loaded.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
-    x = torch.randint(0, 97, (2, 7))
+    x = ids(2, 7)
     assert torch.equal(model(x).logits, loaded(x).logits)
 
 
 def test_loads_a_folder_written_by_hand_in_the_reference_layout(tmp_path):
-    """A checkpoint built from the spec's key list alone (no model of ours involved), in bf16,
+    """A checkpoint built from docs/math.md's name list alone (no model of ours involved), in bf16,
     as pytorch_model.bin, with reference-only config keys."""
     config = tiny_config()
     weights = {k: torch.randn(shape).to(torch.bfloat16) for k, shape in spec_layout(config).items()}
@@ -97,7 +97,7 @@ def test_sharded_safetensors_and_tied_embeddings(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     loaded = MomForCausalLM.from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embeddings.weight
-    x = torch.randint(0, 97, (1, 5))
+    x = ids(1, 5)
     assert torch.equal(model(x).logits, loaded(x).logits)
 
 

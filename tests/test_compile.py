@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from models import tiny_model
+from models import ids, tiny_model
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -15,10 +15,6 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 def model():
     torch._dynamo.reset()
     return tiny_model(dtype=torch.float32)
-
-
-def ids(b, t):
-    return torch.randint(0, 97, (b, t))
 
 
 def graph_breaks(fn, *args, **kwargs) -> int:

@@ -75,6 +75,18 @@ def test_checker_and_standard_ops_only(exported):
         assert batch_axes == {"batch"}
 
 
+@pytest.mark.parametrize("use_plugin", [False, True])
+def test_every_inference_op_has_a_translation(use_plugin):
+    """Every op of the op table that inference graphs can contain has an ONNX translation, at both
+    opsets: all but the backward ops and the in-place memory_decode_ (export graphs hold a
+    functional cache, which takes the functional memory_decode)."""
+    from mom_compile.export.onnx_ops import translation_table
+    from mom_compile.ops.table import OPS
+    wanted = {op.op for op in OPS if not op.name.endswith(("_backward", "_"))}
+    for opset in (DEFAULT_OPSET, LINEAR_ATTENTION_OPSET):
+        assert set(translation_table(opset, use_plugin)) == wanted
+
+
 def _op_counts(path: str) -> Counter:
     return Counter(n.op_type for n in _all_nodes(onnx.load(path).graph))
 
@@ -101,6 +113,23 @@ def test_float64_keeps_the_scan_at_opset_27(tmp_path):
         ops = _op_counts(path)
         assert ops["LinearAttention"] == 0
         assert ops["Scan"] == (model.config.num_hidden_layers if name == "prefill" else 0)
+
+
+def test_float64_decode_step_computes_in_float64(tmp_path):
+    """A float64 export computes in float64 throughout (the precision rule), so its decode step
+    matches PyTorch to float64 rounding, far below float32's."""
+    model = tiny_model(torch.float64)
+    paths = export_onnx(model, str(tmp_path), opset=DEFAULT_OPSET, progress=lambda _: None)
+    session = ort.InferenceSession(paths["decode_step"], providers=["CPUExecutionProvider"])
+    spec = graph_specs(model.config)["decode_step"]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 1), generator=gen)
+    past = example_states(model, 3, gen)
+    with torch.no_grad():
+        ref = DecodeStepGraph(model)(ids, past)
+    got = session.run(None, dict(zip(spec.inputs, [ids.numpy(), *(t.numpy() for t in past)])))
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r.numpy(), atol=1e-11, rtol=1e-10)
 
 
 def _prefill_both(model, session, ids, mask):

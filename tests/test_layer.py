@@ -1,4 +1,4 @@
-"""MomLayer against the token-by-token float64 oracle of spec section 3, values and gradients."""
+"""MomLayer against the token-by-token float64 oracle (docs/math.md), values and gradients."""
 from __future__ import annotations
 
 import pytest
@@ -73,7 +73,8 @@ def test_strong_decay_and_beta_near_one_match_oracle():
 
 
 def test_tiny_prefill_keeps_time_order():
-    """B*T*k <= 32: the case where the reference's unstable sort loses time order (spec 7)."""
+    """B*T*k <= 32: the case where the reference's unstable sort loses time order
+    (docs/math.md#correctness)."""
     layer, sd = layer_and_weights()
     for t in (2, 3, 5):
         x = torch.randn(2, t, layer.config.hidden_size, dtype=f64)

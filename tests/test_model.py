@@ -1,4 +1,4 @@
-"""The model-level equivalences of spec section 6, the losses, and generation, in float64."""
+"""The model-level equivalences of docs/math.md#correctness, the losses, and generation, in float64."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import oracle
-from models import tiny_model
+from models import ids, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
@@ -14,10 +14,6 @@ TOL = dict(rtol=1e-9, atol=1e-10)
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
-
-
-def ids(b, t, vocab=97):
-    return torch.randint(0, vocab, (b, t))
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=True, single_kv_proj=True)])
@@ -54,7 +50,7 @@ def test_split_prefills_equal_forward_at_every_split_point(model):
 
 def test_three_way_split_with_empty_memories(model):
     """Continuing with T > 1 from a cache where some (sequence, memory) pairs get no token
-    (the reference crashes here, spec section 7)."""
+    (the reference crashes here, docs/math.md#correctness)."""
     x = ids(2, 7)
     full = model(x).logits
     out = model(x[:, :2], use_cache=True)
@@ -123,7 +119,7 @@ def test_losses_match_direct_computation(model):
 
 
 def test_training_with_short_sequences_and_shared_memory():
-    """The reference asserts on shared memory with T <= 64 in training (spec section 7)."""
+    """The reference asserts on shared memory with T <= 64 in training (docs/math.md#correctness)."""
     model = tiny_model().train()
     for t in (1, 3, 64):
         x = ids(2, t)

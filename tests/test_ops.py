@@ -2,39 +2,34 @@
 that oracle, and torch.library.opcheck."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mom_compile import ops
-from mom_compile.ops.chunk_scan import chunk_backward_reference, chunk_reference
+from mom_compile.ops.chunk_gated_delta import chunk_backward_reference, chunk_reference
+from mom_compile.ops.precision import compute_dtype
+from mom_compile.ops.table import OPS, WarnOnce, op_named, reference_on_cuda
 
+from inputs import (
+    LAYOUTS,
+    combine_inputs,
+    conv_inputs,
+    decode_inputs,
+    dispatch_inputs,
+    on_meta,
+    op_inputs,
+    scan_inputs,
+    step_inputs,
+)
 from oracle import causal_conv, recurrence, segments_recurrence
 
 f64 = torch.float64
-
-# Segment layouts: empty segments, length-1 segments, lengths not a multiple of the chunk, tail rows
-# outside every segment, one long segment (several chunks of 64).
-LAYOUTS = {
-    "mixed": ([0, 5, 5, 6, 19, 30], 33),
-    "singletons": ([0, 1, 2, 3], 3),
-    "all_empty": ([0, 0, 0], 4),
-    "long": ([0, 150, 151], 151),
-}
-
-
-def scan_inputs(offsets, n, h=2, dk=4, dv=3, dtype=f64, with_state=True):
-    s = len(offsets) - 1
-    return dict(
-        q=torch.randn(n, h, dk, dtype=dtype),
-        k=F.normalize(torch.randn(n, h, dk, dtype=dtype), dim=-1),
-        v=torch.randn(n, h, dv, dtype=dtype),
-        g=-torch.rand(n, h, dtype=f64 if dtype == f64 else torch.float32) * 0.5,
-        beta=torch.rand(n, h, dtype=dtype),
-        offsets=torch.tensor(offsets),
-        initial_state=torch.randn(s, h, dk, dv, dtype=f64 if dtype == f64 else torch.float32)
-        if with_state else None,
-    )
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def oracle_scan(a, scale):
@@ -45,8 +40,7 @@ def oracle_scan(a, scale):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("with_state", [True, False])
 def test_chunk_scan_matches_recurrence(layout, with_state):
-    offsets, n = LAYOUTS[layout]
-    a = scan_inputs(offsets, n, with_state=with_state)
+    a = scan_inputs(layout, with_state=with_state)
     o_ref, f_ref = oracle_scan(a, 0.7)
     o, f = ops.chunk_gated_delta(**a, scale=0.7)
     torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
@@ -59,8 +53,8 @@ def test_chunk_scan_matches_recurrence(layout, with_state):
 
 @pytest.mark.parametrize("layout", ["mixed", "singletons", "long"])
 def test_chunk_scan_gradients_match_autograd_through_recurrence(layout):
-    offsets, n = LAYOUTS[layout]
-    a = scan_inputs(offsets, n)
+    offsets, _ = LAYOUTS[layout]
+    a = scan_inputs(layout)
     names = ["q", "k", "v", "g", "beta", "initial_state"]
     mine = {k: a[k].clone().requires_grad_() for k in names}
     ref = {k: a[k].clone().requires_grad_() for k in names}
@@ -81,8 +75,7 @@ def test_chunk_scan_gradients_match_autograd_through_recurrence(layout):
 
 
 def test_chunk_scan_in_low_precision_stays_close():
-    offsets, n = LAYOUTS["mixed"]
-    a = scan_inputs(offsets, n)
+    a = scan_inputs("mixed")
     o_ref, f_ref = oracle_scan(a, 0.5)
     for dtype in (torch.float32, torch.bfloat16):
         low = {k: (t.to(dtype) if k in ("q", "k", "v", "beta") else t) for k, t in a.items()}
@@ -95,10 +88,8 @@ def test_chunk_scan_in_low_precision_stays_close():
 
 
 def test_step_matches_recurrence_and_gradcheck():
-    r, h, dk, dv = 5, 2, 4, 3
-    args = [torch.randn(r, h, dk, dtype=f64), F.normalize(torch.randn(r, h, dk, dtype=f64), dim=-1),
-            torch.randn(r, h, dv, dtype=f64), -torch.rand(r, h, dtype=f64),
-            torch.rand(r, h, dtype=f64), torch.randn(r, h, dk, dv, dtype=f64)]
+    args = step_inputs(rows=5)
+    r = args[0].shape[0]
     o, new = ops.gated_delta_step(*args, 0.6)
     o_ref, new_ref = segments_recurrence(*args[:5], list(range(r + 1)), 0.6, args[5])
     torch.testing.assert_close(o, o_ref)
@@ -110,15 +101,13 @@ def test_step_matches_recurrence_and_gradcheck():
 @pytest.mark.parametrize("layout", ["mixed", "singletons", "all_empty"])
 def test_segment_conv_matches_oracle_with_gradients(layout):
     offsets, n = LAYOUTS[layout]
-    s, d, width = len(offsets) - 1, 5, 4
-    x, w, bias = torch.randn(n, d, dtype=f64), torch.randn(d, width, dtype=f64), torch.randn(d, dtype=f64)
-    hist = torch.randn(s, width - 1, d, dtype=f64)
+    x, w, bias, offsets_t, hist = conv_inputs(layout, d=5, width=4)
     mine = [t.clone().requires_grad_() for t in (x, w, bias, hist)]
     ref = [t.clone().requires_grad_() for t in (x, w, bias, hist)]
-    y, fin = ops.segment_conv(mine[0], mine[1], mine[2], torch.tensor(offsets), mine[3])
-    y_ref = torch.zeros(n, d, dtype=f64)
+    y, fin = ops.segment_conv(mine[0], mine[1], mine[2], offsets_t, mine[3])
+    y_ref = torch.zeros(n, 5, dtype=f64)
     fins = []
-    for i in range(s):
+    for i in range(len(offsets) - 1):
         a, b = offsets[i], offsets[i + 1]
         y_seg, f_seg = causal_conv(ref[0][a:b], ref[1], ref[2], ref[3][i])
         y_ref = torch.cat([y_ref[:a], y_seg, y_ref[b:]])
@@ -159,8 +148,7 @@ def dispatch_oracle(memory_idx, mask, num_memories):
 @pytest.mark.parametrize("shape", [(2, 5, 2, 4), (1, 3, 3, 3), (3, 16, 2, 4), (2, 1, 1, 4)])
 def test_dispatch_is_stable_and_matches_loops(shape):
     b, t, k, m = shape
-    idx = torch.stack([torch.randperm(m)[:k] for _ in range(b * t)]).view(b, t, k)
-    mask = torch.rand(b, t) > 0.3
+    idx, mask, _ = dispatch_inputs(b, t, k, m, seed=b * t)
     choice_of_row, row_of_choice, offsets = ops.dispatch(idx, mask, m)
     rows, offs = dispatch_oracle(idx, mask, m)
     assert offsets.tolist() == offs
@@ -176,30 +164,12 @@ def test_dispatch_when_all_tokens_choose_one_memory():
 
 
 def test_combine_and_its_gradients():
-    b, t, k, h, dv = 2, 3, 2, 2, 3
-    o_rows = torch.randn(b * t * k, h, dv, dtype=f64, requires_grad=True)
-    weights = torch.rand(b, t, k, dtype=f64, requires_grad=True)
-    perm = torch.randperm(b * t * k).view(b, t, k)
+    o_rows, weights, perm = combine_inputs(b=2, t=3, k=2, h=2, dv=3)
+    o_rows, weights, k = o_rows.requires_grad_(), weights.requires_grad_(), perm.shape[-1]
     y = ops.combine(o_rows, weights, perm)
     expect = sum(weights[:, :, i, None, None] * o_rows[perm[:, :, i]] for i in range(k))
     torch.testing.assert_close(y, expect)
     assert torch.autograd.gradcheck(lambda o, w: ops.combine(o, w, perm), (o_rows, weights))
-
-
-def decode_inputs(batch=3, chosen=2, slots=5, h=2, dk=4, dv=3, width=3, dtype=f64, single_set=False):
-    """Arguments of the decode ops up to the scale: token 0 chooses slot 0 (the shared slot of a
-    single set), the last token is padding (every choice -1)."""
-    state_dtype = f64 if dtype == f64 else torch.float32
-    c = 2 * h * dk + h * dv
-    memory_idx = torch.stack([torch.randperm(slots)[:chosen] for _ in range(batch)])
-    memory_idx[0, 0], memory_idx[-1] = 0, -1
-    memory_idx[0, 1:] = memory_idx[0, 1:].clamp(min=1)
-    return [torch.randn(batch, h * dk, dtype=dtype),
-            torch.randn(batch, 1 if single_set else slots, h * dk + h * dv + 2 * h, dtype=dtype),
-            memory_idx, torch.rand(h, dtype=dtype) * 2, torch.randn(h, dtype=dtype),
-            torch.randn(c, width, dtype=dtype), torch.randn(c, dtype=dtype),
-            torch.randn(batch, slots, width - 1, c, dtype=dtype),
-            torch.randn(batch, slots, h, dk, dv, dtype=state_dtype)]
 
 
 @pytest.mark.parametrize("single_set", [False, True])
@@ -236,40 +206,64 @@ def test_memory_decode_matches_conv_and_recurrence_per_row(single_set):
     assert torch.equal(conv_states, conv_new) and torch.equal(rec_states, rec_new)
 
 
-def opcheck_cases():
-    a = scan_inputs([0, 3, 3, 7], 8, dtype=torch.float32)
-    conv_x = torch.randn(8, 4, requires_grad=True)
-    idx = torch.stack([torch.randperm(4)[:2] for _ in range(6)]).view(2, 3, 2)
-    grad = dict(requires_grad=True)
-    return [
-        (torch.ops.mom.chunk_gated_delta.default,
-         (a["q"].requires_grad_(), a["k"].requires_grad_(), a["v"].requires_grad_(),
-          a["g"].requires_grad_(), a["beta"].requires_grad_(), a["offsets"],
-          a["initial_state"].requires_grad_(), 0.5)),
-        (torch.ops.mom.chunk_gated_delta.default,
-         (a["q"], a["k"], a["v"], a["g"], a["beta"], a["offsets"], None, 0.5)),
-        (torch.ops.mom.gated_delta_step.default,
-         (torch.randn(3, 2, 4, **grad), torch.randn(3, 2, 4, **grad), torch.randn(3, 2, 5, **grad),
-          -torch.rand(3, 2).requires_grad_(), torch.rand(3, 2, **grad),
-          torch.randn(3, 2, 4, 5, **grad), 0.5)),
-        (torch.ops.mom.segment_conv.default,
-         (conv_x, torch.randn(4, 3, **grad), torch.randn(4, **grad), torch.tensor([0, 2, 2, 6]),
-          torch.randn(3, 2, 4, **grad))),
-        (torch.ops.mom.dispatch.default, (idx, torch.rand(2, 3) > 0.2, 4)),
-        (torch.ops.mom.combine.default,
-         (torch.randn(12, 2, 3, **grad), torch.rand(2, 3, 2, **grad), torch.randperm(12).view(2, 3, 2))),
-        (torch.ops.mom.memory_decode.default, (*decode_inputs(dtype=torch.float32), 0.5, False)),
-        (torch.ops.mom.memory_decode_.default, (*decode_inputs(dtype=torch.float32), 0.5, False)),
-        (torch.ops.mom.combine_backward.default,
-         (torch.randn(2, 3, 2, 3), torch.randn(12, 2, 3), torch.rand(2, 3, 2),
-          torch.randperm(12).view(2, 3, 2))),
-    ]
+# every op of the table, each case from inputs.op_inputs; the differentiable ops' float inputs
+# require gradients, so that opcheck checks their autograd registration too
+OPCHECK_CASES = [(op, i) for op in OPS for i in range(len(op_inputs(op.name, torch.float32)))]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[0].name}-{c[1]}")
 def test_opcheck(case):
-    op, args = opcheck_cases()[case]
-    torch.library.opcheck(op, args)
+    op, i = case
+    args = op_inputs(op.name, torch.float32)[i]
+    if op.autograd:
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+    torch.library.opcheck(op.op, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, f64], ids=str)
+@pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
+def test_fake_kernel_dtypes_and_shapes_match_reference(op, dtype):
+    """Every output of the fake kernel (what torch.compile and torch.export plan with) has the dtype
+    and shape of the reference kernel's, for every op and input precision, with and without the
+    optional arguments; outputs in a compute dtype follow the precision rule."""
+    for args in op_inputs(op.name, dtype):
+        real, fake = op.reference(*args), op.op(*on_meta(args))
+        real, fake = (out if isinstance(out, tuple) else (out,) for out in (real, fake))
+        assert [(t.dtype, t.shape) for t in fake] == [(t.dtype, t.shape) for t in real], op.name
+        assert all(t.dtype in (dtype, compute_dtype(dtype), torch.int64) for t in real), op.name
+
+
+def test_without_triton_cuda_runs_the_reference_and_warns_once():
+    """Triton missing is an explicit state: triton_status() says why, and the CUDA kernel of every
+    op that has a Triton kernel is then its reference behind one warning naming the reason and the
+    fix. The import runs in a subprocess with triton blocked; the fallback kernel, which does not
+    depend on the device, is called here on CPU tensors."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, mom_compile.ops as ops\n"
+            "from mom_compile.ops.table import OPS\n"
+            "s = ops.triton_status()\n"
+            "cuda = all(torch._C._dispatch_has_kernel_for_dispatch_key(f'mom::{o.name}', 'CUDA')\n"
+            "           for o in OPS if o.triton)\n"
+            "print(s.available, cuda, s.reason)")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    available, cuda, reason = proc.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert (available, cuda) == ("False", "True") and "triton" in reason, proc.stdout
+
+    warn = WarnOnce("ModuleNotFoundError: No module named 'triton'")
+    op = op_named("combine")
+    kernel = reference_on_cuda(op, warn)
+    args = op_inputs("combine", f64)[0]
+    with pytest.warns(RuntimeWarning) as record:
+        outs = [kernel(*args), kernel(*args)]
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "No module named 'triton'" in message and 'pip install "mom-compile[triton]"' in message
+    for out in outs:
+        torch.testing.assert_close(out, op.reference(*args), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("call, match", [

@@ -6,13 +6,16 @@ Two places run them:
 - on CPU under TRITON_INTERPRET=1, in CI: the interpreter must be switched on before triton is
   imported, so one subprocess runs every interpreter case (`python this_file --interpret`) and
   reports its errors as JSON; tiny float32/float64 shapes keep its numpy execution quick.
-The reference is always the CPU kernel of the same op, in float64, on the same (rounded) inputs.
+The reference is always the CPU kernel of the same op, in float64, on the same (rounded) inputs,
+and every output's dtype is the one the op's fake kernel promises. The ops come from the op table
+(`mom_compile.ops.table.OPS`); the inputs from tests/inputs.py.
 `benchmarks/check_gpu.py` imports `CASES` and `run_case` from here to print the GPU error table.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import os
 import subprocess
@@ -25,17 +28,21 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-import mom_compile.ops  # noqa: E402,F401  (registers the ops)
+from mom_compile.ops import triton_status  # noqa: E402
+from mom_compile.ops.precision import compute_dtype  # noqa: E402
+from mom_compile.ops.table import OPS, op_named  # noqa: E402
 
-F64 = torch.float64
-# (offsets, rows): empty segments, length-1 segments, lengths not a multiple of the chunk size (64),
-# rows past offsets[-1], several chunks in one segment.
-LAYOUTS = {
-    "mixed": ([0, 5, 5, 6, 19, 30], 33),
-    "singletons": ([0, 1, 2, 3], 3),
-    "all_empty": ([0, 0, 0], 4),
-    "long": ([0, 130, 130, 131, 330], 333),
-}
+from inputs import (  # noqa: E402
+    F64,
+    combine_inputs,
+    conv_inputs,
+    decode_inputs,
+    on_meta,
+    rand,
+    scan_inputs,
+    step_inputs,
+)
+
 # Relative error ||out - ref|| / ||ref|| allowed per input dtype: float64 is rounding only;
 # float32 is fp32 arithmetic; bfloat16 adds the rounding of the bf16 outputs and gradients.
 TOLERANCE = {F64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 2e-2}
@@ -49,27 +56,6 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / (scale if scale > 0 else 1.0)
 
 
-def _rand(*shape, dtype, device, gen):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
-
-
-def scan_inputs(layout, h, dk, dv, dtype, device, seed, with_state=True):
-    gen = torch.Generator().manual_seed(seed)
-    offsets, n = LAYOUTS[layout]
-    s = len(offsets) - 1
-    state_dtype = F64 if dtype == F64 else torch.float32
-    k = F.normalize(torch.randn(n, h, dk, generator=gen, dtype=F64), dim=-1).to(dtype).to(device)
-    return dict(
-        q=F.normalize(_rand(n, h, dk, dtype=F64, device="cpu", gen=gen), dim=-1).to(dtype).to(device),
-        k=k,
-        v=_rand(n, h, dv, dtype=dtype, device=device, gen=gen),
-        g=(-torch.rand(n, h, generator=gen, dtype=F64) * 0.3).to(state_dtype).to(device),
-        beta=torch.rand(n, h, generator=gen, dtype=F64).to(dtype).to(device),
-        offsets=torch.tensor(offsets, device=device),
-        initial_state=_rand(s, h, dk, dv, dtype=state_dtype, device=device, gen=gen) if with_state else None,
-    )
-
-
 def _to_cpu64(x):
     if isinstance(x, torch.Tensor) and x.is_floating_point():
         return x.detach().cpu().double()
@@ -80,102 +66,84 @@ def _compare(names, outs, refs) -> dict[str, float]:
     return {name: relative_error(o, r) for name, o, r in zip(names, outs, refs)}
 
 
-def check_chunk(impl_fwd, impl_bwd, layout, h, dk, dv, dtype, device, seed=0, with_state=True):
+def _assert_fake_dtypes(op: str, outs, *args) -> None:
+    """The kernel's outputs have the dtypes the op's fake kernel (and so its reference, which
+    test_ops.py holds to the fake) promises for these very inputs."""
+    fake = getattr(torch.ops.mom, op)(*on_meta(args))
+    fake = fake if isinstance(fake, tuple) else (fake,)
+    outs = outs if isinstance(outs, tuple | list) else (outs,)
+    assert [o.dtype for o in outs] == [f.dtype for f in fake], (op, [o.dtype for o in outs])
+
+
+def check_chunk(impl_fwd, impl_bwd, layout, h, dk, dv, with_state, *, dtype, device, seed=0):
     """Forward and backward of the chunked scan vs the float64 CPU reference; returns errors."""
     a = scan_inputs(layout, h, dk, dv, dtype, device, seed, with_state)
-    scale = dk ** -0.5
+    args = (*a.values(), dk ** -0.5)
     gen = torch.Generator().manual_seed(seed + 1)
-    n_seg = a["offsets"].numel() - 1
-    d_o = _rand(*a["v"].shape, dtype=dtype, device=device, gen=gen)
-    state_dtype = F64 if dtype == F64 else torch.float32
-    d_final = _rand(n_seg, h, dk, dv, dtype=state_dtype, device=device, gen=gen)
-    ref_args = {key: _to_cpu64(t) for key, t in a.items()}
-    o, final = impl_fwd(**a, scale=scale)
-    o_ref, final_ref = torch.ops.mom.chunk_gated_delta(**ref_args, scale=scale)
-    grads = impl_bwd(**a, scale=scale, d_o=d_o, d_final=d_final)
-    grads_ref = torch.ops.mom.chunk_gated_delta_backward(
-        **ref_args, scale=scale, d_o=_to_cpu64(d_o), d_final=_to_cpu64(d_final))
+    d_o = rand(*a["v"].shape, dtype=dtype, device=device, gen=gen)
+    d_final = rand(len(a["offsets"]) - 1, h, dk, dv, dtype=compute_dtype(dtype), device=device, gen=gen)
+    outs, grads = impl_fwd(*args), impl_bwd(*args, d_o, d_final)
+    _assert_fake_dtypes("chunk_gated_delta", outs, *args)
+    _assert_fake_dtypes("chunk_gated_delta_backward", grads, *args, d_o, d_final)
+    ref_args = [_to_cpu64(t) for t in args]
     names = ["dq", "dk", "dv", "dg", "dbeta"] + (["d_initial"] if with_state else [])
-    errors = _compare(["o", "final"], (o, final), (o_ref, final_ref))
-    errors.update(_compare(names, grads, grads_ref))
-    assert o.dtype == a["v"].dtype and final.dtype == (state_dtype if with_state else torch.float32)
+    errors = _compare(["o", "final"], outs, torch.ops.mom.chunk_gated_delta(*ref_args))
+    errors.update(_compare(names, grads, torch.ops.mom.chunk_gated_delta_backward(
+        *ref_args, _to_cpu64(d_o), _to_cpu64(d_final))))
     return errors
 
 
-def check_step(impl, h, dk, dv, dtype, device, seed=0, rows=5):
-    gen = torch.Generator().manual_seed(seed)
-    state_dtype = F64 if dtype == F64 else torch.float32
-    args = [F.normalize(_rand(rows, h, dk, dtype=F64, device="cpu", gen=gen), dim=-1).to(dtype).to(device),
-            F.normalize(_rand(rows, h, dk, dtype=F64, device="cpu", gen=gen), dim=-1).to(dtype).to(device),
-            _rand(rows, h, dv, dtype=dtype, device=device, gen=gen),
-            (-torch.rand(rows, h, generator=gen, dtype=F64)).to(state_dtype).to(device),
-            torch.rand(rows, h, generator=gen, dtype=F64).to(dtype).to(device),
-            _rand(rows, h, dk, dv, dtype=state_dtype, device=device, gen=gen)]
-    o, new = impl(*args, dk ** -0.5)
-    o_ref, new_ref = torch.ops.mom.gated_delta_step(*map(_to_cpu64, args), dk ** -0.5)
-    return _compare(["o", "new_state"], (o, new), (o_ref, new_ref))
+def check_step(impl, h, dk, dv, *, dtype, device, seed=0, rows=5):
+    args = (*step_inputs(rows, h, dk, dv, dtype, device, seed), dk ** -0.5)
+    outs = impl(*args)
+    _assert_fake_dtypes("gated_delta_step", outs, *args)
+    return _compare(["o", "new_state"], outs, torch.ops.mom.gated_delta_step(*map(_to_cpu64, args)))
 
 
-def check_conv(impl_fwd, impl_bwd, layout, d, width, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    offsets, n = LAYOUTS[layout]
-    s = len(offsets) - 1
-    x = _rand(n, d, dtype=dtype, device=device, gen=gen)
-    w = _rand(d, width, dtype=dtype, device=device, gen=gen) * 0.5
-    b = _rand(d, dtype=dtype, device=device, gen=gen)
-    hist = _rand(s, width - 1, d, dtype=dtype, device=device, gen=gen)
-    off = torch.tensor(offsets, device=device)
-    d_y = _rand(n, d, dtype=dtype, device=device, gen=gen)
-    d_fin = _rand(s, width - 1, d, dtype=dtype, device=device, gen=gen)
-    y, fin = impl_fwd(x, w, b, off, hist)
-    ref = [_to_cpu64(t) for t in (x, w, b, off, hist)]
-    y_ref, fin_ref = torch.ops.mom.segment_conv(*ref)
-    grads = impl_bwd(d_y, d_fin, x, w, b, off, hist)
-    grads_ref = torch.ops.mom.segment_conv_backward(_to_cpu64(d_y), _to_cpu64(d_fin), *ref)
-    errors = _compare(["y", "final"], (y, fin), (y_ref, fin_ref))
-    errors.update(_compare(["dx", "dweight", "dbias", "d_initial"], grads, grads_ref))
+def check_conv(impl_fwd, impl_bwd, layout, d, width, *, dtype, device, seed=0):
+    args = conv_inputs(layout, d, width, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    d_y = rand(*args[0].shape, dtype=dtype, device=device, gen=gen)
+    d_fin = rand(*args[-1].shape, dtype=dtype, device=device, gen=gen)
+    outs, grads = impl_fwd(*args), impl_bwd(d_y, d_fin, *args)
+    _assert_fake_dtypes("segment_conv", outs, *args)
+    _assert_fake_dtypes("segment_conv_backward", grads, d_y, d_fin, *args)
+    ref = [_to_cpu64(t) for t in args]
+    errors = _compare(["y", "final"], outs, torch.ops.mom.segment_conv(*ref))
+    errors.update(_compare(["dx", "dweight", "dbias", "d_initial"], grads,
+                           torch.ops.mom.segment_conv_backward(_to_cpu64(d_y), _to_cpu64(d_fin), *ref)))
     return errors
 
 
-def check_decode(impl, batch, h, dk, dv, with_bias, single_set, dtype, device, seed=0, width=4, chosen=3,
-                 slots=5):
-    """The in-place decode op vs the float64 reference: o and both state tables after the step.
-    q and the projection sets are strided views of one projection row, as the layer passes them;
-    the last token is padding (every choice -1) when there are several."""
-    gen = torch.Generator().manual_seed(seed)
-    state_dtype = F64 if dtype == F64 else torch.float32
-    c, set_width = 2 * h * dk + h * dv, h * dk + h * dv + 2 * h
-    sets = 1 if single_set else slots
-    proj = _rand(batch, 3 + h * dk + sets * set_width, dtype=dtype, device=device, gen=gen)
-    memory_idx = torch.stack([torch.randperm(slots, generator=gen)[:chosen] for _ in range(batch)])
-    if batch > 1:
-        memory_idx[-1] = -1
-    args = [proj[:, 3:3 + h * dk], proj[:, 3 + h * dk:].unflatten(-1, (sets, set_width)),
-            memory_idx.to(device),
-            (torch.rand(h, generator=gen, dtype=F64) * 2).to(dtype).to(device),
-            _rand(h, dtype=dtype, device=device, gen=gen),
-            _rand(c, width, dtype=dtype, device=device, gen=gen) * 0.5,
-            _rand(c, dtype=dtype, device=device, gen=gen) if with_bias else None,
-            _rand(batch, slots, width - 1, c, dtype=dtype, device=device, gen=gen),
-            _rand(batch, slots, h, dk, dv, dtype=state_dtype, device=device, gen=gen)]
-    refs = torch.ops.mom.memory_decode(*map(_to_cpu64, args), dk ** -0.5, single_set)
-    o = impl(*args, dk ** -0.5, single_set)
+def check_decode(impl, batch, h, dk, dv, with_bias, single_set, *, dtype, device, seed=0, width=4):
+    """The in-place decode op vs the float64 reference: o and both state tables after the step, at
+    3 choices per token over 5 slots."""
+    args = (*decode_inputs(batch, h, dk, dv, width, 5, 3, with_bias, single_set, dtype, device, seed),
+            dk ** -0.5, single_set)
+    refs = torch.ops.mom.memory_decode(*map(_to_cpu64, args))
+    o = impl(*args)
+    _assert_fake_dtypes("memory_decode_", o, *args)
     return _compare(["o", "conv_states", "rec_states"], (o, args[7], args[8]), refs)
 
 
-def check_combine(impl_fwd, impl_bwd, b, t, k, h, dv, dtype, device, seed=0):
+def check_combine(impl_fwd, impl_bwd, b, t, k, h, dv, *, dtype, device, seed=0):
     """Combine and its backward vs the float64 reference, rows in a random permutation."""
-    gen = torch.Generator().manual_seed(seed)
-    weight_dtype = F64 if dtype == F64 else torch.float32
-    o_rows = _rand(b * t * k, h, dv, dtype=dtype, device=device, gen=gen)
-    weights = torch.rand(b, t, k, generator=gen, dtype=F64).to(weight_dtype).to(device)
-    row_of_choice = torch.randperm(b * t * k, generator=gen).view(b, t, k).to(device)
-    d_y = _rand(b, t, h, dv, dtype=weight_dtype, device=device, gen=gen)
-    ref = [_to_cpu64(x) for x in (o_rows, weights, row_of_choice)]
-    errors = _compare(["y"], [impl_fwd(o_rows, weights, row_of_choice)], [torch.ops.mom.combine(*ref)])
-    errors.update(_compare(["d_rows", "d_weights"], impl_bwd(d_y, o_rows, weights, row_of_choice),
+    args = combine_inputs(b, t, k, h, dv, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    d_y = rand(b, t, h, dv, dtype=compute_dtype(dtype), device=device, gen=gen)
+    outs, grads = impl_fwd(*args), impl_bwd(d_y, *args)
+    _assert_fake_dtypes("combine", outs, *args)
+    _assert_fake_dtypes("combine_backward", grads, d_y, *args)
+    ref = [_to_cpu64(x) for x in args]
+    errors = _compare(["y"], [outs], [torch.ops.mom.combine(*ref)])
+    errors.update(_compare(["d_rows", "d_weights"], grads,
                            torch.ops.mom.combine_backward(_to_cpu64(d_y), *ref)))
     return errors
+
+
+# the check of each op with a Triton kernel; the ops with a backward op check it too
+CHECKS = {"chunk_gated_delta": check_chunk, "gated_delta_step": check_step, "segment_conv": check_conv,
+          "memory_decode_": check_decode, "combine": check_combine}
 
 
 @contextlib.contextmanager
@@ -199,37 +167,25 @@ def fresh_memory_is_nan():
             inductor_config.deterministic = inductor
 
 
+def kernel(name: str, device: str):
+    """The kernel of op `name` to test on `device`: on CUDA the op itself (so that its registration is
+    tested too), on CPU its Triton launcher `<name>_triton` (run by the interpreter; an in-place op's,
+    like memory_decode_'s, ends in "_" as the op does)."""
+    if device != "cpu":
+        return getattr(torch.ops.mom, name)
+    module = importlib.import_module(f"mom_compile.ops.{op_named(name).triton.split(':')[0]}")
+    in_place = "_" if name.endswith("_") else ""
+    return getattr(module, f"{name.removesuffix('_')}_triton{in_place}")
+
+
 @fresh_memory_is_nan()
 def run_case(case: tuple, device: str) -> dict[str, float]:
-    """One case of `CASES`/`INTERPRETER_CASES` on `device`: CUDA goes through torch.ops.mom (the
-    registered kernels), CPU calls the Triton wrappers directly (under the interpreter)."""
-    op, dtype, *rest = case
-    via_ops = device != "cpu"
-    if op == "chunk":
-        from mom_compile.ops import chunk_scan_triton as ct
-        fwd = torch.ops.mom.chunk_gated_delta if via_ops else ct.chunk_gated_delta_triton
-        bwd = torch.ops.mom.chunk_gated_delta_backward if via_ops else ct.chunk_gated_delta_backward_triton
-        layout, h, dk, dv, with_state = rest
-        return check_chunk(fwd, bwd, layout, h, dk, dv, dtype, device, with_state=with_state)
-    if op == "decode":
-        from mom_compile.ops import memory_decode_triton as md
-        return check_decode(torch.ops.mom.memory_decode_ if via_ops else md.memory_decode_triton_,
-                            *rest, dtype, device)
-    if op == "step":
-        from mom_compile.ops import state_step_triton as st
-        h, dk, dv = rest
-        return check_step(torch.ops.mom.gated_delta_step if via_ops else st.gated_delta_step_triton,
-                          h, dk, dv, dtype, device)
-    if op == "combine":
-        from mom_compile.ops import routing_triton as rt
-        fwd = torch.ops.mom.combine if via_ops else rt.combine_triton
-        bwd = torch.ops.mom.combine_backward if via_ops else rt.combine_backward_triton
-        return check_combine(fwd, bwd, *rest, dtype, device)
-    from mom_compile.ops import segment_conv_triton as sc
-    fwd = torch.ops.mom.segment_conv if via_ops else sc.segment_conv_triton
-    bwd = torch.ops.mom.segment_conv_backward if via_ops else sc.segment_conv_backward_triton
-    layout, d, width = rest
-    return check_conv(fwd, bwd, layout, d, width, dtype, device)
+    """One case of `CASES`/`INTERPRETER_CASES` on `device`: (op name, dtype, the check's arguments)."""
+    name, dtype, *rest = case
+    kernels = [kernel(name, device)]
+    if any(op.name == f"{name}_backward" for op in OPS):
+        kernels.append(kernel(f"{name}_backward", device))
+    return CHECKS[name](*kernels, *rest, dtype=dtype, device=device)
 
 
 def case_id(case: tuple) -> str:
@@ -237,44 +193,49 @@ def case_id(case: tuple) -> str:
 
 
 CASES = (
-    [("chunk", dt, layout, 2, dk, dk * ev, True)
+    [("chunk_gated_delta", dt, layout, 2, dk, dk * ev, True)
      for dt in (torch.float32, torch.bfloat16) for dk in (64, 128, 256) for ev in (1, 2)
      for layout in ("mixed", "long")]
-    + [("chunk", dt, layout, 2, 64, 64, False) for dt in (torch.float32, torch.bfloat16)
+    + [("chunk_gated_delta", dt, layout, 2, 64, 64, False) for dt in (torch.float32, torch.bfloat16)
        for layout in ("singletons", "all_empty", "mixed")]
-    + [("chunk", F64, "long", 2, 128, 128, True), ("chunk", F64, "long", 2, 256, 256, True)]
+    + [("chunk_gated_delta", F64, "long", 2, dk, dk, True) for dk in (128, 256)]
     # head sizes between the verified ones run zero-padded (8 -> 64, 96 -> 128, 200 -> 256)
-    + [("chunk", dt, "mixed", 2, dk, dv, True) for dt in (torch.float32, torch.bfloat16)
+    + [("chunk_gated_delta", dt, "mixed", 2, dk, dv, True) for dt in (torch.float32, torch.bfloat16)
        for dk, dv in ((8, 8), (96, 192), (200, 100))]
-    + [("step", dt, 4, dk, dk * ev) for dt in (torch.float32, torch.bfloat16, F64)
+    + [("gated_delta_step", dt, 4, dk, dk * ev) for dt in (torch.float32, torch.bfloat16, F64)
        for dk in (64, 128, 256) for ev in (1, 2)]
-    + [("conv", dt, layout, d, 4) for dt in (torch.float32, torch.bfloat16, F64)
+    + [("segment_conv", dt, layout, d, 4) for dt in (torch.float32, torch.bfloat16, F64)
        for layout in ("mixed", "singletons", "all_empty", "long") for d in (96, 1536)]
     # (B, T, k, H, V): the 340M layer's rows, a partial column block, k = 1, two column blocks
     + [("combine", dt, b, t, k, h, dv) for dt in (torch.float32, torch.bfloat16, F64)
        for b, t, k, h, dv in ((2, 5, 3, 4, 256), (1, 3, 2, 2, 96), (2, 2, 1, 4, 64), (1, 3, 3, 4, 512))]
     # (batch, H, K, V, conv bias, single projection set)
-    + [("decode", dt, 3, 4, dk, dk * ev, True, False) for dt in (torch.float32, torch.bfloat16, F64)
+    + [("memory_decode_", dt, 3, 4, dk, dk * ev, True, False) for dt in (torch.float32, torch.bfloat16, F64)
        for dk in (64, 128, 256) for ev in (1, 2)]
-    + [("decode", dt, 1, 2, 8, 8, False, single) for dt in (torch.float32, torch.bfloat16)
+    + [("memory_decode_", dt, 1, 2, 8, 8, False, single) for dt in (torch.float32, torch.bfloat16)
        for single in (False, True)]
-    + [("decode", torch.bfloat16, 64, 4, 256, 256, False, False)]  # the 340M layer at batch 64
+    + [("memory_decode_", torch.bfloat16, 64, 4, 256, 256, False, False)]  # the 340M layer at batch 64
 )
 INTERPRETER_CASES = (
-    [("chunk", torch.float32, layout, 2, 16, 16 * ev, ws)
+    [("chunk_gated_delta", torch.float32, layout, 2, 16, 16 * ev, ws)
      for layout in ("mixed", "singletons", "all_empty") for ev in (1, 2) for ws in (True, False)]
     # float64 runs the same kernels in float64: agreement to rounding proves the algebra exact
-    # (without an initial state the final state is float32 by contract, hence with_state only)
-    + [("chunk", F64, layout, 2, 16, 16 * ev, True) for layout in ("mixed", "singletons") for ev in (1, 2)]
+    + [("chunk_gated_delta", F64, layout, 2, 16, 16 * ev, True) for layout in ("mixed", "singletons")
+       for ev in (1, 2)]
+    # without an initial state the final state and its gradient are float64 too (the precision rule)
+    + [("chunk_gated_delta", F64, "mixed", 2, 16, 16, False)]
     # several chunks per segment, a partial last chunk, an empty segment between long ones
-    + [("chunk", F64, "long", 1, 16, 16, True), ("chunk", torch.float32, "long", 1, 16, 32, False)]
+    + [("chunk_gated_delta", F64, "long", 1, 16, 16, True),
+       ("chunk_gated_delta", torch.float32, "long", 1, 16, 32, False)]
     # several K- and V-blocks on one grid axis (float64 tiles are 32 wide, state slices 64)
-    + [("chunk", F64, "mixed", 1, 64, 128, True)]
-    + [("step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
-    + [("conv", dt, layout, 40, 4) for dt in (torch.float32, F64) for layout in ("mixed", "all_empty")]
-    + [("decode", dt, 3, 2, 16, 32, bias, False) for dt in (torch.float32, F64) for bias in (True, False)]
-    + [("decode", F64, 2, 2, 16, 32, True, True)]
-    + [("decode", torch.float32, 1, 1, 256, 64, True, False)]  # V-blocks of 8 in the step
+    + [("chunk_gated_delta", F64, "mixed", 1, 64, 128, True)]
+    + [("gated_delta_step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
+    + [("segment_conv", dt, layout, 40, 4) for dt in (torch.float32, F64)
+       for layout in ("mixed", "all_empty")]
+    + [("memory_decode_", dt, 3, 2, 16, 32, bias, False) for dt in (torch.float32, F64)
+       for bias in (True, False)]
+    + [("memory_decode_", F64, 2, 2, 16, 32, True, True)]
+    + [("memory_decode_", torch.float32, 1, 1, 256, 64, True, False)]  # V-blocks of 8 in the step
     + [("combine", dt, 2, 3, 3, 2, 16) for dt in (torch.float32, F64)]
     + [("combine", F64, 1, 2, 2, 2, 1040)]  # H*V over one column block, the last one partial
 )
@@ -292,22 +253,35 @@ def test_cuda_kernel_matches_reference(case):
     assert_within_tolerance(case, run_case(case, "cuda"))
 
 
-@pytest.mark.parametrize("op", ["chunk_gated_delta", "chunk_gated_delta_backward", "gated_delta_step",
-                                "segment_conv", "segment_conv_backward", "memory_decode_", "combine",
-                                "combine_backward"])
+def test_triton_kernels_loaded():
+    """With triton installed the ops' CUDA kernels are the Triton kernels, not the reference
+    fallback (which would make the CUDA cases above compare the reference with itself)."""
+    status = triton_status()
+    assert status.available, status.reason
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op.triton], ids=lambda op: op.name)
 def test_op_has_a_cuda_kernel(op):
-    """Each op with a Triton kernel has it registered for CUDA (without it the CUDA cases above
-    would compare the reference with itself); a registry query, so it runs without a GPU."""
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mom::{op}", "CUDA")
+    """Each op of the table with a Triton kernel has a CUDA kernel registered; a registry query, so
+    it runs without a GPU."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mom::{op.name}", "CUDA")
+
+
+@pytest.mark.parametrize("cases", ["CASES", "INTERPRETER_CASES"])
+def test_every_triton_kernel_has_cases(cases):
+    """Every op of the table with a Triton kernel is checked here, itself or as a backward op."""
+    checked = {case[0] for case in globals()[cases]}
+    checked |= {f"{name}_backward" for name in checked}
+    assert {op.name for op in OPS if op.triton} <= checked
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_dispatch_reaches_triton():
     """torch.ops.mom on CUDA tensors runs the Triton wrapper, not the reference."""
-    from mom_compile.ops import chunk_scan_triton as ct
+    from mom_compile.ops.chunk_gated_delta_triton import chunk_gated_delta_triton
     a = scan_inputs("mixed", 2, 64, 64, torch.float32, "cuda", seed=3)
     o_op, _ = torch.ops.mom.chunk_gated_delta(**a, scale=0.125)
-    o_kernel, _ = ct.chunk_gated_delta_triton(**a, scale=0.125)
+    o_kernel, _ = chunk_gated_delta_triton(**a, scale=0.125)
     assert torch.equal(o_op, o_kernel)
 
 
@@ -318,11 +292,11 @@ def test_cuda_dispatch_reaches_triton():
 def test_cuda_both_state_pass_configs_match_reference(state, dv):
     """The two state-pass configurations at K=256: [256, 64] slices on 8 warps (bf16's default)
     and [256, 16] on 4 (the default of wider operands), both in bf16 against the reference."""
-    from mom_compile.ops import chunk_scan_triton as ct
+    from mom_compile.ops import chunk_gated_delta_triton as ct
     config = dict(state_bv=state[0], state_warps=state[1])
     errors = check_chunk(functools.partial(ct.chunk_gated_delta_triton, config=config),
                          functools.partial(ct.chunk_gated_delta_backward_triton, config=config),
-                         "long", 2, 256, dv, torch.bfloat16, "cuda")
+                         "long", 2, 256, dv, True, dtype=torch.bfloat16, device="cuda")
     assert_within_tolerance(("chunk", torch.bfloat16), errors)
 
 
@@ -392,8 +366,8 @@ def test_cuda_entry_pads_heads_to_verified_sizes(monkeypatch):
     zero-padded up to one, which must not change any output or gradient, and heads wider than
     every verified size take the reference kernel. The launches are replaced by the reference
     (CPU, float64) so that the padding itself is what is checked."""
-    from mom_compile.ops import chunk_scan as cs
-    from mom_compile.ops import chunk_scan_triton as ct
+    from mom_compile.ops import chunk_gated_delta_triton as ct
+    from mom_compile.ops.chunk_gated_delta import reference_backward, reference_forward
     launched = []
 
     def at_verified_size(impl):
@@ -403,15 +377,15 @@ def test_cuda_entry_pads_heads_to_verified_sizes(monkeypatch):
             return impl(q, k, v, *args)
         return launch
 
-    monkeypatch.setattr(ct, "chunk_gated_delta_triton", at_verified_size(cs.reference_forward))
-    monkeypatch.setattr(ct, "chunk_gated_delta_backward_triton", at_verified_size(cs.reference_backward))
+    monkeypatch.setattr(ct, "chunk_gated_delta_triton", at_verified_size(reference_forward))
+    monkeypatch.setattr(ct, "chunk_gated_delta_backward_triton", at_verified_size(reference_backward))
     for dk, dv, padded in ((8, 12, (64, 64)), (96, 300, (128, 512)), (300, 8, None)):
         a = scan_inputs("mixed", 2, dk, dv, F64, "cpu", seed=dk)
         args = [a[name] for name in ("q", "k", "v", "g", "beta", "offsets", "initial_state")] + [0.3]
         d_o, d_final = torch.randn_like(a["v"]), torch.randn_like(a["initial_state"])
         launched.clear()
-        outs = ct._cuda_forward(*args) + ct._cuda_backward(*args, d_o, d_final)
-        refs = cs.reference_forward(*args) + cs.reference_backward(*args, d_o, d_final)
+        outs = ct.chunk_gated_delta_cuda(*args) + ct.chunk_gated_delta_backward_cuda(*args, d_o, d_final)
+        refs = reference_forward(*args) + reference_backward(*args, d_o, d_final)
         assert launched == ([padded] * 2 if padded else [])
         for out, ref in zip(outs, refs):
             assert out.shape == ref.shape and out.is_contiguous()  # as the fake kernels promise

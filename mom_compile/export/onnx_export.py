@@ -75,7 +75,7 @@ def export_programs(model: MomForCausalLM,
     config = model.config
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     # seq >= 2 at trace time: the model takes its T == 1 step path for one token; both paths
-    # compute the same function (mom-spec section 6), and the exported scan path runs T = 1 too.
+    # compute the same function (docs/math.md#correctness), and the exported scan path runs T = 1 too.
     seq = torch.export.Dim("seq", min=2, max=1 << 20)
     ids = torch.randint(0, config.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ))
     mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.int64)

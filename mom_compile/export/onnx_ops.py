@@ -30,8 +30,12 @@ from typing import TypeVar, Union
 import onnx
 import onnx_ir as ir
 import onnxscript
+import torch
 from onnxscript import DOUBLE, FLOAT
 from onnxscript import opset18 as op
+
+from ..ops.memory_decode import L2_EPS
+from ..ops.precision import compute_dtype
 
 # The scripted functions' type: the state's (float32, or float64 for a float64 model).
 TState = TypeVar("TState", bound=Union[FLOAT, DOUBLE])  # noqa: UP007 (onnxscript reads typing.Union)
@@ -45,9 +49,16 @@ def _dim(x, axis: int):
     return op.Squeeze(op.Shape(x, start=axis, end=axis + 1))
 
 
+_TORCH_OF_ONNX = {ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16,
+                  ir.DataType.FLOAT: torch.float32, ir.DataType.DOUBLE: torch.float64}
+
+
 def _compute_type(x) -> ir.DataType:
-    """float64 stays float64, everything else computes in float32 (the ops' precision policy)."""
-    return ir.DataType.DOUBLE if x.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+    """The ops' precision rule (`compute_dtype`) for a float value x whose type the tracer knows."""
+    if x.dtype not in _TORCH_OF_ONNX:
+        raise TypeError(f"{x.name}: expected a float value of known type, got {x.dtype}")
+    compute = compute_dtype(_TORCH_OF_ONNX[x.dtype])
+    return next(onnx_type for onnx_type, dtype in _TORCH_OF_ONNX.items() if dtype == compute)
 
 
 def _cast(x, dtype: ir.DataType):
@@ -338,6 +349,7 @@ def memory_decode_translation(step: Callable) -> Callable:
         # the tracer infers no type or shape for a Gather; `step` picks its ONNX op by them
         rec_rows.dtype, rec_rows.shape = rec_states.dtype, ir.Shape([None, h, dk, dv])
         conv_in = op.Concat(op.Gather(q, token), kv, axis=1)
+        conv_in.dtype = q.dtype  # untyped in the tracer, like every Concat
         if conv_bias is None:
             conv_bias = op.CastLike(op.ConstantOfShape(op.Shape(conv_weight, start=0, end=1)), conv_weight)
         one_each = op.Range(0, op.Add(_dim(conv_in, 0), 1), 1)
@@ -345,7 +357,7 @@ def memory_decode_translation(step: Callable) -> Callable:
         bounds = [0, hk, 2 * hk, 2 * hk + hv]
         qc, kc, vc = (op.Slice(conv_out, _ints(lo), _ints(hi), _ints(1))
                       for lo, hi in zip(bounds, bounds[1:]))
-        qc, kc = (_l2_normalize(op.Reshape(t, _ints(0, h, dk))) for t in (qc, kc))
+        qc, kc = (_l2_normalize(op.Reshape(t, _ints(0, h, dk)), dt) for t in (qc, kc))
         o, rec_new = step(qc, kc, op.Reshape(vc, _ints(0, h, dv)), g, beta, rec_rows, scale=scale)
         o = op.Mul(op.CastLike(o, rec_states), op.CastLike(op.Unsqueeze(valid, [1, 2]), rec_states))
         o = op.Reshape(o, op.Concat(op.Shape(memory_idx), _ints(h, dv), axis=0))
@@ -367,11 +379,10 @@ def _take_rows(table, rows, memory_idx):
     return op.Where(op.Reshape(taken, op.Concat(op.Shape(taken), _ints(*tail), axis=0)), new, table)
 
 
-def _l2_normalize(x):
-    """x / sqrt(sum x^2 + eps) over the last axis, computed in float32 (or float64)."""
-    from ..ops.memory_decode import L2_EPS
-
-    xf = _cast(x, _compute_type(x))
+def _l2_normalize(x, dt: ir.DataType):
+    """x / sqrt(sum x^2 + eps) over the last axis, computed in `dt` (x's compute type, given by the
+    caller: the tracer infers no type for x, a reshaped slice)."""
+    xf = op.Cast(x, to=dt)
     norm = op.Sqrt(op.Add(op.ReduceSum(op.Mul(xf, xf), _ints(-1), keepdims=1), op.CastLike(L2_EPS, xf)))
     return op.CastLike(op.Div(xf, norm), x)
 
@@ -388,10 +399,6 @@ def translation_table(opset: int, use_plugin: bool = False) -> dict:
     LINEAR_ATTENTION_OPSET on, the gated delta rule is the standard LinearAttention op; with
     use_plugin the recurrent step is a mom::MemoryStep node, also inside the prefill's Scan, so
     that one plugin implements every recurrence of the deployed graphs."""
-    import torch
-
-    import mom_compile.ops  # noqa: F401  (registers the ops)
-
     mom = torch.ops.mom
     chunk_gated_delta, gated_delta_step = gated_delta_translations(
         linear_attention=opset >= LINEAR_ATTENTION_OPSET and not use_plugin)

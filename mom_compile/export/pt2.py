@@ -3,7 +3,7 @@
 They contain the `mom` custom ops, so a process that loads them must `import mom_compile` first
 (importing it registers the ops). The prefill program accepts seq >= 2: torch.export
 specialises the model's one-token step path away; for one-token prompts run decode_step on zero
-state, which is the same function (mom-spec section 6).
+state, which is the same function (docs/math.md#correctness).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ step can be captured in a CUDA graph).
 Per layer and sequence there are `memory_slots` memories (the routed ones, then the shared one):
     recurrent [B, slots, H, K, V] float32 (float64 for a float64 model): each memory's state;
     conv      [B, slots, W-1, 2*H*K + H*V]: the last W-1 pre-conv (q | k | v) projections of each
-              memory's own sub-sequence, oldest first (spec section 6).
+              memory's own sub-sequence, oldest first (docs/math.md#decoding-state).
 A memory that has seen no token has zero state, which is exactly "no history".
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.precision import compute_dtype
 from .config import MomConfig
 
 
@@ -42,7 +43,7 @@ def state_specs(config: MomConfig, batch: int | str, dtype: torch.dtype) -> list
     `batch` may be a symbolic size or the name of a symbolic axis."""
     recurrent = (batch, config.memory_slots, config.num_heads, config.head_dim, config.head_v_dim)
     conv = (batch, config.memory_slots, config.conv_size - 1, conv_channels(config))
-    return [(recurrent, torch.promote_types(dtype, torch.float32)), (conv, dtype)] * config.num_hidden_layers
+    return [(recurrent, compute_dtype(dtype)), (conv, dtype)] * config.num_hidden_layers
 
 
 def zero_states(config: MomConfig, batch: int, dtype: torch.dtype, device=None) -> list[torch.Tensor]:

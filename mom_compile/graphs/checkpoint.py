@@ -1,4 +1,4 @@
-"""Checkpoints in the reference `mom` layout (spec section 5): a folder with config.json and
+"""Checkpoints in the reference `mom` layout (docs/math.md#checkpoint-layout): a folder with config.json and
 model.safetensors (or sharded safetensors with an index, or pytorch_model.bin)."""
 from __future__ import annotations
 

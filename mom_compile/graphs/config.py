@@ -17,7 +17,8 @@ _WRITTEN_KEYS = {"model_type", "architectures"}
 
 @dataclass
 class MomConfig:
-    """Hyper-parameters of a MoM causal language model (spec sections 2 and 5).
+    """Hyper-parameters of a MoM causal language model (docs/math.md#shapes-and-names; the
+    config.json keys: docs/math.md#checkpoint-layout).
 
     Defaults are the reference implementation's. Unknown keys of a config.json are kept in
     `extra` and written back unchanged.

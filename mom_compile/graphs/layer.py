@@ -1,4 +1,5 @@
-"""`MomLayer`: one Mixture-of-Memories token mixer (spec section 3), built from the `mom` ops.
+"""`MomLayer`: one Mixture-of-Memories token mixer (docs/math.md#routing-and-segments and the
+sections after it), built from the `mom` ops.
 
 The shared memory is treated as one more memory (index num_memories) that every token chooses
 with weight 1, so routed and shared memories go through one dispatch, one conv and one scan.
@@ -12,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.precision import upcast
 from .cache import LayerState
 from .config import MomConfig
 from .norm import RMSNorm, rms_norm
-from .precision import upcast
 from .stacked import Part, blocks, padding, stacked_parameter
 
 

@@ -1,10 +1,11 @@
-"""Training losses (spec section 4): next-token cross-entropy and the router load-balancing loss."""
+"""Training losses (docs/math.md#block-model-and-loss): next-token cross-entropy and the router
+load-balancing loss."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .precision import upcast
+from ..ops.precision import upcast
 
 IGNORE_INDEX = -100
 

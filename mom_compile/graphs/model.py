@@ -1,4 +1,5 @@
-"""The MoM language model (spec section 4): blocks, the backbone and the causal-LM head."""
+"""The MoM language model (docs/math.md#block-model-and-loss): blocks, the backbone and the
+causal-LM head."""
 from __future__ import annotations
 
 import os

@@ -1,10 +1,10 @@
-"""RMSNorm, computed in float32 at least whatever the input dtype (spec section 4)."""
+"""RMSNorm, computed in float32 at least whatever the input dtype (docs/math.md#precision)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from .precision import upcast
+from ..ops.precision import upcast
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -3,23 +3,16 @@
 Importing this package registers them. Each op has a pure-PyTorch reference kernel (the CPU
 kernel and the test oracle), a fake implementation, and an analytic autograd formula (except
 `memory_decode`, which serves inference only); the functions below are their checked entry points.
+`table.OPS` lists the ops with their references and CUDA (Triton) kernels; `triton_status()` says
+whether those kernels loaded.
 """
-from .chunk_scan import chunk_gated_delta
+from .chunk_gated_delta import chunk_gated_delta
+from .combine import combine
+from .dispatch import dispatch
+from .gated_delta_step import gated_delta_step
 from .memory_decode import gates, l2_normalize, memory_decode, memory_decode_
-from .routing import combine, dispatch
 from .segment_conv import segment_conv
-from .state_step import gated_delta_step
+from .table import TritonStatus, triton_status
 
-try:  # Triton kernels become the CUDA kernels of the ops; CPU-only installs keep the references
-    from . import (  # noqa: F401
-        chunk_scan_triton,
-        memory_decode_triton,
-        routing_triton,
-        segment_conv_triton,
-        state_step_triton,
-    )
-except ImportError:
-    pass
-
-__all__ = ["chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "gates", "l2_normalize",
-           "memory_decode", "memory_decode_", "segment_conv"]
+__all__ = ["TritonStatus", "chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "gates",
+           "l2_normalize", "memory_decode", "memory_decode_", "segment_conv", "triton_status"]

@@ -1,5 +1,5 @@
 """`mom::memory_decode_` and `mom::memory_decode`: one decode token of every sequence through the
-memories it is routed to, reading and writing the cache's states by slot.
+memories it is routed to, reading and writing the cache's states by slot (docs/math.md#decoding-state).
 
 For sequence b and its i-th choice m = memory_idx[b, i] (-1 marks a padding token: it reads out 0
 and changes no state), with projection set s = 0 if single_set else m:
@@ -25,22 +25,23 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, STATE_DTYPES, check_same_device, check_tensor
+from .gated_delta_step import step_reference
+from .precision import compute_dtype, upcast
 from .segment_conv import conv_reference
-from .state_step import step_reference
 
 L2_EPS = 1e-6
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(sum x^2 + 1e-6) over the last dim, computed in float32 (or float64)."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = upcast(x)
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2_EPS)).to(x.dtype)
 
 
 def gates(b_pre: torch.Tensor, a_pre: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):  # noqa: N803
     """Write strength and log-decay from the projections: beta = sigmoid(b_pre) in b_pre's dtype,
     g = -exp(A_log) * softplus(a_pre + dt_bias) in float32 (float64 for float64)."""
-    dt = torch.promote_types(a_pre.dtype, torch.float32)
+    dt = compute_dtype(a_pre.dtype)
     g = -A_log.to(dt).exp() * F.softplus(a_pre.to(dt) + dt_bias.to(dt))
     return b_pre.sigmoid(), g
 
@@ -82,7 +83,7 @@ def decode_reference_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_
 
 
 @torch.library.custom_op("mom::memory_decode_", mutates_args=("conv_states", "rec_states"))
-def _memory_decode_(
+def memory_decode_inplace_op(
     q: torch.Tensor, per_set: torch.Tensor, memory_idx: torch.Tensor, A_log: torch.Tensor,  # noqa: N803
     dt_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
     conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float, single_set: bool,
@@ -91,25 +92,32 @@ def _memory_decode_(
                              rec_states, scale, single_set)
 
 
-@_memory_decode_.register_fake
+@memory_decode_inplace_op.register_fake
 def _(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states, rec_states, scale,  # noqa: N803
       single_set):
     return rec_states.new_empty(*memory_idx.shape, *rec_states.shape[2:3], rec_states.shape[4])
 
 
-@torch.library.custom_op("mom::memory_decode", mutates_args=())
-def _memory_decode(
-    q: torch.Tensor, per_set: torch.Tensor, memory_idx: torch.Tensor, A_log: torch.Tensor,  # noqa: N803
-    dt_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
-    conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float, single_set: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_reference(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,  # noqa: N803
+                     conv_states, rec_states, scale: float, single_set: bool):
+    """`memory_decode` on every device: the in-place op (the Triton kernels on CUDA) on copies."""
     conv_states, rec_states = conv_states.clone(), rec_states.clone()
     o = torch.ops.mom.memory_decode_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,
                                      conv_states, rec_states, scale, single_set)
     return o, conv_states, rec_states
 
 
-@_memory_decode.register_fake
+@torch.library.custom_op("mom::memory_decode", mutates_args=())
+def memory_decode_op(
+    q: torch.Tensor, per_set: torch.Tensor, memory_idx: torch.Tensor, A_log: torch.Tensor,  # noqa: N803
+    dt_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+    conv_states: torch.Tensor, rec_states: torch.Tensor, scale: float, single_set: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return decode_reference(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,
+                            rec_states, scale, single_set)
+
+
+@memory_decode_op.register_fake
 def _(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states, rec_states, scale,  # noqa: N803
       single_set):
     o = rec_states.new_empty(*memory_idx.shape, *rec_states.shape[2:3], rec_states.shape[4])

@@ -1,4 +1,5 @@
-"""Triton CUDA kernels of `mom::memory_decode_`: a decode step in two launches, states in place.
+"""Triton CUDA kernels of `mom::memory_decode_` (ops/table.py registers them): a decode step in two
+launches, states in place.
 
 1. `_decode_conv_kernel`, one program per (row, head): reads the row's projections straight from
    the layer's projection output (no gathered copy), computes beta and g, the head's q|k|v conv
@@ -15,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_scan_triton import compute_type, split_scale
+from .gated_delta_step_triton import block_sizes
 from .memory_decode import L2_EPS
-from .state_step_triton import block_sizes
+from .precision import compute_dtype
+from .triton_precision import compute_type, split_scale
 
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's softplus: x itself above it
 
@@ -146,7 +148,7 @@ def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, c
     if rows * h == 0 or dk * dv == 0:
         return o.zero_()
     compute = compute_type(rec_states.dtype)
-    scratch_dtype = torch.float64 if rec_states.dtype == torch.float64 else torch.float32
+    scratch_dtype = compute_dtype(rec_states.dtype)
     qkv = torch.empty(rows, h, 2 * dk + dv, dtype=scratch_dtype, device=q.device)
     beta_g = torch.empty(rows, h, 2, dtype=scratch_dtype, device=q.device)
     block_k, widest = block_sizes(dk, dv)
@@ -163,5 +165,3 @@ def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, c
         BLOCK_K=block_k, BLOCK_V=block_v, COMPUTE=compute, num_warps=8 if block_k * block_v >= 4096 else 4)
     return o
 
-
-torch.library.register_kernel("mom::memory_decode_", "cuda", memory_decode_triton_)

@@ -1,4 +1,5 @@
-"""`mom::segment_conv`: causal depthwise convolution + SiLU, local to each packed segment.
+"""`mom::segment_conv`: causal depthwise convolution + SiLU, local to each packed segment
+(docs/math.md#projections-and-the-short-convolution).
 
 Row n of segment s (position p inside it) gets
     y[n] = silu(bias + sum_{i<W} weight[:, i] * x_s[p - (W-1) + i])
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from .precision import compute_dtype
 
 
 def _segment_of_rows(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +60,7 @@ def _source_table(x: torch.Tensor, initial_state: torch.Tensor, dt: torch.dtype)
 
 def conv_reference(x, weight, bias, offsets, initial_state):
     """Returns (pre-activation z [N, D] in the compute dtype, y = silu(z) masked, final state)."""
-    dt = torch.promote_types(x.dtype, torch.float32)
+    dt = compute_dtype(x.dtype)
     n, width = x.shape[0], weight.shape[1]
     table = _source_table(x, initial_state, dt)
     taps, in_segment = _taps(offsets, n, width)
@@ -68,26 +70,29 @@ def conv_reference(x, weight, bias, offsets, initial_state):
     return z, y, final
 
 
-@torch.library.custom_op("mom::segment_conv", mutates_args=())
-def _segment_conv(
+def segment_conv_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, offsets: torch.Tensor,
     initial_state: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's reference kernel: `conv_reference` with the op's output dtypes."""
     _, y, final = conv_reference(x, weight, bias, offsets, initial_state)
     return y.to(x.dtype), final.to(x.dtype)
 
 
-@_segment_conv.register_fake
+segment_conv_op = torch.library.custom_op("mom::segment_conv", mutates_args=())(segment_conv_reference)
+
+
+@segment_conv_op.register_fake
 def _(x, weight, bias, offsets, initial_state):
     return torch.empty_like(x), torch.empty_like(initial_state)
 
 
-@torch.library.custom_op("mom::segment_conv_backward", mutates_args=())
-def _segment_conv_backward(
+def segment_conv_backward_reference(
     d_y: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     bias: torch.Tensor, offsets: torch.Tensor, initial_state: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dt = torch.promote_types(x.dtype, torch.float32)
+    """The backward op's reference kernel: (dx, d_weight, d_bias, d_initial_state)."""
+    dt = compute_dtype(x.dtype)
     n, width = x.shape[0], weight.shape[1]
     z, _, _ = conv_reference(x, weight, bias, offsets, initial_state)
     taps, in_segment = _taps(offsets, n, width)
@@ -103,7 +108,11 @@ def _segment_conv_backward(
             d_init.to(initial_state.dtype, copy=True))
 
 
-@_segment_conv_backward.register_fake
+segment_conv_backward_op = torch.library.custom_op("mom::segment_conv_backward", mutates_args=())(
+    segment_conv_backward_reference)
+
+
+@segment_conv_backward_op.register_fake
 def _(d_y, d_final, x, weight, bias, offsets, initial_state):
     return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias),
             torch.empty_like(initial_state))
@@ -122,7 +131,7 @@ def _backward(ctx, d_y, d_final):
     return d_x, d_w, d_b, None, d_init
 
 
-_segment_conv.register_autograd(_backward, setup_context=_setup_context)
+segment_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def segment_conv(

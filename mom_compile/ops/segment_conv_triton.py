@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_scan_triton import compute_type
+from .precision import compute_dtype
+from .triton_precision import compute_type
 
 
 @triton.jit
@@ -159,20 +160,13 @@ def _dx_kernel(d_z, d_final, weight, offsets, d_x, d_init, n, n_seg,
 
 
 def default_config() -> dict:
-    """Rows and channels per program, and warps. On an H100 at the 340M layer's conv (98K rows x
-    3072 channels, bf16), 64-row blocks made the backward 3.84 -> 3.25 ms but the forward 0.88 ->
-    0.97 ms, hence 32 forward and 64 backward."""
+    """Rows and channels per program, and warps: 64-row blocks speed up the backward and slow down
+    the forward, hence 32 forward and 64 backward (benchmarks/RESULTS.md#why-these-defaults)."""
     return dict(block_n=32, block_n_backward=64, block_d=64, warps=4, dz_warps=4, dx_warps=4)
 
 
 def _search_steps(n_seg: int) -> int:
     return max(1, n_seg.bit_length())
-
-
-def _torch_compute(dtype: torch.dtype) -> torch.dtype:
-    """float32 arithmetic for every input precision, float64 only for float64 (the test oracle's
-    precision, so the kernels can be checked to rounding)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | None = None):
@@ -214,7 +208,7 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     # d_z in x's dtype: a bf16 model's d_x is bf16 anyway, and d_z crosses memory twice (the
     # largest traffic of the backward); the weight and bias sums use it before rounding
     d_z = torch.empty(n, d, dtype=x.dtype, device=x.device)
-    acc = _torch_compute(x.dtype)
+    acc = compute_dtype(x.dtype)
     d_w_part = torch.empty(row_blocks, d, width, dtype=acc, device=x.device)
     d_b_part = torch.empty(row_blocks, d, dtype=acc, device=x.device)
     d_x = torch.empty_like(x)
@@ -231,7 +225,3 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
             D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, SEARCH_STEPS=steps, COMPUTE=compute,
             num_warps=cfg["dx_warps"])
     return (d_x, d_w_part.sum(0).to(weight.dtype), d_b_part.sum(0).to(bias.dtype), d_init)
-
-
-torch.library.register_kernel("mom::segment_conv", "cuda", segment_conv_triton)
-torch.library.register_kernel("mom::segment_conv_backward", "cuda", segment_conv_backward_triton)

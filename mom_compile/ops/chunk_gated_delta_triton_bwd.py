@@ -1,6 +1,7 @@
-"""Triton kernels of the chunked gated delta rule, backward (launch code: `chunk_scan_triton.py`;
-notation: `chunk_scan_triton_fwd.py`). The forward's T, W, U, chunk start states S0 and Vn are
-recomputed first. Then, per chunk, with dS1 the gradient of the state after the chunk:
+"""Triton kernels of the chunked gated delta rule, backward (launch code:
+`chunk_gated_delta_triton.py`; notation: `chunk_gated_delta_triton_fwd.py`). The forward's T, W,
+U, chunk start states S0 and Vn are recomputed first. Then, per chunk, with dS1 the gradient of
+the state after the chunk:
     dVn = scale (Q K^T o Gamma)^T dO + diag(e^{G_last-G}) K dS1             (dvn_local + state_bwd)
     dS0 = e^{G_last} dS1 + scale (diag(e^G) Q)^T dO - W^T dVn                (state_bwd)
     dQ  = scale diag(e^G) dO S0^T + dP K,   dP = scale (dO Vn^T) o Gamma      (grad_qkw)
@@ -21,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_scan_triton_fwd import (
+from .chunk_gated_delta_triton_fwd import (
     chunk_bounds,
     chunk_decay,
     gated_lower,
@@ -195,8 +196,8 @@ def wy_bwd_kernel(
         k_c = load_rows(k, rows, ok, h, kc, H, K)
         x_w = (bg[:, None] * k_c.to(COMPUTE)).to(DOT)
         d_t += tl.dot(load_rows(dw, rows, ok, h, kc, H, K).to(DOT), tl.trans(x_w), input_precision=PREC)
-        # K K^T from float32 operands: with 16-bit operands, triton 3.6 on an H100 made dbeta and
-        # dg differ from run to run (by ~1e-2, the rest of the backward bit-identical)
+        # K K^T from float32 operands: with 16-bit operands dbeta and dg differed from run to run
+        # on Hopper (triton 3.6), the rest of the backward bit-identical
         k32 = k_c.to(COMPUTE)
         kk += tl.dot(k32, tl.trans(k32), input_precision=PREC32)
     for v0 in range(0, V, BV):

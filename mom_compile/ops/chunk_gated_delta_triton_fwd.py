@@ -1,5 +1,6 @@
 """Triton kernels of the chunked gated delta rule, forward: the WY factors, the inter-chunk state
-pass and the outputs (the launch code is `chunk_scan_triton.py`).
+pass and the outputs (the launch code is `chunk_gated_delta_triton.py`; the math:
+docs/math.md#the-chunked-form).
 
 Every chunk is CHUNK = 64 rows of one segment (the chunk table says which segment and which first
 row; a segment's last chunk may be short). Rows of a chunk past its segment's end load as
@@ -20,8 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-CHUNK = 64  # rows per chunk; T is solved in 16-row diagonal blocks, so a multiple of 16
-SUB = 16
+# Rows per chunk: fixed, not a tuning knob. wy_solve_kernel is written out for exactly four 16-row
+# blocks (it asserts C == CHUNK when compiled), and every kernel's chunk table assumes this size.
+CHUNK = 64
 
 
 @triton.jit
@@ -38,9 +40,7 @@ def chunk_bounds(table, offsets, cid):
 def item_and_block(NB: tl.constexpr):
     """(item, block) of this program on a grid of (items * NB, H). The NB blocks of one item (the
     V- or K-blocks of one chunk or segment) are launched next to each other, so the tiles they all
-    read (the item's rows of q, k, W) come from DRAM once and then from L2: at the 340M layer's
-    scan on an H100, 3.66 -> 3.22 ms forward and 9.63 -> 8.64 ms backward against a grid with the
-    blocks on their own (slowest) axis."""
+    read (the item's rows of q, k, W) come from DRAM once and then from L2."""
     pid = tl.program_id(0)
     return pid // NB, pid % NB
 
@@ -131,6 +131,7 @@ def wy_solve_kernel(
     triangle; readers mask the rest). A is built directly in its ten 16x16 lower blocks
     (A_ab = gated K_a K_b^T), the four diagonal blocks are inverted by substitution and the
     others follow from T_ab = -T_aa sum_{b<=m<a} A_am T_mb."""
+    tl.static_assert(C == 64, "wy_solve_kernel solves chunks of exactly 64 rows (four 16-row blocks)")
     cid = tl.program_id(0)
     h = tl.program_id(1)
     seg, start, end = chunk_bounds(table, offsets, cid)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_scan_triton import compute_type, split_scale
+from .triton_precision import compute_type, split_scale
 
 
 @triton.jit
@@ -72,6 +72,3 @@ def gated_delta_step_triton(q, k, v, g, beta, state, scale):
                        H=h, K=dk, V=dv, BLOCK_K=block_k, BLOCK_V=block_v, COMPUTE=compute_type(state.dtype),
                        num_warps=8 if block_k >= 128 else 4)
     return o, new_state
-
-
-torch.library.register_kernel("mom::gated_delta_step", "cuda", gated_delta_step_triton)

@@ -1,4 +1,5 @@
-"""`mom::gated_delta_step`: one token of the gated delta rule (spec section 3), functional.
+"""`mom::gated_delta_step`: one token of the gated delta rule (docs/math.md#the-gated-delta-rule),
+functional.
 
 For every row r (one (sequence, memory) pair) and head h, with state S of shape [K, V]:
     S <- exp(g) * S
@@ -57,16 +58,20 @@ def step_backward_reference(
     return dq, dk, dv, dg, dbeta, d_decayed * decay
 
 
-@torch.library.custom_op("mom::gated_delta_step", mutates_args=())
-def _gated_delta_step(
+def gated_delta_step_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     state: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's reference kernel: `step_reference` with the op's output dtypes."""
     o, new_state = step_reference(q, k, v, g, beta, state, scale)
     return o.to(v.dtype), new_state
 
 
-@_gated_delta_step.register_fake
+gated_delta_step_op = torch.library.custom_op("mom::gated_delta_step", mutates_args=())(
+    gated_delta_step_reference)
+
+
+@gated_delta_step_op.register_fake
 def _(q, k, v, g, beta, state, scale):
     return v.new_empty(v.shape), state.new_empty(state.shape)
 
@@ -89,7 +94,7 @@ def _backward(ctx, d_o, d_new_state):
             d_state, None)
 
 
-_gated_delta_step.register_autograd(_backward, setup_context=_setup_context)
+gated_delta_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gated_delta_step(

@@ -3,7 +3,8 @@
 Rows 0..N-1 of q/k/v/g/beta are packed segments: segment s is rows offsets[s]..offsets[s+1]-1 in
 time order, with its own state (initial_state[s], or zero) and its own final state. Rows at or past
 offsets[-1] belong to no segment: their output is zero and they change nothing. Each segment obeys
-the per-token recurrence of `state_step.py`; this file computes the same function chunk-parallel.
+the per-token recurrence of `gated_delta_step.py`; this file computes the same function
+chunk-parallel (docs/math.md#the-chunked-form).
 
 Chunked form (one chunk of C rows, cumulative log-decay G_i = g_1 + ... + g_i, start state S0):
     u_i = beta_i (v_i - e^{G_i} S0^T k_i - sum_{j<i} e^{G_i-G_j} (k_i.k_j) u_j)
@@ -22,14 +23,16 @@ from ._checks import (
     check_same_device,
     check_tensor,
 )
-from .state_step import step_backward_reference, step_reference
+from .gated_delta_step import step_backward_reference, step_reference
+from .precision import compute_dtype
 
-CHUNK_SIZE = 64
+CHUNK_SIZE = 64  # the reference's default; any chunk size computes the same function
 
 
-def _state_dtype(q: torch.Tensor, initial_state: torch.Tensor | None) -> torch.dtype:
-    """States are float32 (float64 for float64 inputs) unless an initial state says otherwise."""
-    return torch.promote_types(q.dtype, torch.float32) if initial_state is None else initial_state.dtype
+def state_dtype(q: torch.Tensor, initial_state: torch.Tensor | None) -> torch.dtype:
+    """The dtype of the final state and its gradient: the initial state's, else the inputs' compute
+    dtype (float32, float64 for float64 inputs). Every kernel of the op follows this."""
+    return compute_dtype(q.dtype) if initial_state is None else initial_state.dtype
 
 
 def _segment_grid(offsets: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +68,7 @@ def chunk_reference(
     """The chunk-parallel forward. Returns (o [N, H, V] in the compute dtype, final state
     [S, H, K, V], chunk start states [S, H, n_chunks, K, V]); computes in float32, or float64
     when the inputs are float64."""
-    dt = torch.promote_types(q.dtype, torch.float32)
+    dt = compute_dtype(q.dtype)
     n, h, dk = k.shape
     dv = v.shape[-1]
     n_seg = offsets.numel() - 1
@@ -114,8 +117,8 @@ def chunk_backward_reference(
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of `chunk_reference`: the chunk start states are recomputed, then each chunk's
     tokens are replayed forward and walked backward with the per-token formulas of
-    `state_step.py`. Returns (dq, dk, dv, dg, dbeta, d_initial_state)."""
-    dt = torch.promote_types(q.dtype, torch.float32)
+    `gated_delta_step.py`. Returns (dq, dk, dv, dg, dbeta, d_initial_state)."""
+    dt = compute_dtype(q.dtype)
     n = k.shape[0]
     _, final, starts = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale, chunk_size)
     rows, valid = _segment_grid(offsets, chunk_size)
@@ -142,17 +145,16 @@ def reference_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's reference kernel: `chunk_reference` with the op's output dtypes."""
     o, final, _ = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale)
-    return o.to(v.dtype), final.to(_state_dtype(q, initial_state))
+    return o.to(v.dtype), final.to(state_dtype(q, initial_state))
 
 
-_chunk_gated_delta = torch.library.custom_op("mom::chunk_gated_delta", mutates_args=())(reference_forward)
+chunk_gated_delta_op = torch.library.custom_op("mom::chunk_gated_delta", mutates_args=())(reference_forward)
 
 
-@_chunk_gated_delta.register_fake
+@chunk_gated_delta_op.register_fake
 def _(q, k, v, g, beta, offsets, initial_state, scale):
     n_seg = offsets.shape[0] - 1
-    state_dtype = _state_dtype(q, initial_state)
-    final = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype)
+    final = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype(q, initial_state))
     return v.new_empty(v.shape), final
 
 
@@ -165,18 +167,17 @@ def reference_backward(
     dq, dk, dv, dg, dbeta, d_init = chunk_backward_reference(
         q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
-            d_init.to(_state_dtype(q, initial_state)))
+            d_init.to(state_dtype(q, initial_state)))
 
 
-_chunk_gated_delta_backward = torch.library.custom_op(
+chunk_gated_delta_backward_op = torch.library.custom_op(
     "mom::chunk_gated_delta_backward", mutates_args=())(reference_backward)
 
 
-@_chunk_gated_delta_backward.register_fake
+@chunk_gated_delta_backward_op.register_fake
 def _(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
     n_seg = offsets.shape[0] - 1
-    state_dtype = _state_dtype(q, initial_state)
-    d_init = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype)
+    d_init = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype(q, initial_state))
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
             torch.empty_like(beta), d_init)
 
@@ -196,7 +197,7 @@ def _backward(ctx, d_o, d_final):
     return dq, dk, dv, dg, dbeta, None, (None if initial_state is None else d_init), None
 
 
-_chunk_gated_delta.register_autograd(_backward, setup_context=_setup_context)
+chunk_gated_delta_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunk_gated_delta(
@@ -207,9 +208,9 @@ def chunk_gated_delta(
 
     q, k: [N, H, K]; v: [N, H, V]; g: [N, H] float32 log-decay (<= 0); beta: [N, H];
     offsets: [S + 1] int64, non-decreasing, offsets[0] = 0, offsets[-1] <= N;
-    initial_state: [S, H, K, V] float32 or None (zero). scale defaults to K ** -0.5.
-    Returns (o [N, H, V] in v's dtype, final state [S, H, K, V] float32, or float64 for float64
-    inputs).
+    initial_state: [S, H, K, V] float32 (or float64) or None (zero). scale defaults to K ** -0.5.
+    Returns (o [N, H, V] in v's dtype, final state [S, H, K, V] in `state_dtype`: the initial
+    state's dtype, else float32, or float64 for float64 inputs).
     """
     check_tensor("q", q, shape=(None, None, None), dtypes=FLOAT_DTYPES)
     n, h, dk = q.shape

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_scan_triton import compute_type
+from .triton_precision import compute_type
 
 BLOCK = 1024  # columns (H*V) per step
 
@@ -85,9 +85,5 @@ def combine_backward_triton(d_y, o_rows, weights, row_of_choice):
     if b * t > 0:
         _combine_backward_kernel[(b * t,)](
             d_y, o_rows, weights, row_of_choice, d_rows, d_weights, HV=hv, K=k, BLOCK=_block(hv),
-            COMPUTE=compute_type(torch.promote_types(d_y.dtype, weights.dtype)))
+            COMPUTE=compute_type(d_y.dtype, weights.dtype))
     return d_rows, d_weights
-
-
-torch.library.register_kernel("mom::combine", "cuda", combine_triton)
-torch.library.register_kernel("mom::combine_backward", "cuda", combine_backward_triton)

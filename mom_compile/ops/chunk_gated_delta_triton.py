@@ -1,14 +1,15 @@
 """The Triton CUDA kernels of `mom::chunk_gated_delta` and `mom::chunk_gated_delta_backward`: the
-chunked (WY) form of the gated delta rule, split by what each stage depends on.
+chunked (WY) form of the gated delta rule (docs/math.md#the-chunked-form), split by what each
+stage depends on.
 
-Forward (kernels in `chunk_scan_triton_fwd.py`):
+Forward (kernels in `chunk_gated_delta_triton_fwd.py`):
   1. wy_solve, per (chunk, head): T = (I + A)^{-1}, by blocked forward substitution;
   2. wy_apply, per (chunk, head): W and U, once for all V-blocks;
   3. state_fwd, per (segment, head, V-block): the sequential pass over the segment's chunks, which
      saves each chunk's start state and Vn = U - W S0;
   4. output, per (chunk, head, V-block): O from the start state and Vn.
-Backward (`chunk_scan_triton_bwd.py`) recomputes 1-3 and runs dvn_local, state_bwd (the reverse
-sequential pass), grad_qkw and wy_bwd.
+Backward (`chunk_gated_delta_triton_bwd.py`) recomputes 1-3 and runs dvn_local, state_bwd (the
+reverse sequential pass), grad_qkw and wy_bwd.
 
 Chunks never cross a segment boundary. The chunk table (segment id and first row of every chunk) is
 built on the device from `offsets` with torch ops; its length, ceil(N / CHUNK) + S, bounds the real
@@ -21,39 +22,28 @@ import torch
 import triton
 import triton.language as tl
 
-from . import chunk_scan_triton_bwd as bwd
-from . import chunk_scan_triton_fwd as fwd
-from .chunk_scan import reference_backward, reference_forward
+from . import chunk_gated_delta_triton_bwd as bwd
+from . import chunk_gated_delta_triton_fwd as fwd
+from .chunk_gated_delta import reference_backward, reference_forward, state_dtype
+from .precision import compute_dtype
+from .triton_precision import compute_type, split_scale
 
 CHUNK = fwd.CHUNK
 
 
-def split_scale(scale: float) -> tuple[float, float]:
-    """Triton passes Python floats as float32; a float64 kernel rebuilds the exact scale from a
-    float32 head and the float32 remainder."""
-    hi = float(torch.tensor(scale, dtype=torch.float32))
-    return hi, float(scale) - hi
-
-
-def compute_type(dtype: torch.dtype) -> tl.dtype:
-    """The arithmetic dtype of the elementwise kernels (step, decode, conv, combine): float32 for
-    every input precision, float64 only for float64 (the test oracle's precision, so the kernels
-    can be checked to rounding)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _precision(q_dtype: torch.dtype, state_dtype: torch.dtype) -> dict:
-    """COMPUTE: float32 accumulation, float64 when anything is float64 (the test oracle's precision,
-    so the kernels can be checked to rounding). DOT: the operand dtype of the big products (bf16 and
-    fp16 inputs feed the tensor cores as they are; float32 inputs run as tf32x3, about float32
-    accuracy). PREC32: products whose operands are float32 by construction (T and its gradient):
-    plain tf32 is enough next to bf16 operands, tf32x3 for float32 inputs."""
-    if torch.float64 in (q_dtype, state_dtype):
-        return dict(COMPUTE=tl.float64, DOT=tl.float64, PREC="ieee", PREC32="ieee"), torch.float64
+def _precision(q_dtype: torch.dtype, states: torch.dtype) -> tuple[dict, torch.dtype]:
+    """(constexprs, dtype of the products' operands) for inputs in q_dtype and states in `states`.
+    COMPUTE: the precision rule's accumulation type. DOT: the operand dtype of the big products
+    (bf16 and fp16 inputs feed the tensor cores as they are; float32 inputs run as tf32x3, about
+    float32 accuracy). PREC32: products whose operands are float32 by construction (T and its
+    gradient): plain tf32 is enough next to bf16 operands, tf32x3 for float32 inputs."""
+    compute = compute_type(q_dtype, states)
+    if compute == tl.float64:
+        return dict(COMPUTE=compute, DOT=tl.float64, PREC="ieee", PREC32="ieee"), torch.float64
     if q_dtype == torch.float32:
-        return dict(COMPUTE=tl.float32, DOT=tl.float32, PREC="tf32x3", PREC32="tf32x3"), torch.float32
+        return dict(COMPUTE=compute, DOT=tl.float32, PREC="tf32x3", PREC32="tf32x3"), torch.float32
     dot = tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float16
-    return dict(COMPUTE=tl.float32, DOT=dot, PREC="tf32", PREC32="tf32"), q_dtype
+    return dict(COMPUTE=compute, DOT=dot, PREC="tf32", PREC32="tf32"), q_dtype
 
 
 def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -87,8 +77,8 @@ def _zero_tail_kernel(x, offsets, n_seg, numel, ROW: tl.constexpr, BLOCK: tl.con
 
 def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.Tensor]:
     """Outputs shaped like `likes` [N, ...] whose rows in no segment (those past offsets[-1]; the
-    contract has offsets[0] = 0) read 0: only those rows are cleared (zero-filling o, dq, dk and dv
-    whole took ~0.3 ms of the compiled layer's step)."""
+    contract has offsets[0] = 0) read 0: only those rows are cleared, since the kernels write all
+    the others and a whole-tensor zero-fill is a pass over memory."""
     outs = [torch.empty_like(x) for x in likes]
     n_seg, block = offsets.shape[0] - 1, 1024
     for out in outs:
@@ -99,22 +89,12 @@ def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.
 
 
 def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
-    """Tile sizes and warps. K- and V-blocks of 64 for the per-chunk kernels (32 for 4- and 8-byte
-    operands, whose [64, 64] tiles would overflow shared memory in grad_qkw). The sequential passes
-    keep the whole [K, state_bv] state slice in registers, one program per (segment, head,
-    V-block); at K=256 in bf16/fp16 that slice is [256, 64] on 8 warps, wider operands keep
-    [256, 16] on 4. Measured on an H100 at the 340M layer's scan (bf16, 98K rows, T=2K; forward /
-    backward ms): [256, 16] slices 7.8 / 19.7, [256, 64] 5.1 / 12.3 (and as fast as the narrow ones
-    at T=32K, batch 1, with only 80 programs); then the triangular solve on 2 warps instead of 8:
-    3.7 / 10.9; then the backward's per-chunk kernels on 8 warps instead of 16: 3.7 / 9.7.
-    state_stages: the sequential passes' loop over chunks is software-pipelined over that many
-    stages (1: not at all). Each stage keeps the next chunk's tiles in shared memory: with 2
-    stages the float32 backward at K=256 and float64 at K >= 128 need more than Hopper's 227 KB
-    (compiled for sm_90: 238-443 KB), so only 2-byte inputs take 2 (bf16 K=256: 123 KB forward,
-    172 KB backward); whether it is faster is for benchmarks/kernel_configs.py to say.
-    Only these configurations are verified on Hopper (H100/H200, triton 3.6): there, state_bv=32
-    at K=256 (bf16, 4 or 8 warps) and 16 warps for the float32 backward kernels raised illegal
-    memory accesses."""
+    """Tile sizes and warps (why these: benchmarks/RESULTS.md#why-these-defaults). bk, bv: K- and
+    V-blocks of the per-chunk kernels, 32 for 4- and 8-byte operands so that grad_qkw fits shared
+    memory. state_bv, state_warps: the sequential passes keep the whole [K, state_bv] state slice in
+    registers, one program per (segment, head, V-block). state_stages: software-pipelining depth of
+    their loop over chunks (2 only for 2-byte inputs: wider ones overflow Hopper's shared memory).
+    Only these configurations are verified on Hopper; some others raised illegal memory accesses."""
     block_k = max(16, triton.next_power_of_2(dk))
     tile = 64 if elem_bytes <= 2 else 32
     if block_k <= 128:
@@ -133,9 +113,9 @@ class _Plan:
         self.n, self.h, self.dk = q.shape
         self.dv = v.shape[-1]
         self.n_seg = offsets.shape[0] - 1
-        self.state_dtype = torch.float32 if initial_state is None else initial_state.dtype
+        self.state_dtype = state_dtype(q, initial_state)
         self.kw, self.dot_dtype = _precision(q.dtype, self.state_dtype)
-        self.compute_dtype = torch.float64 if self.kw["COMPUTE"] == tl.float64 else torch.float32
+        self.compute_dtype = compute_dtype(q.dtype, self.state_dtype)
         self.cfg = config
         self.block_k = max(16, triton.next_power_of_2(self.dk))
         self.empty = self.n_seg * self.h * self.dk * self.dv == 0
@@ -175,14 +155,14 @@ def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
 def _prepare(q, k, v, g, beta, offsets, initial_state, config):
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     offsets = offsets.to(torch.int64).contiguous()
-    elem_bytes = 8 if initial_state is not None and initial_state.dtype == torch.float64 else q.element_size()
-    cfg = dict(default_config(q.shape[-1], v.shape[-1], elem_bytes), **(config or {}))
+    _, dot_dtype = _precision(q.dtype, state_dtype(q, initial_state))
+    cfg = dict(default_config(q.shape[-1], v.shape[-1], dot_dtype.itemsize), **(config or {}))
     return (q, k, v, g, beta, offsets), _Plan(q, v, offsets, initial_state, cfg)
 
 
 def chunk_gated_delta_triton(q, k, v, g, beta, offsets, initial_state, scale, config: dict | None = None):
     """Same contract as `mom::chunk_gated_delta`: (o [N, H, V] in v's dtype, final state
-    [S, H, K, V] in the initial state's dtype, float32 when there is none)."""
+    [S, H, K, V] in `state_dtype(q, initial_state)`)."""
     (q, k, v, g, beta, offsets), p = _prepare(q, k, v, g, beta, offsets, initial_state, config)
     final = torch.empty(p.n_seg, p.h, p.dk, p.dv, dtype=p.state_dtype, device=q.device)
     if p.empty:
@@ -237,8 +217,7 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
 # in-between sizes are zero-padded up to the next verified one, which is exact: zero key/query
 # columns add nothing to any product and zero value columns stay zero in the state and the output.
 # Only heads wider than every verified size run the PyTorch reference (which syncs with the host).
-# Padding, not an unverified launch: head_dim 8, below tl.dot's 16, was an illegal memory access
-# on the H200.
+# Padding rather than an unverified launch: head_dim 8 (below tl.dot's 16) faulted on the GPU.
 VERIFIED_K = (64, 128, 256)
 VERIFIED_V = (64, 128, 256, 512)
 
@@ -264,7 +243,8 @@ def _unpad(x: torch.Tensor, *sizes: int) -> torch.Tensor:
     return x[index].contiguous()
 
 
-def _cuda_forward(q, k, v, g, beta, offsets, initial_state, scale):
+def chunk_gated_delta_cuda(q, k, v, g, beta, offsets, initial_state, scale):
+    """The op's CUDA kernel: `chunk_gated_delta_triton` at the verified head sizes."""
     sizes = _padded_sizes(k, v)
     if sizes is None:
         return reference_forward(q, k, v, g, beta, offsets, initial_state, scale)
@@ -275,7 +255,8 @@ def _cuda_forward(q, k, v, g, beta, offsets, initial_state, scale):
     return _unpad(o, dv), _unpad(final, dk, dv)
 
 
-def _cuda_backward(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
+def chunk_gated_delta_backward_cuda(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
+    """The backward op's CUDA kernel: `chunk_gated_delta_backward_triton` at the verified head sizes."""
     sizes = _padded_sizes(k, v)
     if sizes is None:
         return reference_backward(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
@@ -286,6 +267,3 @@ def _cuda_backward(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final
         _pad(d_o, pv), _pad(d_final, pk, pv))
     return _unpad(dq, dk), _unpad(dk_, dk), _unpad(dv_, dv), dg, dbeta, _unpad(d_init, dk, dv)
 
-
-torch.library.register_kernel("mom::chunk_gated_delta", "cuda", _cuda_forward)
-torch.library.register_kernel("mom::chunk_gated_delta_backward", "cuda", _cuda_backward)

@@ -1,0 +1,61 @@
+"""`mom::dispatch`: grouping the routed choices into per-(sequence, memory) segments
+(docs/math.md#routing-and-segments); `combine.py` brings the rows back.
+
+Every token makes exactly k choices, so the routed work is always B*T*k rows: only the order of the
+rows and the segment offsets depend on the data, and they stay on the device.
+Choice (b, t, i) of memory m goes to segment b*M + m; segments are laid out in that order and,
+inside a segment, rows keep time order (the sort is stable: this is the semantics). Choices of
+padding tokens (mask = 0) are placed after the last segment: in no segment at all.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import INDEX_DTYPES, check_same_device, check_tensor
+
+
+def dispatch_reference(
+    memory_idx: torch.Tensor, mask: torch.Tensor, num_memories: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's kernel on every device (a stable sort and a scatter: stock torch, no host sync)."""
+    b, t, k = memory_idx.shape
+    batch = torch.arange(b, device=memory_idx.device)[:, None, None]
+    n_seg = b * num_memories
+    key = torch.where(mask[:, :, None], batch * num_memories + memory_idx, n_seg).flatten()
+    choice_of_row = torch.sort(key, stable=True).indices
+    row_of_choice = torch.empty_like(choice_of_row)
+    row_of_choice[choice_of_row] = torch.arange(key.numel(), device=key.device)
+    counts = torch.zeros(n_seg + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    offsets = torch.cat([counts.new_zeros(1), counts[:n_seg].cumsum(0)])
+    return choice_of_row, row_of_choice.view(b, t, k), offsets
+
+
+dispatch_op = torch.library.custom_op("mom::dispatch", mutates_args=())(dispatch_reference)
+
+
+@dispatch_op.register_fake
+def _(memory_idx, mask, num_memories):
+    b, t, k = memory_idx.shape
+    return (memory_idx.new_empty(b * t * k), memory_idx.new_empty(b, t, k),
+            memory_idx.new_empty(b * num_memories + 1))
+
+
+def dispatch(
+    memory_idx: torch.Tensor, mask: torch.Tensor, num_memories: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the routed choices by (batch, memory).
+
+    memory_idx: [B, T, k] int64, the memories each token chose (distinct per token);
+    mask: [B, T] bool, False for padding; num_memories: M.
+    Returns (choice_of_row [B*T*k]: the flat (b, t, i) index each packed row holds,
+    row_of_choice [B, T, k]: its inverse, offsets [B*M + 1]: segment b*M + m starts at
+    offsets[b*M + m]).
+    """
+    check_tensor("memory_idx", memory_idx, shape=(None, None, None), dtypes=INDEX_DTYPES)
+    b, t, _ = memory_idx.shape
+    check_tensor("mask", mask, shape=(b, t), dtypes=(torch.bool,))
+    if num_memories < 1:
+        raise ValueError(f"num_memories: expected at least 1, got {num_memories}")
+    check_same_device(memory_idx=memory_idx, mask=mask)
+    return torch.ops.mom.dispatch(memory_idx, mask, int(num_memories))

@@ -1,0 +1,134 @@
+"""The op table: every `mom` custom op with its reference kernel and its CUDA kernel.
+
+One row per op. The CUDA registration below, the tests (registration, opcheck, fake kernels against
+references, the Triton kernel cases) and benchmarks/check_gpu.py read it, so adding an op means
+its file, its Triton file if any, and one row here.
+
+A missing or broken Triton install is an explicit state, `triton_status()`: the ops' CUDA kernels
+are then their references behind a warning (given once, with the reason and the fix), since the
+references are correct on CUDA but synchronise with the host and are slow.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .chunk_gated_delta import (
+    chunk_gated_delta_backward_op,
+    chunk_gated_delta_op,
+    reference_backward,
+    reference_forward,
+)
+from .combine import combine_backward_op, combine_backward_reference, combine_op, combine_reference
+from .dispatch import dispatch_op, dispatch_reference
+from .gated_delta_step import gated_delta_step_op, gated_delta_step_reference
+from .memory_decode import decode_reference, decode_reference_, memory_decode_inplace_op, memory_decode_op
+from .segment_conv import (
+    segment_conv_backward_op,
+    segment_conv_backward_reference,
+    segment_conv_op,
+    segment_conv_reference,
+)
+
+TRITON_FIX = 'pip install "mom-compile[triton]"'
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str                 # torch.ops.mom.<name>
+    definition: torch.library.CustomOpDef  # its custom op (register_kernel, set_kernel_enabled)
+    reference: Callable       # its reference kernel: the CPU kernel and the test oracle
+    triton: str | None        # "module:function" of its CUDA kernel in this package; None: the
+                              # reference serves every device (stock torch, no host sync)
+    autograd: bool            # it has an autograd formula (register_autograd)
+
+    @property
+    def op(self) -> torch._ops.OpOverload:
+        return getattr(torch.ops.mom, self.name).default
+
+    def cuda_kernel(self) -> Callable:
+        """The Triton CUDA kernel (imports its module, so it raises when Triton cannot load)."""
+        module, function = self.triton.split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)
+
+
+OPS: tuple[Op, ...] = (
+    Op("chunk_gated_delta", chunk_gated_delta_op, reference_forward,
+       "chunk_gated_delta_triton:chunk_gated_delta_cuda", autograd=True),
+    Op("chunk_gated_delta_backward", chunk_gated_delta_backward_op, reference_backward,
+       "chunk_gated_delta_triton:chunk_gated_delta_backward_cuda", autograd=False),
+    Op("gated_delta_step", gated_delta_step_op, gated_delta_step_reference,
+       "gated_delta_step_triton:gated_delta_step_triton", autograd=True),
+    Op("segment_conv", segment_conv_op, segment_conv_reference,
+       "segment_conv_triton:segment_conv_triton", autograd=True),
+    Op("segment_conv_backward", segment_conv_backward_op, segment_conv_backward_reference,
+       "segment_conv_triton:segment_conv_backward_triton", autograd=False),
+    Op("dispatch", dispatch_op, dispatch_reference, None, autograd=False),
+    Op("combine", combine_op, combine_reference, "combine_triton:combine_triton", autograd=True),
+    Op("combine_backward", combine_backward_op, combine_backward_reference,
+       "combine_triton:combine_backward_triton", autograd=False),
+    Op("memory_decode_", memory_decode_inplace_op, decode_reference_,
+       "memory_decode_triton:memory_decode_triton_", autograd=False),
+    # the functional form calls memory_decode_ on copies, so it runs the Triton kernels on CUDA too
+    Op("memory_decode", memory_decode_op, decode_reference, None, autograd=False),
+)
+
+
+def op_named(name: str) -> Op:
+    return next(op for op in OPS if op.name == name)
+
+
+@dataclass(frozen=True)
+class TritonStatus:
+    available: bool  # the ops' CUDA kernels are the Triton kernels
+    reason: str = ""  # why not: the error that importing them raised
+
+
+class WarnOnce:
+    """Warns, the first time it is called, that CUDA tensors run the reference kernels."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason, self.warned = reason, False
+
+    def __call__(self) -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"mom_compile: the Triton kernels are unavailable ({self.reason}), so CUDA tensors "
+                          f"run the PyTorch reference kernels, which synchronise with the host and are "
+                          f"slow; to fix: {TRITON_FIX}", RuntimeWarning, stacklevel=3)
+
+
+def reference_on_cuda(op: Op, warn: WarnOnce) -> Callable:
+    """op's reference as its CUDA kernel, announced by `warn`."""
+    def kernel(*args, **kwargs):
+        warn()
+        return op.reference(*args, **kwargs)
+    return kernel
+
+
+def _register_cuda_kernels() -> TritonStatus:
+    """Register every op's Triton kernel for CUDA, or, when they cannot be imported, its reference
+    behind a warning; returns which happened."""
+    with_triton = [op for op in OPS if op.triton is not None]
+    try:
+        kernels = [op.cuda_kernel() for op in with_triton]
+        status = TritonStatus(True)
+    except Exception as exc:  # not installed, or installed but failing to import: both leave no kernels
+        status = TritonStatus(False, f"{type(exc).__name__}: {exc}")
+        warn = WarnOnce(status.reason)
+        kernels = [reference_on_cuda(op, warn) for op in with_triton]
+    for op, kernel in zip(with_triton, kernels):
+        op.definition.register_kernel("cuda", kernel)
+    return status
+
+
+_STATUS = _register_cuda_kernels()
+
+
+def triton_status() -> TritonStatus:
+    """Whether the ops' CUDA kernels are the Triton kernels, and if not, why (the import error)."""
+    return _STATUS

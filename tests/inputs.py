@@ -1,0 +1,153 @@
+"""Inputs of the op tests, shared by test_ops.py, test_triton_kernels.py and benchmarks/check_gpu.py.
+
+Every builder draws from its own seeded generator in float64 and rounds to the requested dtype, so
+a kernel and its float64 reference see the same (rounded) values. Decays, states and routing
+weights are in the compute dtype of the inputs (float32, float64 for float64), as the ops require.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mom_compile.ops.precision import compute_dtype
+
+F64 = torch.float64
+
+# (offsets, rows) of packed segments: empty segments, length-1 segments, lengths not a multiple of
+# the chunk size (64), rows past offsets[-1], several chunks in one segment.
+LAYOUTS = {
+    "mixed": ([0, 5, 5, 6, 19, 30], 33),
+    "singletons": ([0, 1, 2, 3], 3),
+    "all_empty": ([0, 0, 0], 4),
+    "long": ([0, 130, 130, 131, 330], 333),
+}
+
+
+def rand(*shape, dtype, device="cpu", gen):
+    return torch.randn(*shape, generator=gen, dtype=F64).to(dtype).to(device)
+
+
+def _uniform(*shape, dtype, device, gen, scale=1.0):
+    return (torch.rand(*shape, generator=gen, dtype=F64) * scale).to(dtype).to(device)
+
+
+def _unit(*shape, dtype, device, gen):
+    return F.normalize(torch.randn(*shape, generator=gen, dtype=F64), dim=-1).to(dtype).to(device)
+
+
+def scan_inputs(layout="mixed", h=2, dk=4, dv=3, dtype=F64, device="cpu", seed=0, with_state=True) -> dict:
+    """Keyword arguments of `mom::chunk_gated_delta` (less scale) over LAYOUTS[layout]."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets, n = LAYOUTS[layout]
+    state = compute_dtype(dtype)
+    return dict(
+        q=_unit(n, h, dk, dtype=dtype, device=device, gen=gen),
+        k=_unit(n, h, dk, dtype=dtype, device=device, gen=gen),
+        v=rand(n, h, dv, dtype=dtype, device=device, gen=gen),
+        g=-_uniform(n, h, dtype=state, device=device, gen=gen, scale=0.3),
+        beta=_uniform(n, h, dtype=dtype, device=device, gen=gen),
+        offsets=torch.tensor(offsets, device=device),
+        initial_state=rand(len(offsets) - 1, h, dk, dv, dtype=state, device=device, gen=gen)
+        if with_state else None,
+    )
+
+
+def step_inputs(rows=5, h=2, dk=4, dv=3, dtype=F64, device="cpu", seed=0) -> list:
+    """(q, k, v, g, beta, state) of `mom::gated_delta_step`."""
+    gen = torch.Generator().manual_seed(seed)
+    state = compute_dtype(dtype)
+    return [_unit(rows, h, dk, dtype=dtype, device=device, gen=gen),
+            _unit(rows, h, dk, dtype=dtype, device=device, gen=gen),
+            rand(rows, h, dv, dtype=dtype, device=device, gen=gen),
+            -_uniform(rows, h, dtype=state, device=device, gen=gen),
+            _uniform(rows, h, dtype=dtype, device=device, gen=gen),
+            rand(rows, h, dk, dv, dtype=state, device=device, gen=gen)]
+
+
+def conv_inputs(layout="mixed", d=5, width=4, dtype=F64, device="cpu", seed=0) -> list:
+    """(x, weight, bias, offsets, initial_state) of `mom::segment_conv` over LAYOUTS[layout]."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets, n = LAYOUTS[layout]
+    return [rand(n, d, dtype=dtype, device=device, gen=gen),
+            rand(d, width, dtype=dtype, device=device, gen=gen) * 0.5,
+            rand(d, dtype=dtype, device=device, gen=gen),
+            torch.tensor(offsets, device=device),
+            rand(len(offsets) - 1, width - 1, d, dtype=dtype, device=device, gen=gen)]
+
+
+def decode_inputs(batch=3, h=2, dk=4, dv=3, width=3, slots=5, chosen=2, with_bias=True, single_set=False,
+                  dtype=F64, device="cpu", seed=0) -> list:
+    """(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states, rec_states) of
+    `mom::memory_decode_`: q and the projection sets are strided views of one projection row, as the
+    layer passes them; each token chooses `chosen` distinct slots of `slots`, and the last token is
+    padding (every choice -1) when there are several."""
+    gen = torch.Generator().manual_seed(seed)
+    state = compute_dtype(dtype)
+    c, set_width = 2 * h * dk + h * dv, h * dk + h * dv + 2 * h
+    sets = 1 if single_set else slots
+    proj = rand(batch, 3 + h * dk + sets * set_width, dtype=dtype, device=device, gen=gen)
+    memory_idx = torch.stack([torch.randperm(slots, generator=gen)[:chosen] for _ in range(batch)])
+    if batch > 1:
+        memory_idx[-1] = -1
+    return [proj[:, 3:3 + h * dk], proj[:, 3 + h * dk:].unflatten(-1, (sets, set_width)),
+            memory_idx.to(device), _uniform(h, dtype=dtype, device=device, gen=gen, scale=2.0),
+            rand(h, dtype=dtype, device=device, gen=gen),
+            rand(c, width, dtype=dtype, device=device, gen=gen) * 0.5,
+            rand(c, dtype=dtype, device=device, gen=gen) if with_bias else None,
+            rand(batch, slots, width - 1, c, dtype=dtype, device=device, gen=gen),
+            rand(batch, slots, h, dk, dv, dtype=state, device=device, gen=gen)]
+
+
+def combine_inputs(b=2, t=3, k=2, h=2, dv=3, dtype=F64, device="cpu", seed=0) -> list:
+    """(o_rows, weights, row_of_choice) of `mom::combine`, the rows in a random permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    return [rand(b * t * k, h, dv, dtype=dtype, device=device, gen=gen),
+            _uniform(b, t, k, dtype=compute_dtype(dtype), device=device, gen=gen),
+            torch.randperm(b * t * k, generator=gen).view(b, t, k).to(device)]
+
+
+def dispatch_inputs(b=2, t=5, k=2, m=4, device="cpu", seed=0) -> list:
+    """(memory_idx, mask, num_memories) of `mom::dispatch`: k distinct memories per token, ~30%
+    padding."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(b * t)]).view(b, t, k)
+    return [idx.to(device), (torch.rand(b, t, generator=gen) > 0.3).to(device), m]
+
+
+def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
+    """Argument tuples of the op `name` of mom_compile.ops.table.OPS with float inputs in `dtype`,
+    small, covering its optional arguments (None and given)."""
+    state = compute_dtype(dtype)
+    gen = torch.Generator().manual_seed(1)
+    if name in ("chunk_gated_delta", "chunk_gated_delta_backward"):
+        cases = []
+        for with_state in (True, False):
+            a = scan_inputs("mixed", dtype=dtype, with_state=with_state)
+            args = (*a.values(), 0.5)
+            if name.endswith("_backward"):
+                d_final = rand(*a["initial_state"].shape, dtype=state, gen=gen) if with_state else None
+                args += (rand(*a["v"].shape, dtype=dtype, gen=gen), d_final)
+            cases.append(args)
+        return cases
+    if name == "gated_delta_step":
+        return [(*step_inputs(dtype=dtype), 0.5)]
+    if name == "segment_conv":
+        return [tuple(conv_inputs(dtype=dtype))]
+    if name == "segment_conv_backward":
+        x, *rest = conv_inputs(dtype=dtype)
+        return [(rand(*x.shape, dtype=dtype, gen=gen), rand(*rest[-1].shape, dtype=dtype, gen=gen), x, *rest)]
+    if name == "dispatch":
+        return [tuple(dispatch_inputs())]
+    if name == "combine":
+        return [tuple(combine_inputs(dtype=dtype))]
+    if name == "combine_backward":
+        return [(rand(2, 3, 2, 3, dtype=state, gen=gen), *combine_inputs(dtype=dtype))]
+    if name in ("memory_decode", "memory_decode_"):
+        return [(*decode_inputs(dtype=dtype, with_bias=bias, single_set=single), 0.5, single)
+                for bias, single in ((True, False), (False, True))]
+    raise KeyError(f"no inputs for op {name!r}: add them here")
+
+
+def on_meta(args: tuple) -> tuple:
+    """args with every tensor moved to the meta device, where the ops run their fake kernels."""
+    return tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
