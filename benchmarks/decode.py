@@ -17,8 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_compile import MomConfig, MomForCausalLM
+from mom_compile.graphs.generation import CudaGraphStep
 
-MODES = {"eager": None, "compiled": "default", "cudagraphs": "reduce-overhead"}
+# eager-graph: the eager step replayed from a CUDA graph, as generate() does without torch.compile
+MODES = {"eager": None, "eager-graph": "graph", "compiled": "default", "cudagraphs": "reduce-overhead"}
 
 
 class StaticKVTransformer(nn.Module):
@@ -74,12 +76,15 @@ def bench_mom(model: MomForCausalLM, batch: int, prompt: int, steps: int, mode: 
     cache = model.new_cache(batch)
     with torch.no_grad():
         out = model(ids, past_key_values=cache, use_cache=True)
-    forward = model.forward if mode is None else torch.compile(
-        model.forward, mode=mode, fullgraph=True)
+    if mode == "graph":
+        graphed = CudaGraphStep(model, cache)
+    else:
+        forward = model.forward if mode is None else torch.compile(model.forward, mode=mode, fullgraph=True)
+        graphed = None
 
     @torch.no_grad()
     def step(tok):
-        logits = forward(tok, past_key_values=cache, use_cache=True).logits
+        logits = graphed(tok) if graphed else forward(tok, past_key_values=cache, use_cache=True).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
     return time_steps(step, out.logits[:, -1].argmax(-1, keepdim=True), steps)
@@ -180,7 +185,7 @@ def main() -> None:
 
     for batch in args.batches:
         for name, mode in MODES.items():
-            if name in args.modes and name != "cudagraphs":
+            if name in args.modes and name in ("eager", "compiled"):
                 torch._dynamo.reset()
                 add(batch, f"MoM prefill of {args.prompt}, {name}",
                     bench_prefill(model, batch, args.prompt, mode))
@@ -189,7 +194,7 @@ def main() -> None:
                 continue
             torch._dynamo.reset()
             add(batch, f"MoM {name}", bench_mom(model, batch, args.prompt, args.steps, mode))
-            if not args.no_transformer:
+            if not args.no_transformer and mode != "graph":  # its CUDA-graph row is "cudagraphs"
                 torch._dynamo.reset()
                 add(batch, f"Transformer+SDPA {name}",
                     bench_transformer(config, batch, args.prompt, args.steps, mode))

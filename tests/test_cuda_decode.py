@@ -82,3 +82,26 @@ def test_generate_with_eos_syncs_once_per_check_interval():
     syncs, got = _sync_warnings(lambda: model.generate(prompt, max_new_tokens=new, eos_token_id=never))
     assert torch.equal(got, free)
     assert syncs - base == new // CHECK_EVERY + 1, (syncs, base)
+
+
+def test_eager_generate_replays_a_cuda_graph_with_the_same_tokens(monkeypatch):
+    """Without torch.compile, generate records the decode step once as a CUDA graph and replays it:
+    one recording per call, and the tokens of step-by-step eager decoding (greedy on a left-padded
+    batch with an eos id, and sampling with a seeded generator)."""
+    from mom_compile.graphs import generation
+
+    recordings = []
+    capture = torch.cuda.CUDAGraph.capture_begin
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
+                        lambda self, *a, **k: recordings.append(1) or capture(self, *a, **k))
+    model = tiny_model(dtype=torch.float32).cuda()
+    prompt = torch.randint(0, 97, (3, 7), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    for kwargs in (dict(eos_token_id=5), dict(do_sample=True, top_p=0.9)):
+        runs = [model.generate(prompt, attention_mask=mask, max_new_tokens=20, cuda_graph=graph,
+                               generator=torch.Generator("cuda").manual_seed(0), **kwargs)
+                for graph in (False, True)]
+        assert torch.equal(runs[0], runs[1]), kwargs
+    assert len(recordings) == 2
+    assert not generation._is_compiled(model)

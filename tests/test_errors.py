@@ -77,3 +77,8 @@ def test_cache_over_non_contiguous_tensors_is_refused(model):
 def test_more_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**overrides)
+
+
+def test_cuda_graph_generation_needs_cuda(model):
+    with pytest.raises(ValueError, match="cuda_graph: needs the model and input_ids on a CUDA device"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, cuda_graph=True)

@@ -5,6 +5,10 @@ shapes: a compiled `forward` (`model.forward = torch.compile(model.forward)`) is
 the decode step and reused. The loop keeps its state on the device: whether every sequence has
 finished is looked at every CHECK_EVERY steps (a host sync each), finished sequences pad
 meanwhile, and the output is cut where they had all finished, so it equals stopping at once.
+
+On CUDA, unless `forward` is compiled, the decode step is recorded once as a CUDA graph and
+replayed (`CudaGraphStep`): an eager step launches hundreds of small kernels from Python, and the
+replay launches them all at once, so eager users decode at about the speed of a compiled model.
 """
 from __future__ import annotations
 
@@ -41,6 +45,43 @@ def pick_next_token(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+class CudaGraphStep:
+    """model's decode step over `cache` replayed from a CUDA graph. The first call runs the step
+    eagerly on a side stream (a real step, which also warms up every kernel), then records it; each
+    later call copies the ids into the recorded input buffer and replays. The cache's tensors are
+    updated where they lie, as an eager step updates them; the returned logits are a buffer that the
+    next call overwrites."""
+
+    def __init__(self, model: nn.Module, cache) -> None:
+        self.model, self.cache = model, cache
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, past_key_values=self.cache, use_cache=True).logits
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            self.ids.copy_(ids)
+            self.graph.replay()
+            return self.logits
+        self.ids = ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._step(self.ids)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step(self.ids)
+        return logits
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """model.forward replaced by torch.compile, or the module compiled in place (Module.compile)."""
+    return hasattr(model.forward, "_torchdynamo_orig_callable") or \
+        getattr(model, "_compiled_call_impl", None) is not None
+
+
 def _as_tensor(name: str, value, model: nn.Module) -> torch.Tensor:
     device = model.lm_head.weight.device
     return as_array(name, value, torch.is_tensor, lambda v: torch.as_tensor(v, device=device), "torch.Tensor")
@@ -59,37 +100,46 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Batched generation with left padding. Returns [B, T + n] ids, n <= max_new_tokens: it stops
     early once every sequence has produced an eos id; a finished sequence is filled with
     pad_token_id (default: the config's, else the first eos id). input_ids and attention_mask may
-    also be nested lists (made tensors on the model's device)."""
+    also be nested lists (made tensors on the model's device). cuda_graph: replay the decode step
+    from a CUDA graph (`CudaGraphStep`); default: on CUDA when `forward` is not compiled."""
     config = model.config
     input_ids = _as_tensor("input_ids", input_ids, model)
     attention_mask = None if attention_mask is None else _as_tensor("attention_mask", attention_mask, model)
     eos, pad_token_id = check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k,
                                             top_p, eos_token_id, pad_token_id, config.vocab_size,
                                             config.pad_token_id)
+    if cuda_graph is None:
+        cuda_graph = input_ids.is_cuda and not _is_compiled(model)
+    elif cuda_graph and not input_ids.is_cuda:
+        raise ValueError(f"cuda_graph: needs the model and input_ids on a CUDA device, got "
+                         f"{input_ids.device}")
     if max_new_tokens == 0:
         return input_ids
     # The cache is made here, outside any compiled forward, so that its buffers are static
     # addresses that a CUDA-graph decode step may update in place.
     cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
-    out = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
+    step = CudaGraphStep(model, cache) if cuda_graph else \
+        (lambda ids: model(ids, past_key_values=cache, use_cache=True).logits)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     running = torch.zeros((), dtype=torch.int64, device=input_ids.device)  # steps begun unfinished
     tokens = [input_ids]
-    for step in range(max_new_tokens):
-        next_ids = pick_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+    for i in range(max_new_tokens):
+        next_ids = pick_next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         next_ids = torch.where(finished, pad_token_id, next_ids).to(input_ids.dtype)
         tokens.append(next_ids[:, None])
         if eos:
             running += ~finished.all()
             finished |= torch.stack([next_ids == e for e in eos]).any(0)  # no host-to-device copy
-            if (step + 1) % CHECK_EVERY == 0 and bool(finished.all()):  # a host sync
+            if (i + 1) % CHECK_EVERY == 0 and bool(finished.all()):  # a host sync
                 break
-        if step + 1 < max_new_tokens:
-            out = model(next_ids[:, None], past_key_values=cache, use_cache=True)
+        if i + 1 < max_new_tokens:
+            logits = step(next_ids[:, None])
     ids = torch.cat(tokens, dim=1)
     # the steps after the one that finished the last sequence only padded: cut them (one sync)
     return ids[:, :input_ids.shape[1] + int(running)] if eos else ids

@@ -3,14 +3,19 @@ launches, states in place.
 
 1. `_decode_conv_kernel`, one program per (row, head): reads the row's projections straight from
    the layer's projection output (no gathered copy), computes beta and g, the head's q|k|v conv
-   (shifting its conv history in place: every channel's history belongs to one program), the L2
-   norms, and writes the conv outputs, beta and g to a small scratch buffer.
+   (shifting its conv history by one token: every channel's history belongs to one program), the
+   L2 norms, and writes the conv outputs, beta and g to a small scratch buffer.
 2. `_decode_step_kernel`, one program per (row, head, V-block): one gated delta step of its slice
-   of the row's state, read and written in place.
+   of the row's state.
 Two launches because the q and k conv outputs feed every V-block of a head: a single launch would
 have the program that rewrites a q/k history race the programs still reading it.
+Each kernel reads the state tables through one pointer (`*_src`) and writes them through another
+(`*_dst`), read-only inputs first and written outputs last (TensorRT's argument order, see
+export/tensorrt_plugin.py); the in-place op passes the same table as both.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -31,8 +36,9 @@ def _l2_normalize(x, eps):
 
 @triton.jit
 def _decode_conv_kernel(
-    q, per_set, memory_idx, a_log, dt_bias, conv_w, conv_b, conv_states, qkv, beta_g,
-    q_stride, set_stride_b, set_stride_s, slots, eps,
+    q, per_set, memory_idx, a_log, dt_bias, conv_w, conv_b, conv_src, eps,
+    q_stride, set_stride_b, set_stride_s, slots,
+    conv_dst, qkv, beta_g,
     CHOICES: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, SINGLE_SET: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -47,17 +53,18 @@ def _decode_conv_kernel(
     if not SINGLE_SET:
         proj += memory * set_stride_s
     C: tl.constexpr = 2 * H * K + H * V
-    hist0 = conv_states + (b * slots + memory) * (W - 1) * C
+    hist = (b * slots + memory) * (W - 1) * C
+    src, dst = conv_src + hist, conv_dst + hist
 
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
     vv = tl.arange(0, BLOCK_V)
     v_ok = vv < V
-    qc = _conv_channels_at(q + b * q_stride + h * K, kk, h * K + kk, k_ok, conv_w, conv_b, hist0, C, W,
+    qc = _conv_channels_at(q + b * q_stride + h * K, kk, h * K + kk, k_ok, conv_w, conv_b, src, dst, C, W,
                            HAS_BIAS, COMPUTE)
-    kc = _conv_channels_at(proj + h * K, kk, H * K + h * K + kk, k_ok, conv_w, conv_b, hist0, C, W,
+    kc = _conv_channels_at(proj + h * K, kk, H * K + h * K + kk, k_ok, conv_w, conv_b, src, dst, C, W,
                            HAS_BIAS, COMPUTE)
-    vc = _conv_channels_at(proj + H * K + h * V, vv, 2 * H * K + h * V + vv, v_ok, conv_w, conv_b, hist0,
+    vc = _conv_channels_at(proj + H * K + h * V, vv, 2 * H * K + h * V + vv, v_ok, conv_w, conv_b, src, dst,
                            C, W, HAS_BIAS, COMPUTE)
     out = qkv + (row * H + h) * (2 * K + V)
     tl.store(out + kk, _l2_normalize(qc, eps), mask=k_ok)
@@ -75,25 +82,27 @@ def _decode_conv_kernel(
 
 
 @triton.jit
-def _conv_channels_at(x_ptr, n, ch, ok, conv_w, conv_b, hist0, C: tl.constexpr, W: tl.constexpr,
+def _conv_channels_at(x_ptr, n, ch, ok, conv_w, conv_b, src, dst, C: tl.constexpr, W: tl.constexpr,
                       HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
-    """silu(conv) of channels ch (inputs x_ptr + n), history rows hist0 + i * C, shifted in place."""
+    """silu(conv) of channels ch (inputs x_ptr + n) over the history rows src + i * C; the history
+    shifted by one token goes to dst + i * C (which may be src: each row is read before the row
+    below it is written, by the same threads)."""
     x = tl.load(x_ptr + n, mask=ok, other=0.0)
     z = tl.load(conv_w + ch * W + (W - 1), mask=ok, other=0.0).to(COMPUTE) * x.to(COMPUTE)
     if HAS_BIAS:
         z += tl.load(conv_b + ch, mask=ok, other=0.0).to(COMPUTE)
     for i in tl.static_range(W - 1):
-        past = tl.load(hist0 + i * C + ch, mask=ok, other=0.0)
+        past = tl.load(src + i * C + ch, mask=ok, other=0.0)
         z += tl.load(conv_w + ch * W + i, mask=ok, other=0.0).to(COMPUTE) * past.to(COMPUTE)
-        if i > 0:  # the same threads loaded row i - 1 in the previous iteration
-            tl.store(hist0 + (i - 1) * C + ch, past, mask=ok)
-    tl.store(hist0 + (W - 2) * C + ch, x, mask=ok)
+        if i > 0:
+            tl.store(dst + (i - 1) * C + ch, past, mask=ok)
+    tl.store(dst + (W - 2) * C + ch, x, mask=ok)
     return z / (1.0 + tl.exp(-z))
 
 
 @triton.jit
 def _decode_step_kernel(
-    memory_idx, qkv, beta_g, rec_states, o, slots, scale_hi, scale_lo,
+    memory_idx, qkv, beta_g, rec_src, scale_hi, scale_lo, slots, rec_dst, o,
     CHOICES: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
 ):
@@ -110,9 +119,8 @@ def _decode_step_kernel(
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
     tile_ok = k_ok[:, None] & v_ok[None, :]
-    slice_start = (((row // CHOICES) * slots + memory) * H + h) * K * V
-    state = rec_states + slice_start + kk[:, None] * V + col[None, :]
-    s = tl.load(state, mask=tile_ok, other=0.0).to(COMPUTE)
+    tile = (((row // CHOICES) * slots + memory) * H + h) * K * V + kk[:, None] * V + col[None, :]
+    s = tl.load(rec_src + tile, mask=tile_ok, other=0.0).to(COMPUTE)
     vec = qkv + rh * (2 * K + V)
     q = tl.load(vec + kk, mask=k_ok, other=0.0)
     k = tl.load(vec + K + kk, mask=k_ok, other=0.0)
@@ -123,8 +131,33 @@ def _decode_step_kernel(
     s = s * tl.exp(g)
     u = beta * (v - tl.sum(s * k[:, None], axis=0))
     s = s + k[:, None] * u[None, :]
-    tl.store(state, s.to(rec_states.dtype.element_ty), mask=tile_ok)
+    tl.store(rec_dst + tile, s.to(rec_dst.dtype.element_ty), mask=tile_ok)
     tl.store(o + rh * V + col, (scale * tl.sum(s * q[:, None], axis=0)).to(o.dtype.element_ty), mask=v_ok)
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Grids, tile sizes and warps of the two kernels for `rows` rows (one launcher, and the
+    TensorRT plugin, read them from here)."""
+
+    conv_grid: tuple[int, int]
+    step_grid: tuple[int, int, int]
+    block_k: int
+    block_v_conv: int  # the conv kernel holds a head's whole V
+    block_v: int       # the step kernel's V-block
+    conv_warps: int
+    step_warps: int
+
+
+def decode_launch(rows: int, h: int, dk: int, dv: int, block_v: int | None = None) -> DecodeLaunch:
+    """By default about 512 step programs: a decode step's few state slices must spread over the
+    whole GPU; `block_v` forces the step kernel's V-block."""
+    block_k, widest = block_sizes(dk, dv)
+    if block_v is None:
+        block_v = max(8, min(widest, triton.next_power_of_2(max(1, rows * h * dv // 512))))
+    return DecodeLaunch(conv_grid=(rows, h), step_grid=(rows, h, triton.cdiv(dv, block_v)), block_k=block_k,
+                        block_v_conv=triton.next_power_of_2(dv), block_v=block_v, conv_warps=4,
+                        step_warps=8 if block_k * block_v >= 4096 else 4)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -151,17 +184,17 @@ def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, c
     scratch_dtype = compute_dtype(rec_states.dtype)
     qkv = torch.empty(rows, h, 2 * dk + dv, dtype=scratch_dtype, device=q.device)
     beta_g = torch.empty(rows, h, 2, dtype=scratch_dtype, device=q.device)
-    block_k, widest = block_sizes(dk, dv)
+    launch = decode_launch(rows, h, dk, dv)
     bias = conv_weight if conv_bias is None else conv_bias.contiguous()  # placeholder if absent
-    _decode_conv_kernel[(rows, h)](
-        q, per_set, memory_idx, A_log, dt_bias, conv_weight, bias, conv_states, qkv, beta_g,
-        q.stride(0), per_set.stride(0), per_set.stride(1), slots, L2_EPS, CHOICES=chosen, H=h, K=dk, V=dv,
-        W=conv_weight.shape[1], BLOCK_K=block_k, BLOCK_V=triton.next_power_of_2(dv),
-        HAS_BIAS=conv_bias is not None, SINGLE_SET=single_set, COMPUTE=compute, num_warps=4)
-    # about 512 programs: a decode step's few state slices must spread over the whole GPU
-    block_v = max(8, min(widest, triton.next_power_of_2(max(1, rows * h * dv // 512))))
-    _decode_step_kernel[(rows, h, triton.cdiv(dv, block_v))](
-        memory_idx, qkv, beta_g, rec_states, o, slots, *split_scale(scale), CHOICES=chosen, H=h, K=dk, V=dv,
-        BLOCK_K=block_k, BLOCK_V=block_v, COMPUTE=compute, num_warps=8 if block_k * block_v >= 4096 else 4)
+    _decode_conv_kernel[launch.conv_grid](
+        q, per_set, memory_idx, A_log, dt_bias, conv_weight, bias, conv_states, L2_EPS,
+        q.stride(0), per_set.stride(0), per_set.stride(1), slots, conv_states, qkv, beta_g,
+        CHOICES=chosen, H=h, K=dk, V=dv, W=conv_weight.shape[1], BLOCK_K=launch.block_k,
+        BLOCK_V=launch.block_v_conv, HAS_BIAS=conv_bias is not None, SINGLE_SET=single_set, COMPUTE=compute,
+        num_warps=launch.conv_warps)
+    _decode_step_kernel[launch.step_grid](
+        memory_idx, qkv, beta_g, rec_states, *split_scale(scale), slots, rec_states, o,
+        CHOICES=chosen, H=h, K=dk, V=dv, BLOCK_K=launch.block_k, BLOCK_V=launch.block_v, COMPUTE=compute,
+        num_warps=launch.step_warps)
     return o
 
