@@ -41,14 +41,6 @@ class World:
             dist.all_reduce(tensor)
         return tensor
 
-    def all_agree(self, value: bool) -> bool:
-        """True when `value` is True on every process (so that all of them take the same branch)."""
-        if not self.distributed:
-            return value
-        flag = torch.tensor([int(value)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

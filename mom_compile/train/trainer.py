@@ -57,7 +57,10 @@ def run(args) -> None:
     previous = signal.signal(signal.SIGTERM, _interrupt) if handler else None
     trainer = None
     try:
-        trainer = Trainer(args, world)
+        resume = resolve_checkpoint(args.resume) if args.resume else None
+        saved = read_trainer_state(resume) if resume else None
+        args = _settle(args, saved)
+        trainer = Trainer(args, world, resume, saved)
         trainer.fit()
     except torch.OutOfMemoryError:
         raise TrainError(_out_of_memory(args, trainer, world)) from None
@@ -67,6 +70,15 @@ def run(args) -> None:
         if handler:
             signal.signal(signal.SIGTERM, previous)
         close_world(world)
+
+
+def _settle(args, saved: dict | None):
+    args, conflicts = settle(args, saved["args"] if saved else None)
+    if conflicts:
+        name = conflicts[0]
+        raise TrainError(f"--{name.replace('_', '-')}: the resumed run used {saved['args'][name]!r}, "
+                         f"got {getattr(args, name)!r} (a resumed run keeps its data)")
+    return args
 
 
 def _interrupt(signum, frame):
@@ -95,15 +107,11 @@ def _where_to_resume(trainer) -> str:
 
 
 class Trainer:
-    def __init__(self, args, world: World) -> None:
+    """`args`: the settled options; `resume`, `saved`: the checkpoint folder to continue from and
+    its trainer_state.json (None for a fresh run)."""
+
+    def __init__(self, args, world: World, resume: str | None, saved: dict | None) -> None:
         self.world = world
-        resume = resolve_checkpoint(args.resume) if args.resume else None
-        saved = read_trainer_state(resume) if resume else None
-        args, conflicts = settle(args, saved["args"] if saved else None)
-        if conflicts:
-            name = conflicts[0]
-            raise TrainError(f"--{name.replace('_', '-')}: the resumed run used {saved['args'][name]!r}, "
-                             f"got {getattr(args, name)!r} (a resumed run keeps its data)")
         self.args = args
         self.out = args.out or _run_folder(resume)
         self._check_args()
@@ -134,7 +142,8 @@ class Trainer:
             self.step = saved["step"]
         self.resumed_from = resume
         self.bf16 = args.precision == "bf16" or (args.precision == "auto" and world.device.type == "cuda")
-        self.metrics = MetricsFile(os.path.join(self.out, METRICS_NAME), self.step) if world.main else None
+        metrics = os.path.join(self.out, METRICS_NAME)
+        self.metrics = MetricsFile(metrics, self.step if resume else None) if world.main else None
         self.progress = Progress(self.step, args.steps, enabled=world.main)
 
     # -- setup ---------------------------------------------------------------------------------
@@ -359,10 +368,12 @@ class Trainer:
             self.progress.write(line)
 
     def _save(self) -> None:
-        tokens = self.step * self.global_batch * self.args.seq_len
+        # the data position: the next global batch is number `step` of the source
+        sequences = self.step * self.global_batch
         state = {"step": self.step, "scheduler": self.scheduler.state_dict(),
                  "args": saved_settings(self.args), "global_batch": self.global_batch,
-                 "world_size": self.world.size, "tokens_seen": tokens}
+                 "world_size": self.world.size, "sequences_seen": sequences,
+                 "tokens_seen": sequences * self.args.seq_len}
         try:
             path = save_checkpoint(self.out, self.step, self.model, self.optimizer, state,
                                    self.config.to_dict(), self.world, self.args.keep_checkpoints)
