@@ -120,9 +120,8 @@ def train_command(args, job: Job, config: Path, run: Path, device: str) -> list[
 
 
 def finished(run: Path) -> dict | None:
-    """The final held-out evaluation of a completed run, else None."""
-    if not (run / "model.safetensors").is_file():
-        return None
+    """The held-out evaluation of a completed run (made once, at its end), else None; only
+    metrics.jsonl is read, so --report works on a copy of the runs without their model files."""
     evals = [r for r in read_metrics(str(run / "metrics.jsonl")) if "eval_accuracy" in r]
     return evals[-1] if evals else None
 
