@@ -51,6 +51,8 @@ def load_tokenizer(path: str | None) -> ByteTokenizer | FolderTokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):  # a bare tokenizer.json
+            return _load_tokenizer_json(path)
         raise TrainError(f"--tokenizer: cannot load {path!r}: {str(e).strip().splitlines()[0]}") from None
     return FolderTokenizer(lambda text: tok(text, add_special_tokens=False)["input_ids"], len(tok),
                            tok.eos_token_id, path)
