@@ -16,7 +16,8 @@
    - the floor: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) of the layer's counted work
      (benchmarks/layer_floor.py says what is counted), with the spec-sheet peaks of the card,
      and then measured / floor of the Triton layer (and of fla's);
-   plus the chunk scan op alone at the layer's shapes.
+   plus the chunk scan op alone at the layer's shapes, and the peak memory of one forward+backward
+   of each layer row (its activations and gradients, above its inputs and weights).
    Each measurement (one forward or one forward+backward of one row) stops after --row-budget
    seconds of wall time after its first warm-up call (at least one timed call), and one predicted,
    from the same row at the previous T (linear in T), to need more than that for a warm-up and one
@@ -40,13 +41,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from gpu_timing import bench  # noqa: E402
 from layer_floor import Card, Floor, Shape, card_for, layer_floor  # noqa: E402
+from peers import SoftmaxAttention  # noqa: E402
 from scan_inputs import scan_inputs  # noqa: E402
 
 from mom_compile import MomConfig, MomLayer  # noqa: E402
@@ -88,22 +89,6 @@ def run_checks() -> None:
     print(f"{len(CASES)} cases, {len(failures)} failures")
     for line in failures:
         print("  FAIL", line)
-
-
-class SoftmaxAttention(nn.Module):
-    """A causal softmax-attention layer of the MoM layer's width: q/k/v/o projections + SDPA."""
-
-    def __init__(self, hidden: int, heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.qkv = nn.Linear(hidden, 3 * heads * head_dim, bias=False)
-        self.o = nn.Linear(heads * head_dim, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class FlaMom(nn.Module):
@@ -175,6 +160,17 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _peak_gib(fn) -> float:
+    """GiB that one call of fn takes at its peak above what is allocated before it (the layer's
+    activations and gradients, without its inputs and weights)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
 class LayerBench:
     """Times rows (forward, forward+backward) under a per-measurement wall-time budget; remembers
     each row's last time to skip a measurement predicted to overrun it."""
@@ -183,6 +179,7 @@ class LayerBench:
         self.tokens, self.budget_s = tokens, budget_s
         self.last: dict[tuple[str, str], tuple[int, float]] = {}
         self.rows: list[tuple] = []
+        self.memory: list[tuple[int, int, str, float]] = []  # (T, B, row, GiB) of one fwd+bwd
 
     def inputs(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         b = max(1, self.tokens // t)
@@ -209,6 +206,8 @@ class LayerBench:
                 try:
                     with ctx():
                         ms, calls = bench(fn, warmup=1, iters=iters, budget_s=self.budget_s)
+                        if kind == "fwd+bwd":
+                            self.memory.append((t, b, name, _peak_gib(fn)))
                     self.last[(name, kind)] = (t, ms)
                     cells.append((ms, calls))
                 except Exception as exc:  # a refusal or crash is a result: record it, go on
@@ -251,6 +250,10 @@ def layer_timings(ts: list[int], tokens: int, with_reference: bool, with_fla: bo
                        why_not=name)
             del x, d_y
             _free()
+    print("\n| T | B | layer | peak memory of one forward+backward, GiB (above inputs and weights) |")
+    print("| --- | --- | --- | --- |")
+    for t, b, name, gib in runner.memory:
+        print(f"| {t} | {b} | {name} | {gib:.2f} |")
     return runner.rows, floors
 
 

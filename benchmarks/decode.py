@@ -167,6 +167,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                         help="which ways to run the decode step (default: all)")
     parser.add_argument("--no-reference", action="store_true", help="skip the fla generate() peer")
+    parser.add_argument("--prefill-modes", nargs="*", default=["eager", "compiled"],
+                        choices=["eager", "compiled"],
+                        help="how to time the prompt's prefill (default both; none: skip)")
     parser.add_argument("--no-transformer", action="store_true", help="skip the Transformer peer")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -185,7 +188,7 @@ def main() -> None:
 
     for batch in args.batches:
         for name, mode in MODES.items():
-            if name in args.modes and name in ("eager", "compiled"):
+            if name in args.prefill_modes:
                 torch._dynamo.reset()
                 add(batch, f"MoM prefill of {args.prompt}, {name}",
                     bench_prefill(model, batch, args.prompt, mode))

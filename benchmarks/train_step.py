@@ -4,8 +4,9 @@ MLP and vocabulary with SDPA attention) in the same run. Prints tokens per secon
 per sequence length, with the card, the commit and the shapes.
 
 Both models keep float32 parameters and AdamW states (fused AdamW) and compute under bf16 autocast;
-each step sees --tokens tokens (batch = tokens / T) of random ids; the first --warmup steps
-(compilation, autotuning) are not timed.
+each block is compiled (torch.compile(fullgraph=True) per block, as large models are trained: one
+compilation serves every block); each step sees --tokens tokens (batch = tokens / T) of random
+ids; the first --warmup steps (compilation, autotuning) are not timed.
 
     python benchmarks/train_step.py [--ts 2048 8192 32768] [--tokens 32768] [--steps 10]
 """
@@ -29,27 +30,30 @@ from peers import TransformerLM  # noqa: E402
 from mom_compile import MomConfig, MomForCausalLM  # noqa: E402
 
 
-def mom_loss(model):
-    def loss(ids):
-        return model(ids, labels=ids).loss
-    return loss
+def mom(config: MomConfig):
+    model = MomForCausalLM(config)
+    for block in model.model.layers:
+        block.compile(fullgraph=True)
+    return model, lambda ids: model(ids, labels=ids).loss
 
 
-def peer_loss(model):
-    def loss(ids):
-        return model(ids, ids)
-    return loss
+def transformer(config: MomConfig):
+    model = TransformerLM(config)
+    for block in model.blocks:
+        block.compile(fullgraph=True)
+    return model, lambda ids: model(ids, ids)
 
 
-def run(name: str, build, loss_of, t: int, tokens: int, steps: int, warmup: int) -> dict:
+def run(name: str, build, t: int, tokens: int, steps: int, warmup: int) -> dict:
     """Median step time and peak memory of one model at one T; a failure is recorded, not raised."""
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     batch = max(1, tokens // t)
+    model = opt = step_loss = None
     try:
-        model = build().cuda()
+        model, step_loss = build()
+        model.cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        step_loss = torch.compile(loss_of(model), fullgraph=True)
         ids = torch.randint(0, model.config.vocab_size, (batch, t), device="cuda")
         times, start = [], time.perf_counter()
         for i in range(warmup + steps):
@@ -101,10 +105,9 @@ def main() -> None:
           f"{' + shared' if config.shared_mem else ''}; {args.tokens} tokens/step", flush=True)
     rows = []
     for t in args.ts:
-        rows.append(run("MoM", lambda: MomForCausalLM(config), mom_loss, t, args.tokens, args.steps,
+        rows.append(run("MoM", lambda: mom(config), t, args.tokens, args.steps, args.warmup))
+        rows.append(run("Transformer (SDPA)", lambda: transformer(config), t, args.tokens, args.steps,
                         args.warmup))
-        rows.append(run("Transformer (SDPA)", lambda: TransformerLM(config), peer_loss, t, args.tokens,
-                        args.steps, args.warmup))
     print("\n| T | B | model | ms/step | tokens/s | peak GiB |\n| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:

@@ -1,0 +1,105 @@
+"""Decode latency in onnxruntime's CUDA provider against our torch decode, in the same process.
+
+The 340m preset (random weights, seed 0) is exported once with `python -m mom_compile.export`
+(--dtype float16 by default: the provider has no bfloat16 MatMul) into FOLDER, then for each batch:
+  - onnxruntime: `OnnxBackend` on the CUDA provider (states I/O-bound on the GPU, only the
+    logits come back per step), ms per decode step after a prefill of --prompt tokens;
+  - torch: the same weights in bf16, the decode step replayed from a CUDA graph (what generate()
+    does without torch.compile), ms per step.
+Run with onnxruntime-gpu importable (e.g. PYTHONPATH=/tmp/ortsite:$PWD).
+
+    python benchmarks/ort_decode.py [--folder /tmp/ort340m] [--batches 1 64] [--steps 32]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mom_compile import MomConfig, MomForCausalLM  # noqa: E402
+from mom_compile.export.runtime import OnnxBackend  # noqa: E402
+from mom_compile.graphs.generation import CudaGraphStep  # noqa: E402
+
+
+def export(folder: str, config: str, dtype: str, seed: int) -> None:
+    if os.path.isfile(os.path.join(folder, "model.json")):
+        return
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mom_compile.export", "--onnx", folder, "--config", config,
+                    "--dtype", dtype, "--seed", str(seed)], check=True, cwd=ROOT)
+    print(f"exported {config} ({dtype}) to {folder} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def time_ort(backend: OnnxBackend, batch: int, prompt: int, steps: int, vocab: int) -> float:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (batch, prompt), dtype=np.int64)
+    logits = backend.prefill(ids, np.ones_like(ids))
+    for _ in range(3):
+        logits = backend.step(logits.argmax(-1)[:, None].astype(np.int64))
+    start = time.perf_counter()
+    for _ in range(steps):  # the logits come back to the host every step, as generation needs them
+        logits = backend.step(logits.argmax(-1)[:, None].astype(np.int64))
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+@torch.no_grad()
+def time_torch(model: MomForCausalLM, batch: int, prompt: int, steps: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    cache = model.new_cache(batch)
+    logits = model(ids, past_key_values=cache, use_cache=True).logits
+    step = CudaGraphStep(model, cache)
+    tok = logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(3):
+        tok = step(tok)[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        tok = step(tok)[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", default="/tmp/ort340m", help="export folder (exported if missing)")
+    p.add_argument("--config", default="340m")
+    p.add_argument("--dtype", default="float16", choices=("float32", "float16"))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=512)
+    args = p.parse_args()
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        sys.exit(f"ort_decode.py needs onnxruntime's CUDA provider (have {ort.get_available_providers()})")
+    export(args.folder, args.config, args.dtype, seed=0)
+    backend = OnnxBackend(args.folder, providers=["CUDAExecutionProvider"])
+    torch.manual_seed(0)
+    model = MomForCausalLM(MomConfig.preset(args.config)).to("cuda", torch.bfloat16).eval()
+    print(f"{torch.cuda.get_device_name()}, onnxruntime {ort.__version__}, torch {torch.__version__}; "
+          f"{args.config}, prompt {args.prompt}, {args.steps} timed greedy steps", flush=True)
+    rows = []
+    for batch in args.batches:
+        rows.append((batch, f"onnxruntime CUDA provider ({args.dtype}, I/O binding)",
+                     time_ort(backend, batch, args.prompt, args.steps, model.config.vocab_size)))
+        rows.append((batch, "torch, eager step from a CUDA graph (bf16)",
+                     time_torch(model, batch, args.prompt, args.steps)))
+        for row in rows[-2:]:
+            print(f"  batch {row[0]} {row[1]}: {row[2]:.3f} ms/token", flush=True)
+    print("\n| batch | implementation | ms/token |\n| --- | --- | --- |")
+    for batch, name, ms in rows:
+        print(f"| {batch} | {name} | {ms:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""benchmarks/mqar.py on a CPU with a budget of two steps: every model trains through
+`python -m mom_compile.train`, and the table, results.json and the plot report what the runs
+recorded."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mom_compile.train.metrics import read_metrics
+
+from train_runs import ROOT, env
+
+pytest.importorskip("matplotlib")
+
+
+def test_cpu_smoke_run_reports_the_runs(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/mqar.py", "--device", "cpu", "--budget-steps", "2", "--seeds", "1",
+         "--seq-lens", "64", "--pairs", "8,16", "--batch-size", "2", "--eval-samples", "4", "--vocab", "64",
+         "--no-compile", "--jobs-per-gpu", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(r["model"] for r in rows) == ["gdn", "mom4", "mom8"]
+    table = (out / "mqar.md").read_text()
+    for row in rows:
+        run = out / "runs" / f"{row['model']}-T64-seed0"
+        recorded = [r for r in read_metrics(str(run / "metrics.jsonl")) if "eval_accuracy" in r][-1]
+        assert row["accuracy_by_pairs"] == recorded["eval_accuracy_by_pairs"] and row["steps"] == 2
+        config = json.loads((out / "configs" / f"{row['model']}.json").read_text())
+        assert (config["hidden_size"], config["num_hidden_layers"]) == (128, 2)
+    for pairs in ("8", "16"):
+        line = next(li for li in table.splitlines() if li.startswith(f"| 64 | {pairs} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")][2:]
+        expected = [f"{next(r for r in rows if r['model'] == m)['accuracy_by_pairs'][pairs]:.3f} ± 0.000"
+                    for m in ("gdn", "mom4", "mom8")]
+        assert cells == expected
+    assert (out / "mqar.png").read_bytes()[:4] == b"\x89PNG"
+    assert table.splitlines()[-1] in result.stdout

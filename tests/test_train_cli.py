@@ -1,0 +1,153 @@
+"""`python -m mom_compile.train`: help, one-line errors for bad input, and interrupted runs that
+never leave a broken checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from mom_compile import MomForCausalLM
+from mom_compile.train import checkpoint as checkpoint_module
+from mom_compile.train.checkpoint import resolve_checkpoint
+
+from train_runs import ROOT, TINY_MQAR, command, env, losses, train, train_subprocess
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUICK = [*TINY_MQAR, "--batch-size", 2, "--steps", 2]
+
+
+def one_line_error(capsys, code: int, args, *fragments: str) -> str:
+    assert train(*args) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_help_is_for_newcomers():
+    result = train_subprocess("--help")
+    assert result.returncode == 0
+    for words in ("--config", "--config-json", "--init-from", "--task", "--data", "--tokenizer", "--seq-len",
+                  "--batch-size", "--grad-accum", "--resume", "--no-compile", "--plot", "torchrun",
+                  "--nproc-per-node", "model.safetensors", "mom_compile.export", "examples:"):
+        assert words in result.stdout, words
+
+
+def test_bad_arguments_are_one_line(capsys, tmp_path):
+    for args, fragment in ((["--seq-len", "1"], "--seq-len"), (["--batch-size", "0"], "--batch-size"),
+                           (["--config", "huge"], "--config"), (["--mqar-pairs", "4,x"], "--mqar-pairs"),
+                           ([], "--out")):
+        with pytest.raises(SystemExit) as exit_info:
+            train(*args, *([] if fragment == "--out" else ["--out", tmp_path / "x"]))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_bad_input_is_one_line(capsys, tmp_path):
+    out = ["--out", tmp_path / "run"]
+    one_line_error(capsys, 1, ["--config", "tiny", *out], "--task mqar or --data")
+    one_line_error(capsys, 1, ["--data", tmp_path / "missing.txt", *out], "--data", "missing.txt")
+    (tmp_path / "empty.txt").write_text("")
+    one_line_error(capsys, 1, ["--data", tmp_path / "empty.txt", *out], "--data", "0 tokens")
+    (tmp_path / "short.txt").write_text("too short")
+    one_line_error(capsys, 1, ["--data", tmp_path / "short.txt", "--seq-len", 64, *out], "--seq-len 64")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    one_line_error(capsys, 1, ["--data", tmp_path / "bad.jsonl", *out], "bad.jsonl:2", "JSON")
+    (tmp_path / "field.jsonl").write_text('{"body": "no text field"}\n')
+    one_line_error(capsys, 1, ["--data", tmp_path / "field.jsonl", *out], "field.jsonl:1", "--text-field")
+    one_line_error(capsys, 1, ["--task", "mqar", "--tokenizer", tmp_path, *out], "--tokenizer")
+    one_line_error(capsys, 1, ["--data", tmp_path / "short.txt", "--tokenizer", tmp_path / "nope", *out],
+                   "--tokenizer", "not a folder")
+    one_line_error(capsys, 1, ["--task", "mqar", "--seq-len", 32, "--mqar-pairs", 16, *out],
+                   "--seq-len >= 64")
+    one_line_error(capsys, 1, ["--task", "mqar", "--mqar-vocab", 1000, *out], "--mqar-vocab", "256")
+    one_line_error(capsys, 1, ["--task", "mqar", "--config-json", tmp_path / "none.json", *out],
+                   "--config-json", "none.json")
+    (tmp_path / "cfg.json").write_text(json.dumps({"hidden_size": 64, "topk": 9, "num_memories": 4}))
+    one_line_error(capsys, 1, ["--task", "mqar", "--config-json", tmp_path / "cfg.json", *out], "topk")
+    one_line_error(capsys, 1, ["--resume", tmp_path], "--resume", "no checkpoint")
+    one_line_error(capsys, 1, ["--task", "mqar", "--device", "cuda:0", *out] if not torch.cuda.is_available()
+                   else ["--task", "mqar", "--device", "tpu", *out], "--device")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    one_line_error(capsys, 1, ["--task", "mqar", *out], "--out", "already holds a run", "--resume")
+
+
+def test_resume_keeps_the_data_and_the_global_batch(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert train(*QUICK, "--out", run) == 0
+    capsys.readouterr()
+    one_line_error(capsys, 1, ["--resume", run, "--seq-len", 64], "--seq-len", "32")
+    one_line_error(capsys, 1, ["--resume", run, "--batch-size", 4], "global batch", "2")
+    one_line_error(capsys, 1, ["--resume", run, "--config", "340m"], "differs from the resumed run")
+
+
+def test_out_of_memory_says_what_to_reduce(capsys, tmp_path, monkeypatch):
+    def no_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(MomForCausalLM, "forward", no_memory)
+    one_line_error(capsys, 1, [*QUICK, "--out", tmp_path / "run"], "out of memory", "--batch-size",
+                   "--grad-accum", "--seq-len", "torchrun")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(capsys, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real = checkpoint_module._write_json
+
+    def disk_full_at_step_2(path, value):
+        if value.get("step") == 2:
+            raise OSError(28, "No space left on device")
+        real(path, value)
+    monkeypatch.setattr(checkpoint_module, "_write_json", disk_full_at_step_2)
+    one_line_error(capsys, 1, [*QUICK, "--steps", 3, "--save-every", 1, "--out", run],
+                   "checkpoint", "No space left on device")
+    assert resolve_checkpoint(str(run)).endswith("step-000001")
+    assert os.path.isdir(run / "checkpoints" / ".tmp-step-000002")
+    monkeypatch.undo()
+    assert train("--resume", run) == 0
+    assert sorted(losses(run)) == [1, 2, 3]
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".tmp")]
+
+
+def wait_for_checkpoint(run, step: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if resolve_checkpoint(str(run)).endswith(f"step-{step:06d}"):
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint {step} appeared: {process.poll()}")
+
+
+def test_ctrl_c_and_kill_leave_a_checkpoint_to_resume(tmp_path):
+    run = tmp_path / "run"
+    args = [*QUICK, "--steps", 500, "--save-every", 1, "--keep-checkpoints", 3, "--out", run]
+    process = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=env(), cwd=ROOT)
+    wait_for_checkpoint(run, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and f"--resume {run}" in err and "Traceback" not in err, err
+
+    # continue, then kill -9 at an arbitrary moment of saving every step
+    process = subprocess.Popen(command("--resume", run), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env(), cwd=ROOT)
+    stopped_at = int(resolve_checkpoint(str(run))[-6:])
+    wait_for_checkpoint(run, stopped_at + 2, process)
+    time.sleep(0.1)
+    process.kill()
+    process.wait(timeout=60)
+    latest = int(resolve_checkpoint(str(run))[-6:])
+    assert train("--resume", run, "--steps", latest + 1) == 0
+    assert sorted(losses(run)) == list(range(1, latest + 2))
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".tmp")]
