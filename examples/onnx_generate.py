@@ -4,6 +4,12 @@
     python examples/onnx_generate.py out/tiny --prompt 5,17,42 --prompt 7 --max-new-tokens 32
     python examples/onnx_generate.py out/tiny --prompt 5,17,42 --sample --top-k 50 --seed 1
 
+With --tensorrt the same loop runs the TensorRT engines of a `--tensorrt` export instead (needs
+tensorrt and cuda-python, and a GPU):
+
+    python -m mom_compile.export --tensorrt out/trt
+    python examples/onnx_generate.py out/trt --tensorrt --prompt 5,17,42
+
 Several --prompt options form one batch; shorter prompts are left-padded (attention mask 0).
 Prompts are token ids: pair this with the checkpoint's tokenizer for text.
 """
@@ -40,10 +46,16 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tensorrt", action="store_true", help="run the folder's TensorRT engines")
     args = p.parse_args()
     try:
         prompts = [[int(t) for t in prompt.split(",")] for prompt in args.prompt]
-        gen = OnnxGenerator(args.folder)
+        if args.tensorrt:
+            from mom_compile.export.tensorrt_runtime import TensorRTGenerator
+
+            gen = TensorRTGenerator(args.folder)
+        else:
+            gen = OnnxGenerator(args.folder)
         pad = gen.manifest.get("pad_token_id") or 0
         ids, mask = left_pad(prompts, pad)
         out = gen.generate(ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,

@@ -1,4 +1,5 @@
-"""python -m mom_compile.export: write the ONNX (and optionally torch.export) artefacts of a MoM model.
+"""python -m mom_compile.export: write the ONNX (optionally torch.export and TensorRT) artefacts of a
+MoM model.
 
 Every failure a user can cause (bad arguments, unreadable checkpoint, unwritable output folder,
 missing packages) ends in one `error:` line and a non-zero exit status; set MOM_EXPORT_DEBUG=1 to
@@ -16,13 +17,16 @@ import tempfile
 import time
 import warnings
 
+from .tensorrt_engine import ENGINE_FILES
+
 EXIT_USAGE, EXIT_FAILURE, EXIT_MISMATCH = 2, 1, 3
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
 MIN_OPSET = 18
+MAX_BATCH, MAX_SEQ = 8, 512  # --tensorrt's engine profiles, by default
 # Every file name an export of any version of this command writes into OUT.
 ARTEFACTS = ("model.json", "prefill.onnx", "decode_step.onnx", "weights.onnx.data", "prefill.onnx.data",
              "decode_step.onnx.data", "prefill.pt2", "decode_step.pt2", "prefill.aoti.pt2",
-             "decode_step.aoti.pt2")
+             "decode_step.aoti.pt2", *ENGINE_FILES.values())
 
 DESCRIPTION = """\
 Export a Mixture-of-Memories (MoM) language model to two ONNX graphs that stock onnxruntime runs:
@@ -36,7 +40,12 @@ Export a Mixture-of-Memories (MoM) language model to two ONNX graphs that stock 
   OUT/model.json        names, shapes, dtypes, the state layout and every file with its size
 
 Generate by running prefill once, then decode_step per token, feeding each present.X back as
-past.X (mom_compile/export/runtime.py and examples/onnx_generate.py do exactly that)."""
+past.X (mom_compile/export/runtime.py and examples/onnx_generate.py do exactly that).
+
+--tensorrt OUT writes the plugin-mode graphs and builds TensorRT engines from them (TensorRT 10.9+,
+triton and a CUDA GPU): OUT/decode_step.engine, whose memory updates run the mom::memory_decode_conv
+and mom::memory_decode_step plugins (their Triton kernels compiled for this GPU), and
+OUT/prefill.engine, both recorded in OUT/model.json."""
 
 EPILOG = """\
 examples:
@@ -46,10 +55,13 @@ examples:
       a reference `mom` checkpoint folder (config.json + model.safetensors)
   python -m mom_compile.export --onnx out/340m --config 340m
       the MoM paper's "340M" configuration (545M parameters) with random weights
-  python -m mom_compile.export --onnx out/trt --plugin
-      keep the recurrent step as mom::MemoryStep nodes for a TensorRT plugin
+  python -m mom_compile.export --onnx out/plugin --plugin --verify
+      each decode step's memory updates as the nodes of the TensorRT plugins, checked with their
+      standard translation inlined
   python -m mom_compile.export --onnx out/tiny --pt2 --aoti --verify
-      also torch.export programs and AOTInductor packages, all checked against PyTorch"""
+      also torch.export programs and AOTInductor packages, all checked against PyTorch
+  python -m mom_compile.export --tensorrt out/trt --checkpoint path/to/ckpt --dtype bfloat16 --max-batch 8
+      TensorRT engines for batches up to 8 and prompts up to 512 tokens"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,11 +72,15 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m mom_compile.export", description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--onnx", metavar="OUT", required=True,
-                   help="output folder (created if missing). The export is written beside it and moved in "
-                        "when complete: a failed or interrupted export leaves OUT as it was. In an "
-                        "existing OUT, the files an export writes (" + ", ".join(ARTEFACTS) + ") are "
-                        "replaced or, if this export does not write them, removed; other files stay")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--onnx", metavar="OUT",
+                     help="output folder (created if missing). The export is written beside it and moved "
+                          "in when complete: a failed or interrupted export leaves OUT as it was. In an "
+                          "existing OUT, the files an export writes (" + ", ".join(ARTEFACTS) + ") are "
+                          "replaced or, if this export does not write them, removed; other files stay")
+    out.add_argument("--tensorrt", metavar="OUT",
+                     help="like --onnx, with the plugin-mode graphs (--plugin) and their TensorRT engines "
+                          "(needs TensorRT 10.9+, triton and a CUDA GPU)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR",
                      help="model folder in the reference `mom` layout, or one saved by this package")
@@ -75,19 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "untied 32K-token embeddings they have 545M and 1.62B parameters")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and activations of the exported graphs (states stay float32); "
-                        "default float32")
+                        "default float32; bfloat16 with --tensorrt only")
     p.add_argument("--opset", type=int, default=None, metavar="N",
                    help=f"ONNX opset of the graphs, {MIN_OPSET} or newer (default {MIN_OPSET}); from 27 on, "
                         "the memories' recurrence is the standard LinearAttention op instead of a "
-                        "Scan (prefill) and plain step ops (decode), except with --plugin; an opset "
-                        "the installed onnxruntime cannot load gets a warning (an error with --verify)")
+                        "Scan (prefill) and plain step ops (decode; --plugin's decode keeps its plugin "
+                        "nodes); an opset the installed onnxruntime cannot load gets a warning (an error "
+                        "with --verify)")
     p.add_argument("--verify", action="store_true",
                    help="run both graphs in onnxruntime against PyTorch on fresh random inputs and "
                         "print the max absolute / relative error of every output (with --aoti, "
                         "of the AOTInductor packages too)")
     p.add_argument("--plugin", action="store_true",
-                   help="emit the recurrent memory step as custom-domain mom::MemoryStep nodes "
-                        "(for a TensorRT plugin) instead of standard ops")
+                   help="emit each decode step's memory updates as the nodes of the TensorRT plugins "
+                        "mom::memory_decode_conv and mom::memory_decode_step "
+                        "(mom_compile/export/tensorrt_plugin.py); prefill stays standard")
     p.add_argument("--pt2", action="store_true",
                    help="also write OUT/prefill.pt2 and OUT/decode_step.pt2 (torch.export.save); "
                         "load them after `import mom_compile`")
@@ -95,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compile OUT/prefill.aoti.pt2 and OUT/decode_step.aoti.pt2 with "
                         "AOTInductor for this CPU (needs a C++ compiler; minutes for large models); "
                         "load them with mom_compile.export.aoti.Package; --verify checks them too")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help=f"with --tensorrt: the largest batch the engines take (default {MAX_BATCH})")
+    p.add_argument("--max-seq", type=int, default=None, metavar="N",
+                   help=f"with --tensorrt: the longest prompt the prefill engine takes (default {MAX_SEQ})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     return p
 
@@ -167,6 +189,7 @@ def _check_args(args) -> None:
                                "to check the graphs here")
             print(f"warning: --opset {args.opset}: {why}, so the graphs will not load in it (they may "
                   f"elsewhere); --opset {runnable} runs here", file=sys.stderr, flush=True)
+    _check_tensorrt_args(args)
     if args.aoti:
         from .aoti import compiler
 
@@ -175,14 +198,33 @@ def _check_args(args) -> None:
                            "(install g++ or set CXX)")
 
 
+def _check_tensorrt_args(args) -> None:
+    """The --tensorrt options, and what building engines needs, before anything is written."""
+    if args.dtype == "bfloat16" and (args.verify or not args.tensorrt):
+        raise _Failure("--dtype bfloat16: only with --tensorrt and without --verify (onnxruntime's CPU "
+                       "kernels lack bfloat16)")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
+        if value is not None and not args.tensorrt:
+            raise _Failure(f"{flag}: only with --tensorrt")
+        if value is not None and value < 1:
+            raise _Failure(f"{flag}: expected a positive number, got {value}")
+    if not args.tensorrt:
+        return
+    from .tensorrt_engine import build_problem
+
+    problem = build_problem()
+    if problem:
+        raise _Failure(f"--tensorrt: {problem}")
+
+
 class _Staging:
     """A temporary folder beside OUT that receives the export; `publish` moves its files into OUT,
     `discard` removes it (and the parent folders made for it)."""
 
-    def __init__(self, out: str) -> None:
+    def __init__(self, out: str, flag: str) -> None:
         self.out = os.path.abspath(out)
         if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise _Failure(f"--onnx: {out!r} exists and is not a folder")
+            raise _Failure(f"{flag}: {out!r} exists and is not a folder")
         parent = os.path.dirname(self.out)
         self.made = []  # parent folders created here, deepest last
         while not os.path.exists(parent) and parent != os.path.dirname(parent):
@@ -198,7 +240,7 @@ class _Staging:
             os.chmod(self.path, 0o777 & ~umask)  # mkdtemp's 0700 would become OUT's
         except OSError as e:
             self.discard()
-            raise _Failure(f"--onnx: cannot write to {out!r} ({e.strerror or e})") from None
+            raise _Failure(f"{flag}: cannot write to {out!r} ({e.strerror or e})") from None
 
     def publish(self) -> None:
         """Move the export into OUT: the whole folder if OUT is new, else file by file, model.json
@@ -261,7 +303,10 @@ def _size(n: int) -> str:
 def run(args) -> int:
     _check_packages(args)
     _check_args(args)
-    staging = _Staging(args.onnx)
+    flag = "--tensorrt" if args.tensorrt else "--onnx"
+    if args.tensorrt:  # the plugin-mode export, then its engines
+        args.onnx, args.plugin = args.tensorrt, True
+    staging = _Staging(args.onnx, flag)
 
     def progress(message: str) -> None:  # name the files where they will be
         _progress(message.replace(staging.path, args.onnx))
@@ -283,11 +328,13 @@ def run(args) -> int:
 def _export(args, out: str, progress):
     """Every artefact into `out`; returns (ONNX paths, AOTI package paths or None, model, manifest)."""
     _quiet_exporter()
-    from .manifest import build_manifest, write_manifest
+    from .manifest import build_manifest, file_sizes, write_manifest
     from .onnx_export import DEFAULT_OPSET, export_files, export_onnx, export_programs
 
     opset = args.opset or DEFAULT_OPSET
     model = _load_model(args)
+    if args.tensorrt:
+        _engine_limits(model.config, args)
     start = time.perf_counter()
     programs = export_programs(model)
     progress(f"torch.export of prefill and decode_step: {time.perf_counter() - start:.1f}s")
@@ -303,8 +350,35 @@ def _export(args, out: str, progress):
     packages = _build_aoti(programs, out, progress) if args.aoti else None
     files += (packages or {}).values()
     manifest = build_manifest(model.config, model.lm_head.weight.dtype, opset, args.plugin, files)
+    if args.tensorrt:
+        manifest["tensorrt"], engines = _build_engines(model.config, manifest, out, args, progress)
+        manifest["files"] |= file_sizes(engines)
     write_manifest(out, manifest)
     return paths, packages, model, manifest
+
+
+def _engine_limits(config, args) -> None:
+    """Default --max-batch/--max-seq, checked against the prefill graph's TopK before exporting."""
+    from .tensorrt_engine import prefill_batch
+
+    args.max_batch, args.max_seq = args.max_batch or MAX_BATCH, args.max_seq or MAX_SEQ
+    try:
+        prefill_batch(config, args.max_batch, args.max_seq)
+    except ValueError as e:
+        raise _Failure(str(e)) from None
+
+
+def _build_engines(config, manifest: dict, out: str, args, progress) -> tuple[dict, list[str]]:
+    from .tensorrt_engine import build_engines
+
+    progress(f"TensorRT: building engines for batch <= {args.max_batch}, prompts <= {args.max_seq} tokens")
+    try:
+        return build_engines(out, manifest, config, args.max_batch, args.max_seq, progress=progress)
+    except Exception as e:  # a parser or builder failure: name the flag, keep one line
+        if os.environ.get("MOM_EXPORT_DEBUG"):
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise _Failure(f"--tensorrt: engine build failed: {type(e).__name__}: {first_line}") from None
 
 
 def _build_aoti(programs, out_dir: str, progress) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 It lists every graph's inputs and outputs (name, shape with `batch`/`seq` for the dynamic axes,
 dtype), the state layout (which present.X feeds which past.X, and what the axes mean), the model
-config, the token ids generation uses, and every file of the export with its size.
+config, the token ids generation uses, and every file of the export with its size. A `--tensorrt`
+export adds a `tensorrt` section (tensorrt_engine.build_engines): the engines, their optimisation
+profiles, and `state_in_place`: the decode engine's present.X must be bound to past.X's buffer.
 
 Reading (`read_manifest`) is torch-free, for the onnxruntime runtime; building imports the model
 code when called.
@@ -76,7 +78,7 @@ def build_manifest(config, dtype, opset: int, use_plugin: bool, files: list[str]
                          outputs=tensors(specs[DECODE].outputs, 1),
                          note="feed every present.X of the previous call as past.X"),
         },
-        "files": {os.path.basename(f): os.path.getsize(f) for f in files},
+        "files": file_sizes(files),
         "state": states,
         "state_layout": STATE_LAYOUT,
         "memory_slots": config.memory_slots,
@@ -86,6 +88,11 @@ def build_manifest(config, dtype, opset: int, use_plugin: bool, files: list[str]
         "pad_token_id": config.pad_token_id,
         "config": config.to_dict(),
     }
+
+
+def file_sizes(files) -> dict[str, int]:
+    """{file name: bytes} of the export's files (paths)."""
+    return {os.path.basename(f): os.path.getsize(f) for f in files}
 
 
 def write_manifest(out_dir: str, manifest: dict) -> str:

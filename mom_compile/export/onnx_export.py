@@ -4,8 +4,8 @@ Steps per graph: torch.export of the functional wrapper (graphs/export_graphs.py
 batch (and seq for prefill), the dynamo ONNX exporter with the `mom` op translations of
 onnx_ops.py, a linear-time optimisation (`optimize`), then a finishing pass on the ONNX model:
   - the scripted helper functions the translations call (MemoryStep, GatedDeltaScan) are made
-    part of the model and inlined, so the standard graph holds default-domain ops only; a plugin
-    graph keeps MemoryStep nodes (domain "mom", schema in plugin.py) and drops their body;
+    part of the model and inlined, so the graph holds default-domain ops only, but for the TensorRT
+    plugin nodes of a plugin-mode decode graph (domain "mom", plugin.py);
   - LinearAttention nodes (opset 27 and newer), recorded in a staging domain that the exporter's
     opset conversion passes through, move to the default domain;
   - the exporter's intermediate value_info is dropped (onnxruntime infers it again);
@@ -148,13 +148,10 @@ def finish(model: onnx.ModelProto, spec: GraphSpec, use_plugin: bool) -> onnx.Mo
     for fn in helpers:
         if fn.opset.domain not in domains:
             model.opset_import.append(onnx.helper.make_opsetid(fn.opset.domain, fn.opset.version))
-    if use_plugin:
-        scan = onnx_ops.GatedDeltaScan
-        model = onnx.inliner.inline_selected_functions(model, [(scan.opset.domain, scan.name)])
-        dropped = {scan.opset.domain}
-    else:
-        model = onnx.inliner.inline_local_functions(model)
-        dropped = {fn.opset.domain for fn in helpers}
+    model = onnx.inliner.inline_local_functions(model)
+    dropped = {fn.opset.domain for fn in helpers}
+    if use_plugin and plugin.decode_pairs(model.graph):
+        dropped.discard(plugin.DOMAIN)
     for node in model.graph.node:
         if node.domain == onnx_ops.STAGING_DOMAIN:
             node.domain = ""
@@ -205,7 +202,7 @@ def export_onnx(model: MomForCausalLM, out_dir: str, opset: int = DEFAULT_OPSET,
         if external:
             share_external_data(path, weights, stored)
         if use_plugin:
-            plugin.register_schema()
+            plugin.register_schemas()
         onnx.checker.check_model(path, full_check=True)
         paths[name] = path
         progress(f"wrote {path}: {time.perf_counter() - start:.1f}s")

@@ -17,7 +17,7 @@ docstrings of mom_compile/ops/*.py are the contract). They run on stock onnxrunt
 - gated_delta_step: the per-token formula once, or from opset 27 on LinearAttention with T = 1.
 - combine: Gather of each token's k rows and their weighted sum.
 - memory_decode (the decode step, functional form): the rows' composition, and the new state
-  tables by a Where over slots.
+  tables by a Where over slots; in plugin-mode exports, the nodes of its two TensorRT plugins.
 No graph holds a scatter (ScatterND's result is undefined where indices repeat; ScatterElements'
 reductions have had provider bugs).
 
@@ -36,6 +36,8 @@ from onnxscript import opset18 as op
 
 from ..ops.memory_decode import L2_EPS
 from ..ops.precision import compute_dtype
+from . import plugin
+from .tensorrt_plugin import CONV, STEP
 
 # The scripted functions' type: the state's (float32, or float64 for a float64 model).
 TState = TypeVar("TState", bound=Union[FLOAT, DOUBLE])  # noqa: UP007 (onnxscript reads typing.Union)
@@ -151,9 +153,8 @@ def segment_conv(x, weight, bias, offsets, initial_state):
 
 
 # -- the gated delta step: one scripted ONNX function, used by the scan body and the step op ------
-# It is a model-local function in domain "mom" named MemoryStep. The standard export inlines it
-# into plain ONNX ops; the plugin export keeps the node and drops the body, so that TensorRT maps
-# it to a plugin (see plugin.py). The math is written here once for both graphs.
+# It is a model-local function in domain "mom" named MemoryStep, which the export inlines into plain
+# ONNX ops: the math is written here once for the scan and the step.
 MOM_DOMAIN = onnxscript.values.Opset("mom", 1)
 SCAN_DOMAIN = onnxscript.values.Opset("mom.scan", 1)
 
@@ -295,17 +296,6 @@ def gated_delta_translations(linear_attention: bool) -> tuple[Callable, Callable
     return chunk_gated_delta, gated_delta_step
 
 
-def plugin_memory_step(q, k, v, g, beta, state, scale: float = 1.0):
-    """gated_delta_step as one `mom::MemoryStep` node (plugin exports; schema in plugin.py)."""
-    from . import plugin
-
-    plugin.register_schema()
-    mom = onnxscript.values.Opset(plugin.DOMAIN, plugin.VERSION)
-    q, k, v, g, beta = (op.CastLike(t, state) for t in (q, k, v, g, beta))
-    o, new_state = mom.MemoryStep(q, k, v, g, beta, state, scale=scale)
-    return op.CastLike(o, v), new_state
-
-
 # -- mom::memory_decode -------------------------------------------------------------------------
 SOFTPLUS_THRESHOLD = 20.0  # torch's softplus: x itself above it (ONNX Softplus has no threshold)
 
@@ -314,9 +304,9 @@ def memory_decode_translation(step: Callable) -> Callable:
     """mom::memory_decode (the functional form the export graphs use) as the composition its
     reference is (ops/memory_decode.py): the rows' projections gathered, the gates, the conv over
     one-row segments, per-head L2 normalisation, then `step` (the table's gated_delta_step
-    translation, so the plugin and LinearAttention choices apply here too) on the states gathered
-    by slot. The new tables take each chosen slot's row by a Where over all slots, not a scatter:
-    a padding token's rows all point at slot 0, and ScatterND with repeated indices is undefined."""
+    translation, so the LinearAttention choice applies here too) on the states gathered by slot.
+    The new tables take each chosen slot's row by a Where over all slots, not a scatter: a padding
+    token's rows all point at slot 0, and ScatterND with repeated indices is undefined."""
 
     def memory_decode(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,  # noqa: N803
                       rec_states, scale: float = 1.0, single_set: bool = False):
@@ -350,8 +340,7 @@ def memory_decode_translation(step: Callable) -> Callable:
         rec_rows.dtype, rec_rows.shape = rec_states.dtype, ir.Shape([None, h, dk, dv])
         conv_in = op.Concat(op.Gather(q, token), kv, axis=1)
         conv_in.dtype = q.dtype  # untyped in the tracer, like every Concat
-        if conv_bias is None:
-            conv_bias = op.CastLike(op.ConstantOfShape(op.Shape(conv_weight, start=0, end=1)), conv_weight)
+        conv_bias = _bias(conv_bias, conv_weight)
         one_each = op.Range(0, op.Add(_dim(conv_in, 0), 1), 1)
         conv_out, conv_new = segment_conv(conv_in, conv_weight, conv_bias, one_each, conv_rows)
         bounds = [0, hk, 2 * hk, 2 * hk + hv]
@@ -364,6 +353,27 @@ def memory_decode_translation(step: Callable) -> Callable:
         return o, _take_rows(conv_states, conv_new, memory_idx), _take_rows(rec_states, rec_new, memory_idx)
 
     return memory_decode
+
+
+def plugin_memory_decode(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,  # noqa: N803
+                         rec_states, scale: float = 1.0, single_set: bool = False):
+    """mom::memory_decode as the nodes of its two TensorRT plugins (plugin-mode exports, plugin.py):
+    the conv plugin's new conv table and scratch, then the step plugin's new recurrent table and o."""
+    plugin.register_schemas()
+    mom = onnxscript.values.Opset(plugin.DOMAIN, plugin.VERSION)
+    conv_new, qkv, beta_g = getattr(mom, CONV.name)(
+        q, per_set, memory_idx, A_log, dt_bias, conv_weight, _bias(conv_bias, conv_weight), conv_states,
+        **plugin.node_attributes(CONV, single_set=single_set))
+    rec_new, o = getattr(mom, STEP.name)(memory_idx, qkv, beta_g, rec_states,
+                                          **plugin.node_attributes(STEP, scale=scale))
+    return o, conv_new, rec_new
+
+
+def _bias(conv_bias, conv_weight):
+    """The conv bias, zeros [C] where the model has none."""
+    if conv_bias is not None:
+        return conv_bias
+    return op.CastLike(op.ConstantOfShape(op.Shape(conv_weight, start=0, end=1)), conv_weight)
 
 
 def _take_rows(table, rows, memory_idx):
@@ -397,17 +407,16 @@ def combine(o_rows, weights, row_of_choice):
 def translation_table(opset: int, use_plugin: bool = False) -> dict:
     """The exporter's custom_translation_table entries for every `mom` op at ONNX `opset`. From
     LINEAR_ATTENTION_OPSET on, the gated delta rule is the standard LinearAttention op; with
-    use_plugin the recurrent step is a mom::MemoryStep node, also inside the prefill's Scan, so
-    that one plugin implements every recurrence of the deployed graphs."""
+    use_plugin each mom::memory_decode is the two nodes of its TensorRT plugins."""
     mom = torch.ops.mom
     chunk_gated_delta, gated_delta_step = gated_delta_translations(
-        linear_attention=opset >= LINEAR_ATTENTION_OPSET and not use_plugin)
-    step = plugin_memory_step if use_plugin else gated_delta_step
+        linear_attention=opset >= LINEAR_ATTENTION_OPSET)
+    decode = plugin_memory_decode if use_plugin else memory_decode_translation(gated_delta_step)
     return {
         mom.dispatch.default: dispatch,
         mom.segment_conv.default: segment_conv,
         mom.chunk_gated_delta.default: chunk_gated_delta,
-        mom.gated_delta_step.default: step,
-        mom.memory_decode.default: memory_decode_translation(step),
+        mom.gated_delta_step.default: gated_delta_step,
+        mom.memory_decode.default: decode,
         mom.combine.default: combine,
     }

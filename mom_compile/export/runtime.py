@@ -133,8 +133,8 @@ class OnnxBackend:
         folder = os.fspath(folder)
         self.manifest = read_manifest(folder)
         if self.manifest["plugin"]:
-            raise ValueError(f"{folder}: plugin graphs need a mom::MemoryStep kernel that onnxruntime "
-                             "lacks; export without --plugin to run them here")
+            raise ValueError(f"{folder}: plugin graphs need the TensorRT plugins of mom::memory_decode, "
+                             "which onnxruntime lacks; export without --plugin to run them here")
         providers = list(providers or ["CPUExecutionProvider"])
         graphs = self.manifest["graphs"]
         self.prefill_session, self.decode_session = (

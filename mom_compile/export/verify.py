@@ -2,8 +2,8 @@
 
 Shapes differ from the export example on purpose (batch 3, seq 13, one left-padded row), which
 also proves the dynamic axes. Each output's max absolute error and max relative error (relative
-to the reference's largest magnitude) is reported; plugin graphs run with the MemoryStep
-reference function attached (plugin.with_reference). `compare_all` is the comparison itself, on
+to the reference's largest magnitude) is reported; plugin graphs run with the standard translation
+of their plugin nodes inlined (plugin.with_reference). `compare_all` is the comparison itself, on
 the same inputs for any artefact (the AOTInductor packages of aoti.py use it too).
 """
 from __future__ import annotations
@@ -35,12 +35,14 @@ class OutputError:
     max_rel: float
 
 
-def session(path: str, use_plugin: bool) -> ort.InferenceSession:
+def session(path: str, model: MomForCausalLM | None = None) -> ort.InferenceSession:
+    """onnxruntime on `path`; a plugin graph runs with the standard translation of its plugin nodes
+    for `model`, the MomForCausalLM it was exported from (plugin.with_reference)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if use_plugin:
-        model = plugin.with_reference(onnx.load(path))
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if model is not None:
+        graph = plugin.with_reference(onnx.load(path), model)
+        return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -91,7 +93,7 @@ def verify(model: MomForCausalLM, paths: dict[str, str], use_plugin: bool = Fals
         ids, second = inputs
         arrays = [second.numpy()] if name == PREFILL else [t.numpy() for t in second]
         feed = dict(zip(specs[name].inputs, [ids.numpy(), *arrays]))
-        return session(paths[name], use_plugin).run(None, feed)
+        return session(paths[name], model if use_plugin else None).run(None, feed)
 
     return compare_all(model, run, seed)
 
