@@ -161,8 +161,9 @@ def _cell(value) -> str:
 
 
 def _peak_gib(fn) -> float:
-    """GiB that one call of fn takes at its peak above what is allocated before it (the layer's
-    activations and gradients, without its inputs and weights)."""
+    """GiB that one call of fn takes at its peak above what is allocated before it: the layer's
+    activations and its input's gradient (called after the timed calls, the weights' gradients
+    already exist and are not counted)."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -250,7 +251,8 @@ def layer_timings(ts: list[int], tokens: int, with_reference: bool, with_fla: bo
                        why_not=name)
             del x, d_y
             _free()
-    print("\n| T | B | layer | peak memory of one forward+backward, GiB (above inputs and weights) |")
+    print("\n| T | B | layer | peak memory of one forward+backward, GiB (above inputs, weights and their "
+          "gradients) |")
     print("| --- | --- | --- | --- |")
     for t, b, name, gib in runner.memory:
         print(f"| {t} | {b} | {name} | {gib:.2f} |")

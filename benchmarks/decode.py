@@ -10,6 +10,7 @@ generate() (flash-linear-attention), when it imports.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 
 import torch
@@ -175,8 +176,8 @@ def main() -> None:
     torch.manual_seed(0)
     config = MomConfig.preset(args.config)
     model = MomForCausalLM(config).cuda().to(torch.bfloat16).eval()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
+                             "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | commit {commit or '?'} | "
           f"config {args.config} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, bf16) | "
           f"prompt {args.prompt} | {args.steps} timed greedy steps")
@@ -203,7 +204,7 @@ def main() -> None:
                     bench_transformer(config, batch, args.prompt, args.steps, mode))
         if not args.no_reference:
             add(batch, "reference fla generate", bench_reference(config, batch, args.prompt, args.steps))
-    print(f"\n{'batch':>5}  {'implementation':32} {'ms/token':>10}")
+    print(f"\n{'batch':>5}  {'implementation':32} {'ms':>10}  (per token; a prefill row: per prefill)")
     for batch, name, ms in rows:
         value = f"{ms:>10.3f}" if isinstance(ms, float) else ms
         print(f"{batch:>5}  {name:32} {value}")

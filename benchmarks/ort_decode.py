@@ -6,9 +6,10 @@ The 340m preset (random weights, seed 0) is exported once with `python -m mom_co
     logits come back per step), ms per decode step after a prefill of --prompt tokens;
   - torch: the same weights in bf16, the decode step replayed from a CUDA graph (what generate()
     does without torch.compile), ms per step.
-Run with onnxruntime-gpu importable (e.g. PYTHONPATH=/tmp/ortsite:$PWD).
+Both bring the last logits to the host and pick the next token there every step, as the
+generation loops do. Run with onnxruntime-gpu importable (e.g. PYTHONPATH=/tmp/ortsite:$PWD).
 
-    python benchmarks/ort_decode.py [--folder /tmp/ort340m] [--batches 1 64] [--steps 32]
+    python benchmarks/ort_decode.py [--folder DIR] [--batches 1 64] [--steps 32]
 """
 from __future__ import annotations
 
@@ -27,13 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mom_compile import MomConfig, MomForCausalLM  # noqa: E402
+from mom_compile.export.manifest import read_manifest  # noqa: E402
 from mom_compile.export.runtime import OnnxBackend  # noqa: E402
 from mom_compile.graphs.generation import CudaGraphStep  # noqa: E402
 
 
 def export(folder: str, config: str, dtype: str, seed: int) -> None:
+    """Export unless `folder` holds this config's export in this dtype already."""
     if os.path.isfile(os.path.join(folder, "model.json")):
-        return
+        manifest = read_manifest(folder)
+        if manifest["dtype"] == dtype and manifest["config"] == MomConfig.preset(config).to_dict():
+            return
+        sys.exit(f"--folder: {folder} holds another export ({manifest['dtype']}); name an empty folder")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mom_compile.export", "--onnx", folder, "--config", config,
                     "--dtype", dtype, "--seed", str(seed)], check=True, cwd=ROOT)
@@ -58,20 +64,23 @@ def time_torch(model: MomForCausalLM, batch: int, prompt: int, steps: int) -> fl
     cache = model.new_cache(batch)
     logits = model(ids, past_key_values=cache, use_cache=True).logits
     step = CudaGraphStep(model, cache)
-    tok = logits[:, -1].argmax(-1, keepdim=True)
+
+    def next_ids(logits: torch.Tensor) -> torch.Tensor:  # on the host, as for onnxruntime
+        return torch.from_numpy(logits[:, -1].float().cpu().numpy().argmax(-1)[:, None]).cuda()
+
+    tok = next_ids(logits)
     for _ in range(3):
-        tok = step(tok)[:, -1].argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
+        tok = next_ids(step(tok))
     start = time.perf_counter()
     for _ in range(steps):
-        tok = step(tok)[:, -1].argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
+        tok = next_ids(step(tok))
     return (time.perf_counter() - start) / steps * 1e3
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--folder", default="/tmp/ort340m", help="export folder (exported if missing)")
+    p.add_argument("--folder", default=None, help="export folder (default /tmp/ort-CONFIG-DTYPE; exported if "
+                   "missing)")
     p.add_argument("--config", default="340m")
     p.add_argument("--dtype", default="float16", choices=("float32", "float16"))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -82,11 +91,15 @@ def main() -> None:
         ort.preload_dlls()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         sys.exit(f"ort_decode.py needs onnxruntime's CUDA provider (have {ort.get_available_providers()})")
+    args.folder = args.folder or f"/tmp/ort-{args.config}-{args.dtype}"
     export(args.folder, args.config, args.dtype, seed=0)
     backend = OnnxBackend(args.folder, providers=["CUDAExecutionProvider"])
     torch.manual_seed(0)
     model = MomForCausalLM(MomConfig.preset(args.config)).to("cuda", torch.bfloat16).eval()
-    print(f"{torch.cuda.get_device_name()}, onnxruntime {ort.__version__}, torch {torch.__version__}; "
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    print(f"{torch.cuda.get_device_name()}, commit {commit}, onnxruntime {ort.__version__}, "
+          f"torch {torch.__version__}; "
           f"{args.config}, prompt {args.prompt}, {args.steps} timed greedy steps", flush=True)
     rows = []
     for batch in args.batches:

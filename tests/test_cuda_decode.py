@@ -30,7 +30,7 @@ def test_cuda_graph_generation_matches_eager_without_recapture(monkeypatch):
     prompt = torch.randint(0, 97, (2, 9), device="cuda")
     mask = torch.ones_like(prompt)
     mask[1, :4] = 0
-    eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24)
+    eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24, cuda_graph=False)
     model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     model.generate(prompt, attention_mask=mask, max_new_tokens=4)  # compile and warm up
     before = len(recordings)

@@ -377,3 +377,32 @@ def test_a_folder_that_is_no_export_gets_one_clear_error(exported, tmp_path, edi
         OnnxGenerator(copy)
 
 
+
+
+@pytest.mark.parametrize("single_set", [False, True])
+def test_decode_translation_with_padding_rows(tmp_path, single_set):
+    """The ONNX translation of the functional decode op against the op itself, on inputs the export
+    graphs never produce: a padding token (every choice -1) and a single projection set."""
+    from mom_compile.export.onnx_ops import translation_table
+    from mom_compile.ops import memory_decode
+
+    from inputs import decode_inputs
+
+    args = decode_inputs(batch=3, h=2, dk=4, dv=3, dtype=torch.float32, single_set=single_set)
+    args[0], args[1] = args[0].contiguous(), args[1].contiguous()  # graph inputs, not views
+
+    class Decode(torch.nn.Module):
+        def forward(self, *tensors):
+            return memory_decode(*tensors[:6], None, *tensors[6:], 0.5, single_set)
+
+    inputs = [a for i, a in enumerate(args) if i != 6]  # without the absent conv bias
+    program = torch.onnx.export(Decode(), tuple(inputs), dynamo=True, optimize=False, verbose=False,
+                                custom_translation_table=translation_table(DEFAULT_OPSET))
+    path = str(tmp_path / "decode.onnx")
+    program.save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), inputs)})
+    want = memory_decode(*args[:6], None, *args[7:], 0.5, single_set)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-5, atol=1e-6)
+    assert not torch.from_numpy(got[0])[-1].any()  # the padding token reads out 0

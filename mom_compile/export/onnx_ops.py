@@ -34,7 +34,7 @@ import torch
 from onnxscript import DOUBLE, FLOAT
 from onnxscript import opset18 as op
 
-from ..ops.memory_decode import L2_EPS
+from ..ops.memory_decode import L2_EPS, SOFTPLUS_THRESHOLD
 from ..ops.precision import compute_dtype
 from . import plugin
 from .tensorrt_plugin import CONV, STEP
@@ -297,9 +297,6 @@ def gated_delta_translations(linear_attention: bool) -> tuple[Callable, Callable
 
 
 # -- mom::memory_decode -------------------------------------------------------------------------
-SOFTPLUS_THRESHOLD = 20.0  # torch's softplus: x itself above it (ONNX Softplus has no threshold)
-
-
 def memory_decode_translation(step: Callable) -> Callable:
     """mom::memory_decode (the functional form the export graphs use) as the composition its
     reference is (ops/memory_decode.py): the rows' projections gathered, the gates, the conv over

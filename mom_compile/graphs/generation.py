@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..generation_args import as_array, check_generate_args
+from ..ops import triton_status
 
 CHECK_EVERY = 8  # decode steps between two host syncs that look for the end (with an eos id)
 
@@ -106,18 +107,22 @@ def generate(
     early once every sequence has produced an eos id; a finished sequence is filled with
     pad_token_id (default: the config's, else the first eos id). input_ids and attention_mask may
     also be nested lists (made tensors on the model's device). cuda_graph: replay the decode step
-    from a CUDA graph (`CudaGraphStep`); default: on CUDA when `forward` is not compiled."""
+    from a CUDA graph (`CudaGraphStep`); default: on CUDA when `forward` is not compiled and the
+    Triton kernels loaded."""
     config = model.config
     input_ids = _as_tensor("input_ids", input_ids, model)
     attention_mask = None if attention_mask is None else _as_tensor("attention_mask", attention_mask, model)
     eos, pad_token_id = check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k,
                                             top_p, eos_token_id, pad_token_id, config.vocab_size,
                                             config.pad_token_id)
-    if cuda_graph is None:
-        cuda_graph = input_ids.is_cuda and not _is_compiled(model)
+    if cuda_graph is None:  # the reference kernels (Triton missing) sync with the host: no capture
+        cuda_graph = input_ids.is_cuda and not _is_compiled(model) and triton_status().available
     elif cuda_graph and not input_ids.is_cuda:
         raise ValueError(f"cuda_graph: needs the model and input_ids on a CUDA device, got "
                          f"{input_ids.device}")
+    elif cuda_graph and not triton_status().available:
+        raise ValueError(f"cuda_graph: needs the Triton kernels, which did not load "
+                         f"({triton_status().reason})")
     if max_new_tokens == 0:
         return input_ids
     # The cache is made here, outside any compiled forward, so that its buffers are static

@@ -150,13 +150,8 @@ class MomLayer(nn.Module):
 
     def _rows(self, q: torch.Tensor, per_set: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
         """Pre-conv q|k|v [R, 2HK+HV] and beta, g [R, H] of the rows (token, memory)."""
-        c = self.config
-        proj_set = torch.zeros_like(memory) if c.single_kv_proj else memory
-        mem = per_set.flatten(0, 1)[token, proj_set]
-        kv, b_pre, a_pre = mem.split([c.key_dim + c.value_dim, c.num_heads, c.num_heads], dim=-1)
-        conv_in = torch.cat([q.flatten(0, 1)[token], kv], dim=-1)
-        beta, g = ops.gates(b_pre, a_pre, self.A_log, self.dt_bias)
-        return conv_in, beta, g
+        return ops.token_rows(q.flatten(0, 1), per_set.flatten(0, 1), token, memory, self.A_log, self.dt_bias,
+                              self.config.single_kv_proj)
 
     def _qkv(self, conv_out: torch.Tensor):
         c = self.config

@@ -10,9 +10,9 @@ from .chunk_gated_delta import chunk_gated_delta
 from .combine import combine
 from .dispatch import dispatch
 from .gated_delta_step import gated_delta_step
-from .memory_decode import gates, l2_normalize, memory_decode, memory_decode_
+from .memory_decode import gates, l2_normalize, memory_decode, memory_decode_, token_rows
 from .segment_conv import segment_conv
 from .table import TritonStatus, triton_status
 
 __all__ = ["TritonStatus", "chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "gates",
-           "l2_normalize", "memory_decode", "memory_decode_", "segment_conv", "triton_status"]
+           "l2_normalize", "memory_decode", "memory_decode_", "segment_conv", "token_rows", "triton_status"]

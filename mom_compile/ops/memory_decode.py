@@ -30,6 +30,7 @@ from .precision import compute_dtype, upcast
 from .segment_conv import conv_reference
 
 L2_EPS = 1e-6
+SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above it, as torch's softplus (ONNX's has no threshold)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -42,23 +43,19 @@ def gates(b_pre: torch.Tensor, a_pre: torch.Tensor, A_log: torch.Tensor, dt_bias
     """Write strength and log-decay from the projections: beta = sigmoid(b_pre) in b_pre's dtype,
     g = -exp(A_log) * softplus(a_pre + dt_bias) in float32 (float64 for float64)."""
     dt = compute_dtype(a_pre.dtype)
-    g = -A_log.to(dt).exp() * F.softplus(a_pre.to(dt) + dt_bias.to(dt))
+    g = -A_log.to(dt).exp() * F.softplus(a_pre.to(dt) + dt_bias.to(dt), threshold=SOFTPLUS_THRESHOLD)
     return b_pre.sigmoid(), g
 
 
-def _rows(q, per_set, memory_idx, A_log, dt_bias, single_set: bool):  # noqa: N803
-    """The decode rows (b, i) in row-major order: batch index, memory slot (clamped), validity,
-    pre-conv x [R, C], beta and g [R, H]."""
-    b, chosen = memory_idx.shape
+def token_rows(q, per_set, token, memory, A_log, dt_bias, single_set: bool):  # noqa: N803
+    """The rows (token, memory) of the decode and scan paths: pre-conv q|k|v [R, C] (the token's q
+    and its memory's k and v projections; every memory reads set 0 when single_set), beta and g
+    [R, H]. q: [N, H*K] and per_set: [N, n_sets, H*K + H*V + 2H], one row per token."""
     h = A_log.shape[0]
-    token = torch.arange(b, device=q.device).repeat_interleave(chosen)
-    memory = memory_idx.flatten()
-    valid = memory >= 0
-    slot = memory.clamp(min=0)
-    proj = per_set[token, torch.zeros_like(slot) if single_set else slot]
+    proj = per_set[token, torch.zeros_like(memory) if single_set else memory]
     kv, b_pre, a_pre = proj.split([proj.shape[-1] - 2 * h, h, h], dim=-1)
     beta, g = gates(b_pre, a_pre, A_log, dt_bias)
-    return token, slot, valid, torch.cat([q[token], kv], dim=-1), beta, g
+    return torch.cat([q[token], kv], dim=-1), beta, g
 
 
 def decode_reference_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,  # noqa: N803
@@ -66,7 +63,12 @@ def decode_reference_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_
     """The reference kernel of `memory_decode_`: the conv and step references per row, rounding
     where the separate ops round (conv output, normalised q and k, o in the input dtype)."""
     h, dk, dv = rec_states.shape[2:]
-    token, slot, valid, x, beta, g = _rows(q, per_set, memory_idx, A_log, dt_bias, single_set)
+    b, chosen = memory_idx.shape
+    token = torch.arange(b, device=q.device).repeat_interleave(chosen)
+    memory = memory_idx.flatten()
+    valid = memory >= 0
+    slot = memory.clamp(min=0)
+    x, beta, g = token_rows(q, per_set, token, slot, A_log, dt_bias, single_set)
     if conv_bias is None:
         conv_bias = conv_weight.new_zeros(conv_weight.shape[0])
     one_each = torch.arange(x.shape[0] + 1, device=x.device)
@@ -135,6 +137,9 @@ def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, con
     if per_set.shape[1] < sets:
         raise ValueError(f"per_set: expected at least {sets} projection sets, got {per_set.shape[1]}")
     check_tensor("memory_idx", memory_idx, shape=(b, None), dtypes=INDEX_DTYPES)
+    if memory_idx.shape[1] > slots:
+        raise ValueError(f"memory_idx: expected at most {slots} distinct slots per token, got "
+                         f"{memory_idx.shape[1]}")
     check_tensor("A_log", A_log, shape=(h,), dtypes=FLOAT_DTYPES)
     check_tensor("dt_bias", dt_bias, shape=(h,), dtypes=FLOAT_DTYPES)
     check_tensor("conv_weight", conv_weight, shape=(c, None), dtypes=(q.dtype,))

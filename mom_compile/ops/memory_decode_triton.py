@@ -23,10 +23,11 @@ import triton.language as tl
 
 from .gated_delta_step_triton import block_sizes
 from .memory_decode import L2_EPS
+from .memory_decode import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
 from .precision import compute_dtype
 from .triton_precision import compute_type, split_scale
 
-SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's softplus: x itself above it
+SOFTPLUS_THRESHOLD = tl.constexpr(_SOFTPLUS_THRESHOLD)  # a kernel reads globals as constexprs
 
 
 @triton.jit
