@@ -315,8 +315,7 @@ def memory_decode_translation(step: Callable) -> Callable:
         valid = op.GreaterOrEqual(memory, op.Constant(value_int=0))
         slot = op.Max(memory, op.Constant(value_int=0))
         token = op.Reshape(op.Expand(_col(op.Range(0, batch, 1)), op.Shape(memory_idx)), _ints(-1))
-        proj_set = op.Mul(slot, op.Constant(value_int=0)) if single_set else slot
-        proj_row = op.Add(op.Mul(token, n_sets), proj_set)
+        proj_row = op.Mul(token, n_sets) if single_set else op.Add(op.Mul(token, n_sets), slot)
         proj = op.Gather(op.Reshape(per_set, _ints(-1, set_width)), proj_row)
         hk, hv = h * dk, h * dv
         bounds = [0, hk + hv, hk + hv + h, hk + hv + 2 * h]

@@ -128,7 +128,7 @@ class OnnxBackend:
     step reads one set as past.X and writes the other as present.X (I/O binding, so the states
     never travel to the host and no step allocates them); only the logits come back."""
 
-    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] | None = None,
+    def __init__(self, folder: str | os.PathLike, providers: Sequence[str | tuple[str, dict]] | None = None,
                  session_options: ort.SessionOptions | None = None) -> None:
         folder = os.fspath(folder)
         self.manifest = read_manifest(folder)
@@ -191,6 +191,6 @@ class OnnxGenerator(Generator):
     """Generation over an export folder (prefill.onnx, decode_step.onnx, model.json) in onnxruntime:
     `providers` as for an InferenceSession (default CPU), the states on that provider's device."""
 
-    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] | None = None,
+    def __init__(self, folder: str | os.PathLike, providers: Sequence[str | tuple[str, dict]] | None = None,
                  session_options: ort.SessionOptions | None = None) -> None:
         super().__init__(OnnxBackend(folder, providers, session_options))

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.memory_decode import token_rows
 from ..ops.precision import upcast
 from .cache import LayerState
 from .config import MomConfig
@@ -148,11 +149,6 @@ class MomLayer(nn.Module):
             o = o * F.silu(upcast(z.view(b, t, self.num_heads, self.head_v_dim)))
         return self.o_proj(o.to(x.dtype).flatten(2)), logits
 
-    def _rows(self, q: torch.Tensor, per_set: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
-        """Pre-conv q|k|v [R, 2HK+HV] and beta, g [R, H] of the rows (token, memory)."""
-        return ops.token_rows(q.flatten(0, 1), per_set.flatten(0, 1), token, memory, self.A_log, self.dt_bias,
-                              self.config.single_kv_proj)
-
     def _qkv(self, conv_out: torch.Tensor):
         c = self.config
         q, k, v = conv_out.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
@@ -171,7 +167,9 @@ class MomLayer(nn.Module):
             mask = torch.ones(b, t, dtype=torch.bool, device=q.device)
         choice_of_row, row_of_choice, offsets = ops.dispatch(memory_idx, mask, slots)
         token = choice_of_row // memory_idx.shape[-1]
-        conv_in, beta, g = self._rows(q, per_set, token, memory_idx.flatten()[choice_of_row])
+        conv_in, beta, g = token_rows(q.flatten(0, 1), per_set.flatten(0, 1), token,
+                                      memory_idx.flatten()[choice_of_row], self.A_log, self.dt_bias,
+                                      self.config.single_kv_proj)
         conv_init = None if state is None else state.conv.flatten(0, 1)
         conv_out, conv_final = ops.segment_conv(conv_in, self.conv_weight.squeeze(1), self.conv_bias,
                                                 offsets, conv_init)

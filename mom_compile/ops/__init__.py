@@ -1,8 +1,9 @@
 """The MoM primitives as `torch.library` custom ops in namespace `mom`.
 
 Importing this package registers them. Each op has a pure-PyTorch reference kernel (the CPU
-kernel and the test oracle), a fake implementation, and an analytic autograd formula (except
-`memory_decode`, which serves inference only); the functions below are their checked entry points.
+kernel and the test oracle), a fake implementation, and an analytic autograd formula (except the
+decode ops `memory_decode_` and `memory_decode`, which serve inference only); the functions below
+are their checked entry points.
 `table.OPS` lists the ops with their references and CUDA (Triton) kernels; `triton_status()` says
 whether those kernels loaded.
 """
@@ -10,9 +11,9 @@ from .chunk_gated_delta import chunk_gated_delta
 from .combine import combine
 from .dispatch import dispatch
 from .gated_delta_step import gated_delta_step
-from .memory_decode import gates, l2_normalize, memory_decode, memory_decode_, token_rows
+from .memory_decode import l2_normalize, memory_decode, memory_decode_
 from .segment_conv import segment_conv
 from .table import TritonStatus, triton_status
 
-__all__ = ["TritonStatus", "chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "gates",
-           "l2_normalize", "memory_decode", "memory_decode_", "segment_conv", "token_rows", "triton_status"]
+__all__ = ["TritonStatus", "chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "l2_normalize",
+           "memory_decode", "memory_decode_", "segment_conv", "triton_status"]

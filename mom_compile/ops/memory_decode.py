@@ -76,7 +76,7 @@ def decode_reference_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_
     _, conv_out, conv_new = conv_reference(x, conv_weight, conv_bias, one_each, old_conv)
     qc, kc, vc = conv_out.to(x.dtype).split([h * dk, h * dk, h * dv], dim=-1)
     qc, kc = (l2_normalize(t.reshape(-1, h, dk)) for t in (qc, kc))
-    o, rec_new = step_reference(qc, kc, vc.reshape(-1, h, dv), g, beta.to(x.dtype), old_rec, scale)
+    o, rec_new = step_reference(qc, kc, vc.reshape(-1, h, dv), g, beta, old_rec, scale)
     # a reference kernel may read values: only rows of real tokens are written
     conv_states[token[valid], slot[valid]] = conv_new[valid].to(conv_states.dtype)
     rec_states[token[valid], slot[valid]] = rec_new[valid]

@@ -86,8 +86,9 @@ def _decode_conv_kernel(
 def _conv_channels_at(x_ptr, n, ch, ok, conv_w, conv_b, src, dst, C: tl.constexpr, W: tl.constexpr,
                       HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
     """silu(conv) of channels ch (inputs x_ptr + n) over the history rows src + i * C; the history
-    shifted by one token goes to dst + i * C (which may be src: each row is read before the row
-    below it is written, by the same threads)."""
+    shifted by one token goes to dst + i * C. dst may be src: the thread that stores a channel's
+    row i - 1 loaded it in the previous iteration. That holds for Triton's layouts so far; a
+    replicated one (fewer elements than threads) would want a barrier between loads and stores."""
     x = tl.load(x_ptr + n, mask=ok, other=0.0)
     z = tl.load(conv_w + ch * W + (W - 1), mask=ok, other=0.0).to(COMPUTE) * x.to(COMPUTE)
     if HAS_BIAS:
