@@ -1,7 +1,8 @@
 """Where do two onnxruntime providers (CPU and CUDA by default) part ways on the exported graphs?
 
     PYTHONPATH=/tmp/ortsite:$PWD python benchmarks/ort_cuda_check.py [FOLDER] [--checkpoint DIR]
-        [--generate] [--opset 18] [--dtype float32] [--batch 2] [--seq 11] [--log ort_cuda_check.log]
+        [--graphs prefill decode_step] [--levels disabled basic all] [--generate] [--opset 18]
+        [--dtype float32] [--batch 2] [--seq 11] [--log ort_cuda_check.log]
 
 Without FOLDER the tiny model (seed 0) is saved as a checkpoint and exported (--opset, --dtype) into a
 temporary folder. For each graph and each graph-optimisation level (disabled, basic, all), both
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=tuple(RTOL), default="float32")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=11)
+    p.add_argument("--graphs", nargs="+", choices=("prefill", "decode_step"),
+                   default=["prefill", "decode_step"])
+    p.add_argument("--levels", nargs="+", choices=tuple(LEVELS), default=list(LEVELS))
     p.add_argument("--generate", action="store_true")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--log", default="ort_cuda_check.log")
@@ -295,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"prefill seq {args.seq}; values differ above max rel {rtol:g}")
         rows.append(f"{'graph':<12} {'level':<9} {'run A':<6} {'run B':<6} {'outputs max rel':<16} "
                     "first difference")
-        for graph in ("prefill", "decode_step"):
+        for graph in args.graphs:
             path = os.path.join(folder, manifest["graphs"][graph]["file"])
-            for level in LEVELS:
+            for level in args.levels:
                 log(f"== {graph}, optimisation level {level}")
                 plain = [run(path, feeds[graph], sides[s], level) for s in ("A", "B")]
                 for side, (_, error) in zip("AB", plain):

@@ -75,6 +75,28 @@ def test_checker_and_standard_ops_only(exported):
         assert batch_axes == {"batch"}
 
 
+def _fx_target(node) -> str:
+    """The op a node was exported from, by torch.onnx's metadata ("" when not recorded)."""
+    fx = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), "")
+    return fx.split("target=", 1)[1].split("]", 1)[0] if "target=" in fx else ""
+
+
+def test_no_translation_writes_silu_as_x_times_sigmoid_x(tiny_onnx):
+    """onnxruntime fuses x * Sigmoid(x) into QuickGelu, and its CUDA provider (1.31, memory reuse
+    on) then fed the conv's consumers a tensor of the wrong shape (issue 15). torch's own silu
+    (the output gate, the MLP) survives the fusion; the translations of our ops avoid the pattern.
+    (At the default opset: the conversion to later opsets drops the nodes' origin.)"""
+    _, _, paths = tiny_onnx(DEFAULT_OPSET)
+    for path in paths.values():
+        nodes = list(_all_nodes(onnx.load(path).graph))
+        made_by = {out: node for node in nodes for out in node.output}
+        fused = [node for node in nodes if node.op_type == "Mul" and any(
+            made_by.get(x) is not None and made_by[x].op_type == "Sigmoid" and made_by[x].input[0] == other
+            for x, other in (node.input, node.input[::-1]))]
+        assert fused, "no x * Sigmoid(x) at all: the model's silu is expected to be exported that way"
+        assert {_fx_target(node) for node in fused} == {"torch.ops.aten.silu.default"}
+
+
 @pytest.mark.parametrize("use_plugin", [False, True])
 def test_every_inference_op_has_a_translation(use_plugin):
     """Every op of the op table that inference graphs can contain has an ONNX translation, at both

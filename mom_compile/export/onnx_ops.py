@@ -142,7 +142,10 @@ def segment_conv(x, weight, bias, offsets, initial_state):
     z = op.ReduceSum(op.Mul(op.Gather(table, taps), _row(op.Transpose(_cast(weight, dt)))), [1],
                      keepdims=0)
     z = op.Add(z, _cast(bias, dt))
-    y = op.Mul(op.Mul(z, op.Sigmoid(z)), op.CastLike(_col(in_segment), z))
+    # silu as z / (1 + e^-z): onnxruntime's CUDA provider fuses z * Sigmoid(z) into QuickGelu, which
+    # (1.31, memory reuse on) hands the conv's consumers a tensor of the wrong shape
+    silu = op.Div(z, op.Add(op.CastLike(1.0, z), op.Exp(op.Neg(z))))
+    y = op.Mul(silu, op.CastLike(_col(in_segment), z))
 
     lengths = op.Sub(op.Slice(offsets, [1], [_INT64_MAX]), op.Slice(offsets, [0], [-1]))
     rel_f = op.Add(op.Sub(_col(lengths), hist), _row(op.Range(0, hist, 1)))
