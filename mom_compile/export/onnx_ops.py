@@ -79,6 +79,12 @@ def _row(x):
     return op.Unsqueeze(x, [0])
 
 
+def _split_last(x, sizes: list[int]) -> list:
+    """x's last axis cut into consecutive parts of the given sizes."""
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    return [op.Slice(x, _ints(end - size), _ints(end), _ints(-1)) for size, end in zip(sizes, ends)]
+
+
 def _segment_of_rows(offsets, n):
     """(segment id [N] clamped to a real segment, in-segment mask [N], position inside it [N])
     of every packed row: the segment of row r is the number of segment ends <= r."""
@@ -142,10 +148,7 @@ def segment_conv(x, weight, bias, offsets, initial_state):
     z = op.ReduceSum(op.Mul(op.Gather(table, taps), _row(op.Transpose(_cast(weight, dt)))), [1],
                      keepdims=0)
     z = op.Add(z, _cast(bias, dt))
-    # silu as z / (1 + e^-z): onnxruntime's CUDA provider fuses z * Sigmoid(z) into QuickGelu, which
-    # (1.31, memory reuse on) hands the conv's consumers a tensor of the wrong shape
-    silu = op.Div(z, op.Add(op.CastLike(1.0, z), op.Exp(op.Neg(z))))
-    y = op.Mul(silu, op.CastLike(_col(in_segment), z))
+    y = op.Mul(_silu(z), op.CastLike(_col(in_segment), z))
 
     lengths = op.Sub(op.Slice(offsets, [1], [_INT64_MAX]), op.Slice(offsets, [0], [-1]))
     rel_f = op.Add(op.Sub(_col(lengths), hist), _row(op.Range(0, hist, 1)))
@@ -302,53 +305,46 @@ def gated_delta_translations(linear_attention: bool) -> tuple[Callable, Callable
 # -- mom::memory_decode -------------------------------------------------------------------------
 def memory_decode_translation(step: Callable) -> Callable:
     """mom::memory_decode (the functional form the export graphs use) as the composition its
-    reference is (ops/memory_decode.py): the rows' projections gathered, the gates, the conv over
-    one-row segments, per-head L2 normalisation, then `step` (the table's gated_delta_step
-    translation, so the LinearAttention choice applies here too) on the states gathered by slot.
-    The new tables take each chosen slot's row by a Where over all slots, not a scatter: a padding
-    token's rows all point at slot 0, and ScatterND with repeated indices is undefined."""
+    reference is (ops/memory_decode.py), on [B, k', ...] rows: each choice's projection set, conv
+    window and state gathered by slot (GatherND over the batch), the gates, the one-row conv, per-head
+    L2 normalisation, then `step` (the table's gated_delta_step translation, so the LinearAttention
+    choice applies here too). The new tables take each chosen slot's row by a Where over all slots,
+    not a scatter: a padding token's rows all point at slot 0, and ScatterND with repeated indices
+    is undefined. Every shape but the batch is a constant, so the decode graph stays small (it runs
+    once per token, and a provider pays for every node)."""
 
     def memory_decode(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,  # noqa: N803
                       rec_states, scale: float = 1.0, single_set: bool = False):
         _, slots, h, dk, dv = rec_states.shape  # model constants, static in every exported program
-        n_sets, set_width = per_set.shape[1], per_set.shape[2]
-        dt = _compute_type(q)
-        batch = _dim(memory_idx, 0)
-        memory = op.Reshape(memory_idx, _ints(-1))
-        valid = op.GreaterOrEqual(memory, op.Constant(value_int=0))
-        slot = op.Max(memory, op.Constant(value_int=0))
-        token = op.Reshape(op.Expand(_col(op.Range(0, batch, 1)), op.Shape(memory_idx)), _ints(-1))
-        proj_row = op.Mul(token, n_sets) if single_set else op.Add(op.Mul(token, n_sets), slot)
-        proj = op.Gather(op.Reshape(per_set, _ints(-1, set_width)), proj_row)
+        chosen, width = memory_idx.shape[1], conv_weight.shape[1]
         hk, hv = h * dk, h * dv
-        bounds = [0, hk + hv, hk + hv + h, hk + hv + 2 * h]
-        kv, b_pre, a_pre = (op.Slice(proj, _ints(lo), _ints(hi), _ints(1))
-                            for lo, hi in zip(bounds, bounds[1:]))
-        beta = op.Sigmoid(b_pre)
-        a = op.Add(_cast(a_pre, dt), _cast(dt_bias, dt))
-        capped = op.Min(a, op.CastLike(SOFTPLUS_THRESHOLD, a))
-        softplus = op.Where(op.Greater(a, op.CastLike(SOFTPLUS_THRESHOLD, a)), a,
-                            op.Log(op.Add(op.Exp(capped), op.CastLike(1.0, a))))
-        g = op.Mul(op.Neg(op.Exp(_cast(A_log, dt))), softplus)
+        dt = _compute_type(q)
+        valid = op.GreaterOrEqual(memory_idx, op.Constant(value_int=0))  # [B, k']
+        slot = op.Unsqueeze(op.Max(memory_idx, op.Constant(value_int=0)), [2])  # [B, k', 1]
+        proj = op.GatherND(per_set, op.Mul(slot, op.Constant(value_int=0)) if single_set else slot,
+                           batch_dims=1)  # [B, k', H*K + H*V + 2H]
+        kv, b_pre, a_pre = _split_last(proj, [hk + hv, h, h])
+        beta, g = _gates(b_pre, a_pre, A_log, dt_bias, dt)
 
-        slot_row = op.Add(op.Mul(token, slots), slot)  # row of the [B * S, ...] tables
-        conv_table = op.Reshape(conv_states, op.Concat(_ints(-1), op.Shape(conv_states, start=2), axis=0))
-        conv_rows = op.Gather(conv_table, slot_row)
-        rec_rows = op.Gather(op.Reshape(rec_states, _ints(-1, h, dk, dv)), slot_row)
+        # the conv over one row: the window [history ; x], its last W-1 rows the new conv state
+        x = op.Concat(op.Expand(op.Unsqueeze(q, [1]), _ints(1, chosen, 1)), kv, axis=2)  # [B, k', C]
+        window = op.Concat(op.GatherND(conv_states, slot, batch_dims=1), op.Unsqueeze(x, [2]), axis=2)
+        conv_new = op.Slice(window, _ints(1), _ints(width), _ints(2))  # [B, k', W-1, C]
+        taps = op.Transpose(_cast(conv_weight, dt))  # [W, C]
+        z = op.Add(op.ReduceSum(op.Mul(_cast(window, dt), taps), _ints(2), keepdims=0),
+                   _cast(_bias(conv_bias, conv_weight), dt))
+        conv_out = op.CastLike(_silu(z), q)  # [B, k', C], rounded where the reference rounds
+        qc, kc, vc = _split_last(conv_out, [hk, hk, hv])
+        qc, kc = (_l2_normalize(op.Reshape(t, _ints(-1, h, dk)), dt) for t in (qc, kc))
+
+        rec_rows = op.Reshape(op.GatherND(rec_states, slot, batch_dims=1), _ints(-1, h, dk, dv))
         # the tracer infers no type or shape for a Gather; `step` picks its ONNX op by them
         rec_rows.dtype, rec_rows.shape = rec_states.dtype, ir.Shape([None, h, dk, dv])
-        conv_in = op.Concat(op.Gather(q, token), kv, axis=1)
-        conv_in.dtype = q.dtype  # untyped in the tracer, like every Concat
-        conv_bias = _bias(conv_bias, conv_weight)
-        one_each = op.Range(0, op.Add(_dim(conv_in, 0), 1), 1)
-        conv_out, conv_new = segment_conv(conv_in, conv_weight, conv_bias, one_each, conv_rows)
-        bounds = [0, hk, 2 * hk, 2 * hk + hv]
-        qc, kc, vc = (op.Slice(conv_out, _ints(lo), _ints(hi), _ints(1))
-                      for lo, hi in zip(bounds, bounds[1:]))
-        qc, kc = (_l2_normalize(op.Reshape(t, _ints(0, h, dk)), dt) for t in (qc, kc))
-        o, rec_new = step(qc, kc, op.Reshape(vc, _ints(0, h, dv)), g, beta, rec_rows, scale=scale)
-        o = op.Mul(op.CastLike(o, rec_states), op.CastLike(op.Unsqueeze(valid, [1, 2]), rec_states))
-        o = op.Reshape(o, op.Concat(op.Shape(memory_idx), _ints(h, dv), axis=0))
+        o, rec_new = step(qc, kc, op.Reshape(vc, _ints(-1, h, dv)), op.Reshape(g, _ints(-1, h)),
+                          op.Reshape(beta, _ints(-1, h)), rec_rows, scale=scale)
+        o = op.Reshape(op.CastLike(o, rec_states), _ints(-1, chosen, h, dv))
+        o = op.Mul(o, op.CastLike(op.Unsqueeze(valid, [2, 3]), rec_states))
+        rec_new = op.Reshape(rec_new, _ints(-1, chosen, h, dk, dv))
         return o, _take_rows(conv_states, conv_new, memory_idx), _take_rows(rec_states, rec_new, memory_idx)
 
     return memory_decode
@@ -376,16 +372,32 @@ def _bias(conv_bias, conv_weight):
 
 
 def _take_rows(table, rows, memory_idx):
-    """table [B, S, ...] with slot (b, s) replaced by rows[b * k' + i] where memory_idx[b, i] = s."""
+    """table [B, S, ...] with slot (b, s) replaced by rows[b, i] where memory_idx[b, i] = s."""
     slots = table.shape[1]
-    chosen_at = op.Equal(op.Unsqueeze(memory_idx, [2]), _row(_row(op.Range(0, slots, 1))))  # [B, k', S]
-    picked = op.Cast(chosen_at, to=ir.DataType.INT64)
-    taken = op.Greater(op.ReduceMax(picked, _ints(1), keepdims=0), op.Constant(value_int=0))  # [B, S]
-    which = op.ArgMax(picked, axis=1, keepdims=0)  # [B, S]: the choice that wrote the slot
-    row = op.Add(op.Mul(_col(op.Range(0, _dim(memory_idx, 0), 1)), _dim(memory_idx, 1)), which)
-    new = op.Gather(op.CastLike(rows, table), row)  # [B, S, ...]
+    chosen_at = op.Equal(op.Unsqueeze(memory_idx, [2]), op.Constant(value_ints=list(range(slots))))
+    picked = op.Cast(chosen_at, to=ir.DataType.FLOAT)  # [B, k', S]; float: ArgMax has no int64 CUDA kernel
+    taken = op.Greater(op.ReduceMax(picked, _ints(1), keepdims=0), op.Constant(value_float=0.0))  # [B, S]
+    which = op.ArgMax(picked, axis=1, keepdims=1)  # [B, 1, S]: the choice that wrote the slot
+    new = op.GatherND(op.CastLike(rows, table), op.Transpose(which, perm=[0, 2, 1]), batch_dims=1)
     tail = [1] * (len(table.shape) - 2)
-    return op.Where(op.Reshape(taken, op.Concat(op.Shape(taken), _ints(*tail), axis=0)), new, table)
+    return op.Where(op.Reshape(taken, _ints(0, slots, *tail)), new, table)
+
+
+def _gates(b_pre, a_pre, A_log, dt_bias, dt: ir.DataType):  # noqa: N803
+    """(beta, g) as ops/memory_decode.py's `gates`: sigmoid(b_pre), and -exp(A_log) *
+    softplus(a_pre + dt_bias) in `dt`, softplus(x) = x above SOFTPLUS_THRESHOLD."""
+    a = op.Add(_cast(a_pre, dt), _cast(dt_bias, dt))
+    capped = op.Min(a, op.CastLike(SOFTPLUS_THRESHOLD, a))
+    softplus = op.Where(op.Greater(a, op.CastLike(SOFTPLUS_THRESHOLD, a)), a,
+                        op.Log(op.Add(op.Exp(capped), op.CastLike(1.0, a))))
+    return op.Sigmoid(b_pre), op.Mul(op.Neg(op.Exp(_cast(A_log, dt))), softplus)
+
+
+def _silu(z):
+    """z * sigmoid(z), written as z / (1 + e^-z): onnxruntime fuses z * Sigmoid(z) into QuickGelu,
+    and its CUDA provider (1.31, memory reuse on) then handed the consumers a tensor of the wrong
+    shape (issue 15)."""
+    return op.Div(z, op.Add(op.CastLike(1.0, z), op.Exp(op.Neg(z))))
 
 
 def _l2_normalize(x, dt: ir.DataType):
