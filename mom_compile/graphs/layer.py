@@ -29,10 +29,12 @@ def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.arange(m, device=probs.device)
     p_i, p_j = probs[..., :, None], probs[..., None, :]
     beats = (p_j > p_i) | ((p_j == p_i) & (idx[None, :] < idx[:, None]))
-    rank = beats.sum(-1)  # [..., m]: how many memories come before each one
-    picked = rank[..., None, :] == torch.arange(k, device=probs.device)[:, None]  # [..., k, m]
-    values = (picked * probs[..., None, :]).sum(-1)
-    indices = (picked * idx).sum(-1)
+    # counted in the probabilities' float type: onnxruntime's CUDA provider has no int64 ReduceSum,
+    # and a step that falls back to the CPU cannot be replayed from a CUDA graph
+    rank = beats.to(probs.dtype).sum(-1)  # [..., m]: how many memories come before each one
+    picked = rank[..., None, :] == torch.arange(k, device=probs.device, dtype=probs.dtype)[:, None]
+    values = (picked * probs[..., None, :]).sum(-1)  # picked: [..., k, m]
+    indices = (picked * idx.to(probs.dtype)).sum(-1).long()
     return values, indices
 
 
@@ -128,7 +130,8 @@ class MomLayer(nn.Module):
         weights, memory_idx = top_k(probs, self.config.topk)
         weights = weights / weights.sum(-1, keepdim=True)
         if self.config.shared_mem:
-            memory_idx = F.pad(memory_idx, (0, 1), value=self.config.num_memories)
+            shared = torch.full_like(memory_idx[..., :1], self.config.num_memories)
+            memory_idx = torch.cat([memory_idx, shared], -1)  # not an int64 Pad: none on the CUDA provider
             weights = F.pad(weights, (0, 1), value=1.0)
         return memory_idx, weights
 
