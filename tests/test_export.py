@@ -82,10 +82,9 @@ def _fx_target(node) -> str:
 
 
 def test_no_translation_writes_silu_as_x_times_sigmoid_x(tiny_onnx):
-    """onnxruntime fuses x * Sigmoid(x) into QuickGelu, and its CUDA provider (1.31, memory reuse
-    on) then fed the conv's consumers a tensor of the wrong shape (issue 15). torch's own silu
-    (the output gate, the MLP) survives the fusion; the translations of our ops avoid the pattern.
-    (At the default opset: the conversion to later opsets drops the nodes' origin.)"""
+    """The translations write silu without the pattern onnxruntime fuses into QuickGelu (why:
+    `onnx_ops._silu`); only torch's own silu (the output gate, the MLP) has it. At the default
+    opset: the conversion to later opsets drops the nodes' origin."""
     _, _, paths = tiny_onnx(DEFAULT_OPSET)
     for path in paths.values():
         nodes = list(_all_nodes(onnx.load(path).graph))

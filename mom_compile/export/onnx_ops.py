@@ -289,14 +289,16 @@ def gated_delta_translations(linear_attention: bool) -> tuple[Callable, Callable
         return op.CastLike(o, v), op.Cast(final, to=state_type)
 
     def gated_delta_step(q, k, v, g, beta, state, scale: float = 1.0):
-        """(o [R, H, V], new state [R, H, K, V]) for one token per row; computes in the state's type."""
-        q, k, v, g, beta = (op.CastLike(t, state) for t in (q, k, v, g, beta))
+        """(o [R, H, V] in v's type, new state [R, H, K, V]) for one token per row; computes in the
+        state's type."""
+        qs, ks, vs, gs, betas = (op.CastLike(t, state) for t in (q, k, v, g, beta))
         if standard_op(state.dtype):
-            one_token = (op.Unsqueeze(t, [1]) for t in (op.Mul(q, op.CastLike(scale, q)), k, v, g, beta))
+            scaled_q = op.Mul(qs, op.CastLike(scale, qs))
+            one_token = (op.Unsqueeze(t, [1]) for t in (scaled_q, ks, vs, gs, betas))
             o, new_state = _linear_attention(*one_token, state, _heads(state))
             o = op.Squeeze(o, [1])
         else:
-            o, new_state = MemoryStep(q, k, v, g, beta, state, scale=scale)
+            o, new_state = MemoryStep(qs, ks, vs, gs, betas, state, scale=scale)
         return op.CastLike(o, v), new_state
 
     return chunk_gated_delta, gated_delta_step
@@ -338,12 +340,12 @@ def memory_decode_translation(step: Callable) -> Callable:
         qc, kc = (_l2_normalize(op.Reshape(t, _ints(-1, h, dk)), dt) for t in (qc, kc))
 
         rec_rows = op.Reshape(op.GatherND(rec_states, slot, batch_dims=1), _ints(-1, h, dk, dv))
-        # the tracer infers no type or shape for a Gather; `step` picks its ONNX op by them
+        # the tracer infers no type or shape for these rows; `step` picks its ONNX op by them
         rec_rows.dtype, rec_rows.shape = rec_states.dtype, ir.Shape([None, h, dk, dv])
         o, rec_new = step(qc, kc, op.Reshape(vc, _ints(-1, h, dv)), op.Reshape(g, _ints(-1, h)),
                           op.Reshape(beta, _ints(-1, h)), rec_rows, scale=scale)
         o = op.Reshape(op.CastLike(o, rec_states), _ints(-1, chosen, h, dv))
-        o = op.Mul(o, op.CastLike(op.Unsqueeze(valid, [2, 3]), rec_states))
+        o = op.Where(op.Unsqueeze(valid, [2, 3]), o, op.CastLike(0.0, o))
         rec_new = op.Reshape(rec_new, _ints(-1, chosen, h, dk, dv))
         return o, _take_rows(conv_states, conv_new, memory_idx), _take_rows(rec_states, rec_new, memory_idx)
 
