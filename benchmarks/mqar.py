@@ -1,6 +1,7 @@
 """MQAR recall benchmark: what several memories buy at equal width (issue 14).
 
-Three models of width d=128 with 2 layers (2 heads of 64, MLP ratio 4, vocabulary 8192):
+Three models of width d=128 with 2 layers (2 heads of 64, MLP ratio 4, vocabulary 8192, the
+output head tied to the embeddings as in Zoology's models):
   gdn   one gated-delta memory (num_memories=1, topk=1, no shared memory): the Gated DeltaNet baseline
   mom4  MoM: 4 memories, top-2, plus the shared memory
   mom8  MoM: 8 memories, top-2, plus the shared memory
@@ -43,7 +44,9 @@ MODELS = {  # name: (label, MomConfig overrides)
     "mom4": ("MoM 4 memories, top-2 + shared", dict(num_memories=4, topk=2, shared_mem=True)),
     "mom8": ("MoM 8 memories, top-2 + shared", dict(num_memories=8, topk=2, shared_mem=True)),
 }
-WIDTH = dict(hidden_size=128, num_hidden_layers=2, num_heads=2, head_dim=64, hidden_ratio=4)
+# Tied as in Zoology: untied models sat on the loss plateau far longer (benchmarks/RESULTS.md).
+WIDTH = dict(hidden_size=128, num_hidden_layers=2, num_heads=2, head_dim=64, hidden_ratio=4,
+             tie_word_embeddings=True)
 
 
 @dataclass(frozen=True)
