@@ -1,7 +1,8 @@
 """A whole training step on the GPU: forward, backward and AdamW of the 340m preset (545M
 parameters), compiled, against its Transformer twin (benchmarks/peers.py: the same width, heads,
-MLP and vocabulary with SDPA attention) in the same run. Prints tokens per second and peak memory
-per sequence length, with the card, the commit and the shapes.
+MLP and vocabulary with SDPA attention) in the same run, and MoM again with gradient checkpointing
+(each block recomputed in the backward). Prints tokens per second and peak memory per sequence
+length, with the card, the commit and the shapes.
 
 Both models keep float32 parameters and AdamW states (fused AdamW) and compute under bf16 autocast;
 each block is compiled (torch.compile(fullgraph=True) per block, as large models are trained: one
@@ -30,8 +31,10 @@ from peers import TransformerLM  # noqa: E402
 from mom_compile import MomConfig, MomForCausalLM  # noqa: E402
 
 
-def mom(config: MomConfig):
+def mom(config: MomConfig, recompute: bool = False):
     model = MomForCausalLM(config)
+    if recompute:
+        model.gradient_checkpointing_enable()
     for block in model.model.layers:
         block.compile(fullgraph=True)
     return model, lambda ids: model(ids, labels=ids).loss
@@ -106,6 +109,8 @@ def main() -> None:
     rows = []
     for t in args.ts:
         rows.append(run("MoM", lambda: mom(config), t, args.tokens, args.steps, args.warmup))
+        rows.append(run("MoM, gradient checkpointing", lambda: mom(config, recompute=True), t, args.tokens,
+                        args.steps, args.warmup))
         rows.append(run("Transformer (SDPA)", lambda: transformer(config), t, args.tokens, args.steps,
                         args.warmup))
     print("\n| T | B | model | ms/step | tokens/s | peak GiB |\n| --- | --- | --- | --- | --- | --- |")

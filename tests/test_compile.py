@@ -30,7 +30,8 @@ def test_no_graph_breaks_in_training_prefill_and_decode(model):
     assert graph_breaks(model, ids(2, 1), past_key_values=cache, use_cache=True) == 0
 
 
-def test_compiled_training_step_matches_eager(model):
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_compiled_training_step_matches_eager(model, recompute):
     x, mask = ids(2, 11), torch.ones(2, 11, dtype=torch.int64)
     mask[1, :4] = 0
     model.train()
@@ -38,6 +39,8 @@ def test_compiled_training_step_matches_eager(model):
     eager.loss.backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    if recompute:  # the blocks recomputed inside the compiled backward
+        model.gradient_checkpointing_enable()
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x, attention_mask=mask, labels=x)
     out.loss.backward()

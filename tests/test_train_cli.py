@@ -94,7 +94,15 @@ def test_out_of_memory_says_what_to_reduce(capsys, tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(MomForCausalLM, "forward", no_memory)
     one_line_error(capsys, 1, [*QUICK, "--out", tmp_path / "run"], "out of memory", "--batch-size",
-                   "--grad-accum", "--seq-len", "torchrun")
+                   "--grad-accum", "--grad-checkpointing", "--seq-len", "torchrun")
+
+
+def test_grad_checkpointing_trains_the_same_steps(tmp_path):
+    """--grad-checkpointing recomputes blocks in the backward: the same losses, step for step."""
+    runs = [tmp_path / "plain", tmp_path / "recomputed"]
+    assert train(*QUICK, "--steps", 3, "--out", runs[0]) == 0
+    assert train(*QUICK, "--steps", 3, "--grad-checkpointing", "--out", runs[1]) == 0
+    assert losses(runs[1]) == losses(runs[0]) and len(losses(runs[0])) == 3
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(capsys, tmp_path, monkeypatch):

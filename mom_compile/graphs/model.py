@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .cache import MomCache
 from .checkpoint import load_pretrained, save_pretrained
@@ -51,7 +52,9 @@ class MomBlock(nn.Module):
 
 
 class MomModel(nn.Module):
-    """Embeddings -> blocks -> final norm. Returns (hidden states, router logits per layer)."""
+    """Embeddings -> blocks -> final norm. Returns (hidden states, router logits per layer).
+    With `gradient_checkpointing`, training keeps only each block's input and recomputes the block
+    in the backward."""
 
     def __init__(self, config: MomConfig) -> None:
         super().__init__()
@@ -59,6 +62,7 @@ class MomModel(nn.Module):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(MomBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.gradient_checkpointing = False
 
     def forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
@@ -66,8 +70,13 @@ class MomModel(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h = self.embeddings(input_ids)
         router_logits = []
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
+            and cache is None
         for i, block in enumerate(self.layers):
-            h, logits = block(h, mask, None if cache is None else cache[i])
+            if recompute:
+                h, logits = checkpoint(block, h, mask, use_reentrant=False)
+            else:
+                h, logits = block(h, mask, None if cache is None else cache[i])
             router_logits.append(logits)
         return self.norm(h), router_logits
 
@@ -110,6 +119,14 @@ class MomForCausalLM(nn.Module):
             nn.init.normal_(weight, std=std)
         if self.config.pad_token_id is not None:
             self.model.embeddings.weight[self.config.pad_token_id].zero_()
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Trade compute for memory in training (Hugging Face's name): each block's activations are
+        recomputed in the backward instead of kept, about one more forward per step."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -6,8 +6,9 @@ import argparse
 
 DEFAULTS = dict(
     seq_len=256, steps=1000, batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=None, min_lr_ratio=0.1,
-    weight_decay=0.1, betas=[0.9, 0.95], grad_clip=1.0, precision="auto", compile=True, seed=0,
-    save_every=500, keep_checkpoints=2, log_every=10, eval_every=0, eval_samples=512, plot=False,
+    weight_decay=0.1, betas=[0.9, 0.95], grad_clip=1.0, precision="auto", compile=True,
+    grad_checkpointing=False, seed=0, save_every=500, keep_checkpoints=2, log_every=10, eval_every=0,
+    eval_samples=512, plot=False,
     text_field="text", task=None, data=None, tokenizer=None, mqar_pairs=None, mqar_vocab=None,
     device=None,
 )

@@ -90,8 +90,8 @@ def _out_of_memory(args, trainer, world: World) -> str:
     if trainer is not None:
         size = f"{sum(p.numel() for p in trainer.model.parameters()) * world.size / 1e6:.0f}M parameters, "
     return (f"out of memory on {world.device} ({size}--batch-size {args.batch_size} x --seq-len "
-            f"{args.seq_len}): lower --batch-size (raising --grad-accum keeps the global batch), lower "
-            "--seq-len, or spread the model over more GPUs with torchrun")
+            f"{args.seq_len}): lower --batch-size (raising --grad-accum keeps the global batch), add "
+            "--grad-checkpointing, lower --seq-len, or spread the model over more GPUs with torchrun")
 
 
 def _where_to_resume(trainer) -> str:
@@ -126,6 +126,8 @@ class Trainer:
 
         torch.manual_seed(args.seed)  # the same initial weights in every process
         self.model = self._build_model().to(world.device)
+        if args.grad_checkpointing:
+            self.model.gradient_checkpointing_enable()
         if world.distributed:
             shard_model(self.model, compile_blocks=args.compile)
             self.forward = self.model
