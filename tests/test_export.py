@@ -30,6 +30,7 @@ from mom_compile.export.onnx_export import (  # noqa: E402
 )
 from mom_compile.export.onnx_ops import LINEAR_ATTENTION_OPSET  # noqa: E402
 from mom_compile.export.runtime import Generator, OnnxGenerator  # noqa: E402
+from mom_compile.export.verify import TOLERANCE, compare_all  # noqa: E402
 from mom_compile.graphs.export_graphs import DecodeStepGraph, PrefillGraph  # noqa: E402
 
 from models import tiny_model  # noqa: E402
@@ -151,6 +152,23 @@ def test_float64_decode_step_computes_in_float64(tmp_path):
     got = session.run(None, dict(zip(spec.inputs, [ids.numpy(), *(t.numpy() for t in past)])))
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r.numpy(), atol=1e-11, rtol=1e-10)
+
+
+def test_float16_graphs_match_pytorch(tmp_path):
+    """float16 exports (what the CUDA provider runs: it has no bfloat16 MatMul) against the float16
+    model, here on the CPU provider, so that their types and roundings are checked without a GPU."""
+    model = tiny_model(torch.float16)
+    paths = export_onnx(model, str(tmp_path), opset=DEFAULT_OPSET, progress=lambda _: None)
+    specs = graph_specs(model.config)
+
+    def run(name, inputs):
+        ids, second = inputs
+        arrays = [second.numpy()] if name == "prefill" else [t.numpy() for t in second]
+        session = ort.InferenceSession(paths[name], providers=["CPUExecutionProvider"])
+        return session.run(None, dict(zip(specs[name].inputs, [ids.numpy(), *arrays])))
+
+    worst = max(compare_all(model, run, seed=3), key=lambda e: e.max_rel)
+    assert worst.max_rel <= TOLERANCE[torch.float16], worst
 
 
 def _prefill_both(model, session, ids, mask):
