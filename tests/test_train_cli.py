@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from mom_compile import MomForCausalLM
 from mom_compile.train import checkpoint as checkpoint_module
@@ -97,11 +98,20 @@ def test_out_of_memory_says_what_to_reduce(capsys, tmp_path, monkeypatch):
                    "--grad-accum", "--grad-checkpointing", "--seq-len", "torchrun")
 
 
-def test_grad_checkpointing_trains_the_same_steps(tmp_path):
+def test_grad_checkpointing_trains_the_same_steps(tmp_path, monkeypatch):
     """--grad-checkpointing recomputes blocks in the backward: the same losses, step for step."""
+    from mom_compile.graphs import model as model_module
+    recomputed = []
+
+    def counted(*args, **kwargs):
+        recomputed.append(1)
+        return checkpoint(*args, **kwargs)
+    monkeypatch.setattr(model_module, "checkpoint", counted)
     runs = [tmp_path / "plain", tmp_path / "recomputed"]
     assert train(*QUICK, "--steps", 3, "--out", runs[0]) == 0
+    assert not recomputed
     assert train(*QUICK, "--steps", 3, "--grad-checkpointing", "--out", runs[1]) == 0
+    assert len(recomputed) == 3 * 2  # every step, every block of the tiny model
     assert losses(runs[1]) == losses(runs[0]) and len(losses(runs[0])) == 3
 
 
