@@ -1,6 +1,6 @@
 """Where do two onnxruntime providers (CPU and CUDA by default) part ways on the exported graphs?
 
-    PYTHONPATH=/tmp/ortsite:$PWD python benchmarks/ort_cuda_check.py [FOLDER] [--checkpoint DIR]
+    python benchmarks/ort_cuda_check.py [FOLDER] [--checkpoint DIR]
         [--graphs prefill decode_step] [--levels disabled basic all] [--generate] [--opset 18]
         [--dtype float32] [--batch 2] [--seq 11] [--log ort_cuda_check.log]
 

@@ -7,7 +7,7 @@ The 340m preset (random weights, seed 0) is exported once with `python -m mom_co
   - onnxruntime: `OnnxBackend` on the CUDA provider (states I/O-bound on the GPU, only the
     logits come back per step), ms per decode step after a prefill of --prompt tokens.
 Both bring the last logits to the host and pick the next token there every step, as the
-generation loops do. Run with onnxruntime-gpu importable (e.g. PYTHONPATH=/tmp/ortsite:$PWD).
+generation loops do. Run with onnxruntime-gpu installed.
 
     python benchmarks/ort_decode.py [--folder DIR] [--batches 1 64] [--steps 32]
 """

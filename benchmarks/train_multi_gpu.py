@@ -6,8 +6,7 @@ the 340m width and --layers layers (d=1024, 4 heads of 256, 4 memories top-2 + s
 run takes --batch-size rows x 2 accumulation steps, the 2-GPU run --batch-size rows x 1 x 2 GPUs,
 so every step sees the same sequences in the same micro-batches. Printed last: the loss of both at
 every 5th step, the largest difference over all steps, and tokens/s of each (median over the steps
-after the first 10, which include compilation) with the speed-up. About 3 minutes on two H200s,
-compilation included.
+after the first 10, which include compilation) with the speed-up.
 
     python benchmarks/train_multi_gpu.py [--out runs/multi_gpu] [--steps 50] [--layers 4]
         [--seq-len 2048] [--batch-size 8] [--no-compile]

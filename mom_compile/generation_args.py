@@ -60,8 +60,8 @@ def check_generate_args(
         raise ValueError(f"input_ids: expected a non-empty [batch, seq] array, got shape {list(shape)}")
     if _dtype_name(input_ids) not in ID_DTYPES:
         raise ValueError(f"input_ids: expected an int64 or int32 array, got {_dtype_name(input_ids)}")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= vocab_size:
+    if bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):  # one look; the range only to report
+        lo, hi = int(input_ids.min()), int(input_ids.max())
         raise ValueError(f"input_ids: ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
     if attention_mask is not None:
         if tuple(attention_mask.shape) != shape:

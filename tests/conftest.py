@@ -38,7 +38,7 @@ def tiny_onnx(tmp_path_factory):
 @pytest.fixture
 def one_thread():
     """Training tests run on one intra-op thread: the CPU reference scan of many short segments
-    is several times slower when two threads contend for two shared cores."""
+    slows down when two threads contend for two shared cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from mom_compile.graphs.generation import CHECK_EVERY
 
-from models import tiny_model
+from models import TINY_VOCAB, ids, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,7 +27,7 @@ def test_cuda_graph_generation_matches_eager_without_recapture(monkeypatch):
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
                         lambda self, *a, **k: recordings.append(1) or record(self, *a, **k))
     model = tiny_model(dtype=torch.float32).cuda()
-    prompt = torch.randint(0, 97, (2, 9), device="cuda")
+    prompt = ids(2, 9).cuda()
     mask = torch.ones_like(prompt)
     mask[1, :4] = 0
     eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24, cuda_graph=False)
@@ -47,8 +47,8 @@ def test_cuda_graph_generation_matches_eager_without_recapture(monkeypatch):
 
 def test_decode_step_does_no_host_sync():
     model = tiny_model(dtype=torch.float32).cuda()
-    out = model(torch.randint(0, 97, (2, 5), device="cuda"), use_cache=True)
-    step = torch.randint(0, 97, (2, 1), device="cuda")
+    out = model(ids(2, 5).cuda(), use_cache=True)
+    step = ids(2, 1).cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -75,10 +75,10 @@ def test_generate_with_eos_syncs_once_per_check_interval():
     """An eos id costs one host sync per CHECK_EVERY decode steps and one at the end, not one per
     step; the tokens are those of the run without it (the eos id never comes)."""
     model = tiny_model(dtype=torch.float32).cuda()
-    prompt = torch.randint(0, 97, (2, 5), device="cuda")
+    prompt = ids(2, 5).cuda()
     new = 3 * CHECK_EVERY
     base, free = _sync_warnings(lambda: model.generate(prompt, max_new_tokens=new))
-    never = next(i for i in range(97) if i not in free[:, 5:])
+    never = next(i for i in range(TINY_VOCAB) if i not in free[:, 5:])
     syncs, got = _sync_warnings(lambda: model.generate(prompt, max_new_tokens=new, eos_token_id=never))
     assert torch.equal(got, free)
     assert syncs - base == new // CHECK_EVERY + 1, (syncs, base)
@@ -95,7 +95,7 @@ def test_eager_generate_replays_a_cuda_graph_with_the_same_tokens(monkeypatch):
     monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
                         lambda self, *a, **k: recordings.append(1) or capture(self, *a, **k))
     model = tiny_model(dtype=torch.float32).cuda()
-    prompt = torch.randint(0, 97, (3, 7), device="cuda")
+    prompt = ids(3, 7).cuda()
     mask = torch.ones_like(prompt)
     mask[0, :3] = 0
     for kwargs in (dict(eos_token_id=5), dict(do_sample=True, top_p=0.9)):

@@ -6,22 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import tiny_model
+from models import ids, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_training_step_does_no_host_sync():
     model = tiny_model(dtype=torch.float32).cuda()
-    ids = torch.randint(0, 97, (3, 70), device="cuda")
-    mask = torch.ones_like(ids)
+    x = ids(3, 70).cuda()
+    mask = torch.ones_like(x)
     mask[1, :9] = 0
-    model(ids, attention_mask=mask, labels=ids).loss.backward()  # first call: lazy init, autotune
+    model(x, attention_mask=mask, labels=x).loss.backward()  # first call: lazy init, autotune
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = model(ids, attention_mask=mask, labels=ids)
+        out = model(x, attention_mask=mask, labels=x)
         out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

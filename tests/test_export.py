@@ -381,12 +381,16 @@ def test_io_bound_states_equal_a_plain_run(exported):
     for i in range(5):
         step = ids[:, i:i + 1].numpy()
         np.testing.assert_array_equal(bound.step(step), plain.step(step))
-    ref = model.generate(ids, mask, max_new_tokens=16, do_sample=True, top_k=20,
-                         generator=torch.Generator().manual_seed(0))[:, :7]
     got = [Generator(backend).generate(ids.numpy(), mask.numpy(), max_new_tokens=16, do_sample=True,
                                        top_k=20, seed=4) for backend in (bound, plain)]
     np.testing.assert_array_equal(got[0], got[1])
-    np.testing.assert_array_equal(got[0][:, :7], ref.numpy())
+    # and the sampled tokens are top_k tokens of the PyTorch model at their positions
+    tokens = torch.from_numpy(got[0])
+    full_mask = torch.cat([mask, torch.ones(3, 16, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        logits = model(tokens, attention_mask=full_mask).logits[:, ids.shape[1] - 1:-1]
+    chosen = logits.gather(-1, tokens[:, ids.shape[1]:, None])
+    assert ((logits > chosen + 1e-4).sum(-1) < 20).all()
 
 
 @pytest.mark.parametrize("edit, error, match", [

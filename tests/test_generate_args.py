@@ -63,8 +63,7 @@ def test_ragged_lists(generator):
 
 
 def test_right_padding_is_refused_but_left_padding_is_not(generator):
-    """The issue's case: [[5, 6, 0]] with mask [[1, 1, 0]] was answered with other tokens than
-    [[5, 6]] (now refused, above); its left-padded form gives [[5, 6]]'s tokens."""
+    """Right padding is refused (above); the left-padded form of [[5, 6]] gives its tokens."""
     generate, as_array = generator
     alone = np.asarray(generate(as_array([[5, 6]]), max_new_tokens=4))
     padded = np.asarray(generate(as_array([[0, 5, 6]]), as_array([[0, 1, 1]]), max_new_tokens=4))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import oracle
-from models import ids, tiny_model
+from models import TINY_VOCAB, ids, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
@@ -213,7 +213,7 @@ def test_generate_with_eos_looks_at_the_host_once_per_check_interval(model, monk
 
     x, new = ids(2, 4), 3 * CHECK_EVERY
     base, free = _host_syncs(monkeypatch, lambda: model.generate(x, max_new_tokens=new))
-    never = next(i for i in range(97) if i not in free[:, 4:])
+    never = next(i for i in range(TINY_VOCAB) if i not in free[:, 4:])
     syncs, got = _host_syncs(monkeypatch, lambda: model.generate(x, max_new_tokens=new, eos_token_id=never))
     assert torch.equal(got, free)
     assert syncs - base == new // CHECK_EVERY + 1

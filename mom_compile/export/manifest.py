@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 MANIFEST_NAME = "model.json"
-FORMAT = "mom_compile.onnx/2"  # /2: `files`, and the weights in one shared data file
+FORMAT = "mom_compile.onnx/2"
 STATE_LAYOUT = {
     "recurrent": "[batch, memory_slots, heads, head_dim, head_v_dim]: the gated-delta state S of "
                  "each memory (routed memories 0..M-1, then the shared one); zeros = no history",

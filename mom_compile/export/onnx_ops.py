@@ -397,8 +397,7 @@ def _gates(b_pre, a_pre, A_log, dt_bias, dt: ir.DataType):  # noqa: N803
 
 def _silu(z):
     """z * sigmoid(z), written as z / (1 + e^-z): onnxruntime fuses z * Sigmoid(z) into QuickGelu,
-    and its CUDA provider (1.31, memory reuse on) then handed the consumers a tensor of the wrong
-    shape (issue 15)."""
+    which its CUDA provider, with memory reuse on, hands on with the wrong shape."""
     return op.Div(z, op.Add(op.CastLike(1.0, z), op.Exp(op.Neg(z))))
 
 

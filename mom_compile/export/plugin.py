@@ -162,7 +162,7 @@ def reference_function(model, scale: float, single_set: bool, opset: int) -> onn
     batch, h, k = 2, config.num_heads, config.head_dim
     (rec_shape, rec_dtype), (conv_shape, dtype) = state_specs(config, batch, model.lm_head.weight.dtype)[:2]
     sets, set_width = len(layer.memory_set_names()), config.key_dim + config.value_dim + 2 * h
-    choices = config.topk + int(config.shared_mem)
+    choices = config.chosen_memories
     weight = layer.conv_weight.detach().squeeze(1)
     bias = weight.new_zeros(weight.shape[0]) if layer.conv_bias is None else layer.conv_bias.detach()
     args = (torch.randn(batch, h * k, dtype=dtype), torch.randn(batch, sets, set_width, dtype=dtype),

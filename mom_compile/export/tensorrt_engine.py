@@ -45,17 +45,12 @@ def build_problem() -> str | None:
     return None
 
 
-def routed_memories(config) -> int:
-    """Memories each token goes to: topk, and the shared one."""
-    return config.topk + int(config.shared_mem)
-
-
 def prefill_batch(config, max_batch: int, max_seq: int) -> int:
     """Rows one prefill run takes: every routed token of the batch is one key of a TopK."""
-    per_row = max_seq * routed_memories(config)
+    per_row = max_seq * config.chosen_memories
     if per_row > TOPK_LIMIT:
-        raise ValueError(f"--max-seq: at most {TOPK_LIMIT // routed_memories(config)} for this model "
-                         f"(TensorRT's TopK sorts seq * {routed_memories(config)} routed tokens per "
+        raise ValueError(f"--max-seq: at most {TOPK_LIMIT // config.chosen_memories} for this model "
+                         f"(TensorRT's TopK sorts seq * {config.chosen_memories} routed tokens per "
                          f"sequence, {TOPK_LIMIT} at most), got {max_seq}")
     return min(max_batch, TOPK_LIMIT // per_row)
 

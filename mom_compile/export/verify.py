@@ -47,10 +47,16 @@ def session(path: str, model: MomForCausalLM | None = None) -> ort.InferenceSess
 
 
 def _compare(graph: str, names, got, ref) -> list[OutputError]:
+    """One row per reference output; a missing output or one of another shape has an infinite error
+    (never broadcast into a pass)."""
+    got = list(got) + [None] * (len(ref) - len(got))
     rows = []
     for name, g, r in zip(names, got, ref):
-        g = g.detach().double().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, dtype=np.float64)
         r = r.detach().double().numpy()
+        if g is None or tuple(g.shape) != r.shape:
+            rows.append(OutputError(graph, name, tuple(r.shape), float("inf"), float("inf")))
+            continue
+        g = g.detach().double().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, dtype=np.float64)
         diff = float(np.abs(g - r).max())
         rows.append(OutputError(graph, name, tuple(r.shape), diff, diff / max(float(np.abs(r).max()), 1e-30)))
     return rows

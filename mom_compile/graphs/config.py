@@ -82,6 +82,11 @@ class MomConfig:
         """Routed memories plus the shared one: the number of recurrent states per sequence."""
         return self.num_memories + int(self.shared_mem)
 
+    @property
+    def chosen_memories(self) -> int:
+        """Memories each token goes to: its topk, and the shared one (k')."""
+        return self.topk + int(self.shared_mem)
+
     def validate(self) -> None:
         """Raise a ValueError naming the first field that this implementation cannot honour."""
         def bad(key: str, why: str) -> None:

@@ -8,7 +8,7 @@ meanwhile, and the output is cut where they had all finished, so it equals stopp
 
 On CUDA, unless `forward` is compiled, the decode step is recorded once as a CUDA graph and
 replayed (`CudaGraphStep`): an eager step launches hundreds of small kernels from Python, and the
-replay launches them all at once, so eager users decode at about the speed of a compiled model.
+replay launches them all at once, so eager users skip the per-kernel launch cost.
 """
 from __future__ import annotations
 

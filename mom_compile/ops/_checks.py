@@ -32,6 +32,18 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
+def check_rows(q, k, v, g, beta) -> tuple[int, int, int, int]:
+    """The gated delta rule's per-row inputs (q, k [N, H, K]; v [N, H, V]; g [N, H] float32 or
+    float64; beta [N, H], q's dtype for all but g). Returns (N, H, K, V)."""
+    check_tensor("q", q, shape=(None, None, None), dtypes=FLOAT_DTYPES)
+    n, h, dk = q.shape
+    check_tensor("k", k, shape=(n, h, dk), dtypes=(q.dtype,))
+    check_tensor("v", v, shape=(n, h, None), dtypes=(q.dtype,))
+    check_tensor("g", g, shape=(n, h), dtypes=STATE_DTYPES)
+    check_tensor("beta", beta, shape=(n, h), dtypes=(q.dtype,))
+    return n, h, dk, v.shape[-1]
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_DTYPES = (torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64,)

@@ -16,13 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import (
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
-    STATE_DTYPES,
-    check_same_device,
-    check_tensor,
-)
+from ._checks import INDEX_DTYPES, STATE_DTYPES, check_rows, check_same_device, check_tensor
 from .gated_delta_step import step_backward_reference, step_reference
 from .precision import compute_dtype
 
@@ -212,18 +206,13 @@ def chunk_gated_delta(
     Returns (o [N, H, V] in v's dtype, final state [S, H, K, V] in `state_dtype`: the initial
     state's dtype, else float32, or float64 for float64 inputs).
     """
-    check_tensor("q", q, shape=(None, None, None), dtypes=FLOAT_DTYPES)
-    n, h, dk = q.shape
-    check_tensor("k", k, shape=(n, h, dk), dtypes=(q.dtype,))
-    check_tensor("v", v, shape=(n, h, None), dtypes=(q.dtype,))
-    check_tensor("g", g, shape=(n, h), dtypes=STATE_DTYPES)
-    check_tensor("beta", beta, shape=(n, h), dtypes=(q.dtype,))
+    n, h, dk, dv = check_rows(q, k, v, g, beta)
     check_tensor("offsets", offsets, shape=(None,), dtypes=INDEX_DTYPES)
     if offsets.shape[0] < 1:
         raise ValueError("offsets: expected at least one entry (offsets[0] = 0)")
     if initial_state is not None:
         check_tensor("initial_state", initial_state,
-                     shape=(offsets.shape[0] - 1, h, dk, v.shape[-1]), dtypes=STATE_DTYPES)
+                     shape=(offsets.shape[0] - 1, h, dk, dv), dtypes=STATE_DTYPES)
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, offsets=offsets, initial_state=initial_state)
     scale = dk ** -0.5 if scale is None else float(scale)
     return torch.ops.mom.chunk_gated_delta(q, k, v, g, beta, offsets, initial_state, scale)

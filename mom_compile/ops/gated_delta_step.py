@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, STATE_DTYPES, check_same_device, check_tensor
+from ._checks import STATE_DTYPES, check_rows, check_same_device, check_tensor
 
 
 def step_reference(
@@ -106,12 +106,7 @@ def gated_delta_step(
     q, k: [R, H, K]; v: [R, H, V]; g: [R, H] float32 log-decay (<= 0); beta: [R, H];
     state: [R, H, K, V] float32 (or float64). Returns (o [R, H, V] in v's dtype, new state).
     """
-    check_tensor("q", q, shape=(None, None, None), dtypes=FLOAT_DTYPES)
-    r, h, dk = q.shape
-    check_tensor("k", k, shape=(r, h, dk), dtypes=(q.dtype,))
-    check_tensor("v", v, shape=(r, h, None), dtypes=(q.dtype,))
-    check_tensor("g", g, shape=(r, h), dtypes=STATE_DTYPES)
-    check_tensor("beta", beta, shape=(r, h), dtypes=(q.dtype,))
-    check_tensor("state", state, shape=(r, h, dk, v.shape[-1]), dtypes=STATE_DTYPES)
+    r, h, dk, dv = check_rows(q, k, v, g, beta)
+    check_tensor("state", state, shape=(r, h, dk, dv), dtypes=STATE_DTYPES)
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, state=state)
     return torch.ops.mom.gated_delta_step(q, k, v, g, beta, state, float(scale))

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-IGNORE_INDEX = -100  # the label of positions that are not scored (the model's ignore index)
+from mom_compile.graphs.loss import IGNORE_INDEX
 
 
 class Source(Protocol):

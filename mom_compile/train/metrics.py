@@ -58,7 +58,7 @@ class Progress:
     shows nothing."""
 
     def __init__(self, start_step: int, total_steps: int, enabled: bool) -> None:
-        self.start, self.total, self.enabled = start_step, total_steps, enabled
+        self.total, self.enabled = total_steps, enabled
         self.bar = None
         if enabled and sys.stderr.isatty():
             try:

@@ -49,6 +49,7 @@ class Mqar:
         self.global_batch, self.seed = global_batch, seed
         self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._eval_sets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._choices: dict[torch.device, torch.Tensor] = {}  # the pair counts, on each device
 
     def rows(self, step: int, start: int, stop: int, device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,9 @@ class Mqar:
         g, dev = generator, generator.device
         t, half = self.seq_len, self.vocab_size // 2
         if pairs is None:
-            choices = torch.tensor(self.pairs, device=dev)
+            if dev not in self._choices:  # once per device: a list -> CUDA tensor copy syncs the host
+                self._choices[dev] = torch.tensor(self.pairs, device=dev)
+            choices = self._choices[dev]
             count = choices[torch.randint(len(choices), (rows,), generator=g, device=dev)]
         else:
             count = torch.full((rows,), pairs, device=dev)

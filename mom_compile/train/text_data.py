@@ -79,7 +79,8 @@ class PackedText:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, labels) [stop - start, seq_len] of rows start..stop of global batch `step`."""
         index = torch.arange(start, stop) + step * self.global_batch
-        epochs, offsets = index // self.num_rows, index % self.num_rows
-        picked = torch.stack([self._order(int(e))[int(o)] for e, o in zip(epochs, offsets)])
+        first, last = int(index[0]) // self.num_rows, int(index[-1]) // self.num_rows  # consecutive rows
+        orders = torch.cat([self._order(epoch) for epoch in range(first, last + 1)])
+        picked = orders[index - first * self.num_rows]
         ids = self.table[picked].to(device, non_blocking=True)
         return ids, ids

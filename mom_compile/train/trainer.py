@@ -29,7 +29,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .data import IGNORE_INDEX, next_token_accuracy
+from .data import IGNORE_INDEX, Source, next_token_accuracy
 from .distributed import World, close_world, default_device, full_parameters, init_world, shard_model
 from .errors import Interrupted, TrainError
 from .metrics import MetricsFile, Progress, Throughput, format_count
@@ -88,7 +88,8 @@ def _interrupt(signum, frame):
 def _out_of_memory(args, trainer, world: World) -> str:
     size = ""
     if trainer is not None:
-        size = f"{sum(p.numel() for p in trainer.model.parameters()) * world.size / 1e6:.0f}M parameters, "
+        params = sum(p.numel() for p in trainer.model.parameters())  # a sharded DTensor counts all of it
+        size = f"{params / 1e6:.0f}M parameters, "
     return (f"out of memory on {world.device} ({size}--batch-size {args.batch_size} x --seq-len "
             f"{args.seq_len}): lower --batch-size (raising --grad-accum keeps the global batch), add "
             "--grad-checkpointing, lower --seq-len, or spread the model over more GPUs with torchrun")
@@ -121,7 +122,7 @@ class Trainer:
             raise TrainError(f"--batch-size/--grad-accum: the resumed run's global batch was "
                              f"{saved['global_batch']} sequences, this one's is {args.batch_size} x "
                              f"{args.grad_accum} x {world.size} processes = {self.global_batch}")
-        self.source = self._build_source()
+        self.source: Source = self._build_source()
         self._prepare_out(resuming=resume is not None)
 
         torch.manual_seed(args.seed)  # the same initial weights in every process
@@ -350,7 +351,7 @@ class Trainer:
     # -- output --------------------------------------------------------------------------------
     def _announce(self, tokens_per_step: int) -> None:
         a, world = self.args, self.world
-        params = sum(p.numel() for p in self.model.parameters()) * (world.size if world.distributed else 1)
+        params = sum(p.numel() for p in self.model.parameters())  # a sharded DTensor counts all of it
         data = (f"mqar, {','.join(map(str, self.source.pairs))} pairs, vocab {self.source.vocab_size}"
                 if self.is_mqar else f"{len(a.data)} file(s), {format_count(self.source.num_tokens)} tokens "
                                      f"in {self.source.num_rows} rows")
