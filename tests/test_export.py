@@ -97,6 +97,25 @@ def test_no_translation_writes_silu_as_x_times_sigmoid_x(tiny_onnx):
         assert {_fx_target(node) for node in fused} == {"torch.ops.aten.silu.default"}
 
 
+def test_the_model_concatenates_and_pads_no_int64_tensor(tiny_onnx):
+    """The router builds each token's memory index in float and casts it last: onnxruntime's CUDA
+    provider runs an int64 Pad on the CPU and, with memory reuse on, gave wrong prefill rows for the
+    int64 Concat of torch.cat. Checked on the nodes exported from torch's cat and pad (the
+    translations' own Concats build shape and gather indices), at the default opset, where the
+    nodes keep their origin."""
+    _, _, paths = tiny_onnx(DEFAULT_OPSET)
+    for path in paths.values():
+        model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+        types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+        joins = [node for node in _all_nodes(model.graph) if _fx_target(node) in
+                 ("torch.ops.aten.cat.default", "torch.ops.aten.pad.default", "torch.ops.aten.constant_pad_nd.default")]
+        assert joins, "the router's pad is expected among the exported nodes"
+        kinds = {node.name: types.get(node.output[0]) for node in joins}
+        assert None not in kinds.values(), kinds  # every type inferred, so the check below can fail
+        int64 = [name for name, kind in kinds.items() if kind == onnx.TensorProto.INT64]
+        assert not int64, f"{os.path.basename(path)}: int64 {int64}"
+
+
 @pytest.mark.parametrize("use_plugin", [False, True])
 def test_every_inference_op_has_a_translation(use_plugin):
     """Every op of the op table that inference graphs can contain has an ONNX translation, at both

@@ -130,8 +130,9 @@ class MomLayer(nn.Module):
         weights, memory_idx = top_k(probs, self.config.topk)
         weights = weights / weights.sum(-1, keepdim=True)
         if self.config.shared_mem:
-            shared = torch.full_like(memory_idx[..., :1], self.config.num_memories)
-            memory_idx = torch.cat([memory_idx, shared], -1)  # not an int64 Pad: none on the CUDA provider
+            # padded in float: onnxruntime's CUDA provider runs an int64 Pad on the CPU, and gave
+            # wrong prefill rows for the int64 Concat of torch.cat
+            memory_idx = F.pad(memory_idx.to(probs.dtype), (0, 1), value=self.config.num_memories).long()
             weights = F.pad(weights, (0, 1), value=1.0)
         return memory_idx, weights
 
