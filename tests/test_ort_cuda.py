@@ -1,7 +1,8 @@
 """The exported graphs on onnxruntime's CUDA provider, where the installed onnxruntime has one
 (onnxruntime-gpu): prefill and decode-step outputs against PyTorch, at opset 18 and at the newest
 opset that onnxruntime runs, in float32 and float16, and OnnxGenerator's tokens on that provider
-against MomForCausalLM.generate (states I/O-bound on the GPU)."""
+against MomForCausalLM.generate (states I/O-bound on the GPU), with the decode step also replayed
+from onnxruntime's CUDA graphs."""
 from __future__ import annotations
 
 import numpy as np
@@ -73,3 +74,16 @@ def test_generator_on_the_cuda_provider_gives_generate_tokens(exports, opset):
     assert generator.backend.device[0] == "cuda"  # the states stay on the GPU between steps
     got = generator.generate(prompt.numpy(), mask.numpy(), max_new_tokens=12)
     np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_generator_replaying_cuda_graphs_gives_generate_tokens(exports):
+    """The decode step captured as CUDA graphs (one per state set): replayed again for a second
+    prompt batch of the same size, captured anew when the batch size changes."""
+    model, folder = exports(18, torch.float32)
+    generator = OnnxGenerator(folder, providers=[(CUDA, {"use_tf32": 0, "enable_cuda_graph": "1"})])
+    assert generator.backend.cuda_graph
+    for batch, seed in ((3, 1), (3, 2), (2, 3), (3, 4)):
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, model.config.vocab_size, (batch, 9), generator=gen)
+        want = model.generate(prompt, max_new_tokens=12)
+        np.testing.assert_array_equal(generator.generate(prompt.numpy(), max_new_tokens=12), want.numpy())

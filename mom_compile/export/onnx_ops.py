@@ -308,7 +308,7 @@ def gated_delta_translations(linear_attention: bool) -> tuple[Callable, Callable
 def memory_decode_translation(step: Callable) -> Callable:
     """mom::memory_decode (the functional form the export graphs use) as the composition its
     reference is (ops/memory_decode.py), on [B, k', ...] rows: each choice's projection set, conv
-    window and state gathered by slot (GatherND over the batch), the gates, the one-row conv, per-head
+    window and state gathered by slot (a Gather on the flattened table), the gates, the one-row conv, per-head
     L2 normalisation, then `step` (the table's gated_delta_step translation, so the LinearAttention
     choice applies here too). The new tables take each chosen slot's row by a Where over all slots,
     not a scatter: a padding token's rows all point at slot 0, and ScatterND with repeated indices
@@ -322,15 +322,17 @@ def memory_decode_translation(step: Callable) -> Callable:
         hk, hv = h * dk, h * dv
         dt = _compute_type(q)
         valid = op.GreaterOrEqual(memory_idx, op.Constant(value_int=0))  # [B, k']
-        slot = op.Unsqueeze(op.Max(memory_idx, op.Constant(value_int=0)), [2])  # [B, k', 1]
-        proj = op.GatherND(per_set, op.Mul(slot, op.Constant(value_int=0)) if single_set else slot,
-                           batch_dims=1)  # [B, k', H*K + H*V + 2H]
+        slot = op.Max(memory_idx, op.Constant(value_int=0))  # [B, k']
+        n_sets = per_set.shape[1]
+        proj = op.Gather(_flat(per_set), _flat_rows(op.Mul(slot, op.Constant(value_int=0)) if single_set
+                                                    else slot, n_sets))  # [B, k', H*K + H*V + 2H]
+        rows = _flat_rows(slot, slots)
         kv, b_pre, a_pre = _split_last(proj, [hk + hv, h, h])
         beta, g = _gates(b_pre, a_pre, A_log, dt_bias, dt)
 
         # the conv over one row: the window [history ; x], its last W-1 rows the new conv state
         x = op.Concat(op.Expand(op.Unsqueeze(q, [1]), _ints(1, chosen, 1)), kv, axis=2)  # [B, k', C]
-        window = op.Concat(op.GatherND(conv_states, slot, batch_dims=1), op.Unsqueeze(x, [2]), axis=2)
+        window = op.Concat(op.Gather(_flat(conv_states), rows), op.Unsqueeze(x, [2]), axis=2)
         conv_new = op.Slice(window, _ints(1), _ints(width), _ints(2))  # [B, k', W-1, C]
         taps = op.Transpose(_cast(conv_weight, dt))  # [W, C]
         z = op.Add(op.ReduceSum(op.Mul(_cast(window, dt), taps), _ints(2), keepdims=0),
@@ -339,7 +341,7 @@ def memory_decode_translation(step: Callable) -> Callable:
         qc, kc, vc = _split_last(conv_out, [hk, hk, hv])
         qc, kc = (_l2_normalize(op.Reshape(t, _ints(-1, h, dk)), dt) for t in (qc, kc))
 
-        rec_rows = op.Reshape(op.GatherND(rec_states, slot, batch_dims=1), _ints(-1, h, dk, dv))
+        rec_rows = op.Gather(_flat(rec_states), op.Reshape(rows, _ints(-1)))
         # the tracer infers no type or shape for these rows; `step` picks its ONNX op by them
         rec_rows.dtype, rec_rows.shape = rec_states.dtype, ir.Shape([None, h, dk, dv])
         o, rec_new = step(qc, kc, op.Reshape(vc, _ints(-1, h, dv)), op.Reshape(g, _ints(-1, h)),
@@ -379,10 +381,24 @@ def _take_rows(table, rows, memory_idx):
     chosen_at = op.Equal(op.Unsqueeze(memory_idx, [2]), op.Constant(value_ints=list(range(slots))))
     picked = op.Cast(chosen_at, to=ir.DataType.FLOAT)  # [B, k', S]; float: ArgMax has no int64 CUDA kernel
     taken = op.Greater(op.ReduceMax(picked, _ints(1), keepdims=0), op.Constant(value_float=0.0))  # [B, S]
-    which = op.ArgMax(picked, axis=1, keepdims=1)  # [B, 1, S]: the choice that wrote the slot
-    new = op.GatherND(op.CastLike(rows, table), op.Transpose(which, perm=[0, 2, 1]), batch_dims=1)
+    which = op.ArgMax(picked, axis=1, keepdims=0)  # [B, S]: the choice that wrote the slot
+    new = op.Gather(op.CastLike(_flat(rows, table.shape[2:]), table), _flat_rows(which, memory_idx.shape[1]))
     tail = [1] * (len(table.shape) - 2)
     return op.Where(op.Reshape(taken, _ints(0, slots, *tail)), new, table)
+
+
+def _flat(table, tail=None):
+    """table [B, n, ...] as [B * n, ...]; `tail` gives the trailing dims where the tracer lacks them."""
+    tail = list(table.shape[2:] if tail is None else tail)
+    return op.Reshape(table, _ints(-1, *tail))
+
+
+def _flat_rows(index, per_batch: int):
+    """b * per_batch + index[b, i]: rows of a table flattened by `_flat`, for index [B, n]. (Gather,
+    not GatherND over the batch: the CUDA GatherND sends host metadata to the device at every run,
+    which a captured CUDA graph cannot replay.)"""
+    batch = op.Range(op.Constant(value_int=0), _dim(index, 0), op.Constant(value_int=1))
+    return op.Add(op.Mul(op.Unsqueeze(batch, [1]), op.Constant(value_int=per_batch)), index)
 
 
 def _gates(b_pre, a_pre, A_log, dt_bias, dt: ir.DataType):  # noqa: N803

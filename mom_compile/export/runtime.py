@@ -121,12 +121,30 @@ def _state_device(session: ort.InferenceSession) -> tuple[str, int]:
     return "cpu", 0
 
 
+def _cuda_graph_split(providers: list) -> tuple[list, bool]:
+    """(the providers without CUDA-graph capture, whether the CUDA provider asked for it): only the
+    decode step is captured, since prefill's shapes change with every prompt."""
+    plain, asked = [], False
+    for provider in providers:
+        if isinstance(provider, (tuple, list)) and provider[0] == "CUDAExecutionProvider":
+            options = dict(provider[1])
+            asked = str(options.pop("enable_cuda_graph", "0")).lower() in ("1", "true")
+            provider = (provider[0], options)
+        plain.append(provider)
+    return plain, asked
+
+
 class OnnxBackend:
     """The two graphs of an export folder in onnxruntime, the states kept on the session's device.
 
-    Two sets of state tensors are allocated there per batch: prefill writes one, and every decode
-    step reads one set as past.X and writes the other as present.X (I/O binding, so the states
-    never travel to the host and no step allocates them); only token ids and logits cross."""
+    Two sets of state tensors live there for the current batch size: prefill writes one, and every
+    decode step reads one set as past.X and writes the other as present.X (I/O binding, so the
+    states never travel to the host and no step allocates them); only token ids and logits cross.
+
+    With `("CUDAExecutionProvider", {"enable_cuda_graph": "1", ...})` among the providers, the
+    decode step is captured as CUDA graphs and replayed, one per state set and batch size (told
+    apart by onnxruntime's `gpu_graph_id` run option); its ids and logits then sit in fixed device
+    buffers too, as replay needs. Prefill runs without capture."""
 
     def __init__(self, folder: str | os.PathLike, providers: Sequence[str | tuple[str, dict]] | None = None,
                  session_options: ort.SessionOptions | None = None) -> None:
@@ -136,59 +154,86 @@ class OnnxBackend:
             raise ValueError(f"{folder}: plugin graphs need the TensorRT plugins of mom::memory_decode, "
                              "which onnxruntime lacks; export without --plugin to run them here")
         providers = list(providers or ["CPUExecutionProvider"])
+        plain, cuda_graph = _cuda_graph_split(providers)
         graphs = self.manifest["graphs"]
         self.prefill_session, self.decode_session = (
-            ort.InferenceSession(os.path.join(folder, graphs[name]["file"]), session_options,
-                                 providers=providers) for name in ("prefill", "decode_step"))
+            ort.InferenceSession(os.path.join(folder, graphs[name]["file"]), session_options, providers=use)
+            for name, use in (("prefill", plain), ("decode_step", providers)))
         self.device = _state_device(self.decode_session)
+        self.cuda_graph = cuda_graph and self.device[0] == "cuda"
+        self._batch = None  # the batch size the buffers below are for
         self._states: list[dict[str, ort.OrtValue]] = []  # the two sets, by present name
-        self._bindings: list[ort.IOBinding] = []          # decode step reading set i, writing 1 - i
+        self._bindings: list[tuple[ort.IOBinding, ort.RunOptions]] = []  # step reading set i, writing 1 - i
+        self._ids = self._logits = None  # the replayed step's fixed buffers
+        self._graphs = 0  # CUDA graphs captured so far (ids 1, 2, ...)
         self._turn = 0
 
-    def _allocate(self, batch: int) -> dict[str, ort.OrtValue]:
-        return {s["present"]: ort.OrtValue.ortvalue_from_shape_and_type(
-                    [batch if d == "batch" else d for d in s["shape"]], np.dtype(s["dtype"]), *self.device)
-                for s in self.manifest["state"]}
+    def _value(self, spec: dict, batch: int) -> ort.OrtValue:
+        """A tensor of a manifest entry (its shape with "batch", its dtype) on the session's device."""
+        shape = [batch if d == "batch" else d for d in spec["shape"]]
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(spec["dtype"]), *self.device)
 
-    def _run(self, session: ort.InferenceSession, binding: ort.IOBinding,
-             options: ort.RunOptions | None = None) -> np.ndarray:
-        session.run_with_iobinding(binding, options)
-        logits = binding.get_outputs()[0].numpy()  # bound first, to the host
-        return logits[:, -1].astype(np.float32)
+    def _prepare(self, batch: int) -> None:
+        """The states, step bindings (and CUDA graphs) for `batch`, kept while the batch size repeats."""
+        if batch == self._batch:
+            return
+        self._batch = batch
+        self._states = [{s["present"]: self._value(s, batch) for s in self.manifest["state"]}
+                        for _ in (0, 1)]
+        graph = self.manifest["graphs"]["decode_step"]
+        step = {t["name"]: t for t in (*graph["inputs"], *graph["outputs"])}
+        if self.cuda_graph:
+            self._ids = self._value(step["input_ids"], batch)
+            self._logits = self._value(step["logits"], batch)
+        self._bindings = []
+        for i in (0, 1):
+            binding, options = self.decode_session.io_binding(), ort.RunOptions()
+            for s in self.manifest["state"]:
+                binding.bind_ortvalue_input(s["past"], self._states[i][s["present"]])
+            if self.cuda_graph:
+                binding.bind_ortvalue_input("input_ids", self._ids)
+                binding.bind_ortvalue_output("logits", self._logits)
+                self._graphs += 1
+                options.add_run_config_entry("gpu_graph_id", str(self._graphs))
+            else:
+                binding.bind_output("logits", "cpu")
+            self._bind_states(binding, self._states[1 - i])
+            self._bindings.append((binding, options))
 
-    def _bind_outputs(self, binding: ort.IOBinding, states: dict[str, ort.OrtValue]) -> None:
-        binding.bind_output("logits", "cpu")
+    def _bind_states(self, binding: ort.IOBinding, states: dict[str, ort.OrtValue]) -> None:
         for present, value in states.items():
             binding.bind_ortvalue_output(present, value)
 
+    @staticmethod
+    def _last(logits: ort.OrtValue) -> np.ndarray:
+        return logits.numpy()[:, -1].astype(np.float32)
+
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        batch = input_ids.shape[0]
-        self._states = [self._allocate(batch), self._allocate(batch)]
-        self._bindings = []
-        for i in (0, 1):
-            binding = self.decode_session.io_binding()
-            for s in self.manifest["state"]:
-                binding.bind_ortvalue_input(s["past"], self._states[i][s["present"]])
-            self._bind_outputs(binding, self._states[1 - i])
-            self._bindings.append(binding)
+        self._prepare(input_ids.shape[0])
         self._turn = 0
         binding = self.prefill_session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
-        self._bind_outputs(binding, self._states[0])
+        binding.bind_output("logits", "cpu")  # bound first: [B, T, vocab] to the host
+        self._bind_states(binding, self._states[0])
         options = ort.RunOptions()
         if self.device[0] == "cuda":  # give back the prompt's transient memory, which decoding never needs
             options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device[1]}")
-        return self._run(self.prefill_session, binding, options)
+        self.prefill_session.run_with_iobinding(binding, options)
+        return self._last(binding.get_outputs()[0])
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
         if not self._bindings:
             raise RuntimeError("step: call prefill first")
-        binding = self._bindings[self._turn]
-        binding.bind_cpu_input("input_ids", input_ids)
-        logits = self._run(self.decode_session, binding)
+        binding, options = self._bindings[self._turn]
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if self.cuda_graph:
+            self._ids.update_inplace(ids)  # a synchronous copy into the captured address
+        else:
+            binding.bind_cpu_input("input_ids", ids)
+        self.decode_session.run_with_iobinding(binding, options)
         self._turn = 1 - self._turn
-        return logits
+        return self._last(self._logits if self.cuda_graph else binding.get_outputs()[0])
 
 
 class OnnxGenerator(Generator):
