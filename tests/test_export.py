@@ -116,6 +116,21 @@ def test_the_model_concatenates_and_pads_no_int64_tensor(tiny_onnx):
         assert not int64, f"{os.path.basename(path)}: int64 {int64}"
 
 
+def test_onnxruntime_fuses_every_norm_of_the_decode_step(tiny_onnx, tmp_path):
+    """Each RMS norm (three a block, the final one) and the decode op's q and k L2 norms become
+    one SimplifiedLayerNormalization node in onnxruntime's optimised decode graph: a provider pays
+    for every node of a graph run once per token. Fails if a norm is written in a form
+    onnxruntime does not fuse (x * rsqrt(...) is not)."""
+    model, _, paths = tiny_onnx(DEFAULT_OPSET)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "decode_step.opt.onnx")
+    ort.InferenceSession(paths["decode_step"], options, providers=["CPUExecutionProvider"])
+    nodes = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    layers = model.config.num_hidden_layers
+    assert nodes["SimplifiedLayerNormalization"] == 3 * layers + 1 + 2 * layers, nodes
+    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal"} & set(nodes), nodes
+
+
 @pytest.mark.parametrize("use_plugin", [False, True])
 def test_every_inference_op_has_a_translation(use_plugin):
     """Every op of the op table that inference graphs can contain has an ONNX translation, at both

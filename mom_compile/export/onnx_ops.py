@@ -339,7 +339,7 @@ def memory_decode_translation(step: Callable) -> Callable:
                    _cast(_bias(conv_bias, conv_weight), dt))
         conv_out = op.CastLike(_silu(z), q)  # [B, k', C], rounded where the reference rounds
         qc, kc, vc = _split_last(conv_out, [hk, hk, hv])
-        qc, kc = (_l2_normalize(op.Reshape(t, _ints(-1, h, dk)), dt) for t in (qc, kc))
+        qc, kc = (_l2_normalize(op.Reshape(t, _ints(-1, h, dk)), dk, dt) for t in (qc, kc))
 
         rec_rows = op.Gather(_flat(rec_states), op.Reshape(rows, _ints(-1)))
         # the tracer infers no type or shape for these rows; `step` picks its ONNX op by them
@@ -417,12 +417,18 @@ def _silu(z):
     return op.Div(z, op.Add(op.CastLike(1.0, z), op.Exp(op.Neg(z))))
 
 
-def _l2_normalize(x, dt: ir.DataType):
-    """x / sqrt(sum x^2 + eps) over the last axis, computed in `dt` (x's compute type, given by the
-    caller: the tracer infers no type for x, a reshaped slice)."""
+def _l2_normalize(x, n: int, dt: ir.DataType):
+    """x / sqrt(sum x^2 + eps) over the last axis of n entries, computed in `dt` (x's compute type,
+    given by the caller: the tracer infers no type for x, a reshaped slice). Written as an RMS norm,
+    x / sqrt(mean x^2 + eps / n) * n^-1/2, the pattern onnxruntime fuses into one node; in float64
+    as it stands, since the fused node computes in float32."""
     xf = op.Cast(x, to=dt)
-    norm = op.Sqrt(op.Add(op.ReduceSum(op.Mul(xf, xf), _ints(-1), keepdims=1), op.CastLike(L2_EPS, xf)))
-    return op.CastLike(op.Div(xf, norm), x)
+    if dt == ir.DataType.DOUBLE:
+        norm = op.Sqrt(op.Add(op.ReduceSum(op.Mul(xf, xf), _ints(-1), keepdims=1), op.CastLike(L2_EPS, xf)))
+        return op.CastLike(op.Div(xf, norm), x)
+    mean_square = op.ReduceMean(op.Pow(xf, op.CastLike(2.0, xf)), _ints(-1), keepdims=1)
+    rms = op.Sqrt(op.Add(mean_square, op.CastLike(L2_EPS / n, xf)))
+    return op.CastLike(op.Mul(op.Div(xf, rms), op.CastLike(op.Constant(value_floats=[n ** -0.5] * n), xf)), x)
 
 
 # -- mom::combine -------------------------------------------------------------------------------

@@ -8,9 +8,13 @@ from ..ops.precision import upcast
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim, upcast to float32 at least."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, upcast to float32 at least. Written
+    in the form onnxruntime fuses into one node, except in float64: the fused node computes in
+    float32."""
     x = upcast(x)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+    mean_square = x.pow(2).mean(-1, keepdim=True) + eps
+    normed = x * torch.rsqrt(mean_square) if x.dtype == torch.float64 else x / torch.sqrt(mean_square)
+    return normed * weight.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
