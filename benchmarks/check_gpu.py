@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -49,6 +48,7 @@ from gpu_timing import bench  # noqa: E402
 from layer_floor import Card, Floor, Shape, card_for, layer_floor  # noqa: E402
 from peers import SoftmaxAttention  # noqa: E402
 from scan_inputs import scan_inputs  # noqa: E402
+from tree_commit import tree_commit  # noqa: E402
 
 from mom_compile import MomConfig, MomLayer  # noqa: E402
 from mom_compile.ops.table import OPS  # noqa: E402
@@ -367,14 +367,10 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
     import triton
     device = torch.cuda.get_device_name()
     print(f"card: {device}; torch {torch.__version__}; triton {triton.__version__}; "
-          f"commit {commit}{' + uncommitted changes' if dirty else ''}")
+          f"commit {tree_commit()}")
     if not args.no_checks:
         t0 = time.perf_counter()
         run_checks()

@@ -22,7 +22,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 import warnings
@@ -30,6 +29,7 @@ from functools import partial
 
 import onnxruntime as ort
 import torch
+from tree_commit import tree_commit
 
 from mom_compile import MomCache, MomConfig, MomForCausalLM
 from mom_compile.export.aoti import Package, build_packages, compiler
@@ -45,14 +45,6 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "?"
-    return head + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def time_steps(step, token, states, warmup: int, steps: int) -> tuple[float, float, float]:
@@ -198,7 +190,7 @@ def main() -> None:
     out_dir = args.out or tempfile.mkdtemp(prefix="mom_cpu_decode_")
     print(f"cpu: {cpu_model()} ({os.cpu_count()} logical cores) | torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) | onnxruntime {ort.__version__} | "
-          f"commit {commit()} | float32, prompt {PROMPT}, {args.warmup} warm-up + {args.steps} timed "
+          f"commit {tree_commit()} | float32, prompt {PROMPT}, {args.warmup} warm-up + {args.steps} timed "
           f"greedy steps, ms per step", flush=True)
     for name in args.configs:
         bench_config(name, args.batches, args.steps, args.warmup, use_aoti, out_dir)

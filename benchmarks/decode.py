@@ -10,12 +10,11 @@ generate() (flash-linear-attention), when it imports.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tree_commit import tree_commit
 
 from mom_compile import MomConfig, MomForCausalLM
 from mom_compile.graphs.generation import CudaGraphStep
@@ -176,9 +175,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = MomConfig.preset(args.config)
     model = MomForCausalLM(config).cuda().to(torch.bfloat16).eval()
-    commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
-                             "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | commit {commit or '?'} | "
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | commit {tree_commit()} | "
           f"config {args.config} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, bf16) | "
           f"prompt {args.prompt} | {args.steps} timed greedy steps")
     rows = []

@@ -28,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tree_commit import tree_commit  # noqa: E402
+
 from mom_compile import MomConfig, MomForCausalLM  # noqa: E402
 from mom_compile.export.manifest import read_manifest  # noqa: E402
 from mom_compile.export.runtime import OnnxBackend  # noqa: E402
@@ -102,9 +104,7 @@ def main() -> None:
             print(f"onnxruntime{how}: the session fails: {str(e).splitlines()[0][:300]}", flush=True)
     torch.manual_seed(0)
     model = MomForCausalLM(MomConfig.preset(args.config)).to("cuda", torch.bfloat16).eval()
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    print(f"{torch.cuda.get_device_name()}, commit {commit}, onnxruntime {ort.__version__}, "
+    print(f"{torch.cuda.get_device_name()}, commit {tree_commit()}, onnxruntime {ort.__version__}, "
           f"torch {torch.__version__}; "
           f"{args.config}, prompt {args.prompt}, {args.steps} timed greedy steps", flush=True)
     rows = []

@@ -20,12 +20,12 @@ for grouped, the gather's scatter-add back onto tokens). Median ms over CUDA eve
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from gpu_timing import bench
+from tree_commit import tree_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,9 +67,7 @@ def main() -> None:
         err = ((g.float() - want.float()).abs().max() / want.float().abs().max()).item()
     flops_all = 2 * n * d * (per_token + sets * per_set)
     flops_grouped = 2 * n * d * (per_token + (topk + 1) * per_set)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, commit {commit}, "
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, commit {tree_commit()}, "
           f"N={n} tokens, bf16; grouped vs dense rows: max rel diff {err:.1e}")
     print("| projection | forward ms | forward+backward ms | forward TFLOP/s |")
     print("| --- | --- | --- | --- |")

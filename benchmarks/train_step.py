@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from peers import TransformerLM  # noqa: E402
+from tree_commit import tree_commit  # noqa: E402
 
 from mom_compile import MomConfig, MomForCausalLM  # noqa: E402
 
@@ -100,9 +100,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("train_step.py needs a CUDA device")
     config = MomConfig.preset(args.config)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, commit {commit}; "
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, commit {tree_commit()}; "
           f"preset {args.config}: d={config.hidden_size}, {config.num_hidden_layers} layers, "
           f"H={config.num_heads}, K={config.head_dim}, M={config.num_memories}, top-{config.topk}"
           f"{' + shared' if config.shared_mem else ''}; {args.tokens} tokens/step", flush=True)

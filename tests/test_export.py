@@ -97,6 +97,9 @@ def test_no_translation_writes_silu_as_x_times_sigmoid_x(tiny_onnx):
         assert {_fx_target(node) for node in fused} == {"torch.ops.aten.silu.default"}
 
 
+JOINS = {f"torch.ops.aten.{name}.default" for name in ("cat", "pad", "constant_pad_nd")}
+
+
 def test_the_model_concatenates_and_pads_no_int64_tensor(tiny_onnx):
     """The router builds each token's memory index in float and casts it last: onnxruntime's CUDA
     provider runs an int64 Pad on the CPU and, with memory reuse on, gave wrong prefill rows for the
@@ -107,8 +110,7 @@ def test_the_model_concatenates_and_pads_no_int64_tensor(tiny_onnx):
     for path in paths.values():
         model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
         types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
-        joins = [node for node in _all_nodes(model.graph) if _fx_target(node) in
-                 ("torch.ops.aten.cat.default", "torch.ops.aten.pad.default", "torch.ops.aten.constant_pad_nd.default")]
+        joins = [node for node in _all_nodes(model.graph) if _fx_target(node) in JOINS]
         assert joins, "the router's pad is expected among the exported nodes"
         kinds = {node.name: types.get(node.output[0]) for node in joins}
         assert None not in kinds.values(), kinds  # every type inferred, so the check below can fail
