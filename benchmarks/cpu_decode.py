@@ -36,7 +36,6 @@ from mom_compile.export.aoti import Package, build_packages, compiler
 from mom_compile.export.onnx_export import DECODE, export_onnx, export_programs, graph_specs
 
 PROMPT = 32
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_model() -> str:

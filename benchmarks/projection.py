@@ -20,14 +20,11 @@ for grouped, the gather's scatter-add back onto tokens). Median ms over CUDA eve
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from gpu_timing import bench
 from tree_commit import tree_commit
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -318,6 +318,18 @@ def test_runtime_greedy_tokens_match_generate(exported):
     np.testing.assert_array_equal(got, ref.numpy())
 
 
+def test_one_runtime_serves_changing_batch_sizes(exported):
+    """One OnnxGenerator, prompts of 3, 2, then 3 rows again (its states and bindings made anew on
+    each change of size, kept while it repeats): every call gives generate's tokens."""
+    model, folder, _, _ = exported
+    generator = OnnxGenerator(folder)
+    for rows, seed in ((3, 15), (2, 16), (2, 17), (3, 18)):
+        ids, mask = _prompts(model, seed)
+        ids, mask = ids[:rows], mask[:rows]
+        got = generator.generate(ids.numpy(), mask.numpy(), max_new_tokens=9)
+        np.testing.assert_array_equal(got, model.generate(ids, mask, max_new_tokens=9).numpy())
+
+
 def test_runtime_sampling(exported):
     model, folder, _, _ = exported
     gen = OnnxGenerator(folder)

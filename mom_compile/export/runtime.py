@@ -142,9 +142,11 @@ class OnnxBackend:
     states never travel to the host and no step allocates them); only token ids and logits cross.
 
     With `("CUDAExecutionProvider", {"enable_cuda_graph": "1", ...})` among the providers, the
-    decode step is captured as CUDA graphs and replayed, one per state set and batch size (told
-    apart by onnxruntime's `gpu_graph_id` run option); its ids and logits then sit in fixed device
-    buffers too, as replay needs. Prefill runs without capture."""
+    decode step is captured as CUDA graphs and replayed, one per state set (told apart by
+    onnxruntime's `gpu_graph_id` run option); its ids and logits then sit in fixed device buffers
+    too, as replay needs. Prefill runs without capture. A new batch size allocates anew and captures
+    two more graphs, and the session keeps every graph it captured: serve one batch size per
+    backend."""
 
     def __init__(self, folder: str | os.PathLike, providers: Sequence[str | tuple[str, dict]] | None = None,
                  session_options: ort.SessionOptions | None = None) -> None:
@@ -165,7 +167,7 @@ class OnnxBackend:
         self._states: list[dict[str, ort.OrtValue]] = []  # the two sets, by present name
         self._bindings: list[tuple[ort.IOBinding, ort.RunOptions]] = []  # step reading set i, writing 1 - i
         self._ids = self._logits = None  # the replayed step's fixed buffers
-        self._graphs = 0  # CUDA graphs captured so far (ids 1, 2, ...)
+        self._graphs = 0  # CUDA graph ids handed out so far (1, 2, ...; onnxruntime captures on a later run)
         self._turn = 0
 
     def _value(self, spec: dict, batch: int) -> ort.OrtValue:
@@ -174,15 +176,15 @@ class OnnxBackend:
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(spec["dtype"]), *self.device)
 
     def _prepare(self, batch: int) -> None:
-        """The states, step bindings (and CUDA graphs) for `batch`, kept while the batch size repeats."""
+        """The states and step bindings for `batch`, kept while the batch size repeats."""
         if batch == self._batch:
             return
-        self._batch = batch
+        self._batch = None  # until everything below is allocated
         self._states = [{s["present"]: self._value(s, batch) for s in self.manifest["state"]}
                         for _ in (0, 1)]
-        graph = self.manifest["graphs"]["decode_step"]
-        step = {t["name"]: t for t in (*graph["inputs"], *graph["outputs"])}
         if self.cuda_graph:
+            graph = self.manifest["graphs"]["decode_step"]
+            step = {t["name"]: t for t in (*graph["inputs"], *graph["outputs"])}
             self._ids = self._value(step["input_ids"], batch)
             self._logits = self._value(step["logits"], batch)
         self._bindings = []
@@ -199,6 +201,7 @@ class OnnxBackend:
                 binding.bind_output("logits", "cpu")
             self._bind_states(binding, self._states[1 - i])
             self._bindings.append((binding, options))
+        self._batch = batch
 
     def _bind_states(self, binding: ort.IOBinding, states: dict[str, ort.OrtValue]) -> None:
         for present, value in states.items():
@@ -228,7 +231,7 @@ class OnnxBackend:
         binding, options = self._bindings[self._turn]
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if self.cuda_graph:
-            self._ids.update_inplace(ids)  # a synchronous copy into the captured address
+            self._ids.update_inplace(ids)  # host-synchronous copy into the captured address
         else:
             binding.bind_cpu_input("input_ids", ids)
         self.decode_session.run_with_iobinding(binding, options)
