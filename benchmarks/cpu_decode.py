@@ -65,7 +65,7 @@ def prefill_states(model: MomForCausalLM, batch: int, seed: int):
     ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), generator=gen)
     cache = model.new_cache(batch)
     with torch.inference_mode():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     return logits[:, -1:].argmax(-1), [t.clone() for t in cache.states()]
 
 

@@ -75,7 +75,7 @@ def bench_mom(model: MomForCausalLM, batch: int, prompt: int, steps: int, mode: 
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     cache = model.new_cache(batch)
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     if mode == "graph":
         graphed = CudaGraphStep(model, cache)
     else:
@@ -101,7 +101,7 @@ def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | No
             cache = model.new_cache(batch)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            forward(ids, past_key_values=cache, use_cache=True)
+            forward(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             end.record()
             end.synchronize()
             if i >= 3:

@@ -70,7 +70,7 @@ def time_ort(backend: OnnxBackend, batch: int, prompt: int, steps: int, vocab: i
 def time_torch(model: MomForCausalLM, batch: int, prompt: int, steps: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     cache = model.new_cache(batch)
-    logits = model(ids, past_key_values=cache, use_cache=True).logits
+    logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     step = CudaGraphStep(model, cache)
 
     def next_ids(logits: torch.Tensor) -> torch.Tensor:  # on the host, as for onnxruntime

@@ -84,7 +84,8 @@ def test_packages_match_pytorch_in_a_fresh_process(packages, tmp_path):
         for (ids, mask), outputs in zip(cases["prefill"], got["prefill"]):
             assert len(outputs) == 1 + 2 * layers
             cache = model.new_cache(ids.shape[0])
-            ref = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            ref = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1).logits
             torch.testing.assert_close(outputs[0], ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(list(outputs[1:]), list(cache.states()), atol=1e-5, rtol=1e-5)
         # the decode steps continue the last (left-padded) prefill, as the model's cache does

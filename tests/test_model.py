@@ -39,6 +39,25 @@ def test_prefill_then_steps_equals_forward_at_every_position(model, prefix):
     torch.testing.assert_close(torch.cat(logits, 1), full, **TOL)
 
 
+def test_logits_to_keep_gives_the_last_positions_of_the_oracle(model):
+    """logits_to_keep=k: the oracle's logits at the last k positions, and nothing else; bad values
+    and a loss without every position are refused by name."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    x = ids(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[1, :3] = 0
+    want = oracle.mom_model(sd, model.config, x, mask)
+    for keep in (1, 4):
+        got = model(x, attention_mask=mask, logits_to_keep=keep).logits
+        assert got.shape == (2, keep, model.config.vocab_size)
+        torch.testing.assert_close(got, want[:, -keep:], **TOL)
+    for bad in (-1, 1.0):
+        with pytest.raises(ValueError, match="logits_to_keep: expected an int >= 0"):
+            model(x, logits_to_keep=bad)
+    with pytest.raises(ValueError, match="logits_to_keep: the loss needs every position"):
+        model(x, labels=x, logits_to_keep=1)
+
+
 def test_split_prefills_equal_forward_at_every_split_point(model):
     x = ids(2, 9)
     full = model(x).logits

@@ -113,8 +113,8 @@ class HostHeap:
         raw = np.ascontiguousarray(array).view(np.uint8).ravel()
         self.span(ptr, raw.size)[:] = raw
 
-    def download_rows(self, ptr: int, rows: int, row_bytes: int, pitch: int) -> np.ndarray:
-        return np.stack([self.span(ptr + i * pitch, row_bytes).copy() for i in range(rows)])
+    def download(self, ptr: int, nbytes: int) -> np.ndarray:
+        return self.span(ptr, nbytes).copy()
 
     def execute(self, context) -> None:
         context.run(self)

@@ -32,7 +32,7 @@ DESCRIPTION = """\
 Export a Mixture-of-Memories (MoM) language model to two ONNX graphs that stock onnxruntime runs:
 
   OUT/prefill.onnx      input_ids [batch, seq] + attention_mask [batch, seq]
-                        -> logits [batch, seq, vocab] + present.<layer>.{recurrent,conv}
+                        -> logits [batch, 1, vocab] (the last position) + present.<layer>.{recurrent,conv}
   OUT/decode_step.onnx  input_ids [batch, 1] + past.<layer>.{recurrent,conv}
                         -> logits [batch, 1, vocab] + present.<layer>.{recurrent,conv}
   OUT/weights.onnx.data the weights of both graphs, for models above 1 GB of weights (smaller

@@ -60,7 +60,7 @@ def build_manifest(config, dtype, opset: int, use_plugin: bool, files: list[str]
             if name in ("input_ids", "attention_mask"):
                 out.append(dict(name=name, shape=["batch", seq], dtype="int64"))
             elif name == "logits":
-                out.append(dict(name=name, shape=["batch", seq, config.vocab_size], dtype=dtype_name(dtype)))
+                out.append(dict(name=name, shape=["batch", 1, config.vocab_size], dtype=dtype_name(dtype)))
             else:
                 out.append(dict(name=name, shape=by_name[name]["shape"], dtype=by_name[name]["dtype"]))
         return out

@@ -169,7 +169,7 @@ def finish(model: onnx.ModelProto, spec: GraphSpec, use_plugin: bool) -> onnx.Mo
 
 def _name_axes(model: onnx.ModelProto, spec: GraphSpec) -> None:
     """Axis 0 of every graph input/output is `batch`; axis 1 of the token tensors is `seq`."""
-    seq_tensors = {"input_ids", "attention_mask", "logits"} if spec.name == PREFILL else set()
+    seq_tensors = {"input_ids", "attention_mask"} if spec.name == PREFILL else set()
     for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim
         if not dims:

@@ -217,7 +217,7 @@ class OnnxBackend:
         binding = self.prefill_session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_output("logits", "cpu")  # bound first: [B, T, vocab] to the host
+        binding.bind_output("logits", "cpu")  # bound first: [B, 1, vocab] to the host
         self._bind_states(binding, self._states[0])
         options = ort.RunOptions()
         if self.device[0] == "cuda":  # give back the prompt's transient memory, which decoding never needs

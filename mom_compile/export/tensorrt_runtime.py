@@ -62,12 +62,11 @@ class CudaMemory:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         self._call(self.cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self.stream))
 
-    def download_rows(self, ptr: int, rows: int, row_bytes: int, pitch: int) -> np.ndarray:
-        """`rows` rows of `row_bytes` bytes, `pitch` bytes apart, as uint8 [rows, row_bytes]."""
-        out = np.empty((rows, row_bytes), dtype=np.uint8)
+    def download(self, ptr: int, nbytes: int) -> np.ndarray:
+        """nbytes from the device as uint8."""
+        out = np.empty(nbytes, dtype=np.uint8)
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call(self.cudart.cudaMemcpy2DAsync(out.ctypes.data, row_bytes, ptr, pitch, row_bytes, rows,
-                                                 kind, self.stream))
+        self._call(self.cudart.cudaMemcpyAsync(out.ctypes.data, ptr, nbytes, kind, self.stream))
         self._call(self.cudart.cudaStreamSynchronize(self.stream))
         return out
 
@@ -156,13 +155,14 @@ class TensorRTBackend:
         context.set_input_shape(name, array.shape)
         context.set_tensor_address(name, ptr)
 
-    def _last_logits(self, context, rows: int, seq: int) -> np.ndarray:
-        """Runs `context` with logits [rows, seq, vocab] bound; the last position as float32."""
+    def _last_logits(self, context, rows: int) -> np.ndarray:
+        """Runs `context` with logits [rows, 1, vocab] bound (both graphs emit the last position
+        only); them as float32."""
         row = self.vocab * _ITEMSIZE[self.dtype]
-        ptr = self._scratch("logits", rows * seq * row)
+        ptr = self._scratch("logits", rows * row)
         context.set_tensor_address("logits", ptr)
         self.memory.execute(context)
-        raw = self.memory.download_rows(ptr + (seq - 1) * row, rows, row, seq * row)
+        raw = self.memory.download(ptr, rows * row)
         return to_float32(raw, self.dtype).reshape(rows, self.vocab)
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -178,7 +178,7 @@ class TensorRTBackend:
                 self._upload(context, name, np.ascontiguousarray(array[rows], dtype=np.int64))
             for state, ptr in zip(self.states, self.buffers):
                 context.set_tensor_address(state["present"], ptr + start * self._row_bytes(state))
-            logits.append(self._last_logits(context, rows.stop - start, seq))
+            logits.append(self._last_logits(context, rows.stop - start))
         return np.concatenate(logits)
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
@@ -193,7 +193,7 @@ class TensorRTBackend:
             context.set_input_shape(state["past"], (batch, *state["shape"][1:]))
             context.set_tensor_address(state["past"], ptr)
             context.set_tensor_address(state["present"], ptr)
-        return self._last_logits(context, batch, 1)
+        return self._last_logits(context, batch)
 
 
 class TensorRTGenerator(Generator):

@@ -30,7 +30,8 @@ def state_names(config: MomConfig, prefix: str) -> list[str]:
 
 
 class PrefillGraph(nn.Module):
-    """(input_ids [B, T], attention_mask [B, T]) -> (logits [B, T, vocab], *present states)."""
+    """(input_ids [B, T], attention_mask [B, T]) -> (logits [B, 1, vocab] of the last position,
+    which is all generation reads, *present states)."""
 
     def __init__(self, model: MomForCausalLM) -> None:
         super().__init__()
@@ -40,7 +41,7 @@ class PrefillGraph(nn.Module):
         weight = self.model.lm_head.weight
         states = zero_states(self.model.config, input_ids.shape[0], weight.dtype, weight.device)
         cache = MomCache.from_states(states, functional=True)
-        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache)
+        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1)
         return (out.logits, *cache.states())
 
 

@@ -128,7 +128,8 @@ def generate(
     # The cache is made here, outside any compiled forward, so that its buffers are static
     # addresses that a CUDA-graph decode step may update in place.
     cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
-    logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits
     step = CudaGraphStep(model, cache) if cuda_graph else \
         (lambda ids: model(ids, past_key_values=cache, use_cache=True).logits)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

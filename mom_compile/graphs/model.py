@@ -139,15 +139,22 @@ class MomForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         past_key_values: MomCache | None = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> MomCausalLMOutput:
         """input_ids [B, T] int; attention_mask [B, T] (or [B, past + T], as generate loops pass
         it) with 1 for tokens and 0 for (left) padding; labels [B, T] with -100 = ignore.
-        With use_cache (or a past_key_values cache), the cache is advanced in place and returned."""
+        With use_cache (or a past_key_values cache), the cache is advanced in place and returned.
+        logits_to_keep > 0 computes the logits of the last that many positions only (Hugging Face's
+        name; a prompt's prefill needs one); 0 keeps all."""
         mask = self._check_inputs(input_ids, attention_mask, labels, past_key_values)
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep: expected an int >= 0, got {logits_to_keep!r}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep: the loss needs every position's logits; pass 0 with labels")
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache(input_ids.shape[0], device=input_ids.device)
         hidden, router_logits = self.model(input_ids, mask, past_key_values)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = aux_loss = None
         if labels is not None:
             aux_loss = load_balancing_loss(router_logits, self.config.topk, mask)
