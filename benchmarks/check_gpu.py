@@ -44,7 +44,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from gpu_timing import bench  # noqa: E402
+from gpu_timing import bench, kernel_table  # noqa: E402
 from layer_floor import Card, Floor, Shape, card_for, layer_floor  # noqa: E402
 from peers import SoftmaxAttention  # noqa: E402
 from scan_inputs import scan_inputs  # noqa: E402
@@ -288,20 +288,8 @@ def scan_op_timings(ts: list[int], tokens: int) -> list[tuple]:
             rows.append((t, b, n, name, ms))
             print(f"  scan op T={t} rows {n}: {name}: {ms:.2f} ms", flush=True)
         if t == ts[0]:
-            kernel_split(variants[0][1], variants[1][1])
+            print(kernel_table(variants[0][1], variants[1][1]))  # which stage bounds the scan
     return rows
-
-
-def kernel_split(fwd, bwd) -> None:
-    """GPU time per kernel of one forward and one backward (torch profiler), to see which stage
-    bounds the scan."""
-    from torch.profiler import ProfilerActivity, profile
-    fwd(), bwd()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fwd(), bwd()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
 
 
 ROW_ORDER = ["MomLayer, Triton", "MomLayer, PyTorch", "reference fla", "softmax"]

@@ -6,6 +6,7 @@ scaled_dot_product_attention (compiled the same ways), and the reference impleme
 generate() (flash-linear-attention), when it imports.
 
     python benchmarks/decode.py [--batches 1 64] [--steps 64] [--prompt 512]
+    python benchmarks/decode.py --profile    # GPU time per kernel of a compiled step and prefill
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from gpu_timing import kernel_table
 from tree_commit import tree_commit
 
 from mom_compile import MomConfig, MomForCausalLM
@@ -109,6 +111,22 @@ def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | No
     return sorted(times)[len(times) // 2]
 
 
+@torch.no_grad()
+def profile_mom(model: MomForCausalLM, batch: int, prompt: int) -> None:
+    """The kernels of one compiled decode step, then of one compiled prefill (mode "default": the
+    kernels that mode "reduce-overhead" replays from a CUDA graph, launched one by one)."""
+    forward = torch.compile(model.forward, fullgraph=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    cache = model.new_cache(batch)
+    forward(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tok = ids[:, -1:]
+    print(f"\nbatch {batch}: one compiled decode step\n"
+          + kernel_table(lambda: forward(tok, past_key_values=cache, use_cache=True), rows=20))
+    print(f"batch {batch}: one compiled prefill of {prompt} tokens\n"
+          + kernel_table(lambda: forward(ids, past_key_values=model.new_cache(batch), use_cache=True,
+                                         logits_to_keep=1), rows=20))
+
+
 def bench_transformer(config: MomConfig, batch: int, prompt: int, steps: int, mode: str | None) -> float:
     heads = config.hidden_size // 64
     model = StaticKVTransformer(config.vocab_size, config.hidden_size, config.num_hidden_layers, heads,
@@ -171,6 +189,8 @@ def main() -> None:
                         choices=["eager", "compiled"],
                         help="how to time the prompt's prefill (default both; none: skip)")
     parser.add_argument("--no-transformer", action="store_true", help="skip the Transformer peer")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: GPU time per kernel of a compiled step and prefill")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = MomConfig.preset(args.config)
@@ -178,6 +198,11 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | commit {tree_commit()} | "
           f"config {args.config} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, bf16) | "
           f"prompt {args.prompt} | {args.steps} timed greedy steps")
+    if args.profile:
+        for batch in args.batches:
+            torch._dynamo.reset()
+            profile_mom(model, batch, args.prompt)
+        return
     rows = []
 
     def add(batch: int, name: str, ms: float | str) -> None:

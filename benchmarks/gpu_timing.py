@@ -1,4 +1,5 @@
-"""Median GPU time of a callable, by CUDA events (shared by the GPU benchmark scripts)."""
+"""GPU timing shared by the benchmark scripts: the median time of a callable by CUDA events, and
+the time per kernel of a few calls by the torch profiler."""
 from __future__ import annotations
 
 import statistics
@@ -29,3 +30,18 @@ def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0) -> tuple
         if time.perf_counter() - t_start > budget_s:
             break
     return statistics.median(times), len(times)
+
+
+def kernel_table(*calls, rows: int = 14) -> str:
+    """GPU time per kernel of one run of each call (after one untimed run), as the profiler's
+    table sorted by time: which kernels bound a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for call in calls:
+            call()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=48)
