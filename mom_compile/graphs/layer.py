@@ -130,8 +130,8 @@ class MomLayer(nn.Module):
         weights, memory_idx = top_k(probs, self.config.topk)
         weights = weights / weights.sum(-1, keepdim=True)
         if self.config.shared_mem:
-            # padded in float: onnxruntime's CUDA provider runs an int64 Pad on the CPU, and gave
-            # wrong prefill rows for the int64 Concat of torch.cat
+            # padded in float: onnxruntime's CUDA provider runs an int64 Pad on the CPU, and with
+            # memory reuse on mishandles an int64 Concat (tests/test_export.py keeps both out)
             memory_idx = F.pad(memory_idx.to(probs.dtype), (0, 1), value=self.config.num_memories).long()
             weights = F.pad(weights, (0, 1), value=1.0)
         return memory_idx, weights
