@@ -102,8 +102,8 @@ JOINS = {f"torch.ops.aten.{name}.default" for name in ("cat", "pad", "constant_p
 
 def test_the_model_concatenates_and_pads_no_int64_tensor(tiny_onnx):
     """The router builds each token's memory index in float and casts it last: onnxruntime's CUDA
-    provider runs an int64 Pad on the CPU and, with memory reuse on, gave wrong prefill rows for the
-    int64 Concat of torch.cat. Checked on the nodes exported from torch's cat and pad (the
+    provider runs an int64 Pad on the CPU and, with memory reuse on, mishandles an int64 Concat.
+    Checked on the nodes exported from torch's cat and pad (the
     translations' own Concats build shape and gather indices), at the default opset, where the
     nodes keep their origin."""
     _, _, paths = tiny_onnx(DEFAULT_OPSET)

@@ -8,13 +8,10 @@ from ..ops.precision import upcast
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim, upcast to float32 at least. Written
-    in the form onnxruntime fuses into one node, except in float64: the fused node computes in
-    float32."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, upcast to float32 at least; written in
+    the form onnxruntime fuses into one node."""
     x = upcast(x)
-    mean_square = x.pow(2).mean(-1, keepdim=True) + eps
-    normed = x * torch.rsqrt(mean_square) if x.dtype == torch.float64 else x / torch.sqrt(mean_square)
-    return normed * weight.to(x.dtype)
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
 
 
 class RMSNorm(nn.Module):

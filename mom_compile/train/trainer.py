@@ -88,8 +88,7 @@ def _interrupt(signum, frame):
 def _out_of_memory(args, trainer, world: World) -> str:
     size = ""
     if trainer is not None:
-        params = sum(p.numel() for p in trainer.model.parameters())  # a sharded DTensor counts all of it
-        size = f"{params / 1e6:.0f}M parameters, "
+        size = f"{trainer.num_parameters / 1e6:.0f}M parameters, "
     return (f"out of memory on {world.device} ({size}--batch-size {args.batch_size} x --seq-len "
             f"{args.seq_len}): lower --batch-size (raising --grad-accum keeps the global batch), add "
             "--grad-checkpointing, lower --seq-len, or spread the model over more GPUs with torchrun")
@@ -348,10 +347,14 @@ class Trainer:
         shown = ", ".join(f"{p} pairs {acc:.3f}" for p, acc in by_pairs.items())
         self.progress.write(f"step {self.step}: held-out accuracy {accuracy:.3f} ({shown})")
 
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())  # a sharded DTensor counts all of it
+
     # -- output --------------------------------------------------------------------------------
     def _announce(self, tokens_per_step: int) -> None:
         a, world = self.args, self.world
-        params = sum(p.numel() for p in self.model.parameters())  # a sharded DTensor counts all of it
+        params = self.num_parameters
         data = (f"mqar, {','.join(map(str, self.source.pairs))} pairs, vocab {self.source.vocab_size}"
                 if self.is_mqar else f"{len(a.data)} file(s), {format_count(self.source.num_tokens)} tokens "
                                      f"in {self.source.num_rows} rows")
