@@ -7,6 +7,7 @@ generate() (flash-linear-attention), when it imports.
 
     python benchmarks/decode.py [--batches 1 64] [--steps 64] [--prompt 512]
     python benchmarks/decode.py --profile    # GPU time per kernel of a compiled step and prefill
+    python benchmarks/decode.py --coordinate-descent-tuning   # Inductor's batch-1 GEMV path, both models
 """
 from __future__ import annotations
 
@@ -189,15 +190,20 @@ def main() -> None:
                         choices=["eager", "compiled"],
                         help="how to time the prompt's prefill (default both; none: skip)")
     parser.add_argument("--no-transformer", action="store_true", help="skip the Transformer peer")
+    parser.add_argument("--coordinate-descent-tuning", action="store_true",
+                        help="set torch._inductor.config.coordinate_descent_tuning for every compiled "
+                             "mode of both models: one-row matmuls become tuned reductions")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: GPU time per kernel of a compiled step and prefill")
     args = parser.parse_args()
+    torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning
     torch.manual_seed(0)
     config = MomConfig.preset(args.config)
     model = MomForCausalLM(config).cuda().to(torch.bfloat16).eval()
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | commit {tree_commit()} | "
           f"config {args.config} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, bf16) | "
-          f"prompt {args.prompt} | {args.steps} timed greedy steps")
+          f"prompt {args.prompt} | {args.steps} timed greedy steps | "
+          f"coordinate_descent_tuning {args.coordinate_descent_tuning}")
     if args.profile:
         for batch in args.batches:
             torch._dynamo.reset()

@@ -5,6 +5,8 @@ Rows: 16 sequences of T=2048, each split into 4 routed memory segments of uneven
 in all) and the shared one (T rows): 98,304 rows, bf16.
   scan: H=4, K=V=256, fp32 decays; forward and backward (which recomputes the forward's states);
   conv: 3,072 channels (q|k|v), width 4, with a history per segment; forward and backward.
+decode: ten `mom::memory_decode_` steps of the 340M layer at batch 64 (192 rows: top-2 + shared),
+  fp32 states, in place.
 Each configuration (a JSON object of the op's `default_config` keys to override) runs in its own
 process, since a miscompiled one can leave an illegal memory access behind, and is compared with
 the default configuration of the same process (max |diff| / max |default| over the outputs and
@@ -13,6 +15,7 @@ shows as far more). Median ms over CUDA events.
 
     python benchmarks/kernel_configs.py scan ['{"state_bv": 16, "state_warps": 4}' ...]
     python benchmarks/kernel_configs.py conv ['{"dz_warps": 2}' ...]
+    python benchmarks/kernel_configs.py decode ['{"block_v": 16, "step_warps": 4}' ...]
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ SWEEPS = {
     # the default _dz_kernel holds 252 registers a thread (benchmarks/kernel_resources.py): 2 blocks
     # an SM; halving its tile takes it to 148, 2 warps make it spill
     "conv": [{}, {"block_n_backward": 32}, {"block_d": 32}, {"dz_warps": 8}],
+    "decode": [{}, {"step_warps": 4}, {"block_v": 16, "step_warps": 4}, {"block_v": 16, "step_warps": 2},
+               {"block_v": 8, "step_warps": 2}, {"block_v": 64, "step_warps": 8}],
 }
 
 
@@ -53,8 +58,8 @@ def scan_calls():
     q, k, v, g, beta = scan_inputs(offsets)
     args = (q, k, v, g, beta, offsets, None, 256 ** -0.5)
     d_o = torch.randn_like(v)
-    return (lambda cfg: cst.chunk_gated_delta_triton(*args, config=cfg),
-            lambda cfg: cst.chunk_gated_delta_backward_triton(*args, d_o, None, config=cfg)[:5])
+    return dict(forward=lambda cfg: cst.chunk_gated_delta_triton(*args, config=cfg),
+                backward=lambda cfg: cst.chunk_gated_delta_backward_triton(*args, d_o, None, config=cfg)[:5])
 
 
 def conv_calls():
@@ -67,21 +72,48 @@ def conv_calls():
     history = torch.randn(n_seg, width - 1, d, device="cuda", dtype=torch.bfloat16)
     d_y, d_final = torch.randn_like(x), torch.randn_like(history)
     args = (x, weight, bias, offsets, history)
-    return (lambda cfg: sct.segment_conv_triton(*args, config=cfg),
-            lambda cfg: sct.segment_conv_backward_triton(d_y, d_final, *args, config=cfg))
+    return dict(forward=lambda cfg: sct.segment_conv_triton(*args, config=cfg),
+                backward=lambda cfg: sct.segment_conv_backward_triton(d_y, d_final, *args, config=cfg))
 
 
-CALLS = {"scan": scan_calls, "conv": conv_calls}
+def decode_calls(batch: int = 64, slots: int = 5, h: int = 4, dk: int = 256, width: int = 4):
+    from mom_compile.ops import memory_decode_triton as mdt
+    torch.manual_seed(0)
+    c, set_width = 3 * h * dk, 2 * h * dk + 2 * h
+    proj = torch.randn(batch, h * dk + slots * set_width, device="cuda", dtype=torch.bfloat16)
+    memory_idx = torch.stack([torch.cat([torch.randperm(slots - 1)[:2], torch.tensor([slots - 1])])
+                              for _ in range(batch)]).cuda()
+    weight = torch.randn(c, width, device="cuda", dtype=torch.bfloat16) * 0.5
+    conv = torch.randn(batch, slots, width - 1, c, device="cuda", dtype=torch.bfloat16)
+    rec = torch.randn(batch, slots, h, dk, dk, device="cuda") * 0.1
+    args = (proj[:, :h * dk], proj[:, h * dk:].unflatten(-1, (slots, set_width)), memory_idx,
+            torch.rand(h, device="cuda") * 2, torch.randn(h, device="cuda"), weight, None)
+
+    def ten_steps(cfg):  # on the same tables; ten, so that the GPU, not the launches, is timed
+        for _ in range(10):
+            o = mdt.memory_decode_triton_(*args, conv, rec, dk ** -0.5, False, config=cfg)
+        return (o,)
+
+    def check(cfg):  # one step from copies of the tables: every configuration steps the same states
+        conv_t, rec_t = conv.clone(), rec.clone()
+        return mdt.memory_decode_triton_(*args, conv_t, rec_t, dk ** -0.5, False, config=cfg), conv_t, rec_t
+
+    return dict(ten_steps=ten_steps, check=check)
+
+
+CALLS = {"scan": scan_calls, "conv": conv_calls, "decode": decode_calls}
+TIMED = {"scan": ("forward", "backward"), "conv": ("forward", "backward"), "decode": ("ten_steps",)}
 
 
 def measure(op: str, config: dict) -> dict:
-    fwd, bwd = CALLS[op]()
-    ref = [*fwd(None), *bwd(None)]
-    out = [*fwd(config), *bwd(config)]
+    """Max diff vs the default over every output (of `check` where an op has one: decode steps
+    copies), and median ms of each timed call."""
+    calls = CALLS[op]()
+    check = calls.get("check") or (lambda cfg: [out for name in TIMED[op] for out in calls[name](cfg)])
+    ref, out = check(None), check(config)
     diff = torch.stack([(a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)
                         for a, b in zip(out, ref)]).max().item()  # torch's max keeps a NaN
-    return dict(diff=diff, fwd=bench(lambda: fwd(config), iters=8)[0],
-                bwd=bench(lambda: bwd(config), iters=8)[0])
+    return dict(diff=diff, **{name: bench(lambda f=calls[name]: f(config), iters=8)[0] for name in TIMED[op]})
 
 
 def main() -> None:
@@ -97,9 +129,11 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.op}, 98,304 rows, bf16")
-    print("| config | max diff vs default | forward ms | backward ms |")
-    print("| --- | --- | --- | --- |")
+    timed = TIMED[args.op]
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.op}, shapes: see docstring")
+    print("| config | max diff vs default | " + " | ".join(f"{name.replace('_', ' ')} ms" for name in timed)
+          + " |")
+    print("| --- | --- |" + " --- |" * len(timed))
     for config in args.configs or SWEEPS[args.op]:
         try:
             proc = subprocess.run([sys.executable, __file__, args.op, "--child", json.dumps(config)],
@@ -113,7 +147,8 @@ def main() -> None:
             print(f"| {config or 'default'} | failed: {error} | | |", flush=True)
             continue
         r = json.loads(lines[-1])
-        print(f"| {config or 'default'} | {r['diff']:.1e} | {r['fwd']:.2f} | {r['bwd']:.2f} |", flush=True)
+        times = " | ".join(f"{r[name]:.3f}" for name in timed)
+        print(f"| {config or 'default'} | {r['diff']:.1e} | {times} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def _conv_launch(s: Shapes, attributes: Mapping, tactic: int) -> Launch:
     import triton.language as tl
 
     from mom_compile.ops.memory_decode import L2_EPS
-    from mom_compile.ops.memory_decode_triton import decode_launch
+    from mom_compile.ops.memory_decode_triton import decode_launch, history_block
 
     batch, choices = s["memory_idx"][0], _static("memory_idx", s["memory_idx"][1])
     h = _static("a_log", s["a_log"][0])
@@ -115,7 +115,8 @@ def _conv_launch(s: Shapes, attributes: Mapping, tactic: int) -> Launch:
     sets, set_width = (_static("per_set", d) for d in list(s["per_set"])[1:])
     plan = decode_launch(batch * choices, h, k, v, block_v=1)  # block_v: the step's, unused here
     constexprs = dict(eps=L2_EPS, CHOICES=choices, H=h, K=k, V=v, W=width, BLOCK_K=plan.block_k,
-                      BLOCK_V=plan.block_v_conv, HAS_BIAS=True, SINGLE_SET=bool(attributes["single_set"]),
+                      BLOCK_V=plan.block_v_conv, BLOCK_W=history_block(width), HAS_BIAS=True,
+                      SINGLE_SET=bool(attributes["single_set"]),
                       COMPUTE=tl.float32)
     scalars = (("q_stride", h * k), ("set_stride_b", sets * set_width), ("set_stride_s", set_width),
                ("slots", _static("conv_src", s["conv_src"][1])))

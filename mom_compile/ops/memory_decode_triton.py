@@ -41,8 +41,8 @@ def _decode_conv_kernel(
     q_stride, set_stride_b, set_stride_s, slots,
     conv_dst, qkv, beta_g,
     CHOICES: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, SINGLE_SET: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SINGLE_SET: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -57,49 +57,70 @@ def _decode_conv_kernel(
     hist = (b * slots + memory) * (W - 1) * C
     src, dst = conv_src + hist, conv_dst + hist
 
+    # every load first: a chain of dependent round trips to memory is what a decode step waits on
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
     vv = tl.arange(0, BLOCK_V)
     v_ok = vv < V
-    qc = _conv_channels_at(q + b * q_stride + h * K, kk, h * K + kk, k_ok, conv_w, conv_b, src, dst, C, W,
-                           HAS_BIAS, COMPUTE)
-    kc = _conv_channels_at(proj + h * K, kk, H * K + h * K + kk, k_ok, conv_w, conv_b, src, dst, C, W,
-                           HAS_BIAS, COMPUTE)
-    vc = _conv_channels_at(proj + H * K + h * V, vv, 2 * H * K + h * V + vv, v_ok, conv_w, conv_b, src, dst,
-                           C, W, HAS_BIAS, COMPUTE)
+    q_ch, k_ch, v_ch = h * K + kk, H * K + h * K + kk, 2 * H * K + h * V + vv
+    q_x, q_past = _conv_inputs(q + b * q_stride + h * K, kk, q_ch, k_ok, src, C, W, BLOCK_W)
+    k_x, k_past = _conv_inputs(proj + h * K, kk, k_ch, k_ok, src, C, W, BLOCK_W)
+    v_x, v_past = _conv_inputs(proj + H * K + h * V, vv, v_ch, v_ok, src, C, W, BLOCK_W)
+    b_pre = tl.load(proj + H * K + H * V + h).to(COMPUTE)
+    a = tl.load(proj + H * K + H * V + H + h).to(COMPUTE) + tl.load(dt_bias + h).to(COMPUTE)
+
     out = qkv + (row * H + h) * (2 * K + V)
+    qc = _conv_silu(q_x, q_past, q_ch, k_ok, conv_w, conv_b, W, BLOCK_W, HAS_BIAS, COMPUTE)
+    kc = _conv_silu(k_x, k_past, k_ch, k_ok, conv_w, conv_b, W, BLOCK_W, HAS_BIAS, COMPUTE)
+    vc = _conv_silu(v_x, v_past, v_ch, v_ok, conv_w, conv_b, W, BLOCK_W, HAS_BIAS, COMPUTE)
     tl.store(out + kk, _l2_normalize(qc, eps), mask=k_ok)
     tl.store(out + K + kk, _l2_normalize(kc, eps), mask=k_ok)
     tl.store(out + 2 * K + vv, vc, mask=v_ok)
-
     # beta = sigmoid(b_pre), rounded to the input dtype as the scan path holds it; g in COMPUTE
-    b_pre = tl.load(proj + H * K + H * V + h).to(COMPUTE)
     beta = (1.0 / (1.0 + tl.exp(-b_pre))).to(q.dtype.element_ty).to(COMPUTE)
-    a = tl.load(proj + H * K + H * V + H + h).to(COMPUTE) + tl.load(dt_bias + h).to(COMPUTE)
     softplus = tl.where(a > SOFTPLUS_THRESHOLD, a, tl.log(1.0 + tl.exp(tl.minimum(a, SOFTPLUS_THRESHOLD))))
     g = -tl.exp(tl.load(a_log + h).to(COMPUTE)) * softplus
     tl.store(beta_g + (row * H + h) * 2, beta)
     tl.store(beta_g + (row * H + h) * 2 + 1, g)
 
+    # dst may be src, and a history row is stored by another thread than the one that loaded it:
+    # every thread's loads are done before any thread stores
+    tl.debug_barrier()
+    _shift_history(q_x, q_past, q_ch, k_ok, dst, C, W, BLOCK_W)
+    _shift_history(k_x, k_past, k_ch, k_ok, dst, C, W, BLOCK_W)
+    _shift_history(v_x, v_past, v_ch, v_ok, dst, C, W, BLOCK_W)
+
 
 @triton.jit
-def _conv_channels_at(x_ptr, n, ch, ok, conv_w, conv_b, src, dst, C: tl.constexpr, W: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
-    """silu(conv) of channels ch (inputs x_ptr + n) over the history rows src + i * C; the history
-    shifted by one token goes to dst + i * C. dst may be src: the thread that stores a channel's
-    row i - 1 loaded it in the previous iteration. That holds for Triton's layouts so far; a
-    replicated one (fewer elements than threads) would want a barrier between loads and stores."""
+def _conv_inputs(x_ptr, n, ch, ok, src, C: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This token's inputs of channels ch (at x_ptr + n) and their W - 1 history rows
+    [BLOCK_W, channels] (src + i * C, oldest first; padding rows 0)."""
+    i = tl.arange(0, BLOCK_W)[:, None]
     x = tl.load(x_ptr + n, mask=ok, other=0.0)
-    z = tl.load(conv_w + ch * W + (W - 1), mask=ok, other=0.0).to(COMPUTE) * x.to(COMPUTE)
+    past = tl.load(src + i * C + ch[None, :], mask=(i < W - 1) & ok[None, :], other=0.0)
+    return x, past
+
+
+@triton.jit
+def _conv_silu(x, past, ch, ok, conv_w, conv_b, W: tl.constexpr, BLOCK_W: tl.constexpr,
+               HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
+    """silu of the causal conv of channels ch at this token: taps 0..W-2 on the history rows, tap
+    W-1 on x."""
+    i = tl.arange(0, BLOCK_W)[:, None]
+    taps = tl.load(conv_w + ch[None, :] * W + i, mask=(i < W - 1) & ok[None, :], other=0.0)
+    z = tl.sum(taps.to(COMPUTE) * past.to(COMPUTE), axis=0)
+    z += tl.load(conv_w + ch * W + (W - 1), mask=ok, other=0.0).to(COMPUTE) * x.to(COMPUTE)
     if HAS_BIAS:
         z += tl.load(conv_b + ch, mask=ok, other=0.0).to(COMPUTE)
-    for i in tl.static_range(W - 1):
-        past = tl.load(src + i * C + ch, mask=ok, other=0.0)
-        z += tl.load(conv_w + ch * W + i, mask=ok, other=0.0).to(COMPUTE) * past.to(COMPUTE)
-        if i > 0:
-            tl.store(dst + (i - 1) * C + ch, past, mask=ok)
-    tl.store(dst + (W - 2) * C + ch, x, mask=ok)
     return z / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _shift_history(x, past, ch, ok, dst, C: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The history advanced by one token: row i - 1 <- row i, and x becomes the newest row W - 2."""
+    i = tl.arange(0, BLOCK_W)[:, None]
+    tl.store(dst + (i - 1) * C + ch[None, :], past, mask=(i >= 1) & (i < W - 1) & ok[None, :])
+    tl.store(dst + (W - 2) * C + ch, x, mask=ok)
 
 
 @triton.jit
@@ -151,15 +172,22 @@ class DecodeLaunch:
     step_warps: int
 
 
-def decode_launch(rows: int, h: int, dk: int, dv: int, block_v: int | None = None) -> DecodeLaunch:
+def decode_launch(rows: int, h: int, dk: int, dv: int, block_v: int | None = None,
+                  step_warps: int | None = None) -> DecodeLaunch:
     """By default about 512 step programs: a decode step's few state slices must spread over the
-    whole GPU; `block_v` forces the step kernel's V-block."""
+    whole GPU; `block_v` and `step_warps` force the step kernel's V-block and warps. Four warps hold
+    a tile of up to 8K fp32 states (`block_sizes`) in 64 registers a thread."""
     block_k, widest = block_sizes(dk, dv)
     if block_v is None:
         block_v = max(8, min(widest, triton.next_power_of_2(max(1, rows * h * dv // 512))))
     return DecodeLaunch(conv_grid=(rows, h), step_grid=(rows, h, triton.cdiv(dv, block_v)), block_k=block_k,
                         block_v_conv=triton.next_power_of_2(dv), block_v=block_v, conv_warps=4,
-                        step_warps=8 if block_k * block_v >= 4096 else 4)
+                        step_warps=step_warps or 4)
+
+
+def history_block(width: int) -> int:
+    """The conv kernel's BLOCK_W: a conv of width W keeps W - 1 history rows, padded to a power of two."""
+    return triton.next_power_of_2(width - 1)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -167,10 +195,11 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,  # noqa: N803
-                          conv_states, rec_states, scale, single_set):
+                          conv_states, rec_states, scale, single_set, config: dict | None = None):
     """Same contract as `decode_reference_`, computing in the states' dtype throughout, without the
     reference's intermediate rounding to the input dtype. q and per_set are read through their
-    strides (the layer passes views of its projection output)."""
+    strides (the layer passes views of its projection output). config: `decode_launch`'s
+    block_v and step_warps."""
     q, per_set = _last_dim_contiguous(q), _last_dim_contiguous(per_set)
     memory_idx, A_log, dt_bias, conv_weight = (
         t.contiguous() for t in (memory_idx, A_log, dt_bias, conv_weight))
@@ -186,13 +215,14 @@ def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, c
     scratch_dtype = compute_dtype(rec_states.dtype)
     qkv = torch.empty(rows, h, 2 * dk + dv, dtype=scratch_dtype, device=q.device)
     beta_g = torch.empty(rows, h, 2, dtype=scratch_dtype, device=q.device)
-    launch = decode_launch(rows, h, dk, dv)
+    width = conv_weight.shape[1]
+    launch = decode_launch(rows, h, dk, dv, **(config or {}))
     bias = conv_weight if conv_bias is None else conv_bias.contiguous()  # placeholder if absent
     _decode_conv_kernel[launch.conv_grid](
         q, per_set, memory_idx, A_log, dt_bias, conv_weight, bias, conv_states, L2_EPS,
         q.stride(0), per_set.stride(0), per_set.stride(1), slots, conv_states, qkv, beta_g,
-        CHOICES=chosen, H=h, K=dk, V=dv, W=conv_weight.shape[1], BLOCK_K=launch.block_k,
-        BLOCK_V=launch.block_v_conv, HAS_BIAS=conv_bias is not None, SINGLE_SET=single_set, COMPUTE=compute,
+        CHOICES=chosen, H=h, K=dk, V=dv, W=width, BLOCK_K=launch.block_k, BLOCK_V=launch.block_v_conv,
+        BLOCK_W=history_block(width), HAS_BIAS=conv_bias is not None, SINGLE_SET=single_set, COMPUTE=compute,
         num_warps=launch.conv_warps)
     _decode_step_kernel[launch.step_grid](
         memory_idx, qkv, beta_g, rec_states, *split_scale(scale), slots, rec_states, o,
