@@ -16,7 +16,7 @@ import argparse
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from gpu_timing import kernel_table
+from gpu_timing import bench, kernel_table
 from tree_commit import tree_commit
 
 from mom_compile import MomConfig, MomForCausalLM
@@ -94,22 +94,13 @@ def bench_mom(model: MomForCausalLM, batch: int, prompt: int, steps: int, mode: 
 
 
 def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | None) -> float:
-    """Median ms of one prefill of `prompt` tokens into a fresh cache (eager, or compiled with mode
-    "default": CUDA graphs do not apply, the cache is new each time)."""
+    """Median ms of one prefill of `prompt` tokens into a fresh cache, its allocation included (eager,
+    or compiled with mode "default": CUDA graphs do not apply, the cache is new each time)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     forward = model.forward if mode is None else torch.compile(model.forward, fullgraph=True)
-    times = []
     with torch.no_grad():
-        for i in range(8):
-            cache = model.new_cache(batch)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            forward(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            end.record()
-            end.synchronize()
-            if i >= 3:
-                times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        return bench(lambda: forward(ids, past_key_values=model.new_cache(batch), use_cache=True,
+                                     logits_to_keep=1), warmup=3, iters=5)[0]
 
 
 @torch.no_grad()

@@ -1,12 +1,12 @@
-"""Tile and warp configurations of the chunk scan's and the segment conv's Triton kernels, at the
-340M layer's shapes.
+"""Tile and warp configurations of the chunk scan's, the segment conv's and the decode op's Triton
+kernels, at the 340M layer's shapes.
 
 Rows: 16 sequences of T=2048, each split into 4 routed memory segments of uneven length (2T rows
 in all) and the shared one (T rows): 98,304 rows, bf16.
   scan: H=4, K=V=256, fp32 decays; forward and backward (which recomputes the forward's states);
   conv: 3,072 channels (q|k|v), width 4, with a history per segment; forward and backward.
 decode: ten `mom::memory_decode_` steps of the 340M layer at batch 64 (192 rows: top-2 + shared),
-  fp32 states, in place.
+  fp32 states, in place, replayed from a CUDA graph.
 Each configuration (a JSON object of the op's `default_config` keys to override) runs in its own
 process, since a miscompiled one can leave an illegal memory access behind, and is compared with
 the default configuration of the same process (max |diff| / max |default| over the outputs and
@@ -36,8 +36,8 @@ SWEEPS = {
     # the default _dz_kernel holds 252 registers a thread (benchmarks/kernel_resources.py): 2 blocks
     # an SM; halving its tile takes it to 148, 2 warps make it spill
     "conv": [{}, {"block_n_backward": 32}, {"block_d": 32}, {"dz_warps": 8}],
-    "decode": [{}, {"step_warps": 4}, {"block_v": 16, "step_warps": 4}, {"block_v": 16, "step_warps": 2},
-               {"block_v": 8, "step_warps": 2}, {"block_v": 64, "step_warps": 8}],
+    "decode": [{}, {"step_warps": 8}, {"step_warps": 2}, {"block_v": 16}, {"block_v": 64, "step_warps": 8},
+               {"block_v": 8, "step_warps": 2}],
 }
 
 
@@ -89,10 +89,19 @@ def decode_calls(batch: int = 64, slots: int = 5, h: int = 4, dk: int = 256, wid
     args = (proj[:, :h * dk], proj[:, h * dk:].unflatten(-1, (slots, set_width)), memory_idx,
             torch.rand(h, device="cuda") * 2, torch.randn(h, device="cuda"), weight, None)
 
-    def ten_steps(cfg):  # on the same tables; ten, so that the GPU, not the launches, is timed
-        for _ in range(10):
-            o = mdt.memory_decode_triton_(*args, conv, rec, dk ** -0.5, False, config=cfg)
-        return (o,)
+    graphs = {}
+
+    def ten_steps(cfg):  # on the same tables, replayed from a CUDA graph: GPU time, not launches
+        key = json.dumps(cfg, sort_keys=True)
+        if key not in graphs:
+            mdt.memory_decode_triton_(*args, conv, rec, dk ** -0.5, False, config=cfg)  # compiles
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(10):
+                    o = mdt.memory_decode_triton_(*args, conv, rec, dk ** -0.5, False, config=cfg)
+            graphs[key] = graph, o
+        graphs[key][0].replay()
+        return (graphs[key][1],)
 
     def check(cfg):  # one step from copies of the tables: every configuration steps the same states
         conv_t, rec_t = conv.clone(), rec.clone()

@@ -210,6 +210,7 @@ def test_engine_manifest_is_checked(exported, tmp_path):
     manifest = json.loads((copy / "model.json").read_text())
     section = {"max_batch": 4, "max_seq": 32, "prefill_batch": 2, "engines": {}, "state_in_place": True}
     for broken, message in (({k: v for k, v in section.items() if k != "max_seq"}, "'tensorrt.max_seq'"),
+                            (dict(section, max_batch="4"), "'tensorrt.max_batch': expected an integer"),
                             (dict(section, state_in_place=False), "state_in_place")):
         (copy / "model.json").write_text(json.dumps(dict(manifest, tensorrt=broken)))
         with pytest.raises(ValueError, match=message):

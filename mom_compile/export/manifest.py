@@ -35,6 +35,11 @@ REQUIRED_KEYS: list[tuple[str, type | tuple[type, ...]]] = [
     ("state.*.dtype", str), ("plugin", bool), ("vocab_size", int), ("eos_token_id", _OPTIONAL_ID),
     ("pad_token_id", _OPTIONAL_ID), ("files", dict),
 ]
+# The `tensorrt` section of a --tensorrt export (tensorrt_runtime.read_engine_manifest checks it).
+TENSORRT_KEYS: list[tuple[str, type | tuple[type, ...]]] = [
+    ("tensorrt.max_batch", int), ("tensorrt.max_seq", int), ("tensorrt.prefill_batch", int),
+    ("tensorrt.engines", dict), ("tensorrt.state_in_place", bool),
+]
 
 
 def build_manifest(config, dtype, opset: int, use_plugin: bool, files: list[str]) -> dict:
@@ -118,6 +123,19 @@ def _lookup(value: Any, key: list[str], path: str) -> list[tuple[str, Any]]:
     return _lookup(value[head], rest, name)
 
 
+def check_keys(manifest: dict, keys: list[tuple[str, type | tuple[type, ...]]], path: str) -> None:
+    """ValueError naming the first of `keys` (dotted key, JSON type) that `manifest` lacks or holds
+    with another type."""
+    for key, kind in keys:
+        try:
+            hits = _lookup(manifest, key.split("."), "")
+        except KeyError as e:
+            raise ValueError(f"{path}: not an export manifest: missing key {e.args[0]!r}") from None
+        for name, value in hits:
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise ValueError(f"{path}: key {name!r}: expected {_type_names(kind)}, got {value!r}")
+
+
 def read_manifest(folder: str | os.PathLike) -> dict:
     """The validated model.json of an export folder. Raises FileNotFoundError for a missing manifest
     or listed file, ValueError for anything else that is not this version's manifest of the folder
@@ -138,14 +156,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: key 'format' is {manifest.get('format')!r}, expected {FORMAT!r} "
                          "(export the model again with this version of mom_compile)")
-    for key, kind in REQUIRED_KEYS:
-        try:
-            hits = _lookup(manifest, key.split("."), "")
-        except KeyError as e:
-            raise ValueError(f"{path}: not an export manifest: missing key {e.args[0]!r}") from None
-        for name, value in hits:
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-                raise ValueError(f"{path}: key {name!r}: expected {_type_names(kind)}, got {value!r}")
+    check_keys(manifest, REQUIRED_KEYS, path)
     for name, size in manifest["files"].items():
         file = os.path.join(folder, name)
         if not os.path.isfile(file):

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .manifest import read_manifest
+from .manifest import MANIFEST_NAME, TENSORRT_KEYS, check_keys, read_manifest
 from .runtime import Generator
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
@@ -82,10 +82,8 @@ def read_engine_manifest(folder: str) -> dict:
     if not isinstance(section, dict):
         raise ValueError(f"{folder}: no TensorRT engines (python -m mom_compile.export --tensorrt OUT "
                          "writes them)")
-    for key in ("max_batch", "max_seq", "prefill_batch", "engines"):
-        if key not in section:
-            raise ValueError(f"{folder}: model.json: missing key 'tensorrt.{key}'")
-    if not section.get("state_in_place"):
+    check_keys(manifest, TENSORRT_KEYS, os.path.join(folder, MANIFEST_NAME))
+    if not section["state_in_place"]:
         raise ValueError(f"{folder}: model.json: 'tensorrt.state_in_place' is not true; this runtime binds "
                          "present.X to past.X's buffer, as the decode plugins require")
     return manifest
