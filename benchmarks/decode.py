@@ -106,7 +106,8 @@ def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | No
 @torch.no_grad()
 def profile_mom(model: MomForCausalLM, batch: int, prompt: int) -> None:
     """The kernels of one compiled decode step, then of one compiled prefill (mode "default": the
-    kernels that mode "reduce-overhead" replays from a CUDA graph, launched one by one)."""
+    kernels that mode "reduce-overhead" replays from a CUDA graph, launched one by one), then the
+    prefill's host time per op (at batch 1 its launches outlast its kernels)."""
     forward = torch.compile(model.forward, fullgraph=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     cache = model.new_cache(batch)
@@ -114,9 +115,11 @@ def profile_mom(model: MomForCausalLM, batch: int, prompt: int) -> None:
     tok = ids[:, -1:]
     print(f"\nbatch {batch}: one compiled decode step\n"
           + kernel_table(lambda: forward(tok, past_key_values=cache, use_cache=True), rows=20))
-    print(f"batch {batch}: one compiled prefill of {prompt} tokens\n"
-          + kernel_table(lambda: forward(ids, past_key_values=model.new_cache(batch), use_cache=True,
-                                         logits_to_keep=1), rows=20))
+    def prefill():
+        forward(ids, past_key_values=model.new_cache(batch), use_cache=True, logits_to_keep=1)
+
+    print(f"batch {batch}: one compiled prefill of {prompt} tokens\n" + kernel_table(prefill, rows=20))
+    print(f"batch {batch}: the same prefill's host time per op\n" + kernel_table(prefill, rows=20, host=True))
 
 
 def bench_transformer(config: MomConfig, batch: int, prompt: int, steps: int, mode: str | None) -> float:

@@ -1,5 +1,5 @@
 """GPU timing shared by the benchmark scripts: the median time of a callable by CUDA events, and
-the time per kernel of a few calls by the torch profiler."""
+the time per kernel (or per host-side op) of a few calls by the torch profiler."""
 from __future__ import annotations
 
 import statistics
@@ -32,16 +32,19 @@ def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0) -> tuple
     return statistics.median(times), len(times)
 
 
-def kernel_table(*calls, rows: int = 14) -> str:
+def kernel_table(*calls, rows: int = 14, host: bool = False) -> str:
     """GPU time per kernel of one run of each call (after one untimed run), as the profiler's
-    table sorted by time: which kernels bound a step."""
+    table sorted by time: which kernels bound a step. host=True: CPU time per op instead (custom
+    ops and kernel launches included), for a step whose launches outlast its kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     for call in calls:
         call()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] if host else [ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
         for call in calls:
             call()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=48)
+    return prof.key_averages().table(sort_by="cpu_time_total" if host else "cuda_time_total", row_limit=rows,
+                                     max_name_column_width=48)
