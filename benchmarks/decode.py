@@ -7,11 +7,12 @@ generate() (flash-linear-attention), when it imports.
 
     python benchmarks/decode.py [--batches 1 64] [--steps 64] [--prompt 512]
     python benchmarks/decode.py --profile    # GPU time per kernel of a compiled step and prefill
-    python benchmarks/decode.py --coordinate-descent-tuning   # Inductor's batch-1 GEMV path, both models
+    python benchmarks/decode.py --inductor coordinate_descent_tuning=True   # Inductor settings, both models
 """
 from __future__ import annotations
 
 import argparse
+import ast
 
 import torch
 import torch.nn as nn
@@ -170,6 +171,17 @@ def bench_reference(config: MomConfig, batch: int, prompt: int, steps: int) -> f
         return f"failed: {e.__class__.__name__}: {str(e).splitlines()[0][:80]}"
 
 
+def inductor_setting(text: str) -> tuple[str, object]:
+    """NAME=VALUE of torch._inductor.config, VALUE a Python literal."""
+    name, sep, value = text.partition("=")
+    if not sep or not hasattr(torch._inductor.config, name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, NAME in torch._inductor.config: {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{name}: expected a Python literal, got {value!r}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,20 +196,22 @@ def main() -> None:
                         choices=["eager", "compiled"],
                         help="how to time the prompt's prefill (default both; none: skip)")
     parser.add_argument("--no-transformer", action="store_true", help="skip the Transformer peer")
-    parser.add_argument("--coordinate-descent-tuning", action="store_true",
-                        help="set torch._inductor.config.coordinate_descent_tuning for every compiled "
-                             "mode of both models: one-row matmuls become tuned reductions")
+    parser.add_argument("--inductor", nargs="+", default=[], type=inductor_setting, metavar="NAME=VALUE",
+                        help="torch._inductor.config settings for every compiled mode of both models, "
+                             "e.g. coordinate_descent_tuning=True (one-row matmuls become tuned "
+                             "reductions) or max_autotune_gemm=True")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: GPU time per kernel of a compiled step and prefill")
     args = parser.parse_args()
-    torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning
+    for name, value in args.inductor:
+        setattr(torch._inductor.config, name, value)
     torch.manual_seed(0)
     config = MomConfig.preset(args.config)
     model = MomForCausalLM(config).cuda().to(torch.bfloat16).eval()
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | commit {tree_commit()} | "
           f"config {args.config} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, bf16) | "
           f"prompt {args.prompt} | {args.steps} timed greedy steps | "
-          f"coordinate_descent_tuning {args.coordinate_descent_tuning}")
+          f"inductor {dict(args.inductor) or 'defaults'}")
     if args.profile:
         for batch in args.batches:
             torch._dynamo.reset()
