@@ -116,6 +116,7 @@ def profile_mom(model: MomForCausalLM, batch: int, prompt: int) -> None:
     tok = ids[:, -1:]
     print(f"\nbatch {batch}: one compiled decode step\n"
           + kernel_table(lambda: forward(tok, past_key_values=cache, use_cache=True), rows=20))
+
     def prefill():
         forward(ids, past_key_values=model.new_cache(batch), use_cache=True, logits_to_keep=1)
 

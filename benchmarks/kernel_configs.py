@@ -5,8 +5,8 @@ Rows: 16 sequences of T=2048, each split into 4 routed memory segments of uneven
 in all) and the shared one (T rows): 98,304 rows, bf16.
   scan: H=4, K=V=256, fp32 decays; forward and backward (which recomputes the forward's states);
   conv: 3,072 channels (q|k|v), width 4, with a history per segment; forward and backward.
-decode: ten `mom::memory_decode_` steps of the 340M layer at batch 64 (192 rows: top-2 + shared),
-  fp32 states, in place, replayed from a CUDA graph.
+decode: ten `mom::memory_decode_` steps of the 340M layer's heads at batch 64 (3 of 5 memories a
+  token, tests/inputs.py's decode_inputs), fp32 states, in place, replayed from a CUDA graph.
 Each configuration (a JSON object of the op's `default_config` keys to override) runs in its own
 process, since a miscompiled one can leave an illegal memory access behind, and is compared with
 the default configuration of the same process (max |diff| / max |default| over the outputs and
@@ -25,7 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the checkout's mom_compile, the tests' inputs
 
 import torch  # noqa: E402
 from gpu_timing import bench  # noqa: E402
@@ -76,18 +77,13 @@ def conv_calls():
                 backward=lambda cfg: sct.segment_conv_backward_triton(d_y, d_final, *args, config=cfg))
 
 
-def decode_calls(batch: int = 64, slots: int = 5, h: int = 4, dk: int = 256, width: int = 4):
+def decode_calls(batch: int = 64):
     from mom_compile.ops import memory_decode_triton as mdt
-    torch.manual_seed(0)
-    c, set_width = 3 * h * dk, 2 * h * dk + 2 * h
-    proj = torch.randn(batch, h * dk + slots * set_width, device="cuda", dtype=torch.bfloat16)
-    memory_idx = torch.stack([torch.cat([torch.randperm(slots - 1)[:2], torch.tensor([slots - 1])])
-                              for _ in range(batch)]).cuda()
-    weight = torch.randn(c, width, device="cuda", dtype=torch.bfloat16) * 0.5
-    conv = torch.randn(batch, slots, width - 1, c, device="cuda", dtype=torch.bfloat16)
-    rec = torch.randn(batch, slots, h, dk, dk, device="cuda") * 0.1
-    args = (proj[:, :h * dk], proj[:, h * dk:].unflatten(-1, (slots, set_width)), memory_idx,
-            torch.rand(h, device="cuda") * 2, torch.randn(h, device="cuda"), weight, None)
+
+    from inputs import decode_inputs
+    dk = 256
+    *args, conv, rec = decode_inputs(batch, h=4, dk=dk, dv=dk, width=4, slots=5, chosen=3, with_bias=False,
+                                     dtype=torch.bfloat16, device="cuda")
 
     graphs = {}
 

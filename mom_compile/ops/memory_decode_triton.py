@@ -173,7 +173,7 @@ class DecodeLaunch:
 
 
 def decode_launch(rows: int, h: int, dk: int, dv: int, block_v: int | None = None,
-                  step_warps: int | None = None) -> DecodeLaunch:
+                  step_warps: int = 4) -> DecodeLaunch:
     """By default about 512 step programs: a decode step's few state slices must spread over the
     whole GPU; `block_v` and `step_warps` force the step kernel's V-block and warps. Four warps hold
     a tile of up to 8K fp32 states (`block_sizes`) in 64 registers a thread."""
@@ -182,7 +182,7 @@ def decode_launch(rows: int, h: int, dk: int, dv: int, block_v: int | None = Non
         block_v = max(8, min(widest, triton.next_power_of_2(max(1, rows * h * dv // 512))))
     return DecodeLaunch(conv_grid=(rows, h), step_grid=(rows, h, triton.cdiv(dv, block_v)), block_k=block_k,
                         block_v_conv=triton.next_power_of_2(dv), block_v=block_v, conv_warps=4,
-                        step_warps=step_warps or 4)
+                        step_warps=step_warps)
 
 
 def history_block(width: int) -> int:
