@@ -132,10 +132,10 @@ def _step_output_shapes(s: Shapes) -> list[tuple]:
 
 def _step_tactics(s: Shapes) -> list[int]:
     """The V-block widths TensorRT times: powers of two from 8 to the widest the kernel allows."""
-    from mom_compile.ops.gated_delta_step_triton import block_sizes
+    from mom_compile.ops.memory_decode_triton import step_block_sizes
 
     k, v = (_static("rec_src", d) for d in list(s["rec_src"])[3:])
-    widest = max(8, block_sizes(k, v)[1])
+    widest = max(8, step_block_sizes(k, v)[1])
     return [8 << i for i in range(widest.bit_length() - 3)]
 
 

@@ -48,11 +48,11 @@ def _step_kernel(
     tl.store(o + rh * V + col, out.to(o.dtype.element_ty), mask=v_ok)
 
 
-def block_sizes(dk: int, dv: int) -> tuple[int, int]:
-    """Whole K, and a V-block keeping the fp32 state tile at <= 8K elements (32 registers per thread
-    at 8 warps): enough programs to fill the GPU at decode's small row counts."""
+def block_sizes(dk: int, dv: int, states: int = 8192) -> tuple[int, int]:
+    """Whole K, and a V-block keeping the fp32 state tile at <= `states` elements (8K: 32 registers a
+    thread at 8 warps): enough programs to fill the GPU at decode's small row counts."""
     block_k = triton.next_power_of_2(dk)
-    block_v = max(1, min(triton.next_power_of_2(dv), 8192 // block_k))
+    block_v = max(1, min(triton.next_power_of_2(dv), states // block_k))
     return block_k, block_v
 
 

@@ -172,14 +172,22 @@ class DecodeLaunch:
     step_warps: int
 
 
+def step_block_sizes(dk: int, dv: int) -> tuple[int, int]:
+    """(BLOCK_K, the widest V-block) of the step kernel: tiles of up to 16K fp32 states, 64 registers
+    a thread on 8 warps (the widest was fastest at batch 64: benchmarks/RESULTS.md#why-these-defaults)."""
+    return block_sizes(dk, dv, states=16384)
+
+
 def decode_launch(rows: int, h: int, dk: int, dv: int, block_v: int | None = None,
-                  step_warps: int = 4) -> DecodeLaunch:
+                  step_warps: int | None = None) -> DecodeLaunch:
     """By default about 512 step programs: a decode step's few state slices must spread over the
-    whole GPU; `block_v` and `step_warps` force the step kernel's V-block and warps. Four warps hold
-    a tile of up to 8K fp32 states (`block_sizes`) in 64 registers a thread."""
-    block_k, widest = block_sizes(dk, dv)
+    whole GPU; `block_v` and `step_warps` force the step kernel's V-block and warps (by default 64
+    states a thread: 4 warps up to 8K states, 8 above)."""
+    block_k, widest = step_block_sizes(dk, dv)
     if block_v is None:
         block_v = max(8, min(widest, triton.next_power_of_2(max(1, rows * h * dv // 512))))
+    if step_warps is None:
+        step_warps = 8 if block_k * block_v > 8192 else 4
     return DecodeLaunch(conv_grid=(rows, h), step_grid=(rows, h, triton.cdiv(dv, block_v)), block_k=block_k,
                         block_v_conv=triton.next_power_of_2(dv), block_v=block_v, conv_warps=4,
                         step_warps=step_warps)
