@@ -1,8 +1,9 @@
 """Triton CUDA kernels of `mom::segment_conv` and `mom::segment_conv_backward`.
 
-The reference builds a gather table [x ; history ; 0] and index tensors; here each program finds
-its rows' segment by a binary search over the offsets (no host sync, grid from shapes only) and
-reads every tap straight from x or from the segment's history, so nothing is materialised.
+The reference builds a gather table [x ; history ; 0] and index tensors; here `_row_table_kernel`
+finds each row's segment and position once, by a binary search over the offsets (no host sync,
+grid from shapes only), and the conv kernels read them from that table (two loads where a search
+is a chain of dependent ones) and every tap straight from x or from the segment's history.
 
 Backward, in two launches:
 1. `_dz_kernel`: recompute z, d_z = d_y * silu'(z) (stored in x's dtype), and per row-block partial
@@ -53,12 +54,22 @@ def _tap(x, init, rows, seg, pos, back, cols, row_ok, col_ok, D: tl.constexpr, W
 
 
 @triton.jit
-def _rows_and_segments(offsets, n, n_seg, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _row_table_kernel(offsets, seg_of_row, pos_of_row, n, n_seg, BLOCK: tl.constexpr,
+                      SEARCH_STEPS: tl.constexpr):
+    """Each row's segment (n_seg for a row in none) and its position in it."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     seg = _segment_of(offsets, rows, n_seg, SEARCH_STEPS)
-    row_ok = (rows < n) & (seg < n_seg)
-    start = tl.load(offsets + seg, mask=row_ok, other=0).to(tl.int32)
-    return rows, seg, rows - start, row_ok
+    start = tl.load(offsets + seg, mask=(rows < n) & (seg < n_seg), other=0).to(tl.int32)
+    tl.store(seg_of_row + rows, seg, mask=rows < n)
+    tl.store(pos_of_row + rows, rows - start, mask=rows < n)
+
+
+@triton.jit
+def _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seg = tl.load(seg_of_row + rows, mask=rows < n, other=n_seg)
+    pos = tl.load(pos_of_row + rows, mask=rows < n, other=0)
+    return rows, seg, pos, (rows < n) & (seg < n_seg)
 
 
 @triton.jit
@@ -73,10 +84,10 @@ def _preactivation(x, init, weight, bias, rows, seg, pos, row_ok, cols, col_ok,
 
 
 @triton.jit
-def _conv_kernel(x, init, weight, bias, offsets, y, n, n_seg,
+def _conv_kernel(x, init, weight, bias, seg_of_row, pos_of_row, y, n, n_seg,
                  D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 SEARCH_STEPS: tl.constexpr, COMPUTE: tl.constexpr):
-    rows, seg, pos, row_ok = _rows_and_segments(offsets, n, n_seg, BLOCK_N, SEARCH_STEPS)
+                 COMPUTE: tl.constexpr):
+    rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     z = _preactivation(x, init, weight, bias, rows, seg, pos, row_ok, cols, col_ok, D, W, BLOCK_N, BLOCK_D,
@@ -104,10 +115,10 @@ def _final_state_kernel(x, init, offsets, final, D: tl.constexpr, W: tl.constexp
 
 
 @triton.jit
-def _dz_kernel(x, init, weight, bias, offsets, d_y, d_z, d_w_part, d_b_part, n, n_seg,
+def _dz_kernel(x, init, weight, bias, seg_of_row, pos_of_row, d_y, d_z, d_w_part, d_b_part, n, n_seg,
                D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               SEARCH_STEPS: tl.constexpr, COMPUTE: tl.constexpr):
-    rows, seg, pos, row_ok = _rows_and_segments(offsets, n, n_seg, BLOCK_N, SEARCH_STEPS)
+               COMPUTE: tl.constexpr):
+    rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     z = _preactivation(x, init, weight, bias, rows, seg, pos, row_ok, cols, col_ok, D, W, BLOCK_N, BLOCK_D,
@@ -125,20 +136,20 @@ def _dz_kernel(x, init, weight, bias, offsets, d_y, d_z, d_w_part, d_b_part, n, 
 
 
 @triton.jit
-def _dx_kernel(d_z, d_final, weight, offsets, d_x, d_init, n, n_seg,
+def _dx_kernel(d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, n, n_seg,
                D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               SEARCH_STEPS: tl.constexpr, COMPUTE: tl.constexpr):
+               COMPUTE: tl.constexpr):
     r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # table row: x rows, then history rows
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     is_x = r < n
     hist = r - n
-    seg_x = _segment_of(offsets, r, n_seg, SEARCH_STEPS)
+    seg_x = tl.load(seg_of_row + r, mask=is_x, other=n_seg)
     seg = tl.where(is_x, seg_x, hist // (W - 1))
     row_ok = tl.where(is_x, seg_x < n_seg, hist < n_seg * (W - 1))
     start = tl.load(offsets + seg, mask=row_ok, other=0).to(tl.int32)
     length = tl.load(offsets + seg + 1, mask=row_ok, other=0).to(tl.int32) - start
-    pos = tl.where(is_x, r - start, hist % (W - 1) - (W - 1))
+    pos = tl.where(is_x, tl.load(pos_of_row + r, mask=is_x, other=0), hist % (W - 1) - (W - 1))
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=COMPUTE)
     for back in tl.static_range(W):  # output `back` steps later read this row through tap W-1-back
@@ -165,8 +176,16 @@ def default_config() -> dict:
     return dict(block_n=32, block_n_backward=64, block_d=64, warps=4, dz_warps=4, dx_warps=4)
 
 
-def _search_steps(n_seg: int) -> int:
-    return max(1, n_seg.bit_length())
+def _row_table(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment, position in it) of each of the n rows, int32: one launch per op call."""
+    n_seg = offsets.shape[0] - 1
+    seg_of_row = torch.empty(n, dtype=torch.int32, device=offsets.device)
+    pos_of_row = torch.empty_like(seg_of_row)
+    if n > 0:
+        block = 1024
+        _row_table_kernel[(triton.cdiv(n, block),)](offsets, seg_of_row, pos_of_row, n, n_seg, BLOCK=block,
+                                                     SEARCH_STEPS=max(1, n_seg.bit_length()))
+    return seg_of_row, pos_of_row
 
 
 def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | None = None):
@@ -182,9 +201,9 @@ def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | 
     final = torch.empty_like(initial_state)
     if n > 0 and d > 0:
         grid = (triton.cdiv(n, cfg["block_n"]), triton.cdiv(d, cfg["block_d"]))
-        _conv_kernel[grid](x, initial_state, weight, bias, offsets, y, n, n_seg, D=d, W=width,
-                           BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], SEARCH_STEPS=_search_steps(n_seg),
-                           COMPUTE=compute_type(x.dtype), num_warps=cfg["warps"])
+        _conv_kernel[grid](x, initial_state, weight, bias, *_row_table(offsets, n), y, n, n_seg, D=d, W=width,
+                           BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], COMPUTE=compute_type(x.dtype),
+                           num_warps=cfg["warps"])
     if n_seg > 0 and d > 0:
         _final_state_kernel[(n_seg, triton.cdiv(d, cfg["block_d"]))](
             x, initial_state, offsets, final, D=d, W=width, BLOCK_D=cfg["block_d"])
@@ -202,7 +221,6 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     n, d = x.shape
     width = weight.shape[1]
     n_seg = offsets.shape[0] - 1
-    steps = _search_steps(n_seg)
     compute = compute_type(x.dtype)
     row_blocks = triton.cdiv(n, block_n)
     # d_z in x's dtype: a bf16 model's d_x is bf16 anyway, and d_z crosses memory twice (the
@@ -213,15 +231,14 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     d_b_part = torch.empty(row_blocks, d, dtype=acc, device=x.device)
     d_x = torch.empty_like(x)
     d_init = torch.empty_like(initial_state)
+    seg_of_row, pos_of_row = _row_table(offsets, n)
     if n > 0 and d > 0:
         _dz_kernel[(row_blocks, triton.cdiv(d, block_d))](
-            x, initial_state, weight, bias, offsets, d_y, d_z, d_w_part, d_b_part, n, n_seg,
-            D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, SEARCH_STEPS=steps, COMPUTE=compute,
-            num_warps=cfg["dz_warps"])
+            x, initial_state, weight, bias, seg_of_row, pos_of_row, d_y, d_z, d_w_part, d_b_part, n, n_seg,
+            D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute, num_warps=cfg["dz_warps"])
     table_rows = n + n_seg * (width - 1)
     if table_rows > 0 and d > 0:
         _dx_kernel[(triton.cdiv(table_rows, block_n), triton.cdiv(d, block_d))](
-            d_z, d_final, weight, offsets, d_x, d_init, n, n_seg,
-            D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, SEARCH_STEPS=steps, COMPUTE=compute,
-            num_warps=cfg["dx_warps"])
+            d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, n, n_seg,
+            D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute, num_warps=cfg["dx_warps"])
     return (d_x, d_w_part.sum(0).to(weight.dtype), d_b_part.sum(0).to(bias.dtype), d_init)
