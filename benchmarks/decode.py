@@ -1,6 +1,7 @@
 """Decode latency on a GPU: ms per generated token after a 512-token prompt, batch 1 and 64, for
 the paper's 340M MoM config with random bf16 weights: eager, torch.compile, and CUDA graphs
-(torch.compile mode="reduce-overhead"); and the prefill of the prompt (ms, eager and compiled).
+(torch.compile mode="reduce-overhead"); and the prefill of the prompt (ms: eager, compiled, and
+replayed from a CUDA graph into a reused cache).
 Peers in the same run: a Transformer of the same width and depth with a static KV cache through
 scaled_dot_product_attention (compiled the same ways), and the reference implementation's
 generate() (flash-linear-attention), when it imports.
@@ -95,13 +96,20 @@ def bench_mom(model: MomForCausalLM, batch: int, prompt: int, steps: int, mode: 
 
 
 def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | None) -> float:
-    """Median ms of one prefill of `prompt` tokens into a fresh cache, its allocation included (eager,
-    or compiled with mode "default": CUDA graphs do not apply, the cache is new each time)."""
+    """Median ms of one prefill of `prompt` tokens: eager or compiled (mode "default") into a new
+    cache each time, its allocation included; "reduce-overhead" into one cache reset each time (as
+    generate(cache=...) does), whose fixed addresses let the prefill replay from a CUDA graph."""
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
-    forward = model.forward if mode is None else torch.compile(model.forward, fullgraph=True)
+    forward = model.forward if mode is None else torch.compile(model.forward, mode=mode, fullgraph=True)
+    reused = model.new_cache(batch) if mode == "reduce-overhead" else None
+
+    def prefill():
+        cache = model.new_cache(batch) if reused is None else reused
+        cache.reset()
+        forward(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
     with torch.no_grad():
-        return bench(lambda: forward(ids, past_key_values=model.new_cache(batch), use_cache=True,
-                                     logits_to_keep=1), warmup=3, iters=5)[0]
+        return bench(prefill, warmup=3, iters=5)[0]
 
 
 @torch.no_grad()
@@ -193,9 +201,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                         help="which ways to run the decode step (default: all)")
     parser.add_argument("--no-reference", action="store_true", help="skip the fla generate() peer")
-    parser.add_argument("--prefill-modes", nargs="*", default=["eager", "compiled"],
-                        choices=["eager", "compiled"],
-                        help="how to time the prompt's prefill (default both; none: skip)")
+    parser.add_argument("--prefill-modes", nargs="*", default=["eager", "compiled", "cudagraphs"],
+                        choices=["eager", "compiled", "cudagraphs"],
+                        help="how to time the prompt's prefill (default all three; none: skip)")
     parser.add_argument("--no-transformer", action="store_true", help="skip the Transformer peer")
     parser.add_argument("--inductor", nargs="+", default=[], type=inductor_setting, metavar="NAME=VALUE",
                         help="torch._inductor.config settings for every compiled mode of both models, "

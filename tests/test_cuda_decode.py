@@ -45,6 +45,28 @@ def test_cuda_graph_generation_matches_eager_without_recapture(monkeypatch):
     assert per_short <= 2 and per_long <= 2, (per_short, per_long)
 
 
+def test_generate_into_a_reused_cache_replays_without_recording(monkeypatch):
+    """With the same cache passed to every call, the states keep their addresses: once warm, a
+    generate() records no graph at all, prefill included, and still gives the eager tokens."""
+    from torch._inductor import cudagraph_trees
+
+    torch._dynamo.reset()
+    recordings = []
+    record = cudagraph_trees.CUDAGraphTreeManager.record_function
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
+                        lambda self, *a, **k: recordings.append(1) or record(self, *a, **k))
+    model = tiny_model(dtype=torch.float32).cuda()
+    prompt = ids(2, 9).cuda()
+    eager = model.generate(prompt, max_new_tokens=12, cuda_graph=False)
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    cache = model.new_cache(2)
+    for _ in range(3):  # compile, warm up, record
+        model.generate(prompt, max_new_tokens=12, cache=cache)
+    before = len(recordings)
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, cache=cache), eager)
+    assert len(recordings) == before
+
+
 def test_decode_step_does_no_host_sync():
     model = tiny_model(dtype=torch.float32).cuda()
     out = model(ids(2, 5).cuda(), use_cache=True)

@@ -82,3 +82,12 @@ def test_more_bad_configs(overrides, match):
 def test_cuda_graph_generation_needs_cuda(model):
     with pytest.raises(ValueError, match="cuda_graph: needs the model and input_ids on a CUDA device"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, cuda_graph=True)
+
+
+def test_generate_refuses_a_cache_of_another_batch_or_kind(model):
+    x = torch.zeros(2, 3, dtype=torch.long)
+    functional = type(model.new_cache(2)).from_states(model.new_cache(2).states(), functional=True)
+    bad = ((model.new_cache(3), "got batch 3"), ("cache", "got str"), (functional, "got MomCache"))
+    for cache, got in bad:
+        with pytest.raises(ValueError, match=rf"cache: expected model.new_cache\(2\).*{got}"):
+            model.generate(x, max_new_tokens=2, cache=cache)

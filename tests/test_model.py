@@ -196,6 +196,20 @@ def test_generate_equals_greedy_loop_over_forward_with_left_padding(model):
     assert torch.equal(got, greedy_by_hand(model, x, mask, 8))
 
 
+def test_generate_into_a_reused_cache_equals_a_fresh_one(model):
+    """The cache passed to generate is reset first: after another prompt went through it, the
+    tokens are those of a new cache, and its buffers stay where they were."""
+    x = ids(3, 6)
+    mask = torch.ones(3, 6, dtype=torch.int64)
+    mask[1, :3] = 0
+    cache = model.new_cache(3)
+    addresses = [t.data_ptr() for t in cache.states()]
+    fresh = model.generate(x, attention_mask=mask, max_new_tokens=7)
+    model.generate(ids(3, 4), max_new_tokens=3, cache=cache)
+    assert torch.equal(model.generate(x, attention_mask=mask, max_new_tokens=7, cache=cache), fresh)
+    assert [t.data_ptr() for t in cache.states()] == addresses
+
+
 @pytest.mark.parametrize("new", [6, 20])  # below and above the steps between two looks at the end
 def test_generate_stops_at_eos_and_pads_finished_rows(model, new):
     x = ids(2, 4)

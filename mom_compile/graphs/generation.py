@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..generation_args import as_array, check_generate_args
 from ..ops import triton_status
+from .cache import MomCache
 
 CHECK_EVERY = 8  # decode steps between two host syncs that look for the end (with an eos id)
 
@@ -77,6 +78,19 @@ class CudaGraphStep:
         return logits
 
 
+def _check_cache(cache: MomCache, model: nn.Module, input_ids: torch.Tensor) -> None:
+    """ValueError naming `cache` unless it is what model.new_cache(batch) makes for these ids."""
+    batch, dtype, layers = input_ids.shape[0], model.lm_head.weight.dtype, model.config.num_hidden_layers
+    expected = f"model.new_cache({batch}): {layers} layers, {dtype} on {input_ids.device}"
+    if not isinstance(cache, MomCache) or len(cache) != layers \
+            or any(layer.functional for layer in cache):
+        raise ValueError(f"cache: expected {expected}, got {type(cache).__name__}")
+    state = cache[0].recurrent
+    if cache.batch_size != batch or state.device != input_ids.device or state.dtype != dtype:
+        raise ValueError(f"cache: expected {expected}, got batch {cache.batch_size}, {state.dtype} on "
+                         f"{state.device}")
+
+
 def _is_compiled(model: nn.Module) -> bool:
     """model.forward replaced by torch.compile, or the module compiled in place (Module.compile)."""
     return hasattr(model.forward, "_torchdynamo_orig_callable") or \
@@ -102,13 +116,17 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
+    cache: MomCache | None = None,
 ) -> torch.Tensor:
     """Batched generation with left padding. Returns [B, T + n] ids, n <= max_new_tokens: it stops
     early once every sequence has produced an eos id; a finished sequence is filled with
     pad_token_id (default: the config's, else the first eos id). input_ids and attention_mask may
     also be nested lists (made tensors on the model's device). cuda_graph: replay the decode step
     from a CUDA graph (`CudaGraphStep`); default: on CUDA when `forward` is not compiled and the
-    Triton kernels loaded."""
+    Triton kernels loaded. cache: a `model.new_cache(batch)` to generate into, reset first (default:
+    a new one each call); passing the same one to every call keeps the states at fixed addresses,
+    so that a forward compiled with mode="reduce-overhead" replays its prefill and decode-step
+    graphs instead of recording them again."""
     config = model.config
     input_ids = _as_tensor("input_ids", input_ids, model)
     attention_mask = None if attention_mask is None else _as_tensor("attention_mask", attention_mask, model)
@@ -125,9 +143,13 @@ def generate(
                          f"({triton_status().reason})")
     if max_new_tokens == 0:
         return input_ids
-    # The cache is made here, outside any compiled forward, so that its buffers are static
-    # addresses that a CUDA-graph decode step may update in place.
-    cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
+    # The cache is made (or reset) here, outside any compiled forward, so that its buffers are
+    # static addresses that a CUDA-graph step may update in place.
+    if cache is None:
+        cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
+    else:
+        _check_cache(cache, model, input_ids)
+        cache.reset()
     logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits
     step = CudaGraphStep(model, cache) if cuda_graph else \
