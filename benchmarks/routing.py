@@ -5,7 +5,7 @@ takes against the memory floor of the same work.
 Shapes: the paper's 340M layer (H=4, head_dim 256, expand_v 1, M=4 top-2 + the shared memory,
 so k = 3 rows per token), N tokens (default 32K) in sequences of T, o_rows bf16, weights float32.
 Rows of the table:
-  - dispatch: `mom::dispatch` (a stable sort of the B*T*k choices by (sequence, memory), its
+  - dispatch: `mom::dispatch` (the B*T*k choices grouped by (sequence, memory) in time order, its
     inverse permutation and the segment offsets);
   - combine, forward and forward+backward, two ways: the `mom::combine` op as registered on CUDA
     (whatever kernel that is in this tree; the op is opaque to torch.compile), and the same formula

@@ -132,29 +132,46 @@ def test_segment_conv_without_history_or_bias_is_zero_padded():
 
 
 def dispatch_oracle(memory_idx, mask, num_memories):
-    """Rows of each segment b*M+m in time order, built with loops."""
-    b_size, t_size, k = memory_idx.shape
+    """Rows of each segment b*M+m in time order, built with loops, then every other choice (padding,
+    or naming no memory in range) in flat order; and the segment offsets."""
+    idx, valid = memory_idx.tolist(), mask.tolist()
     rows, offsets = [], [0]
-    for b in range(b_size):
+    for b, (seq, seq_valid) in enumerate(zip(idx, valid)):
         for m in range(num_memories):
-            for t in range(t_size):
-                for i in range(k):
-                    if mask[b, t] and memory_idx[b, t, i] == m:
-                        rows.append((b * t_size + t) * k + i)
+            for t, (choices, real) in enumerate(zip(seq, seq_valid)):
+                first = (b * len(seq) + t) * len(choices)
+                rows += [first + i for i, c in enumerate(choices) if real and c == m]
             offsets.append(len(rows))
-    return rows, offsets
+    taken = set(rows)
+    return rows + [c for c in range(memory_idx.numel()) if c not in taken], offsets
+
+
+def check_dispatch(memory_idx, mask, num_memories):
+    choice_of_row, row_of_choice, offsets = ops.dispatch(memory_idx, mask, num_memories)
+    rows, offs = dispatch_oracle(memory_idx.cpu(), mask.cpu(), num_memories)
+    assert offsets.tolist() == offs
+    assert choice_of_row.tolist() == rows
+    assert (choice_of_row[row_of_choice.flatten()] == torch.arange(len(rows), device=mask.device)).all()
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 2, 4), (1, 3, 3, 3), (3, 16, 2, 4), (2, 1, 1, 4)])
 def test_dispatch_is_stable_and_matches_loops(shape):
     b, t, k, m = shape
-    idx, mask, _ = dispatch_inputs(b, t, k, m, seed=b * t)
-    choice_of_row, row_of_choice, offsets = ops.dispatch(idx, mask, m)
-    rows, offs = dispatch_oracle(idx, mask, m)
-    assert offsets.tolist() == offs
-    assert choice_of_row[:len(rows)].tolist() == rows
-    assert sorted(choice_of_row.tolist()) == list(range(b * t * k))
-    assert (choice_of_row[row_of_choice.flatten()] == torch.arange(b * t * k)).all()
+    check_dispatch(*dispatch_inputs(b, t, k, m, seed=b * t))
+
+
+def test_dispatch_places_choices_out_of_range_with_the_padding():
+    idx, mask, m = dispatch_inputs(2, 6, 2, 4, seed=3)
+    idx[0, 1, 0], idx[1, 4, 1], idx[1, 5, 0] = -1, 4, 99
+    check_dispatch(idx, mask, m)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dispatch_on_cuda_matches_the_loops():
+    """Enough choices (90K one-hot entries) that the device-wide scan spans many blocks."""
+    idx, mask, m = dispatch_inputs(2, 3000, 3, 5, device="cuda", seed=7)
+    idx[0, 10, 0], idx[1, 7, 2] = 5, -3
+    check_dispatch(idx, mask, m)
 
 
 def test_dispatch_when_all_tokens_choose_one_memory():

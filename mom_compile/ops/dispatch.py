@@ -4,7 +4,7 @@
 Every token makes exactly k choices, so the routed work is always B*T*k rows: only the order of the
 rows and the segment offsets depend on the data, and they stay on the device.
 Choice (b, t, i) of memory m goes to segment b*M + m; segments are laid out in that order and,
-inside a segment, rows keep time order (the sort is stable: this is the semantics). Choices of
+inside a segment, rows keep time order (a stable grouping: this is the semantics). Choices of
 padding tokens (mask = 0) are placed after the last segment: in no segment at all.
 """
 from __future__ import annotations
@@ -17,17 +17,26 @@ from ._checks import INDEX_DTYPES, check_same_device, check_tensor
 def dispatch_reference(
     memory_idx: torch.Tensor, mask: torch.Tensor, num_memories: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op's kernel on every device (a stable sort and a scatter: stock torch, no host sync)."""
+    """The op's kernel on every device: a counting sort (stock torch, no host sync).
+
+    One running count goes over the one-hot choices laid out as [B, M, T*k] (segment by segment,
+    time order inside each) and then over the padding choices: the count at a choice, minus one, is
+    its row. A choice naming no memory in [0, M) counts as padding, so the rows stay a permutation.
+    """
     b, t, k = memory_idx.shape
-    batch = torch.arange(b, device=memory_idx.device)[:, None, None]
-    n_seg = b * num_memories
-    key = torch.where(mask[:, :, None], batch * num_memories + memory_idx, n_seg).flatten()
-    choice_of_row = torch.sort(key, stable=True).indices
-    row_of_choice = torch.empty_like(choice_of_row)
-    row_of_choice[choice_of_row] = torch.arange(key.numel(), device=key.device)
-    counts = torch.zeros(n_seg + 1, dtype=torch.int64, device=key.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    offsets = torch.cat([counts.new_zeros(1), counts[:n_seg].cumsum(0)])
+    n = t * k
+    memory = memory_idx.reshape(b, 1, n)
+    valid = mask[:, None, :, None].expand(b, 1, t, k).reshape(b, 1, n)
+    valid = valid & (memory >= 0) & (memory < num_memories)
+    hot = (memory == torch.arange(num_memories, device=memory.device)[:, None]) & valid  # [B, M, T*k]
+    position = torch.cat([hot.flatten(), ~valid.flatten()]).cumsum(0) - 1
+    segment_rows = position[:hot.numel()].view(b, num_memories, n)
+    padding_rows = position[hot.numel():].view(b, 1, n)
+    segment_row = segment_rows.gather(1, memory.clamp(0, num_memories - 1))
+    row_of_choice = torch.where(valid, segment_row, padding_rows)
+    choice_of_row = torch.empty_like(position[:b * n])
+    choice_of_row[row_of_choice.flatten()] = torch.arange(b * n, device=memory.device)
+    offsets = torch.cat([position.new_zeros(1), hot.sum(2).flatten().cumsum(0)])
     return choice_of_row, row_of_choice.view(b, t, k), offsets
 
 
@@ -46,7 +55,8 @@ def dispatch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the routed choices by (batch, memory).
 
-    memory_idx: [B, T, k] int64, the memories each token chose (distinct per token);
+    memory_idx: [B, T, k] int64, the memories each token chose (distinct per token; a choice
+    outside [0, M) is placed with the padding);
     mask: [B, T] bool, False for padding; num_memories: M.
     Returns (choice_of_row [B*T*k]: the flat (b, t, i) index each packed row holds,
     row_of_choice [B, T, k]: its inverse, offsets [B*M + 1]: segment b*M + m starts at
