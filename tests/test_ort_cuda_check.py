@@ -38,7 +38,7 @@ def _graph(path, mul="Mul", shape=(3, 2)):
              onnx.numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")]
     graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
                          [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
-    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]), str(path))
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=8), str(path))
     return str(path)
 
 
