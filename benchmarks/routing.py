@@ -52,7 +52,7 @@ def main() -> None:
     routed = torch.rand(b, t, memories - 1, device=dev).argsort(-1)[..., :k - 1]
     memory_idx = torch.cat([routed, torch.full((b, t, 1), memories - 1, device=dev)], -1)
     mask = torch.ones(b, t, dtype=torch.bool, device=dev)
-    _, row_of_choice, _ = ops.dispatch(memory_idx, mask, memories)
+    _, _, row_of_choice, _ = ops.dispatch(memory_idx, mask, memories)
     o_rows = torch.randn(b * t * k, h, v, device=dev, dtype=torch.bfloat16, requires_grad=True)
     weights = torch.rand(b, t, k, device=dev, requires_grad=True)
     d_y = torch.randn(b, t, h, v, device=dev)

@@ -137,7 +137,10 @@ def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
         x, *rest = conv_inputs(dtype=dtype)
         return [(rand(*x.shape, dtype=dtype, gen=gen), rand(*rest[-1].shape, dtype=dtype, gen=gen), x, *rest)]
     if name == "dispatch":
-        return [tuple(dispatch_inputs())]
+        idx, mask, m = dispatch_inputs()
+        out_of_range = idx.clone()
+        out_of_range[0, 1, 0], out_of_range[1, 3, 1] = -1, m  # placed with the padding
+        return [(idx, mask, m), (out_of_range, mask, m)]
     if name == "combine":
         return [tuple(combine_inputs(dtype=dtype))]
     if name == "combine_backward":

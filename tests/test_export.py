@@ -497,3 +497,27 @@ def test_decode_translation_with_padding_rows(tmp_path, single_set):
     for g, w in zip(got, want):
         torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-5, atol=1e-6)
     assert not torch.from_numpy(got[0])[-1].any()  # the padding token reads out 0
+
+
+def test_dispatch_translation_with_choices_out_of_range(tmp_path):
+    """The ONNX translation of dispatch against the op, on inputs the export graphs never produce:
+    choices naming no memory in range, which the op places with the padding."""
+    from mom_compile.export.onnx_ops import translation_table
+    from mom_compile.ops import dispatch
+
+    from inputs import op_inputs
+
+    idx, mask, m = op_inputs("dispatch", torch.float32)[1]
+
+    class Dispatch(torch.nn.Module):
+        def forward(self, memory_idx, valid):
+            return dispatch(memory_idx, valid, m)
+
+    program = torch.onnx.export(Dispatch(), (idx, mask), dynamo=True, optimize=False, verbose=False,
+                                custom_translation_table=translation_table(DEFAULT_OPSET))
+    path = str(tmp_path / "dispatch.onnx")
+    program.save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"memory_idx": idx.numpy(), "valid": mask.numpy()})
+    for g, w in zip(got, dispatch(idx, mask, m), strict=True):
+        assert g.tolist() == w.tolist()

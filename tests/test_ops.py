@@ -147,11 +147,14 @@ def dispatch_oracle(memory_idx, mask, num_memories):
 
 
 def check_dispatch(memory_idx, mask, num_memories):
-    choice_of_row, row_of_choice, offsets = ops.dispatch(memory_idx, mask, num_memories)
+    token_of_row, memory_of_row, row_of_choice, offsets = ops.dispatch(memory_idx, mask, num_memories)
     rows, offs = dispatch_oracle(memory_idx.cpu(), mask.cpu(), num_memories)
+    k = memory_idx.shape[-1]
+    flat = memory_idx.flatten().clamp(0, num_memories - 1).tolist()
     assert offsets.tolist() == offs
-    assert choice_of_row.tolist() == rows
-    assert (choice_of_row[row_of_choice.flatten()] == torch.arange(len(rows), device=mask.device)).all()
+    assert row_of_choice.flatten()[rows].tolist() == list(range(len(rows)))
+    assert token_of_row.tolist() == [c // k for c in rows]
+    assert memory_of_row.tolist() == [flat[c] for c in rows]
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 2, 4), (1, 3, 3, 3), (3, 16, 2, 4), (2, 1, 1, 4)])
@@ -176,7 +179,7 @@ def test_dispatch_on_cuda_matches_the_loops():
 
 def test_dispatch_when_all_tokens_choose_one_memory():
     idx = torch.zeros(2, 6, 1, dtype=torch.int64)
-    _, _, offsets = ops.dispatch(idx, torch.ones(2, 6, dtype=torch.bool), 3)
+    *_, offsets = ops.dispatch(idx, torch.ones(2, 6, dtype=torch.bool), 3)
     assert offsets.tolist() == [0, 6, 6, 6, 12, 12, 12]
 
 

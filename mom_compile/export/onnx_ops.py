@@ -102,25 +102,30 @@ def _segment_of_rows(offsets, n):
 
 # -- mom::dispatch ------------------------------------------------------------------------------
 def dispatch(memory_idx, mask, num_memories: int):
-    """(choice_of_row [N], row_of_choice [B, T, k], offsets [B*M + 1]), N = B*T*k."""
+    """(token_of_row [N], memory_of_row [N], row_of_choice [B, T, k], offsets [B*M + 1]), N = B*T*k."""
     shape = op.Shape(memory_idx)
     b = _dim(memory_idx, 0)
+    k = _dim(memory_idx, 2)
     n_seg = op.Mul(b, num_memories)
     batch = op.Unsqueeze(op.Range(0, b, 1), [1, 2])
+    in_range = op.Min(op.Max(memory_idx, op.Constant(value_int=0)), op.Constant(value_int=num_memories - 1))
+    valid = op.And(op.Unsqueeze(mask, [2]), op.Equal(memory_idx, in_range))  # out of range: padding
     segment = op.Add(op.Mul(batch, num_memories), memory_idx)
-    key = op.Reshape(op.Where(op.Unsqueeze(mask, [2]), segment, n_seg), [-1])
+    key = op.Reshape(op.Where(valid, segment, n_seg), [-1])
     n = _dim(key, 0)
     everything = op.Reshape(n, [1])
     unique = op.Add(op.Mul(key, n), op.Range(0, n, 1))  # distinct keys: the order of equal segments is time
     _, choice_of_row = op.TopK(unique, everything, axis=0, largest=0, sorted=1)
     # the inverse permutation by sorting the permutation, not by a scatter
     _, row_of_choice = op.TopK(choice_of_row, everything, axis=0, largest=0, sorted=1)
-    # each segment's size: its sequence's unmasked choices of its memory, counted by comparison
+    # each segment's size: its sequence's valid choices of its memory, counted by comparison
     memories = op.Constant(value_ints=list(range(num_memories)))
-    chosen = op.And(op.Equal(op.Unsqueeze(memory_idx, [3]), memories), op.Unsqueeze(mask, [2, 3]))
+    chosen = op.And(op.Equal(op.Unsqueeze(memory_idx, [3]), memories), op.Unsqueeze(valid, [3]))
     counts = op.ReduceSum(op.Cast(chosen, to=ir.DataType.INT64), _ints(1, 2), keepdims=0)  # [B, M]
     offsets = op.Concat(op.Constant(value_ints=[0]), op.CumSum(op.Reshape(counts, [-1]), 0), axis=0)
-    return choice_of_row, op.Reshape(row_of_choice, shape), offsets
+    token_of_row = op.Div(choice_of_row, k)
+    memory_of_row = op.Gather(op.Reshape(in_range, [-1]), choice_of_row, axis=0)
+    return token_of_row, memory_of_row, op.Reshape(row_of_choice, shape), offsets
 
 
 # -- mom::segment_conv --------------------------------------------------------------------------

@@ -174,11 +174,9 @@ class MomLayer(nn.Module):
         slots = self.config.memory_slots
         if mask is None:
             mask = torch.ones(b, t, dtype=torch.bool, device=q.device)
-        choice_of_row, row_of_choice, offsets = ops.dispatch(memory_idx, mask, slots)
-        token = choice_of_row // memory_idx.shape[-1]
-        conv_in, beta, g = token_rows(q.flatten(0, 1), per_set.flatten(0, 1), token,
-                                      memory_idx.flatten()[choice_of_row], self.A_log, self.dt_bias,
-                                      self.config.single_kv_proj)
+        token, memory, row_of_choice, offsets = ops.dispatch(memory_idx, mask, slots)
+        conv_in, beta, g = token_rows(q.flatten(0, 1), per_set.flatten(0, 1), token, memory, self.A_log,
+                                      self.dt_bias, self.config.single_kv_proj)
         conv_init = None if state is None else state.conv.flatten(0, 1)
         conv_out, conv_final = ops.segment_conv(conv_in, self.conv_weight.squeeze(1), self.conv_bias,
                                                 offsets, conv_init)

@@ -16,7 +16,7 @@ from ._checks import INDEX_DTYPES, check_same_device, check_tensor
 
 def dispatch_reference(
     memory_idx: torch.Tensor, mask: torch.Tensor, num_memories: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op's kernel on every device: a counting sort (stock torch, no host sync).
 
     One running count goes over the one-hot choices laid out as [B, M, T*k] (segment by segment,
@@ -32,12 +32,14 @@ def dispatch_reference(
     position = torch.cat([hot.flatten(), ~valid.flatten()]).cumsum(0) - 1
     segment_rows = position[:hot.numel()].view(b, num_memories, n)
     padding_rows = position[hot.numel():].view(b, 1, n)
-    segment_row = segment_rows.gather(1, memory.clamp(0, num_memories - 1))
-    row_of_choice = torch.where(valid, segment_row, padding_rows)
-    choice_of_row = torch.empty_like(position[:b * n])
-    choice_of_row[row_of_choice.flatten()] = torch.arange(b * n, device=memory.device)
+    in_range = memory.clamp(0, num_memories - 1)
+    row_of_choice = torch.where(valid, segment_rows.gather(1, in_range), padding_rows).flatten()
+    token_of_row = torch.empty_like(row_of_choice)
+    token_of_row[row_of_choice] = torch.arange(b * n, device=memory.device) // k
+    memory_of_row = torch.empty_like(row_of_choice)
+    memory_of_row[row_of_choice] = in_range.flatten()
     offsets = torch.cat([position.new_zeros(1), hot.sum(2).flatten().cumsum(0)])
-    return choice_of_row, row_of_choice.view(b, t, k), offsets
+    return token_of_row, memory_of_row, row_of_choice.view(b, t, k), offsets
 
 
 dispatch_op = torch.library.custom_op("mom::dispatch", mutates_args=())(dispatch_reference)
@@ -46,21 +48,24 @@ dispatch_op = torch.library.custom_op("mom::dispatch", mutates_args=())(dispatch
 @dispatch_op.register_fake
 def _(memory_idx, mask, num_memories):
     b, t, k = memory_idx.shape
-    return (memory_idx.new_empty(b * t * k), memory_idx.new_empty(b, t, k),
+    n = b * t * k
+    return (memory_idx.new_empty(n), memory_idx.new_empty(n), memory_idx.new_empty(b, t, k),
             memory_idx.new_empty(b * num_memories + 1))
 
 
 def dispatch(
     memory_idx: torch.Tensor, mask: torch.Tensor, num_memories: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the routed choices by (batch, memory).
 
     memory_idx: [B, T, k] int64, the memories each token chose (distinct per token; a choice
     outside [0, M) is placed with the padding);
     mask: [B, T] bool, False for padding; num_memories: M.
-    Returns (choice_of_row [B*T*k]: the flat (b, t, i) index each packed row holds,
-    row_of_choice [B, T, k]: its inverse, offsets [B*M + 1]: segment b*M + m starts at
-    offsets[b*M + m]).
+    Returns (token_of_row [B*T*k]: the flat token b*T + t whose choice each packed row holds,
+    memory_of_row [B*T*k]: that choice's memory, clamped into [0, M), row_of_choice [B, T, k]: the
+    row of each choice, offsets [B*M + 1]: segment b*M + m starts at offsets[b*M + m]).
+    The rows' tokens and memories are realised here, once, so that the gathers that build the rows
+    load them instead of recomputing them for every element.
     """
     check_tensor("memory_idx", memory_idx, shape=(None, None, None), dtypes=INDEX_DTYPES)
     b, t, _ = memory_idx.shape
