@@ -5,8 +5,8 @@ takes against the memory floor of the same work.
 Shapes: the paper's 340M layer (H=4, head_dim 256, expand_v 1, M=4 top-2 + the shared memory,
 so k = 3 rows per token), N tokens (default 32K) in sequences of T, o_rows bf16, weights float32.
 Rows of the table:
-  - dispatch: `mom::dispatch` (the B*T*k choices grouped by (sequence, memory) in time order, its
-    inverse permutation and the segment offsets);
+  - dispatch: `mom::dispatch` (the B*T*k choices grouped by (sequence, memory) in time order: each
+    row's token and memory, each choice's row and the segment offsets);
   - combine, forward and forward+backward, two ways: the `mom::combine` op as registered on CUDA
     (whatever kernel that is in this tree; the op is opaque to torch.compile), and the same formula
     in plain torch under torch.compile (Inductor fuses the gather, the weighting and the sum);
