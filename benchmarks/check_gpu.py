@@ -17,7 +17,9 @@
      (benchmarks/layer_floor.py says what is counted), with the spec-sheet peaks of the card,
      and then measured / floor of the Triton layer (and of fla's);
    plus the chunk scan op alone at the layer's shapes, and the peak memory of one forward+backward
-   of each layer row (its activations and gradients, above its inputs and weights).
+   of each layer row (its activations and gradients, above its inputs and weights). With --profile,
+   the GPU time per kernel of our layer's forward and forward+backward, eager and compiled, and the
+   eager forward's host time per op, at the first T: where eager loses to compiled.
    Each measurement (one forward or one forward+backward of one row) stops after --row-budget
    seconds of wall time after its first warm-up call (at least one timed call), and one predicted,
    from the same row at the previous T (linear in T), to need more than that for a warm-up and one
@@ -25,7 +27,7 @@
    error and the run goes on. Memory is freed after every row.
 
     python benchmarks/check_gpu.py [--no-checks] [--ts 2048 8192 32768] [--tokens 32768]
-        [--no-reference] [--no-fla] [--row-budget 30]
+        [--no-reference] [--no-fla] [--row-budget 30] [--profile]
 """
 from __future__ import annotations
 
@@ -221,8 +223,21 @@ class LayerBench:
         print(f"  T={t} B={b} {name}: fwd {said[0]}; fwd+bwd {said[1]}", flush=True)
 
 
+def profile_layer(layer: nn.Module, compiled: nn.Module, x: torch.Tensor, d_y: torch.Tensor) -> None:
+    """Kernel tables of the layer, eager and compiled, forward and forward+backward; then the eager
+    forward's host time per op (launch-bound or not)."""
+    t = x.shape[1]
+    for name, module in (("eager", layer), ("compiled", compiled)):
+        for kind, call in (("forward", functools.partial(_forward, module, x)),
+                           ("forward+backward", functools.partial(_forward_backward, module, x, d_y))):
+            print(f"\nGPU time per kernel: {name} layer, one {kind}, T={t}\n" + kernel_table(call, rows=24))
+            module.zero_grad(set_to_none=True)
+    print(f"\nhost time per op: eager layer, one forward, T={t}\n"
+          + kernel_table(functools.partial(_forward, layer, x), rows=24, host=True))
+
+
 def layer_timings(ts: list[int], tokens: int, with_reference: bool, with_fla: bool, budget_s: float,
-                  card: Card) -> tuple[list[tuple], dict[int, Floor]]:
+                  card: Card, profile: bool = False) -> tuple[list[tuple], dict[int, Floor]]:
     """Layer rows, and the floor of each T on the card's peaks."""
     cfg = MomConfig(hidden_size=1024, num_heads=4, head_dim=256, expand_v=1.0, num_memories=4, topk=2,
                     shared_mem=True, num_hidden_layers=1)
@@ -237,6 +252,9 @@ def layer_timings(ts: list[int], tokens: int, with_reference: bool, with_fla: bo
         x, d_y = runner.inputs(t)
         runner.run(t, "MomLayer, Triton kernels", layer, x, d_y)
         runner.run(t, "MomLayer, Triton kernels, torch.compile", compiled, x, d_y)
+        if profile and t == ts[0]:
+            profile_layer(layer, compiled, x, d_y)
+            _free()
         if with_reference:
             runner.run(t, "MomLayer, PyTorch reference kernels", layer, x, d_y, reference_kernels, slow=True)
         runner.run(t, "softmax attention (SDPA)", attn, x, d_y)
@@ -352,6 +370,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--row-budget", type=float, default=30.0,
                         help="seconds of wall time per layer measurement, after its first warm-up call")
+    parser.add_argument("--profile", action="store_true",
+                        help="kernel tables of our layer, eager and compiled, at the first T")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
@@ -377,7 +397,7 @@ def main() -> None:
     peaks = card.describe() + ("" if known else f"; {device} not recognised, H100 SXM peaks used")
     print(f"\n  floor peaks: {peaks}", flush=True)
     layer_rows, floors = layer_timings(args.ts, args.tokens, not args.no_reference, not args.no_fla,
-                                       args.row_budget, card)
+                                       args.row_budget, card, args.profile)
     print_layer_tables(layer_rows, floors, args.ts, args.tokens, peaks)
 
 if __name__ == "__main__":
