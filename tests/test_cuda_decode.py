@@ -16,16 +16,22 @@ from models import TINY_VOCAB, ids, tiny_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_cuda_graph_generation_matches_eager_without_recapture(monkeypatch):
-    """A generate() records its graphs once (prefill, decode step), however many tokens follow."""
+@pytest.fixture
+def recordings(monkeypatch) -> list:
+    """One entry per CUDA graph that cudagraph trees record, from a fresh dynamo state."""
     from torch._inductor import cudagraph_trees
 
     torch._dynamo.reset()
-    counters.clear()
-    recordings = []
+    recorded = []
     record = cudagraph_trees.CUDAGraphTreeManager.record_function
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
-                        lambda self, *a, **k: recordings.append(1) or record(self, *a, **k))
+                        lambda self, *a, **k: recorded.append(1) or record(self, *a, **k))
+    return recorded
+
+
+def test_cuda_graph_generation_matches_eager_without_recapture(recordings):
+    """A generate() records its graphs once (prefill, decode step), however many tokens follow."""
+    counters.clear()
     model = tiny_model(dtype=torch.float32).cuda()
     prompt = ids(2, 9).cuda()
     mask = torch.ones_like(prompt)
@@ -45,16 +51,9 @@ def test_cuda_graph_generation_matches_eager_without_recapture(monkeypatch):
     assert per_short <= 2 and per_long <= 2, (per_short, per_long)
 
 
-def test_generate_into_a_reused_cache_replays_without_recording(monkeypatch):
+def test_generate_into_a_reused_cache_replays_without_recording(recordings):
     """With the same cache passed to every call, the states keep their addresses: once warm, a
     generate() records no graph at all, prefill included, and still gives the eager tokens."""
-    from torch._inductor import cudagraph_trees
-
-    torch._dynamo.reset()
-    recordings = []
-    record = cudagraph_trees.CUDAGraphTreeManager.record_function
-    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
-                        lambda self, *a, **k: recordings.append(1) or record(self, *a, **k))
     model = tiny_model(dtype=torch.float32).cuda()
     prompt = ids(2, 9).cuda()
     eager = model.generate(prompt, max_new_tokens=12, cuda_graph=False)
