@@ -45,12 +45,9 @@ def _tap(x, init, rows, seg, pos, back, cols, row_ok, col_ok, D: tl.constexpr, W
     """Input `back` steps before each row: from x inside the segment, else from its history."""
     src = pos - back
     in_x = src >= 0
-    from_x = tl.load(x + (rows - back)[:, None].to(tl.int64) * D + cols[None, :],
-                     mask=(row_ok & in_x)[:, None] & col_ok[None, :], other=0.0)
-    hist_row = seg * (W - 1) + (W - 1) + src
-    from_hist = tl.load(init + hist_row[:, None].to(tl.int64) * D + cols[None, :],
-                        mask=(row_ok & ~in_x)[:, None] & col_ok[None, :], other=0.0)
-    return from_x.to(COMPUTE) + from_hist.to(COMPUTE)
+    row = tl.where(in_x, rows - back, seg * (W - 1) + (W - 1) + src)
+    ptr = tl.where(in_x[:, None], x, init) + (row[:, None].to(tl.int64) * D + cols[None, :])
+    return tl.load(ptr, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(COMPUTE)
 
 
 @triton.jit
