@@ -106,6 +106,25 @@ def combine_inputs(b=2, t=3, k=2, h=2, dv=3, dtype=F64, device="cpu", seed=0) ->
             torch.randperm(b * t * k, generator=gen).view(b, t, k).to(device)]
 
 
+def gather_inputs(n=4, sets=3, k=2, a=5, c=7, split=4, single_set=False, dtype=F64, device="cpu",
+                  seed=0) -> list:
+    """(q, per_set, token, set_of_row, row_of_choice, split) of `mom::gather_rows`: q and the sets
+    are strided views of one projection row per token, as the layer passes them; each token's k
+    rows lie at random places and read distinct sets (all set 0 when single_set), and one row of
+    the first token names a set out of range."""
+    gen = torch.Generator().manual_seed(seed)
+    proj = rand(n, 2 + a + sets * c, dtype=dtype, device=device, gen=gen)
+    chosen = torch.zeros(n, k, dtype=torch.int64) if single_set else \
+        torch.stack([torch.randperm(sets, generator=gen)[:k] for _ in range(n)])
+    chosen[0, -1] = sets  # placed with the padding: reads zeros
+    row_of_choice = torch.randperm(n * k, generator=gen).view(n, k)
+    token, set_of_row = torch.empty(n * k, dtype=torch.int64), torch.empty(n * k, dtype=torch.int64)
+    token[row_of_choice.flatten()] = torch.arange(n).repeat_interleave(k)
+    set_of_row[row_of_choice.flatten()] = chosen.flatten()
+    return [proj[:, 2:2 + a], proj[:, 2 + a:].unflatten(-1, (sets, c)),
+            *(t.to(device) for t in (token, set_of_row, row_of_choice)), split]
+
+
 def dispatch_inputs(b=2, t=5, k=2, m=4, device="cpu", seed=0) -> list:
     """(memory_idx, mask, num_memories) of `mom::dispatch`: k distinct memories per token, ~30%
     padding."""
@@ -141,6 +160,17 @@ def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
         out_of_range = idx.clone()
         out_of_range[0, 1, 0], out_of_range[1, 3, 1] = -1, m  # placed with the padding
         return [(idx, mask, m), (out_of_range, mask, m)]
+    if name == "gather_rows":
+        return [tuple(gather_inputs(dtype=dtype, single_set=single)) for single in (False, True)]
+    if name == "gather_rows_backward":
+        cases = []
+        for single in (False, True):
+            q, per_set, *rows, split = gather_inputs(dtype=dtype, single_set=single)
+            r, c = rows[0].shape[0], per_set.shape[2]
+            d_head = rand(r, q.shape[1] + split, dtype=dtype, gen=gen)
+            d_tail = rand(r, c - split, dtype=dtype, gen=gen)
+            cases.append((d_head, d_tail, *rows, per_set.shape[1], split))
+        return cases
     if name == "combine":
         return [tuple(combine_inputs(dtype=dtype))]
     if name == "combine_backward":

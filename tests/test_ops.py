@@ -21,6 +21,7 @@ from inputs import (
     conv_inputs,
     decode_inputs,
     dispatch_inputs,
+    gather_inputs,
     on_meta,
     op_inputs,
     scan_inputs,
@@ -192,6 +193,25 @@ def test_combine_and_its_gradients():
     assert torch.autograd.gradcheck(lambda o, w: ops.combine(o, w, perm), (o_rows, weights))
 
 
+@pytest.mark.parametrize("single_set", [False, True])
+def test_gather_rows_and_its_gradients(single_set):
+    """Row by row against the definition (q of the row's token | its set's columns; zeros for a set
+    out of range), and the gradients by gradcheck through the strided views of one projection."""
+    q, per_set, token, set_of_row, row_of_choice, split = gather_inputs(single_set=single_set)
+    head, tail = ops.gather_rows(q, per_set, token, set_of_row, row_of_choice, split)
+    for r in range(token.shape[0]):
+        t, s = token[r].item(), set_of_row[r].item()
+        proj = per_set[t, s] if s < per_set.shape[1] else torch.zeros_like(per_set[0, 0])
+        assert torch.equal(head[r], torch.cat([q[t], proj[:split]])) and torch.equal(tail[r], proj[split:])
+    base = q._base.detach().requires_grad_()
+    a = q.shape[1]
+
+    def gathered(proj):
+        views = proj[:, 2:2 + a], proj[:, 2 + a:].unflatten(-1, per_set.shape[1:])
+        return ops.gather_rows(*views, token, set_of_row, row_of_choice, split)
+    assert torch.autograd.gradcheck(gathered, (base,))
+
+
 def test_l2_normalize_gradients_and_what_it_keeps():
     """Forward and gradient against autograd through the plain formula in float64; in bfloat16 the
     gradient (computed from the rounded output) stays within bfloat16's error of that oracle; and
@@ -328,6 +348,9 @@ def test_without_triton_cuda_runs_the_reference_and_warns_once():
                                   dtype=torch.float16), 1.0), "state: expected dtype"),
     (lambda: ops.dispatch(torch.zeros(1, 2, 1, dtype=torch.int64), torch.ones(1, 3, dtype=torch.bool), 2),
      r"mask: expected shape \[1, 2\]"),
+    (lambda: ops.gather_rows(*gather_inputs()[:4], torch.zeros(4, 3, dtype=torch.int64), 4),
+     r"token: expected shape \[12\]"),
+    (lambda: ops.gather_rows(*gather_inputs()[:5], 8), r"split: expected a column count in \[0, 7\]"),
     (lambda: ops.combine(torch.randn(5, 1, 1), torch.rand(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int64)),
      "o_rows: expected 4 rows"),
     (lambda: ops.memory_decode_(*decode_inputs()[:2], decode_inputs()[2].int(), *decode_inputs()[3:], 1.0),

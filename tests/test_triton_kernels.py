@@ -37,6 +37,7 @@ from inputs import (  # noqa: E402
     combine_inputs,
     conv_inputs,
     decode_inputs,
+    gather_inputs,
     on_meta,
     rand,
     scan_inputs,
@@ -141,9 +142,27 @@ def check_combine(impl_fwd, impl_bwd, b, t, k, h, dv, *, dtype, device, seed=0):
     return errors
 
 
+def check_gather(impl_fwd, impl_bwd, n, sets, k, a, c, split, single_set, *, dtype, device, seed=0):
+    """Gather and its backward vs the float64 reference: strided projections, rows in a random
+    permutation, one row out of range."""
+    args = gather_inputs(n, sets, k, a, c, split, single_set, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    r = args[2].shape[0]
+    d_head = rand(r, a + split, dtype=dtype, device=device, gen=gen)
+    d_tail = rand(r, c - split, dtype=dtype, device=device, gen=gen)
+    back = (d_head, d_tail, *args[2:5], sets, split)
+    outs, grads = impl_fwd(*args), impl_bwd(*back)
+    _assert_fake_dtypes("gather_rows", outs, *args)
+    _assert_fake_dtypes("gather_rows_backward", grads, *back)
+    errors = _compare(["head", "tail"], outs, torch.ops.mom.gather_rows(*map(_to_cpu64, args)))
+    errors.update(_compare(["d_q", "d_per_set"], grads,
+                           torch.ops.mom.gather_rows_backward(*map(_to_cpu64, back))))
+    return errors
+
+
 # the check of each op with a Triton kernel; the ops with a backward op check it too
 CHECKS = {"chunk_gated_delta": check_chunk, "gated_delta_step": check_step, "segment_conv": check_conv,
-          "memory_decode_": check_decode, "combine": check_combine}
+          "memory_decode_": check_decode, "combine": check_combine, "gather_rows": check_gather}
 
 
 @contextlib.contextmanager
@@ -209,6 +228,11 @@ CASES = (
     # (B, T, k, H, V): the 340M layer's rows, a partial column block, k = 1, two column blocks
     + [("combine", dt, b, t, k, h, dv) for dt in (torch.float32, torch.bfloat16, F64)
        for b, t, k, h, dv in ((2, 5, 3, 4, 256), (1, 3, 2, 2, 96), (2, 2, 1, 4, 64), (1, 3, 3, 4, 512))]
+    # (tokens, sets, k, A, C, split, single set): the 340M layer's 5 sets of H*K + H*V + 2H
+    # columns, a column block across q and the sets, every row reading set 0
+    + [("gather_rows", dt, n, sets, k, a, c, split, single) for dt in (torch.float32, torch.bfloat16, F64)
+       for n, sets, k, a, c, split, single in ((300, 5, 3, 1024, 2056, 2048, False),
+                                              (7, 3, 2, 200, 90, 70, False), (5, 1, 3, 64, 40, 32, True))]
     # (batch, H, K, V, conv bias, single projection set)
     + [("memory_decode_", dt, 3, 4, dk, dk * ev, True, False) for dt in (torch.float32, torch.bfloat16, F64)
        for dk in (64, 128, 256) for ev in (1, 2)]
@@ -238,6 +262,8 @@ INTERPRETER_CASES = (
     + [("memory_decode_", torch.float32, 1, 1, 256, 64, True, False)]  # V-blocks of 8 in the step
     + [("combine", dt, 2, 3, 3, 2, 16) for dt in (torch.float32, F64)]
     + [("combine", F64, 1, 2, 2, 2, 1040)]  # H*V over one column block, the last one partial
+    + [("gather_rows", dt, 6, 3, 2, 200, 90, 70, False) for dt in (torch.float32, F64)]
+    + [("gather_rows", F64, 5, 1, 3, 20, 12, 12, True)]  # one set read thrice a token, an empty tail
 )
 
 

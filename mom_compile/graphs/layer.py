@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.memory_decode import token_rows
+from ..ops.memory_decode import gates
 from ..ops.precision import upcast
 from .cache import LayerState
 from .config import MomConfig
@@ -175,8 +175,10 @@ class MomLayer(nn.Module):
         if mask is None:
             mask = torch.ones(b, t, dtype=torch.bool, device=q.device)
         token, memory, row_of_choice, offsets = ops.dispatch(memory_idx, mask, slots)
-        conv_in, beta, g = token_rows(q.flatten(0, 1), per_set.flatten(0, 1), token, memory, self.A_log,
-                                      self.dt_bias, self.config.single_kv_proj)
+        sets = torch.zeros_like(memory) if self.config.single_kv_proj else memory
+        conv_in, gate_in = ops.gather_rows(q.flatten(0, 1), per_set.flatten(0, 1), token, sets,
+                                           row_of_choice.flatten(0, 1), sum(self._set_split()[:2]))
+        beta, g = gates(*gate_in.split(self.num_heads, dim=-1), self.A_log, self.dt_bias)
         conv_init = None if state is None else state.conv.flatten(0, 1)
         conv_out, conv_final = ops.segment_conv(conv_in, self.conv_weight.squeeze(1), self.conv_bias,
                                                 offsets, conv_init)

@@ -11,9 +11,10 @@ from .chunk_gated_delta import chunk_gated_delta
 from .combine import combine
 from .dispatch import dispatch
 from .gated_delta_step import gated_delta_step
+from .gather_rows import gather_rows
 from .memory_decode import l2_normalize, memory_decode, memory_decode_
 from .segment_conv import segment_conv
 from .table import TritonStatus, triton_status
 
-__all__ = ["TritonStatus", "chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "l2_normalize",
-           "memory_decode", "memory_decode_", "segment_conv", "triton_status"]
+__all__ = ["TritonStatus", "chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "gather_rows",
+           "l2_normalize", "memory_decode", "memory_decode_", "segment_conv", "triton_status"]

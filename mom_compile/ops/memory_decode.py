@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, STATE_DTYPES, check_same_device, check_tensor
 from .gated_delta_step import step_reference
+from .gather_rows import gather_rows_reference
 from .precision import compute_dtype, upcast
 from .segment_conv import conv_reference
 
@@ -66,17 +67,6 @@ def gates(b_pre: torch.Tensor, a_pre: torch.Tensor, A_log: torch.Tensor, dt_bias
     return b_pre.sigmoid(), g
 
 
-def token_rows(q, per_set, token, memory, A_log, dt_bias, single_set: bool):  # noqa: N803
-    """The rows (token, memory) of the decode and scan paths: pre-conv q|k|v [R, C] (the token's q
-    and its memory's k and v projections; every memory reads set 0 when single_set), beta and g
-    [R, H]. q: [N, H*K] and per_set: [N, n_sets, H*K + H*V + 2H], one row per token."""
-    h = A_log.shape[0]
-    proj = per_set[token, torch.zeros_like(memory) if single_set else memory]
-    kv, b_pre, a_pre = proj.split([proj.shape[-1] - 2 * h, h, h], dim=-1)
-    beta, g = gates(b_pre, a_pre, A_log, dt_bias)
-    return torch.cat([q[token], kv], dim=-1), beta, g
-
-
 def decode_reference_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,  # noqa: N803
                       conv_states, rec_states, scale: float, single_set: bool) -> torch.Tensor:
     """The reference kernel of `memory_decode_`: the conv and step references per row, rounding
@@ -87,7 +77,10 @@ def decode_reference_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_
     memory = memory_idx.flatten()
     valid = memory >= 0
     slot = memory.clamp(min=0)
-    x, beta, g = token_rows(q, per_set, token, slot, A_log, dt_bias, single_set)
+    rows = torch.arange(b * chosen, device=q.device).view(b, chosen)  # token-major: the identity
+    sets = torch.zeros_like(slot) if single_set else slot
+    x, gate_in = gather_rows_reference(q, per_set, token, sets, rows, per_set.shape[-1] - 2 * h)
+    beta, g = gates(*gate_in.split(h, dim=-1), A_log, dt_bias)
     if conv_bias is None:
         conv_bias = conv_weight.new_zeros(conv_weight.shape[0])
     one_each = torch.arange(x.shape[0] + 1, device=x.device)

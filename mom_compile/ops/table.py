@@ -26,6 +26,12 @@ from .chunk_gated_delta import (
 from .combine import combine_backward_op, combine_backward_reference, combine_op, combine_reference
 from .dispatch import dispatch_op, dispatch_reference
 from .gated_delta_step import gated_delta_step_op, gated_delta_step_reference
+from .gather_rows import (
+    gather_rows_backward_op,
+    gather_rows_backward_reference,
+    gather_rows_op,
+    gather_rows_reference,
+)
 from .memory_decode import decode_reference, decode_reference_, memory_decode_inplace_op, memory_decode_op
 from .segment_conv import (
     segment_conv_backward_op,
@@ -68,6 +74,10 @@ OPS: tuple[Op, ...] = (
     Op("segment_conv_backward", segment_conv_backward_op, segment_conv_backward_reference,
        "segment_conv_triton:segment_conv_backward_triton", autograd=False),
     Op("dispatch", dispatch_op, dispatch_reference, None, autograd=False),
+    Op("gather_rows", gather_rows_op, gather_rows_reference, "gather_rows_triton:gather_rows_triton",
+       autograd=True),
+    Op("gather_rows_backward", gather_rows_backward_op, gather_rows_backward_reference,
+       "gather_rows_triton:gather_rows_backward_triton", autograd=False),
     Op("combine", combine_op, combine_reference, "combine_triton:combine_triton", autograd=True),
     Op("combine_backward", combine_backward_op, combine_backward_reference,
        "combine_triton:combine_backward_triton", autograd=False),
