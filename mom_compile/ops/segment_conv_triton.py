@@ -168,9 +168,10 @@ def _dx_kernel(d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_ini
 
 
 def default_config() -> dict:
-    """Rows and channels per program, and warps: 64-row blocks speed up the backward and slow down
-    the forward, hence 32 forward and 64 backward (benchmarks/RESULTS.md#why-these-defaults)."""
-    return dict(block_n=32, block_n_backward=64, block_d=64, warps=4, dz_warps=4, dx_warps=4)
+    """Rows and channels per program, and warps: the forward is fastest on 32 x 128 tiles, the
+    backward on 64 x 64 (benchmarks/RESULTS.md#why-these-defaults)."""
+    return dict(block_n=32, block_n_backward=64, block_d=128, block_d_backward=64, warps=4, dz_warps=4,
+                dx_warps=4)
 
 
 def _row_table(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +213,7 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     """Same contract as `mom::segment_conv_backward`: (dx, d_weight, d_bias, d_initial_state).
     config: overrides of `default_config()`."""
     cfg = dict(default_config(), **(config or {}))
-    block_n, block_d = cfg["block_n_backward"], cfg["block_d"]
+    block_n, block_d = cfg["block_n_backward"], cfg["block_d_backward"]
     d_y, d_final, x, weight, bias, offsets, initial_state = (
         t.contiguous() for t in (d_y, d_final, x, weight, bias, offsets, initial_state))
     n, d = x.shape
