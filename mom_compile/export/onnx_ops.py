@@ -15,7 +15,6 @@ docstrings of mom_compile/ops/*.py are the contract). They run on stock onnxrunt
   through one standard LinearAttention(update_rule="gated_delta") node with the segments as its
   batch (float32 only: the op has no float64).
 - gated_delta_step: the per-token formula once, or from opset 27 on LinearAttention with T = 1.
-- gather_rows: Gather of each row's token from q and of its (token, set) from the flattened sets.
 - combine: Gather of each token's k rows and their weighted sum.
 - memory_decode (the decode step, functional form): the rows' composition, and the new state
   tables by a Where over slots; in plugin-mode exports, the nodes of its two TensorRT plugins.
@@ -127,20 +126,6 @@ def dispatch(memory_idx, mask, num_memories: int):
     token_of_row = op.Div(choice_of_row, k)
     memory_of_row = op.Gather(op.Reshape(in_range, [-1]), choice_of_row, axis=0)
     return token_of_row, memory_of_row, op.Reshape(row_of_choice, shape), offsets
-
-
-# -- mom::gather_rows ---------------------------------------------------------------------------
-def gather_rows(q, per_set, token, set_of_row, row_of_choice, split: int):
-    """(head [R, A + split], tail [R, C - split]); see ops/gather_rows.py."""
-    n_sets, c = per_set.shape[1], per_set.shape[2]  # model constants
-    valid = op.And(op.GreaterOrEqual(set_of_row, op.Constant(value_int=0)),
-                   op.Less(set_of_row, op.Constant(value_int=n_sets)))
-    s = op.Min(op.Max(set_of_row, op.Constant(value_int=0)), op.Constant(value_int=n_sets - 1))
-    flat = op.Add(op.Mul(token, op.Constant(value_int=n_sets)), s)
-    proj = op.Gather(op.Reshape(per_set, _ints(-1, c)), flat)
-    proj = op.Where(_col(valid), proj, op.CastLike(0.0, proj))
-    kv, tail = _split_last(proj, [split, c - split])
-    return op.Concat(op.Gather(q, token), kv, axis=1), tail
 
 
 # -- mom::segment_conv --------------------------------------------------------------------------
@@ -468,7 +453,6 @@ def translation_table(opset: int, use_plugin: bool = False) -> dict:
     decode = plugin_memory_decode if use_plugin else memory_decode_translation(gated_delta_step)
     return {
         mom.dispatch.default: dispatch,
-        mom.gather_rows.default: gather_rows,
         mom.segment_conv.default: segment_conv,
         mom.chunk_gated_delta.default: chunk_gated_delta,
         mom.gated_delta_step.default: gated_delta_step,
