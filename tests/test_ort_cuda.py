@@ -18,7 +18,7 @@ from mom_compile import MomConfig, MomForCausalLM  # noqa: E402
 from mom_compile.export.__main__ import onnxruntime_max_opset  # noqa: E402
 from mom_compile.export.manifest import build_manifest, write_manifest  # noqa: E402
 from mom_compile.export.onnx_export import export_files, export_onnx, graph_specs  # noqa: E402
-from mom_compile.export.runtime import OnnxGenerator  # noqa: E402
+from mom_compile.export.runtime import OnnxGenerator, graph_session  # noqa: E402
 from mom_compile.export.verify import TOLERANCE, compare_all  # noqa: E402
 
 CUDA = "CUDAExecutionProvider"
@@ -55,7 +55,7 @@ def test_graphs_on_the_cuda_provider_match_pytorch(exports, opset, dtype):
         ids, second = inputs
         arrays = [second.numpy()] if name == "prefill" else [t.numpy() for t in second]
         # float32 MatMuls in float32, not TF32 (the provider's default), to hold float32's tolerance
-        session = ort.InferenceSession(f"{folder}/{name}.onnx", providers=[(CUDA, {"use_tf32": 0})])
+        session = graph_session(f"{folder}/{name}.onnx", name, [(CUDA, {"use_tf32": 0})])
         assert session.get_providers()[0] == CUDA
         return session.run(None, dict(zip(specs[name].inputs, [ids.numpy(), *arrays])))
 

@@ -121,6 +121,18 @@ def _state_device(session: ort.InferenceSession) -> tuple[str, int]:
     return "cpu", 0
 
 
+def graph_session(path: str, graph: str, providers: Sequence[str | tuple[str, dict]],
+                  session_options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """An InferenceSession of the exported graph `graph` ("prefill" or "decode_step") at `path`.
+    Prefill runs with onnxruntime's memory reuse off: with it on, the CUDA provider (1.31.1) returns
+    wrong prefill outputs for opset-18 graphs while every intermediate value agrees with the CPU
+    provider's (benchmarks/RESULTS.md). session_options, where given, is changed accordingly."""
+    if graph == "prefill":
+        session_options = session_options or ort.SessionOptions()
+        session_options.enable_mem_reuse = False
+    return ort.InferenceSession(path, session_options, providers=list(providers))
+
+
 def _cuda_graph_split(providers: list) -> tuple[list, bool]:
     """(the providers without CUDA-graph capture, whether the CUDA provider asked for it): only the
     decode step is captured, since prefill's shapes change with every prompt."""
@@ -158,9 +170,9 @@ class OnnxBackend:
         providers = list(providers or ["CPUExecutionProvider"])
         plain, cuda_graph = _cuda_graph_split(providers)
         graphs = self.manifest["graphs"]
-        self.prefill_session, self.decode_session = (
-            ort.InferenceSession(os.path.join(folder, graphs[name]["file"]), session_options, providers=use)
-            for name, use in (("prefill", plain), ("decode_step", providers)))
+        self.decode_session, self.prefill_session = (
+            graph_session(os.path.join(folder, graphs[name]["file"]), name, use, session_options)
+            for name, use in (("decode_step", providers), ("prefill", plain)))
         self.device = _state_device(self.decode_session)
         self.cuda_graph = cuda_graph and self.device[0] == "cuda"
         self._batch = None  # the batch size the buffers below are for
