@@ -34,8 +34,7 @@ from scan_inputs import scan_inputs  # noqa: E402
 
 SWEEPS = {
     "scan": [{}, {"state_stages": 1}, {"state_bv": 16, "state_warps": 4}],
-    # the default _dz_kernel holds 152 registers a thread (benchmarks/kernel_resources.py): 3 blocks
-    # an SM
+    # tile widths forward and backward, backward row blocks, _dz_kernel's warps
     "conv": [{}, {"block_d": 64}, {"block_d_backward": 128}, {"block_n_backward": 32}, {"dz_warps": 8}],
     "decode": [{}, {"step_warps": 8}, {"step_warps": 2}, {"block_v": 16}, {"block_v": 64, "step_warps": 8},
                {"block_v": 8, "step_warps": 2}],

@@ -178,8 +178,7 @@ class MomLayer(nn.Module):
         token, memory, row_of_choice, offsets = ops.dispatch(memory_idx, mask, slots)
         sets = torch.zeros_like(memory) if self.config.single_kv_proj else memory
         # eager: the op's kernel, one pass; compiled or exported: its formula, which the compiler fuses
-        # into the projection's other consumers (the op's copy of its strided inputs and its
-        # backward's concatenation cost 1.4 ms a step more at the 340M layer, RESULTS.md)
+        # into the projection's other consumers, where the opaque op was slower (RESULTS.md)
         gather = gather_rows_reference if torch.compiler.is_compiling() else ops.gather_rows
         conv_in, gate_in = gather(q.flatten(0, 1), per_set.flatten(0, 1), token, sets,
                                   row_of_choice.flatten(0, 1), sum(self._set_split()[:2]))

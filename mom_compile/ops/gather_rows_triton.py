@@ -7,10 +7,10 @@ sets they read, so that every element of d_q and d_per_set is written once, zero
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
+from .layout import last_dim_contiguous
 from .triton_precision import compute_type
 
 BLOCK_ROWS, BLOCK_COLS = 16, 256
@@ -74,14 +74,10 @@ def _gather_backward_kernel(d_head, d_tail, set_of_row, row_of_choice, d_q, d_pe
                  acc.to(d_per_set.dtype.element_ty), mask=ok & ~is_q[None, :])
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def gather_rows_triton(q, per_set, token, set_of_row, row_of_choice, split: int):
     """Same contract as `mom::gather_rows`: (head [R, A + split], tail [R, C - split]) in q's dtype;
     q and per_set are read through their strides."""
-    q, per_set = _last_dim_contiguous(q), _last_dim_contiguous(per_set)
+    q, per_set = last_dim_contiguous(q), last_dim_contiguous(per_set)
     token, set_of_row = token.contiguous(), set_of_row.contiguous()
     (_, a), (_, s, c), r = q.shape, per_set.shape, token.shape[0]
     head = q.new_empty(r, a + split)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .gated_delta_step_triton import block_sizes
+from .layout import last_dim_contiguous
 from .memory_decode import L2_EPS
 from .memory_decode import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
 from .precision import compute_dtype
@@ -198,17 +199,13 @@ def history_block(width: int) -> int:
     return triton.next_power_of_2(width - 1)
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,  # noqa: N803
                           conv_states, rec_states, scale, single_set, config: dict | None = None):
     """Same contract as `decode_reference_`, computing in the states' dtype throughout, without the
     reference's intermediate rounding to the input dtype. q and per_set are read through their
     strides (the layer passes views of its projection output). config: `decode_launch`'s
     block_v and step_warps."""
-    q, per_set = _last_dim_contiguous(q), _last_dim_contiguous(per_set)
+    q, per_set = last_dim_contiguous(q), last_dim_contiguous(per_set)
     memory_idx, A_log, dt_bias, conv_weight = (
         t.contiguous() for t in (memory_idx, A_log, dt_bias, conv_weight))
     if not (conv_states.is_contiguous() and rec_states.is_contiguous()):
