@@ -125,6 +125,14 @@ def gather_inputs(n=4, sets=3, k=2, a=5, c=7, split=4, single_set=False, dtype=F
             *(t.to(device) for t in (token, set_of_row, row_of_choice)), split]
 
 
+def l2_inputs(n=5, h=3, d=16, strided=True, dtype=F64, device="cpu", seed=0) -> list:
+    """(x,) of `mom::l2_normalize`: [n, h, d] rows, a column slice of wider rows when strided (as
+    the layer's q and k are of the conv's output)."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = rand(n, h * d + 3, dtype=dtype, device=device, gen=gen)
+    return [(wide[:, 3:] if strided else wide[:, :h * d].contiguous()).view(n, h, d)]
+
+
 def dispatch_inputs(b=2, t=5, k=2, m=4, device="cpu", seed=0) -> list:
     """(memory_idx, mask, num_memories) of `mom::dispatch`: k distinct memories per token, ~30%
     padding."""
@@ -171,6 +179,12 @@ def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
             d_tail = rand(r, c - split, dtype=dtype, gen=gen)
             cases.append((d_head, d_tail, *rows, per_set.shape[1], split))
         return cases
+    if name == "l2_normalize":
+        return [tuple(l2_inputs(dtype=dtype, strided=strided)) for strided in (True, False)]
+    if name == "l2_normalize_backward":
+        x, = l2_inputs(dtype=dtype)
+        y, r = torch.ops.mom.l2_normalize(x)
+        return [(rand(*x.shape, dtype=dtype, gen=gen), y, r)]
     if name == "combine":
         return [tuple(combine_inputs(dtype=dtype))]
     if name == "combine_backward":

@@ -38,6 +38,7 @@ from inputs import (  # noqa: E402
     conv_inputs,
     decode_inputs,
     gather_inputs,
+    l2_inputs,
     on_meta,
     rand,
     scan_inputs,
@@ -160,9 +161,28 @@ def check_gather(impl_fwd, impl_bwd, n, sets, k, a, c, split, single_set, *, dty
     return errors
 
 
+def check_l2(impl_fwd, impl_bwd, n, h, d, strided, *, dtype, device, seed=0):
+    """The norm and its backward vs the float64 reference: rows read through their strides, the
+    backward fed the reference's own (rounded) y and r."""
+    x, = l2_inputs(n, h, d, strided, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    d_y = rand(n, h, d, dtype=dtype, device=device, gen=gen)
+    outs = impl_fwd(x)
+    _assert_fake_dtypes("l2_normalize", outs, x)
+    refs = torch.ops.mom.l2_normalize(_to_cpu64(x))
+    y, r = (t.to(o.dtype).to(device) for t, o in zip(refs, outs))
+    grads = impl_bwd(d_y, y, r)
+    _assert_fake_dtypes("l2_normalize_backward", grads, d_y, y, r)
+    errors = _compare(["y", "r"], outs, refs)
+    ref_dx = torch.ops.mom.l2_normalize_backward(*map(_to_cpu64, (d_y, y, r)))
+    errors.update(_compare(["dx"], [grads], [ref_dx]))
+    return errors
+
+
 # the check of each op with a Triton kernel; the ops with a backward op check it too
 CHECKS = {"chunk_gated_delta": check_chunk, "gated_delta_step": check_step, "segment_conv": check_conv,
-          "memory_decode_": check_decode, "combine": check_combine, "gather_rows": check_gather}
+          "memory_decode_": check_decode, "combine": check_combine, "gather_rows": check_gather,
+          "l2_normalize": check_l2}
 
 
 @contextlib.contextmanager
@@ -233,6 +253,9 @@ CASES = (
     + [("gather_rows", dt, n, sets, k, a, c, split, single) for dt in (torch.float32, torch.bfloat16, F64)
        for n, sets, k, a, c, split, single in ((300, 5, 3, 1024, 2056, 2048, False),
                                               (7, 3, 2, 200, 90, 70, False), (5, 1, 3, 64, 40, 32, True))]
+    # (rows, H, head size, strided): the 340M layer's heads, a head size below a power of two
+    + [("l2_normalize", dt, n, h, d, strided) for dt in (torch.float32, torch.bfloat16, F64)
+       for n, h, d, strided in ((300, 4, 256, True), (70, 2, 64, False), (33, 3, 200, True))]
     # (batch, H, K, V, conv bias, single projection set)
     + [("memory_decode_", dt, 3, 4, dk, dk * ev, True, False) for dt in (torch.float32, torch.bfloat16, F64)
        for dk in (64, 128, 256) for ev in (1, 2)]
@@ -264,6 +287,7 @@ INTERPRETER_CASES = (
     + [("combine", F64, 1, 2, 2, 2, 1040)]  # H*V over one column block, the last one partial
     + [("gather_rows", dt, 6, 3, 2, 200, 90, 70, False) for dt in (torch.float32, F64)]
     + [("gather_rows", F64, 5, 1, 3, 20, 12, 12, True)]  # one set read thrice a token, an empty tail
+    + [("l2_normalize", dt, 37, 3, 24, strided) for dt in (torch.float32, F64) for strided in (True, False)]
 )
 
 

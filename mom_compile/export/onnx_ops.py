@@ -34,7 +34,8 @@ import torch
 from onnxscript import DOUBLE, FLOAT
 from onnxscript import opset18 as op
 
-from ..ops.memory_decode import L2_EPS, SOFTPLUS_THRESHOLD
+from ..ops.l2_normalize import L2_EPS
+from ..ops.memory_decode import SOFTPLUS_THRESHOLD
 from ..ops.precision import compute_dtype
 from . import plugin
 from .tensorrt_plugin import CONV, STEP

@@ -104,7 +104,7 @@ def _conv_output_shapes(s: Shapes) -> list[tuple]:
 def _conv_launch(s: Shapes, attributes: Mapping, tactic: int) -> Launch:
     import triton.language as tl
 
-    from mom_compile.ops.memory_decode import L2_EPS
+    from mom_compile.ops.l2_normalize import L2_EPS
     from mom_compile.ops.memory_decode_triton import decode_launch, history_block
 
     batch, choices = s["memory_idx"][0], _static("memory_idx", s["memory_idx"][1])

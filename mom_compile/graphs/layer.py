@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.gather_rows import gather_rows_reference
 from ..ops.memory_decode import gates
 from ..ops.precision import upcast
 from .cache import LayerState
@@ -177,11 +176,8 @@ class MomLayer(nn.Module):
             mask = torch.ones(b, t, dtype=torch.bool, device=q.device)
         token, memory, row_of_choice, offsets = ops.dispatch(memory_idx, mask, slots)
         sets = torch.zeros_like(memory) if self.config.single_kv_proj else memory
-        # eager: the op's kernel, one pass; compiled or exported: its formula, which the compiler fuses
-        # into the projection's other consumers, where the opaque op was slower (RESULTS.md)
-        gather = gather_rows_reference if torch.compiler.is_compiling() else ops.gather_rows
-        conv_in, gate_in = gather(q.flatten(0, 1), per_set.flatten(0, 1), token, sets,
-                                  row_of_choice.flatten(0, 1), sum(self._set_split()[:2]))
+        conv_in, gate_in = ops.gather_rows(q.flatten(0, 1), per_set.flatten(0, 1), token, sets,
+                                           row_of_choice.flatten(0, 1), sum(self._set_split()[:2]))
         beta, g = gates(*gate_in.split(self.num_heads, dim=-1), self.A_log, self.dt_bias)
         conv_init = None if state is None else state.conv.flatten(0, 1)
         conv_out, conv_final = ops.segment_conv(conv_in, self.conv_weight.squeeze(1), self.conv_bias,

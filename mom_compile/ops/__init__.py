@@ -12,7 +12,8 @@ from .combine import combine
 from .dispatch import dispatch
 from .gated_delta_step import gated_delta_step
 from .gather_rows import gather_rows
-from .memory_decode import l2_normalize, memory_decode, memory_decode_
+from .l2_normalize import l2_normalize
+from .memory_decode import memory_decode, memory_decode_
 from .segment_conv import segment_conv
 from .table import TritonStatus, triton_status
 

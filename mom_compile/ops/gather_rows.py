@@ -10,6 +10,11 @@ that read it (the sum, where several rows of a token read one set), zeros for th
 It finds a token's rows through row_of_choice [N, k] (`dispatch`'s: every row is exactly one
 choice, and token[row_of_choice[t, i]] = t), so each output element is written once: no zero-fill
 of the sets' gradient, no accumulation into it.
+
+`gather_rows` runs the op in eager mode; when compiling or exporting it traces the reference's
+indexing, which Inductor fuses into the projection's other consumers, where the opaque op was
+slower (a copy of its strided inputs, an unfused concatenation of the projection's gradient;
+benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -107,4 +112,6 @@ def gather_rows(
     if not 0 <= split <= per_set.shape[2]:
         raise ValueError(f"split: expected a column count in [0, {per_set.shape[2]}], got {split}")
     check_same_device(q=q, per_set=per_set, token=token, set_of_row=set_of_row, row_of_choice=row_of_choice)
+    if torch.compiler.is_compiling():
+        return gather_rows_reference(q, per_set, token, set_of_row, row_of_choice, int(split))
     return torch.ops.mom.gather_rows(q, per_set, token, set_of_row, row_of_choice, int(split))

@@ -27,36 +27,11 @@ import torch.nn.functional as F
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, STATE_DTYPES, check_same_device, check_tensor
 from .gated_delta_step import step_reference
 from .gather_rows import gather_rows_reference
-from .precision import compute_dtype, upcast
+from .l2_normalize import l2_normalize
+from .precision import compute_dtype
 from .segment_conv import conv_reference
 
-L2_EPS = 1e-6
 SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above it, as torch's softplus (ONNX's has no threshold)
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """x / sqrt(sum x^2 + 1e-6) over the last dim, computed in float32 (or float64)."""
-    return _L2Normalize.apply(x)
-
-
-class _L2Normalize(torch.autograd.Function):
-    """The backward reads the output y = x * r and r = (sum x^2 + eps)^-1/2, not x:
-    dx = r * (dy - y * sum(y * dy)). The scan keeps y for its own backward, so the norm keeps
-    only r, where autograd would keep x and its float32 copy."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        xf = upcast(x)
-        r = torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2_EPS)
-        y = (xf * r).to(x.dtype)
-        ctx.save_for_backward(y, r)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
-        y, r = ctx.saved_tensors
-        yf, g = upcast(y), upcast(dy)
-        return (r * (g - yf * (yf * g).sum(-1, keepdim=True))).to(dy.dtype)
 
 
 def gates(b_pre: torch.Tensor, a_pre: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):  # noqa: N803

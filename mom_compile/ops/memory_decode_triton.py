@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .gated_delta_step_triton import block_sizes
+from .l2_normalize import L2_EPS
 from .layout import last_dim_contiguous
-from .memory_decode import L2_EPS
 from .memory_decode import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
 from .precision import compute_dtype
 from .triton_precision import compute_type, split_scale

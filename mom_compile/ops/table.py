@@ -32,6 +32,12 @@ from .gather_rows import (
     gather_rows_op,
     gather_rows_reference,
 )
+from .l2_normalize import (
+    l2_normalize_backward_op,
+    l2_normalize_backward_reference,
+    l2_normalize_op,
+    l2_normalize_reference,
+)
 from .memory_decode import decode_reference, decode_reference_, memory_decode_inplace_op, memory_decode_op
 from .segment_conv import (
     segment_conv_backward_op,
@@ -51,6 +57,8 @@ class Op:
     triton: str | None        # "module:function" of its CUDA kernel in this package; None: the
                               # reference serves every device (stock torch, no host sync)
     autograd: bool            # it has an autograd formula (register_autograd)
+    eager_only: bool = False  # compiled and exported graphs trace its formula instead, which the
+                              # compiler fuses into its neighbours (so it needs no ONNX translation)
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -75,9 +83,13 @@ OPS: tuple[Op, ...] = (
        "segment_conv_triton:segment_conv_backward_triton", autograd=False),
     Op("dispatch", dispatch_op, dispatch_reference, None, autograd=False),
     Op("gather_rows", gather_rows_op, gather_rows_reference, "gather_rows_triton:gather_rows_triton",
-       autograd=True),
+       autograd=True, eager_only=True),
     Op("gather_rows_backward", gather_rows_backward_op, gather_rows_backward_reference,
        "gather_rows_triton:gather_rows_backward_triton", autograd=False),
+    Op("l2_normalize", l2_normalize_op, l2_normalize_reference, "l2_normalize_triton:l2_normalize_triton",
+       autograd=True, eager_only=True),
+    Op("l2_normalize_backward", l2_normalize_backward_op, l2_normalize_backward_reference,
+       "l2_normalize_triton:l2_normalize_backward_triton", autograd=False),
     Op("combine", combine_op, combine_reference, "combine_triton:combine_triton", autograd=True),
     Op("combine_backward", combine_backward_op, combine_backward_reference,
        "combine_triton:combine_backward_triton", autograd=False),
