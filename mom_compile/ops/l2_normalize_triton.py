@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .l2_normalize import L2_EPS
+from .layout import last_dim_contiguous
 from .precision import compute_dtype
 from .triton_precision import compute_type
 
@@ -49,9 +50,7 @@ def _l2_normalize_backward_kernel(d_y, y, r, d_x, rows, D: tl.constexpr, BLOCK_R
 def _rows_view(x: torch.Tensor) -> torch.Tensor:
     """x as [outer, inner, D] without a copy where its strides allow (a head slice of packed rows
     does), else a contiguous copy."""
-    d = x.shape[-1]
-    x3 = x.reshape(-1, 1, d) if x.dim() < 3 else x.flatten(0, -3)
-    return x3 if x3.stride(-1) == 1 or d == 1 else x3.contiguous()
+    return last_dim_contiguous(x.reshape(-1, 1, x.shape[-1]) if x.dim() < 3 else x.flatten(0, -3))
 
 
 def l2_normalize_triton(x):
