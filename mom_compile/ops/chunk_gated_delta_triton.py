@@ -65,14 +65,13 @@ def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch
 
 @triton.jit
 def _zero_tail_kernel(x, offsets, n_seg, numel, ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """Zero x's elements in rows past offsets[-1], which no chunk writes; a program wholly before
-    that row exits after one load."""
-    first = tl.program_id(0).to(tl.int64) * BLOCK
+    """Zero x's elements in rows past offsets[-1], which no chunk writes. Only the device knows
+    where that tail starts, so a fixed grid strides over it (no program per element of x)."""
     end = tl.load(offsets + n_seg) * ROW
-    if first + BLOCK <= end:
-        return
-    idx = first + tl.arange(0, BLOCK)
-    tl.store(x + idx, tl.zeros((BLOCK,), dtype=x.dtype.element_ty), mask=(idx >= end) & (idx < numel))
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for first in range(end + tl.program_id(0) * BLOCK, numel, step):
+        idx = first + tl.arange(0, BLOCK)
+        tl.store(x + idx, tl.zeros((BLOCK,), dtype=x.dtype.element_ty), mask=idx < numel)
 
 
 def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.Tensor]:
@@ -83,7 +82,7 @@ def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.
     n_seg, block = offsets.shape[0] - 1, 1024
     for out in outs:
         if out.numel():
-            _zero_tail_kernel[(triton.cdiv(out.numel(), block),)](
+            _zero_tail_kernel[(min(triton.cdiv(out.numel(), block), 1024),)](
                 out, offsets, n_seg, out.numel(), ROW=out[0].numel(), BLOCK=block)
     return outs
 
