@@ -6,13 +6,13 @@ grid from shapes only), and the conv kernels read them from that table (two load
 is a chain of dependent ones) and every tap straight from x or from the segment's history.
 
 Backward, in two launches:
-1. `_dz_kernel`: recompute z, d_z = d_y * silu'(z) (stored in x's dtype), and per row-block partial
-   sums of d_weight and d_bias from the unrounded d_z (summed afterwards by torch: a fixed-size
-   reduction, deterministic, no atomics);
+1. `_dz_kernel`: recompute z and store d_z = d_y * silu'(z) in x's dtype;
 2. `_dx_kernel`: one pass over the "table rows" (the N rows of x, then the W-1 history rows of
    every segment), each collecting the d_z of the outputs that tapped it and the d_final entry that
    copied it. Both kinds of row have a position in their segment (history rows: -(W-1)..-1), so one
-   formula serves dx and d_initial_state.
+   formula serves dx and d_initial_state. The d_z an input row meets at each tap, times the row, is
+   that tap's share of d_weight, so the same loads give per row-block partial sums of d_weight and
+   d_bias (summed afterwards by torch: a fixed-size reduction, deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _final_state_kernel(x, init, offsets, final, D: tl.constexpr, W: tl.constexp
 
 
 @triton.jit
-def _dz_kernel(x, init, weight, bias, seg_of_row, pos_of_row, d_y, d_z, d_w_part, d_b_part, n, n_seg,
+def _dz_kernel(x, init, weight, bias, seg_of_row, pos_of_row, d_y, d_z, n, n_seg,
                D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                COMPUTE: tl.constexpr):
     rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N)
@@ -125,17 +125,12 @@ def _dz_kernel(x, init, weight, bias, seg_of_row, pos_of_row, d_y, d_z, d_w_part
     sig = tl.sigmoid(z)
     dz = tl.where(row_ok[:, None], dy * sig * (1.0 + z * (1.0 - sig)), 0.0)
     tl.store(d_z + tile, dz.to(d_z.dtype.element_ty), mask=(rows < n)[:, None] & col_ok[None, :])
-    part = tl.program_id(0) * D + cols
-    tl.store(d_b_part + part, tl.sum(dz, axis=0), mask=col_ok)
-    for i in tl.static_range(W):  # the taps again: cache hits, cheaper than keeping W tiles live
-        tap = _tap(x, init, rows, seg, pos, W - 1 - i, cols, row_ok, col_ok, D, W, COMPUTE)
-        tl.store(d_w_part + part * W + i, tl.sum(tap * dz, axis=0), mask=col_ok)
 
 
 @triton.jit
-def _dx_kernel(d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, n, n_seg,
-               D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               COMPUTE: tl.constexpr):
+def _dx_kernel(x, init, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, d_w_part,
+               d_b_part, n, n_seg, D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr):
     r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # table row: x rows, then history rows
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -147,7 +142,11 @@ def _dx_kernel(d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_ini
     start = tl.load(offsets + seg, mask=row_ok, other=0).to(tl.int32)
     length = tl.load(offsets + seg + 1, mask=row_ok, other=0).to(tl.int32) - start
     pos = tl.where(is_x, tl.load(pos_of_row + r, mask=is_x, other=0), hist % (W - 1) - (W - 1))
+    own = tl.where(is_x, r, hist)[:, None].to(tl.int64) * D + cols[None, :]  # this row in x or init
+    value = tl.load(tl.where(is_x[:, None], x, init) + own, mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(COMPUTE)
 
+    part = tl.program_id(0) * D + cols
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=COMPUTE)
     for back in tl.static_range(W):  # output `back` steps later read this row through tap W-1-back
         out_pos = pos + back
@@ -156,6 +155,9 @@ def _dx_kernel(d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_ini
                      mask=ok[:, None] & col_ok[None, :], other=0.0).to(COMPUTE)
         w = tl.load(weight + cols * W + (W - 1 - back), mask=col_ok, other=0.0).to(COMPUTE)
         acc += dz * w[None, :]
+        tl.store(d_w_part + part * W + (W - 1 - back), tl.sum(value * dz, axis=0), mask=col_ok)
+        if back == 0:  # every output is some x row's back-0 reader, once
+            tl.store(d_b_part + part, tl.sum(dz, axis=0), mask=col_ok)
     j = pos - length + (W - 1)  # which final-state entry copied this row, if any
     ok = row_ok & (j >= 0) & (j < W - 1)
     acc += tl.load(d_final + (seg * (W - 1) + j)[:, None].to(tl.int64) * D + cols[None, :],
@@ -220,10 +222,11 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     width = weight.shape[1]
     n_seg = offsets.shape[0] - 1
     compute = compute_type(x.dtype)
-    row_blocks = triton.cdiv(n, block_n)
     # d_z in x's dtype: a bf16 model's d_x is bf16 anyway, and d_z crosses memory twice (the
-    # largest traffic of the backward); the weight and bias sums use it before rounding
+    # largest traffic of the backward)
     d_z = torch.empty(n, d, dtype=x.dtype, device=x.device)
+    table_rows = n + n_seg * (width - 1)
+    row_blocks = triton.cdiv(table_rows, block_n)
     acc = compute_dtype(x.dtype)
     d_w_part = torch.empty(row_blocks, d, width, dtype=acc, device=x.device)
     d_b_part = torch.empty(row_blocks, d, dtype=acc, device=x.device)
@@ -231,12 +234,12 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     d_init = torch.empty_like(initial_state)
     seg_of_row, pos_of_row = _row_table(offsets, n)
     if n > 0 and d > 0:
-        _dz_kernel[(row_blocks, triton.cdiv(d, block_d))](
-            x, initial_state, weight, bias, seg_of_row, pos_of_row, d_y, d_z, d_w_part, d_b_part, n, n_seg,
+        _dz_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
+            x, initial_state, weight, bias, seg_of_row, pos_of_row, d_y, d_z, n, n_seg,
             D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute, num_warps=cfg["dz_warps"])
-    table_rows = n + n_seg * (width - 1)
     if table_rows > 0 and d > 0:
-        _dx_kernel[(triton.cdiv(table_rows, block_n), triton.cdiv(d, block_d))](
-            d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, n, n_seg,
-            D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute, num_warps=cfg["dx_warps"])
+        _dx_kernel[(row_blocks, triton.cdiv(d, block_d))](
+            x, initial_state, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, d_w_part,
+            d_b_part, n, n_seg, D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute,
+            num_warps=cfg["dx_warps"])
     return (d_x, d_w_part.sum(0).to(weight.dtype), d_b_part.sum(0).to(bias.dtype), d_init)
