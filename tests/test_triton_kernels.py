@@ -278,7 +278,7 @@ INTERPRETER_CASES = (
     + [("chunk_gated_delta", F64, "mixed", 1, 64, 128, True)]
     + [("gated_delta_step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
     + [("segment_conv", dt, layout, 40, 4) for dt in (torch.float32, F64)
-       for layout in ("mixed", "all_empty")]
+       for layout in ("mixed", "all_empty", "long")]
     + [("memory_decode_", dt, 3, 2, 16, 32, bias, False) for dt in (torch.float32, F64)
        for bias in (True, False)]
     + [("memory_decode_", F64, 2, 2, 16, 32, True, True)]

@@ -11,8 +11,8 @@ Backward, in two launches:
    every segment), each collecting the d_z of the outputs that tapped it and the d_final entry that
    copied it. Both kinds of row have a position in their segment (history rows: -(W-1)..-1), so one
    formula serves dx and d_initial_state. The d_z an input row meets at each tap, times the row, is
-   that tap's share of d_weight, so the same loads give per row-block partial sums of d_weight and
-   d_bias (summed afterwards by torch: a fixed-size reduction, deterministic, no atomics).
+   that tap's share of d_weight, so the same loads give each program's partial sums of d_weight
+   and d_bias (summed afterwards by torch: a fixed-size reduction, deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -129,51 +129,59 @@ def _dz_kernel(x, init, weight, bias, seg_of_row, pos_of_row, d_y, d_z, n, n_seg
 
 @triton.jit
 def _dx_kernel(x, init, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, d_w_part,
-               d_b_part, n, n_seg, D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # table row: x rows, then history rows
+               d_b_part, n, n_seg, D: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_BLOCKS: tl.constexpr, COMPUTE: tl.constexpr):
+    """ROW_BLOCKS blocks of BLOCK_N table rows (x rows, then history rows) per program. The weight
+    and bias sums accumulate elementwise and are reduced over rows once, at the end: a reduction
+    across warps per block of rows cost more than the loads."""
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    is_x = r < n
-    hist = r - n
-    seg_x = tl.load(seg_of_row + r, mask=is_x, other=n_seg)
-    seg = tl.where(is_x, seg_x, hist // (W - 1))
-    row_ok = tl.where(is_x, seg_x < n_seg, hist < n_seg * (W - 1))
-    start = tl.load(offsets + seg, mask=row_ok, other=0).to(tl.int32)
-    length = tl.load(offsets + seg + 1, mask=row_ok, other=0).to(tl.int32) - start
-    pos = tl.where(is_x, tl.load(pos_of_row + r, mask=is_x, other=0), hist % (W - 1) - (W - 1))
-    own = tl.where(is_x, r, hist)[:, None].to(tl.int64) * D + cols[None, :]  # this row in x or init
-    value = tl.load(tl.where(is_x[:, None], x, init) + own, mask=row_ok[:, None] & col_ok[None, :],
+    back = tl.arange(0, BLOCK_W)  # the output `back` steps later reads a row through tap W-1-back
+    tap = W - 1 - back
+    tap_w = tl.load(weight + cols[None, :] * W + tap[:, None], mask=(back < W)[:, None] & col_ok[None, :],
                     other=0.0).to(COMPUTE)
+    d_w = tl.zeros((BLOCK_N, BLOCK_W, BLOCK_D), dtype=COMPUTE)
+    d_b = tl.zeros((BLOCK_N, BLOCK_D), dtype=COMPUTE)
+    for i in range(ROW_BLOCKS):
+        r = (tl.program_id(0) * ROW_BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        is_x = r < n
+        hist = r - n
+        seg_x = tl.load(seg_of_row + r, mask=is_x, other=n_seg)
+        seg = tl.where(is_x, seg_x, hist // (W - 1))
+        row_ok = tl.where(is_x, seg_x < n_seg, hist < n_seg * (W - 1))
+        start = tl.load(offsets + seg, mask=row_ok, other=0).to(tl.int32)
+        length = tl.load(offsets + seg + 1, mask=row_ok, other=0).to(tl.int32) - start
+        pos = tl.where(is_x, tl.load(pos_of_row + r, mask=is_x, other=0), hist % (W - 1) - (W - 1))
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        own = tl.where(is_x, r, hist)[:, None].to(tl.int64) * D + cols[None, :]  # this row in x or init
+        value = tl.load(tl.where(is_x[:, None], x, init) + own, mask=tile_ok, other=0.0).to(COMPUTE)
+        d_b += tl.load(d_z + own, mask=tile_ok & is_x[:, None], other=0.0).to(COMPUTE)
 
+        out_pos = pos[:, None] + back[None, :]  # [rows, back]: the outputs that read each row
+        ok = row_ok[:, None] & (back < W)[None, :] & (out_pos >= 0) & (out_pos < length[:, None])
+        dz = tl.load(d_z + (start[:, None] + out_pos)[:, :, None].to(tl.int64) * D + cols[None, None, :],
+                     mask=ok[:, :, None] & col_ok[None, None, :], other=0.0).to(COMPUTE)
+        d_w += value[:, None, :] * dz
+        acc = tl.sum(dz * tap_w[None, :, :], axis=1)
+        j = pos - length + (W - 1)  # which final-state entry copied this row, if any
+        ok = row_ok & (j >= 0) & (j < W - 1)
+        acc += tl.load(d_final + (seg * (W - 1) + j)[:, None].to(tl.int64) * D + cols[None, :],
+                       mask=ok[:, None] & col_ok[None, :], other=0.0).to(COMPUTE)
+        # every x row, 0 in rows past the segments; history rows of real segments
+        tl.store(d_x + own, acc.to(d_x.dtype.element_ty), mask=is_x[:, None] & col_ok[None, :])
+        tl.store(d_init + own, acc.to(d_init.dtype.element_ty), mask=tile_ok & ~is_x[:, None])
     part = tl.program_id(0) * D + cols
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=COMPUTE)
-    for back in tl.static_range(W):  # output `back` steps later read this row through tap W-1-back
-        out_pos = pos + back
-        ok = row_ok & (out_pos >= 0) & (out_pos < length)
-        dz = tl.load(d_z + (start + out_pos)[:, None].to(tl.int64) * D + cols[None, :],
-                     mask=ok[:, None] & col_ok[None, :], other=0.0).to(COMPUTE)
-        w = tl.load(weight + cols * W + (W - 1 - back), mask=col_ok, other=0.0).to(COMPUTE)
-        acc += dz * w[None, :]
-        tl.store(d_w_part + part * W + (W - 1 - back), tl.sum(value * dz, axis=0), mask=col_ok)
-        if back == 0:  # every output is some x row's back-0 reader, once
-            tl.store(d_b_part + part, tl.sum(dz, axis=0), mask=col_ok)
-    j = pos - length + (W - 1)  # which final-state entry copied this row, if any
-    ok = row_ok & (j >= 0) & (j < W - 1)
-    acc += tl.load(d_final + (seg * (W - 1) + j)[:, None].to(tl.int64) * D + cols[None, :],
-                   mask=ok[:, None] & col_ok[None, :], other=0.0).to(COMPUTE)
-
-    tl.store(d_x + r[:, None].to(tl.int64) * D + cols[None, :], acc.to(d_x.dtype.element_ty),
-             mask=is_x[:, None] & col_ok[None, :])
-    tl.store(d_init + hist[:, None].to(tl.int64) * D + cols[None, :], acc.to(d_init.dtype.element_ty),
-             mask=(~is_x & row_ok)[:, None] & col_ok[None, :])
+    tl.store(d_w_part + part[None, :] * W + tap[:, None], tl.sum(d_w, axis=0),
+             mask=(back < W)[:, None] & col_ok[None, :])
+    tl.store(d_b_part + part, tl.sum(d_b, axis=0), mask=col_ok)
 
 
 def default_config() -> dict:
-    """Rows and channels per program, and warps: the forward is fastest on 32 x 128 tiles, the
-    backward on 64 x 64 (benchmarks/RESULTS.md#why-these-defaults)."""
+    """Rows and channels per program, and warps: the forward is fastest on 32 x 128 tiles, `_dz_kernel`
+    on 64 x 64; `_dx_kernel` takes dx_row_blocks blocks of dx_block_n rows, 64 channels wide
+    (benchmarks/RESULTS.md#why-these-defaults)."""
     return dict(block_n=32, block_n_backward=64, block_d=128, block_d_backward=64, warps=4, dz_warps=4,
-                dx_warps=4)
+                dx_block_n=16, dx_row_blocks=16, dx_warps=4)
 
 
 def _row_table(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +234,8 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     # largest traffic of the backward)
     d_z = torch.empty(n, d, dtype=x.dtype, device=x.device)
     table_rows = n + n_seg * (width - 1)
-    row_blocks = triton.cdiv(table_rows, block_n)
+    dx_rows = cfg["dx_block_n"] * cfg["dx_row_blocks"]
+    row_blocks = triton.cdiv(table_rows, dx_rows)
     acc = compute_dtype(x.dtype)
     d_w_part = torch.empty(row_blocks, d, width, dtype=acc, device=x.device)
     d_b_part = torch.empty(row_blocks, d, dtype=acc, device=x.device)
@@ -240,6 +249,7 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     if table_rows > 0 and d > 0:
         _dx_kernel[(row_blocks, triton.cdiv(d, block_d))](
             x, initial_state, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, d_w_part,
-            d_b_part, n, n_seg, D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute,
+            d_b_part, n, n_seg, D=d, W=width, BLOCK_W=triton.next_power_of_2(width),
+            BLOCK_N=cfg["dx_block_n"], BLOCK_D=block_d, ROW_BLOCKS=cfg["dx_row_blocks"], COMPUTE=compute,
             num_warps=cfg["dx_warps"])
     return (d_x, d_w_part.sum(0).to(weight.dtype), d_b_part.sum(0).to(bias.dtype), d_init)
