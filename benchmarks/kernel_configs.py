@@ -14,7 +14,7 @@ gradients: a different warp count reorders sums, so ~1e-3 in bf16 is expected; a
 shows as far more). Median ms over CUDA events.
 
     python benchmarks/kernel_configs.py scan ['{"state_bv": 16, "state_warps": 4}' ...]
-    python benchmarks/kernel_configs.py conv ['{"dz_warps": 2}' ...]
+    python benchmarks/kernel_configs.py conv ['{"dx_row_blocks": 16}' ...]
     python benchmarks/kernel_configs.py decode ['{"block_v": 16, "step_warps": 4}' ...]
 """
 from __future__ import annotations
@@ -34,8 +34,9 @@ from scan_inputs import scan_inputs  # noqa: E402
 
 SWEEPS = {
     "scan": [{}, {"state_stages": 1}, {"state_bv": 16, "state_warps": 4}],
-    # tile widths forward and backward, backward row blocks, _dz_kernel's warps
-    "conv": [{}, {"block_d": 64}, {"block_d_backward": 128}, {"block_n_backward": 32}, {"dz_warps": 8}],
+    # tile widths forward and backward, _dz_kernel's row blocks, _dx_kernel's rows per program
+    "conv": [{}, {"block_d": 64}, {"block_d_backward": 128}, {"block_n_backward": 32}, {"dx_row_blocks": 16},
+             {"dx_warps": 8, "dx_block_n": 32}],
     "decode": [{}, {"step_warps": 8}, {"step_warps": 2}, {"block_v": 16}, {"block_v": 64, "step_warps": 8},
                {"block_v": 8, "step_warps": 2}],
 }

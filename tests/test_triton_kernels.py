@@ -102,7 +102,11 @@ def check_step(impl, h, dk, dv, *, dtype, device, seed=0, rows=5):
     return _compare(["o", "new_state"], outs, torch.ops.mom.gated_delta_step(*map(_to_cpu64, args)))
 
 
-def check_conv(impl_fwd, impl_bwd, layout, d, width, *, dtype, device, seed=0):
+def check_conv(impl_fwd, impl_bwd, layout, d, width, dx_rows=None, *, dtype, device, seed=0):
+    """dx_rows: (rows per block, blocks per program) of `_dx_kernel`, for the CPU launcher only: small
+    ones give several programs over the rows, each looping over several blocks."""
+    if dx_rows is not None:
+        impl_bwd = functools.partial(impl_bwd, config=dict(dx_block_n=dx_rows[0], dx_row_blocks=dx_rows[1]))
     args = conv_inputs(layout, d, width, dtype, device, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     d_y = rand(*args[0].shape, dtype=dtype, device=device, gen=gen)
@@ -279,6 +283,7 @@ INTERPRETER_CASES = (
     + [("gated_delta_step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
     + [("segment_conv", dt, layout, 40, 4) for dt in (torch.float32, F64)
        for layout in ("mixed", "all_empty", "long")]
+    + [("segment_conv", dt, "long", 40, 4, (2, 3)) for dt in (torch.float32, F64)]
     + [("memory_decode_", dt, 3, 2, 16, 32, bias, False) for dt in (torch.float32, F64)
        for bias in (True, False)]
     + [("memory_decode_", F64, 2, 2, 16, 32, True, True)]

@@ -181,7 +181,7 @@ def default_config() -> dict:
     on 64 x 64; `_dx_kernel` takes dx_row_blocks blocks of dx_block_n rows, 64 channels wide
     (benchmarks/RESULTS.md#why-these-defaults)."""
     return dict(block_n=32, block_n_backward=64, block_d=128, block_d_backward=64, warps=4, dz_warps=4,
-                dx_block_n=16, dx_row_blocks=16, dx_warps=4)
+                dx_block_n=16, dx_row_blocks=64, dx_warps=4)
 
 
 def _row_table(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
