@@ -7,7 +7,8 @@ length, with the card, the commit and the shapes.
 Both models keep float32 parameters and AdamW states (fused AdamW) and compute under bf16 autocast;
 each block is compiled (torch.compile(fullgraph=True) per block, as large models are trained: one
 compilation serves every block); each step sees --tokens tokens (batch = tokens / T) of random
-ids; the first --warmup steps (compilation, autotuning) are not timed.
+ids; the first --warmup steps (compilation, autotuning) are not timed. The loss printed is the last
+step's on that one repeated batch: a sanity check (finite, falling), not a comparison of the models.
 
     python benchmarks/train_step.py [--ts 2048 8192 32768] [--tokens 32768] [--steps 10]
 """
