@@ -93,16 +93,19 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     memory. state_bv, state_warps: the sequential passes keep the whole [K, state_bv] state slice in
     registers, one program per (segment, head, V-block). state_stages: software-pipelining depth of
     their loop over chunks (2 only for 2-byte inputs: wider ones overflow Hopper's shared memory).
-    Only these configurations are verified on Hopper; some others raised illegal memory accesses."""
+    warps, bwd_warps: the per-chunk kernels of the forward and of the backward, 4 for 2-byte inputs
+    (faster), 8 for wider ones. Only these configurations are verified on Hopper; some others raised
+    illegal memory accesses."""
     block_k = max(16, triton.next_power_of_2(dk))
     tile = 64 if elem_bytes <= 2 else 32
     if block_k <= 128:
         state_bv, state_warps = min(64, max(16, triton.next_power_of_2(dv))), 4
     else:
         state_bv, state_warps = (64, 8) if elem_bytes <= 2 else (16, 4)
+    chunk_warps = 4 if elem_bytes <= 2 else 8
     return dict(bk=min(tile, block_k), bv=min(tile, max(16, triton.next_power_of_2(dv))),
                 state_bv=state_bv, state_warps=state_warps, state_stages=2 if elem_bytes <= 2 else 1,
-                warps=8, solve_warps=2, bwd_warps=8)
+                warps=chunk_warps, solve_warps=2, bwd_warps=chunk_warps)
 
 
 class _Plan:
