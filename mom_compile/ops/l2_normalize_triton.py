@@ -19,6 +19,12 @@ BLOCK_ROWS = 16
 
 
 @triton.jit
+def l2_scale(x, eps, AXIS: tl.constexpr):
+    """r = (sum x^2 + eps)^-1/2 over AXIS: the norm's factor (memory_decode's kernel uses it too)."""
+    return 1.0 / tl.sqrt(tl.sum(x * x, axis=AXIS) + eps)
+
+
+@triton.jit
 def _l2_normalize_kernel(x, y, r, rows, inner, outer_stride, inner_stride, eps, D: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr):
     """Rows (outer, inner) of x [outer, inner, D] (strided, unit last stride) -> contiguous y, r."""
@@ -27,7 +33,7 @@ def _l2_normalize_kernel(x, y, r, rows, inner, outer_stride, inner_stride, eps, 
     ok = (row < rows)[:, None] & (cols < D)[None, :]
     at = (row // inner).to(tl.int64) * outer_stride + (row % inner).to(tl.int64) * inner_stride
     xv = tl.load(x + at[:, None] + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
-    scale = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) + eps)
+    scale = l2_scale(xv, eps, 1)
     flat = row.to(tl.int64)[:, None] * D + cols[None, :]
     tl.store(y + flat, (xv * scale[:, None]).to(y.dtype.element_ty), mask=ok)
     tl.store(r + row, scale.to(r.dtype.element_ty), mask=row < rows)

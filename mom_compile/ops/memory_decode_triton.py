@@ -23,17 +23,13 @@ import triton.language as tl
 
 from .gated_delta_step_triton import block_sizes
 from .l2_normalize import L2_EPS
+from .l2_normalize_triton import l2_scale
 from .layout import last_dim_contiguous
 from .memory_decode import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
 from .precision import compute_dtype
 from .triton_precision import compute_type, split_scale
 
 SOFTPLUS_THRESHOLD = tl.constexpr(_SOFTPLUS_THRESHOLD)  # a kernel reads globals as constexprs
-
-
-@triton.jit
-def _l2_normalize(x, eps):
-    return x / tl.sqrt(tl.sum(x * x, axis=0) + eps)
 
 
 @triton.jit
@@ -74,8 +70,8 @@ def _decode_conv_kernel(
     qc = _conv_silu(q_x, q_past, q_ch, k_ok, conv_w, conv_b, W, BLOCK_W, HAS_BIAS, COMPUTE)
     kc = _conv_silu(k_x, k_past, k_ch, k_ok, conv_w, conv_b, W, BLOCK_W, HAS_BIAS, COMPUTE)
     vc = _conv_silu(v_x, v_past, v_ch, v_ok, conv_w, conv_b, W, BLOCK_W, HAS_BIAS, COMPUTE)
-    tl.store(out + kk, _l2_normalize(qc, eps), mask=k_ok)
-    tl.store(out + K + kk, _l2_normalize(kc, eps), mask=k_ok)
+    tl.store(out + kk, qc * l2_scale(qc, eps, 0), mask=k_ok)
+    tl.store(out + K + kk, kc * l2_scale(kc, eps, 0), mask=k_ok)
     tl.store(out + 2 * K + vv, vc, mask=v_ok)
     # beta = sigmoid(b_pre), rounded to the input dtype as the scan path holds it; g in COMPUTE
     beta = (1.0 / (1.0 + tl.exp(-b_pre))).to(q.dtype.element_ty).to(COMPUTE)
