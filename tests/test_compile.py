@@ -30,9 +30,15 @@ def test_no_graph_breaks_in_training_prefill_and_decode(model):
     assert graph_breaks(model, ids(2, 1), past_key_values=cache, use_cache=True) == 0
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+# on CUDA eager runs the Triton kernels of gather_rows and l2_normalize, compiled graphs their formulas
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
-def test_compiled_training_step_matches_eager(model, recompute):
-    x, mask = ids(2, 11), torch.ones(2, 11, dtype=torch.int64)
+def test_compiled_training_step_matches_eager(model, recompute, device):
+    model.to(device)
+    x, mask = ids(2, 11).to(device), torch.ones(2, 11, dtype=torch.int64, device=device)
     mask[1, :4] = 0
     model.train()
     eager = model(x, attention_mask=mask, labels=x)

@@ -237,6 +237,24 @@ def test_l2_normalize_gradients_and_what_it_keeps():
     torch.testing.assert_close(dxb.double(), want_dx, rtol=3e-2, atol=3e-2 * want_dx.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16])
+def test_l2_normalize_traced_gradient(dtype):
+    """Compiled graphs trace the norm's formulas instead of the op: on a strided slice (as the layer
+    normalises q and k inside the conv's output), their gradient is the float64 oracle's. Under torch
+    2.11 it was 0 while the traced forward saved an alias of its output (a no-op .contiguous())."""
+    torch.manual_seed(0)
+    conv_out = torch.randn(7, 40, dtype=f64, requires_grad=True)
+    dy = torch.randn(7, 3, 8, dtype=f64)
+    x64 = conv_out[:, 8:32].view(7, 3, 8)
+    want_dx, = torch.autograd.grad(x64 / torch.sqrt(x64.pow(2).sum(-1, keepdim=True) + 1e-6), conv_out, dy)
+    x = conv_out.detach().to(dtype).requires_grad_()
+    norm = torch.compile(lambda t: ops.l2_normalize(t[:, 8:32].view(7, 3, 8)), backend="aot_eager",
+                         fullgraph=True)
+    got_dx, = torch.autograd.grad(norm(x), x, dy.to(dtype))
+    tol = {f64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got_dx.double(), want_dx, rtol=tol, atol=tol * want_dx.abs().max().item())
+
+
 @pytest.mark.parametrize("single_set", [False, True])
 def test_memory_decode_matches_conv_and_recurrence_per_row(single_set):
     """Each chosen (token, memory): the causal conv over [its history; its input], L2-normalised q

@@ -19,11 +19,20 @@ from .precision import compute_dtype, upcast
 L2_EPS = 1e-6
 
 
-def l2_normalize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op's reference kernel: (y in x's dtype, r [..., 1] in the compute dtype)."""
+def _formula(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, r), y a new tensor in x's dtype. No op that may return its input as is (a .to() to the
+    same dtype, .contiguous()) is applied to y: under torch 2.11's torch.compile, an autograd
+    Function that saves and returns such an alias gets a zero gradient."""
     xf = upcast(x)
     r = torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2_EPS)
-    return (xf * r).to(x.dtype).contiguous(), r
+    y = xf * r
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), r
+
+
+def l2_normalize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's reference kernel: (y in x's dtype, contiguous, r [..., 1] in the compute dtype)."""
+    y, r = _formula(x)
+    return y.contiguous(), r
 
 
 l2_normalize_op = torch.library.custom_op("mom::l2_normalize", mutates_args=())(l2_normalize_reference)
@@ -70,7 +79,7 @@ class _L2Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        y, r = l2_normalize_reference(x)
+        y, r = _formula(x)
         ctx.save_for_backward(y, r)
         return y
 
