@@ -177,11 +177,11 @@ def _dx_kernel(x, init, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d
 
 
 def default_config() -> dict:
-    """Rows and channels per program, and warps: the forward is fastest on 32 x 128 tiles, `_dz_kernel`
-    on 64 x 64; `_dx_kernel` takes dx_row_blocks blocks of dx_block_n rows, 64 channels wide
+    """Rows and channels per program, and warps: the forward and `_dz_kernel` are fastest on 32 x 128
+    tiles; `_dx_kernel` takes dx_row_blocks blocks of dx_block_n rows, 128 channels wide
     (benchmarks/RESULTS.md#why-these-defaults)."""
-    return dict(block_n=32, block_n_backward=64, block_d=128, block_d_backward=64, warps=4, dz_warps=4,
-                dx_block_n=16, dx_row_blocks=64, dx_warps=4)
+    return dict(block_n=32, block_n_backward=32, block_d=128, block_d_backward=128, warps=4, dz_warps=4,
+                dx_block_n=8, dx_row_blocks=128, dx_warps=4)
 
 
 def _row_table(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
