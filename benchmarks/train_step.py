@@ -74,7 +74,7 @@ def run(name: str, build, t: int, tokens: int, steps: int, warmup: int) -> dict:
                 times.append(begin.elapsed_time(end))
         ms = statistics.median(times)
         row = dict(name=name, t=t, batch=batch, ms=ms, tokens_per_s=batch * t / ms * 1e3,
-                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss),
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=loss.item(),
                    wall_s=time.perf_counter() - start)
     except torch.OutOfMemoryError as exc:
         row = dict(name=name, t=t, batch=batch, error=f"out of memory: {str(exc).splitlines()[0]}")
