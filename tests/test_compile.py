@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from mom_compile.ops.table import OPS
+
 from models import ids, tiny_model
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -28,6 +30,32 @@ def test_no_graph_breaks_in_training_prefill_and_decode(model):
     cache = model.new_cache(2)
     assert graph_breaks(model, x, attention_mask=mask, past_key_values=cache, use_cache=True) == 0
     assert graph_breaks(model, ids(2, 1), past_key_values=cache, use_cache=True) == 0
+
+
+def mom_ops_traced(fn, *args, **kwargs) -> set[str]:
+    """The `mom` ops in the graph that torch.compile captures of fn(*args, **kwargs)."""
+    seen = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args, **kwargs)
+    return {target.removeprefix("mom.") for target in seen if target.startswith("mom.")}
+
+
+def test_compiled_graphs_hold_every_op_but_the_eager_only_ones(model):
+    """The op table's `eager_only` and each op's wrapper (which traces the formula when compiling)
+    state one fact in two places; they agree when training and prefill graphs hold exactly the
+    ops the layer calls less the eager-only ones."""
+    layer_ops = {"dispatch", "gather_rows", "segment_conv", "l2_normalize", "chunk_gated_delta", "combine"}
+    expected = layer_ops - {op.name for op in OPS if op.eager_only}
+    x = ids(2, 9)
+    model.train()
+    assert mom_ops_traced(model, x, labels=x) == expected
+    model.eval()
+    with torch.no_grad():
+        assert mom_ops_traced(model, x, use_cache=True) == expected
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
