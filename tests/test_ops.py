@@ -240,8 +240,8 @@ def test_l2_normalize_gradients_and_what_it_keeps():
 @pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16])
 def test_l2_normalize_traced_gradient(dtype):
     """Compiled graphs trace the norm's formulas instead of the op: on a strided slice (as the layer
-    normalises q and k inside the conv's output), their gradient is the float64 oracle's. Under torch
-    2.11 it was 0 while the traced forward saved an alias of its output (a no-op .contiguous())."""
+    normalises q and k inside the conv's output), their gradient is the float64 oracle's (torch
+    2.11's compile drops the gradient of a Function whose saved output aliases itself)."""
     torch.manual_seed(0)
     conv_out = torch.randn(7, 40, dtype=f64, requires_grad=True)
     dy = torch.randn(7, 3, 8, dtype=f64)

@@ -79,10 +79,10 @@ def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.
     contract has offsets[0] = 0) read 0: only those rows are cleared, since the kernels write all
     the others and a whole-tensor zero-fill is a pass over memory."""
     outs = [torch.empty_like(x) for x in likes]
-    n_seg, block = offsets.shape[0] - 1, 1024
+    n_seg, block, max_programs = offsets.shape[0] - 1, 1024, 1024
     for out in outs:
         if out.numel():
-            _zero_tail_kernel[(min(triton.cdiv(out.numel(), block), 1024),)](
+            _zero_tail_kernel[(min(triton.cdiv(out.numel(), block), max_programs),)](
                 out, offsets, n_seg, out.numel(), ROW=out[0].numel(), BLOCK=block)
     return outs
 
