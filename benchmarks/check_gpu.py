@@ -244,7 +244,9 @@ def layer_timings(ts: list[int], tokens: int, with_reference: bool, with_fla: bo
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     layer = MomLayer(cfg).to(dev, dt)
-    compiled = torch.compile(layer, fullgraph=True)  # fuses the routing, gathers and norms around the ops
+    # fuses the routing, gathers and norms around the ops; dynamic=False: a static graph per T, as
+    # `mom_compile.train` compiles (a graph that a second T makes dynamic runs slower kernels)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     attn = SoftmaxAttention(1024, 4, 256).to(dev, dt)
     floors = {t: layer_floor(Shape.of_config(cfg, t, max(1, tokens // t)), card) for t in ts}
     runner = LayerBench(tokens, budget_s)

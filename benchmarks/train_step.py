@@ -5,10 +5,11 @@ MLP and vocabulary with SDPA attention) in the same run, and MoM again with grad
 length, with the card, the commit and the shapes.
 
 Both models keep float32 parameters and AdamW states (fused AdamW) and compute under bf16 autocast;
-each block is compiled (torch.compile(fullgraph=True) per block, as large models are trained: one
-compilation serves every block); each step sees --tokens tokens (batch = tokens / T) of random
-ids; the first --warmup steps (compilation, autotuning) are not timed. The loss printed is the last
-step's on that one repeated batch: a sanity check (finite, falling), not a comparison of the models.
+each block is compiled (torch.compile(fullgraph=True, dynamic=False) per block, as large models are
+trained: one static graph per T serves every block); each step sees --tokens tokens (batch =
+tokens / T) of random ids; the first --warmup steps (compilation, autotuning) are not timed. The
+loss printed is the last step's on that one repeated batch: a sanity check (finite, falling), not a
+comparison of the models.
 
     python benchmarks/train_step.py [--ts 2048 8192 32768] [--tokens 32768] [--steps 10]
 """
@@ -37,20 +38,21 @@ def mom(config: MomConfig, recompute: bool = False):
     if recompute:
         model.gradient_checkpointing_enable()
     for block in model.model.layers:
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, dynamic=False)
     return model, lambda ids: model(ids, labels=ids).loss
 
 
 def transformer(config: MomConfig):
     model = TransformerLM(config)
     for block in model.blocks:
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, dynamic=False)
     return model, lambda ids: model(ids, ids)
 
 
 def run(name: str, build, t: int, tokens: int, steps: int, warmup: int) -> dict:
     """Median step time and peak memory of one model at one T; a failure is recorded, not raised."""
     torch.manual_seed(0)
+    torch._dynamo.reset()  # a fresh static graph per row (blocks of every row share one code object)
     torch.cuda.reset_peak_memory_stats()
     batch = max(1, tokens // t)
     model = opt = step_loss = None
