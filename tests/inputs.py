@@ -146,7 +146,7 @@ def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
     small, covering its optional arguments (None and given)."""
     state = compute_dtype(dtype)
     gen = torch.Generator().manual_seed(1)
-    if name in ("chunk_gated_delta", "chunk_gated_delta_backward"):
+    if name.startswith("chunk_gated_delta"):
         cases = []
         for with_state in (True, False):
             a = scan_inputs("mixed", dtype=dtype, with_state=with_state)
@@ -155,6 +155,8 @@ def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
                 d_final = rand(*a["initial_state"].shape, dtype=state, gen=gen) if with_state else None
                 args += (rand(*a["v"].shape, dtype=dtype, gen=gen), d_final)
             cases.append(args)
+        if name.endswith("_backward"):  # with the training forward's residuals
+            cases.append(cases[0] + torch.ops.mom.chunk_gated_delta_train(*cases[0][:8])[2:])
         return cases
     if name == "gated_delta_step":
         return [(*step_inputs(dtype=dtype), 0.5)]

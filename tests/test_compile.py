@@ -47,15 +47,16 @@ def mom_ops_traced(fn, *args, **kwargs) -> set[str]:
 def test_compiled_graphs_hold_every_op_but_the_eager_only_ones(model):
     """The op table's `eager_only` and each op's wrapper (which traces the formula when compiling)
     state one fact in two places; they agree when training and prefill graphs hold exactly the
-    ops the layer calls less the eager-only ones."""
-    layer_ops = {"dispatch", "gather_rows", "segment_conv", "l2_normalize", "chunk_gated_delta", "combine"}
+    ops the layer calls less the eager-only ones. Training graphs scan with the forward that keeps
+    its residuals, inference graphs with the plain one."""
+    layer_ops = {"dispatch", "gather_rows", "segment_conv", "l2_normalize", "combine"}
     expected = layer_ops - {op.name for op in OPS if op.eager_only}
     x = ids(2, 9)
     model.train()
-    assert mom_ops_traced(model, x, labels=x) == expected
+    assert mom_ops_traced(model, x, labels=x) == expected | {"chunk_gated_delta_train"}
     model.eval()
     with torch.no_grad():
-        assert mom_ops_traced(model, x, use_cache=True) == expected
+        assert mom_ops_traced(model, x, use_cache=True) == expected | {"chunk_gated_delta"}
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -136,12 +136,12 @@ def test_onnxruntime_fuses_every_norm_of_the_decode_step(tiny_onnx, tmp_path):
 @pytest.mark.parametrize("use_plugin", [False, True])
 def test_every_inference_op_has_a_translation(use_plugin):
     """Every op of the op table that inference graphs can contain has an ONNX translation, at both
-    opsets: all but the backward ops, the in-place memory_decode_ (export graphs hold a
+    opsets: all but the training-only ops, the in-place memory_decode_ (export graphs hold a
     functional cache, which takes the functional memory_decode) and the eager-only ops, whose
     formulas are traced instead (an exported graph holding one would fail to translate)."""
     from mom_compile.export.onnx_ops import translation_table
     from mom_compile.ops.table import OPS
-    wanted = {op.op for op in OPS if not op.name.endswith(("_backward", "_")) and not op.eager_only}
+    wanted = {op.op for op in OPS if not (op.training_only or op.eager_only or op.name.endswith("_"))}
     for opset in (DEFAULT_OPSET, LINEAR_ATTENTION_OPSET):
         assert set(translation_table(opset, use_plugin)) == wanted
 

@@ -47,9 +47,34 @@ def test_chunk_scan_matches_recurrence(layout, with_state):
     torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-10)
     for chunk in (1, 3, 4):  # the chunked algorithm itself, at chunk sizes that split segments
-        o_c, f_c, _ = chunk_reference(**a, scale=0.7, chunk_size=chunk)
+        o_c, f_c, _, _ = chunk_reference(**a, scale=0.7, chunk_size=chunk)
         torch.testing.assert_close(o_c, o_ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(f_c, f_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_training_forward_keeps_chunk_states_and_u(with_state):
+    """mom::chunk_gated_delta_train: o and the final state of the recurrence, and its residuals as
+    the token-by-token recurrence has them: slot chunk_starts[s] + c holds segment s's state after
+    64 c of its rows, row i of v_new the u_i written at row i; unused slots and rows read 0."""
+    a = scan_inputs("long", with_state=with_state)
+    o, final, starts, v_new = torch.ops.mom.chunk_gated_delta_train(*a.values(), 0.7)
+    o_ref, f_ref = oracle_scan(a, 0.7)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, f_ref, rtol=1e-10, atol=1e-10)
+    starts_ref, u_ref = torch.zeros_like(starts), torch.zeros_like(v_new)
+    offsets, slot = a["offsets"].tolist(), 0
+    for s in range(len(offsets) - 1):
+        state = a["initial_state"][s].clone() if with_state else torch.zeros_like(starts[0])
+        for j in range(offsets[s], offsets[s + 1]):
+            if (j - offsets[s]) % 64 == 0:
+                starts_ref[slot], slot = state, slot + 1
+            state = state * a["g"][j].exp()[:, None, None]
+            u_ref[j] = a["beta"][j][:, None] * (a["v"][j] - torch.einsum("hk,hkv->hv", a["k"][j], state))
+            state = state + a["k"][j][:, :, None] * u_ref[j][:, None, :]
+    assert slot < starts.shape[0] and offsets[-1] < v_new.shape[0]  # the layout has unused entries
+    torch.testing.assert_close(starts, starts_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(v_new, u_ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("layout", ["mixed", "singletons", "long"])

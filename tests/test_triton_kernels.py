@@ -95,6 +95,26 @@ def check_chunk(impl_fwd, impl_bwd, layout, h, dk, dv, with_state, *, dtype, dev
     return errors
 
 
+def check_chunk_train(impl_fwd, layout, h, dk, dv, with_state, *, dtype, device, seed=0):
+    """The training forward, its residuals too, and the backward op run from those residuals vs
+    the float64 CPU reference; returns errors."""
+    a = scan_inputs(layout, h, dk, dv, dtype, device, seed, with_state)
+    args = (*a.values(), dk ** -0.5)
+    gen = torch.Generator().manual_seed(seed + 1)
+    d_o = rand(*a["v"].shape, dtype=dtype, device=device, gen=gen)
+    d_final = rand(len(a["offsets"]) - 1, h, dk, dv, dtype=compute_dtype(dtype), device=device, gen=gen)
+    outs = impl_fwd(*args)
+    grads = kernel("chunk_gated_delta_backward", device)(*args, d_o, d_final, *outs[2:])
+    _assert_fake_dtypes("chunk_gated_delta_train", outs, *args)
+    ref_args = [_to_cpu64(t) for t in args]
+    names = ["dq", "dk", "dv", "dg", "dbeta"] + (["d_initial"] if with_state else [])
+    refs = torch.ops.mom.chunk_gated_delta_train(*ref_args)
+    errors = _compare(["o", "final", "starts", "v_new"], outs, refs)
+    errors.update(_compare(names, grads, torch.ops.mom.chunk_gated_delta_backward(
+        *ref_args, _to_cpu64(d_o), _to_cpu64(d_final))))
+    return errors
+
+
 def check_step(impl, h, dk, dv, *, dtype, device, seed=0, rows=5):
     args = (*step_inputs(rows, h, dk, dv, dtype, device, seed), dk ** -0.5)
     outs = impl(*args)
@@ -184,7 +204,8 @@ def check_l2(impl_fwd, impl_bwd, n, h, d, strided, *, dtype, device, seed=0):
 
 
 # the check of each op with a Triton kernel; the ops with a backward op check it too
-CHECKS = {"chunk_gated_delta": check_chunk, "gated_delta_step": check_step, "segment_conv": check_conv,
+CHECKS = {"chunk_gated_delta": check_chunk, "chunk_gated_delta_train": check_chunk_train,
+          "gated_delta_step": check_step, "segment_conv": check_conv,
           "memory_decode_": check_decode, "combine": check_combine, "gather_rows": check_gather,
           "l2_normalize": check_l2}
 
@@ -245,6 +266,13 @@ CASES = (
     # head sizes between the verified ones run zero-padded (8 -> 64, 96 -> 128, 200 -> 256)
     + [("chunk_gated_delta", dt, "mixed", 2, dk, dv, True) for dt in (torch.float32, torch.bfloat16)
        for dk, dv in ((8, 8), (96, 192), (200, 100))]
+    # the training forward's residuals and the backward from them (a padded head size last)
+    + [("chunk_gated_delta_train", dt, layout, 2, dk, dk, True) for dt in (torch.float32, torch.bfloat16)
+       for dk in (64, 256) for layout in ("mixed", "long")]
+    + [("chunk_gated_delta_train", torch.bfloat16, layout, 2, 64, 64, False)
+       for layout in ("singletons", "all_empty")]
+    + [("chunk_gated_delta_train", F64, "long", 2, 128, 128, True),
+       ("chunk_gated_delta_train", torch.bfloat16, "mixed", 2, 96, 192, True)]
     + [("gated_delta_step", dt, 4, dk, dk * ev) for dt in (torch.float32, torch.bfloat16, F64)
        for dk in (64, 128, 256) for ev in (1, 2)]
     + [("segment_conv", dt, layout, d, 4) for dt in (torch.float32, torch.bfloat16, F64)
@@ -280,6 +308,9 @@ INTERPRETER_CASES = (
        ("chunk_gated_delta", torch.float32, "long", 1, 16, 32, False)]
     # several K- and V-blocks on one grid axis (float64 tiles are 32 wide, state slices 64)
     + [("chunk_gated_delta", F64, "mixed", 1, 64, 128, True)]
+    + [("chunk_gated_delta_train", torch.float32, layout, 2, 16, 16, ws) for layout, ws in
+       (("mixed", False), ("all_empty", True))]
+    + [("chunk_gated_delta_train", F64, "long", 1, 16, 32, True)]
     + [("gated_delta_step", dt, 2, 16, 32) for dt in (torch.float32, F64)]
     + [("segment_conv", dt, layout, 40, 4) for dt in (torch.float32, F64)
        for layout in ("mixed", "all_empty", "long")]
@@ -417,12 +448,16 @@ if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
 
 
 def test_cuda_entry_pads_heads_to_verified_sizes(monkeypatch):
-    """The CUDA entry point launches Triton only at verified head sizes: smaller heads are
-    zero-padded up to one, which must not change any output or gradient, and heads wider than
+    """The CUDA entry points launch Triton only at verified head sizes: smaller heads are
+    zero-padded up to one, which must not change any output, residual or gradient, and heads wider than
     every verified size take the reference kernel. The launches are replaced by the reference
     (CPU, float64) so that the padding itself is what is checked."""
     from mom_compile.ops import chunk_gated_delta_triton as ct
-    from mom_compile.ops.chunk_gated_delta import reference_backward, reference_forward
+    from mom_compile.ops.chunk_gated_delta import (
+        reference_backward,
+        reference_forward,
+        reference_forward_train,
+    )
     launched = []
 
     def at_verified_size(impl):
@@ -433,15 +468,19 @@ def test_cuda_entry_pads_heads_to_verified_sizes(monkeypatch):
         return launch
 
     monkeypatch.setattr(ct, "chunk_gated_delta_triton", at_verified_size(reference_forward))
+    monkeypatch.setattr(ct, "chunk_gated_delta_train_triton", at_verified_size(reference_forward_train))
     monkeypatch.setattr(ct, "chunk_gated_delta_backward_triton", at_verified_size(reference_backward))
     for dk, dv, padded in ((8, 12, (64, 64)), (96, 300, (128, 512)), (300, 8, None)):
         a = scan_inputs("mixed", 2, dk, dv, F64, "cpu", seed=dk)
         args = [a[name] for name in ("q", "k", "v", "g", "beta", "offsets", "initial_state")] + [0.3]
         d_o, d_final = torch.randn_like(a["v"]), torch.randn_like(a["initial_state"])
         launched.clear()
-        outs = ct.chunk_gated_delta_cuda(*args) + ct.chunk_gated_delta_backward_cuda(*args, d_o, d_final)
-        refs = reference_forward(*args) + reference_backward(*args, d_o, d_final)
-        assert launched == ([padded] * 2 if padded else [])
+        train = ct.chunk_gated_delta_train_cuda(*args)
+        outs = (ct.chunk_gated_delta_cuda(*args) + train
+                + ct.chunk_gated_delta_backward_cuda(*args, d_o, d_final, *train[2:]))
+        refs = (reference_forward(*args) + reference_forward_train(*args)
+                + reference_backward(*args, d_o, d_final))
+        assert launched == ([padded] * 3 if padded else [])
         for out, ref in zip(outs, refs):
             assert out.shape == ref.shape and out.is_contiguous()  # as the fake kernels promise
             torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

@@ -11,6 +11,10 @@ Chunked form (one chunk of C rows, cumulative log-decay G_i = g_1 + ... + g_i, s
   so U = (I + L)^{-1} diag(beta) (V - diag(e^G) K S0), L_ij = beta_i e^{G_i-G_j} k_i.k_j (j < i);
     o_i = scale (e^{G_i} S0^T q_i + sum_{j<=i} e^{G_i-G_j} (q_i.k_j) u_j)
     S_C = e^{G_C} S0 + K^T diag(e^{G_C-G}) U
+
+`mom::chunk_gated_delta_train` is the same forward for autograd: it also returns the residuals its
+backward would otherwise recompute, each chunk's start state S0 and the u_i (the kernels' Vn), in
+the layout of `residual_shapes`.
 """
 from __future__ import annotations
 
@@ -20,13 +24,38 @@ from ._checks import INDEX_DTYPES, STATE_DTYPES, check_rows, check_same_device, 
 from .gated_delta_step import step_backward_reference, step_reference
 from .precision import compute_dtype
 
-CHUNK_SIZE = 64  # the reference's default; any chunk size computes the same function
+CHUNK_SIZE = 64  # the kernels' chunk and the residuals' (any chunk size computes the same function)
 
 
 def state_dtype(q: torch.Tensor, initial_state: torch.Tensor | None) -> torch.dtype:
     """The dtype of the final state and its gradient: the initial state's, else the inputs' compute
     dtype (float32, float64 for float64 inputs). Every kernel of the op follows this."""
     return compute_dtype(q.dtype) if initial_state is None else initial_state.dtype
+
+
+def operand_dtype(q_dtype: torch.dtype, states: torch.dtype) -> torch.dtype:
+    """The dtype of the scan's product operands, and so of its residuals, for inputs in q_dtype and
+    states in `states`: the inputs' dtype, or float64 when the arithmetic is float64."""
+    return torch.float64 if compute_dtype(q_dtype, states) == torch.float64 else q_dtype
+
+
+def chunk_starts(offsets: torch.Tensor) -> torch.Tensor:
+    """[S + 1] int64: the slot of each segment's first chunk (segments' chunks are numbered
+    consecutively in segment order), then the number of chunks."""
+    counts = (offsets.diff() + CHUNK_SIZE - 1) // CHUNK_SIZE
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def chunk_slots(n: int, n_seg: int) -> int:
+    """ceil(N / C) + S: a bound on the chunk count of N rows in S segments from the shapes alone."""
+    return -(-n // CHUNK_SIZE) + n_seg
+
+
+def residual_shapes(n: int, n_seg: int, h: int, dk: int, dv: int) -> tuple[tuple, tuple]:
+    """Shapes of the residuals of N rows in S segments: the chunk start states [slots, H, K, V]
+    (chunk c of segment s in slot chunk_starts[s] + c; slots past the chunk count read 0) and
+    the u_i [N, H, V] (rows in no segment read 0)."""
+    return (chunk_slots(n, n_seg), h, dk, dv), (n, h, dv)
 
 
 def _segment_grid(offsets: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,10 +87,10 @@ def _from_grid(grid: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, n: i
 
 def chunk_reference(
     q, k, v, g, beta, offsets, initial_state, scale: float, chunk_size: int = CHUNK_SIZE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk-parallel forward. Returns (o [N, H, V] in the compute dtype, final state
-    [S, H, K, V], chunk start states [S, H, n_chunks, K, V]); computes in float32, or float64
-    when the inputs are float64."""
+    [S, H, K, V], chunk start states [S, H, n_chunks, K, V], the u_i [N, H, V]); computes in
+    float32, or float64 when the inputs are float64."""
     dt = compute_dtype(q.dtype)
     n, h, dk = k.shape
     dv = v.shape[-1]
@@ -96,13 +125,13 @@ def chunk_reference(
         state = cum[:, :, c, -1].exp()[..., None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ u
     if n_chunks == 0:
         starts_t = state.new_zeros(n_seg, h, 0, dk, dv)
-        return q.new_zeros(n, h, dv, dtype=dt), state, starts_t
+        return q.new_zeros(n, h, dv, dtype=dt), state, starts_t, q.new_zeros(n, h, dv, dtype=dt)
     starts_t = torch.stack(starts, 2)
     u_all = torch.stack(us, 2)
     o = scale * ((qc * cum.exp()[..., None]) @ starts_t
                  + ((qc @ kc.transpose(-1, -2)) * decay) @ u_all)
     o = _from_grid(o.flatten(2, 3), rows, valid, n)
-    return o, state, starts_t
+    return o, state, starts_t, _from_grid(u_all.flatten(2, 3), rows, valid, n)
 
 
 def chunk_backward_reference(
@@ -114,7 +143,7 @@ def chunk_backward_reference(
     `gated_delta_step.py`. Returns (dq, dk, dv, dg, dbeta, d_initial_state)."""
     dt = compute_dtype(q.dtype)
     n = k.shape[0]
-    _, final, starts = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale, chunk_size)
+    _, final, starts, _ = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale, chunk_size)
     rows, valid = _segment_grid(offsets, chunk_size)
     grids = [_to_grid(t, rows, valid, dt) for t in (q, k, v, g, beta, d_o)]
     d_state = torch.zeros_like(final) if d_final is None else d_final.to(dt, copy=True)
@@ -138,26 +167,64 @@ def reference_forward(
     offsets: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's reference kernel: `chunk_reference` with the op's output dtypes."""
-    o, final, _ = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale)
+    o, final, _, _ = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale)
     return o.to(v.dtype), final.to(state_dtype(q, initial_state))
 
 
 chunk_gated_delta_op = torch.library.custom_op("mom::chunk_gated_delta", mutates_args=())(reference_forward)
 
 
-@chunk_gated_delta_op.register_fake
-def _(q, k, v, g, beta, offsets, initial_state, scale):
+def _forward_fake(q, k, v, g, beta, offsets, initial_state, scale):
     n_seg = offsets.shape[0] - 1
     final = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype(q, initial_state))
     return v.new_empty(v.shape), final
+
+
+chunk_gated_delta_op.register_fake(_forward_fake)
+
+
+def reference_forward_train(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    offsets: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training op's reference kernel: (o, final state, chunk start states, u_i), the last two
+    in `residual_shapes`' layout and `operand_dtype`."""
+    o, final, starts, v_new = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale)
+    n, h, dk = k.shape
+    n_seg = offsets.numel() - 1
+    starts_shape, _ = residual_shapes(n, n_seg, h, dk, v.shape[-1])
+    first = chunk_starts(offsets)
+    chunk = torch.arange(starts.shape[2], device=q.device)
+    real = chunk[None, :] < first.diff()[:, None]  # [S, n_chunks]: chunk c exists in segment s
+    slots = (first[:-1, None] + chunk[None, :])[real]
+    packed = starts.new_zeros(starts_shape)
+    packed[slots] = starts.movedim(2, 1)[real]
+    dt = operand_dtype(q.dtype, state_dtype(q, initial_state))
+    return o.to(v.dtype), final.to(state_dtype(q, initial_state)), packed.to(dt), v_new.to(dt)
+
+
+chunk_gated_delta_train_op = torch.library.custom_op(
+    "mom::chunk_gated_delta_train", mutates_args=())(reference_forward_train)
+
+
+@chunk_gated_delta_train_op.register_fake
+def _(q, k, v, g, beta, offsets, initial_state, scale):
+    o, final = _forward_fake(q, k, v, g, beta, offsets, initial_state, scale)
+    starts_shape, rows_shape = residual_shapes(q.shape[0], offsets.shape[0] - 1, q.shape[1], q.shape[2],
+                                               v.shape[2])
+    dt = operand_dtype(q.dtype, state_dtype(q, initial_state))
+    return o, final, q.new_empty(starts_shape, dtype=dt), q.new_empty(rows_shape, dtype=dt)
 
 
 def reference_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     offsets: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
     d_o: torch.Tensor, d_final: torch.Tensor | None,
+    starts: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward op's reference kernel: `chunk_backward_reference` with the op's dtypes."""
+    """The backward op's reference kernel: `chunk_backward_reference` with the op's dtypes. starts
+    and v_new: the training op's residuals, which a kernel may read instead of recomputing them
+    (this one recomputes)."""
     dq, dk, dv, dg, dbeta, d_init = chunk_backward_reference(
         q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
@@ -169,7 +236,7 @@ chunk_gated_delta_backward_op = torch.library.custom_op(
 
 
 @chunk_gated_delta_backward_op.register_fake
-def _(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
+def _(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final, starts=None, v_new=None):
     n_seg = offsets.shape[0] - 1
     d_init = q.new_empty(n_seg, q.shape[1], q.shape[2], v.shape[2], dtype=state_dtype(q, initial_state))
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
@@ -177,21 +244,26 @@ def _(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
 
 
 def _setup_context(ctx, inputs, output):
+    """Both forward ops: the inputs, and the training op's residuals (outputs 2 and 3)."""
     q, k, v, g, beta, offsets, initial_state, scale = inputs
-    ctx.save_for_backward(q, k, v, g, beta, offsets, initial_state)
+    residuals = output[2:]
+    if residuals:
+        ctx.mark_non_differentiable(*residuals)
+    ctx.save_for_backward(q, k, v, g, beta, offsets, initial_state, *residuals)
     ctx.scale = scale
 
 
-def _backward(ctx, d_o, d_final):
-    q, k, v, g, beta, offsets, initial_state = ctx.saved_tensors
+def _backward(ctx, d_o, d_final, *_):
+    q, k, v, g, beta, offsets, initial_state, *residuals = ctx.saved_tensors
     if d_o is None:
         d_o = torch.zeros_like(v)
     dq, dk, dv, dg, dbeta, d_init = torch.ops.mom.chunk_gated_delta_backward(
-        q, k, v, g, beta, offsets, initial_state, ctx.scale, d_o, d_final)
+        q, k, v, g, beta, offsets, initial_state, ctx.scale, d_o, d_final, *residuals)
     return dq, dk, dv, dg, dbeta, None, (None if initial_state is None else d_init), None
 
 
 chunk_gated_delta_op.register_autograd(_backward, setup_context=_setup_context)
+chunk_gated_delta_train_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunk_gated_delta(
@@ -205,6 +277,9 @@ def chunk_gated_delta(
     initial_state: [S, H, K, V] float32 (or float64) or None (zero). scale defaults to K ** -0.5.
     Returns (o [N, H, V] in v's dtype, final state [S, H, K, V] in `state_dtype`: the initial
     state's dtype, else float32, or float64 for float64 inputs).
+    When a gradient will be needed it runs `mom::chunk_gated_delta_train`, which keeps the chunk
+    start states and the u_i for the backward (H * (K * V / 64 + V) values a row, in the inputs'
+    dtype) instead of the backward recomputing them.
     """
     n, h, dk, dv = check_rows(q, k, v, g, beta)
     check_tensor("offsets", offsets, shape=(None,), dtypes=INDEX_DTYPES)
@@ -215,4 +290,7 @@ def chunk_gated_delta(
                      shape=(offsets.shape[0] - 1, h, dk, dv), dtypes=STATE_DTYPES)
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, offsets=offsets, initial_state=initial_state)
     scale = dk ** -0.5 if scale is None else float(scale)
-    return torch.ops.mom.chunk_gated_delta(q, k, v, g, beta, offsets, initial_state, scale)
+    args = (q, k, v, g, beta, offsets, initial_state, scale)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
+        return torch.ops.mom.chunk_gated_delta_train(*args)[:2]
+    return torch.ops.mom.chunk_gated_delta(*args)

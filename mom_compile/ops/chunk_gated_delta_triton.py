@@ -8,7 +8,8 @@ Forward (kernels in `chunk_gated_delta_triton_fwd.py`):
   3. state_fwd, per (segment, head, V-block): the sequential pass over the segment's chunks, which
      saves each chunk's start state and Vn = U - W S0;
   4. output, per (chunk, head, V-block): O from the start state and Vn.
-Backward (`chunk_gated_delta_triton_bwd.py`) recomputes 1-3 and runs dvn_local, state_bwd (the
+Backward (`chunk_gated_delta_triton_bwd.py`) recomputes 1-3 (only 1-2, W alone, when handed the
+training forward's residuals, the chunk start states and Vn) and runs dvn_local, state_bwd (the
 reverse sequential pass), grad_qkw and wy_bwd.
 
 Chunks never cross a segment boundary. The chunk table (segment id and first row of every chunk) is
@@ -24,11 +25,19 @@ import triton.language as tl
 
 from . import chunk_gated_delta_triton_bwd as bwd
 from . import chunk_gated_delta_triton_fwd as fwd
-from .chunk_gated_delta import reference_backward, reference_forward, state_dtype
+from .chunk_gated_delta import CHUNK_SIZE as CHUNK
+from .chunk_gated_delta import (
+    chunk_slots,
+    chunk_starts,
+    operand_dtype,
+    reference_backward,
+    reference_forward,
+    reference_forward_train,
+    residual_shapes,
+    state_dtype,
+)
 from .precision import compute_dtype
 from .triton_precision import compute_type, split_scale
-
-CHUNK = fwd.CHUNK
 
 
 def _precision(q_dtype: torch.dtype, states: torch.dtype) -> tuple[dict, torch.dtype]:
@@ -39,52 +48,56 @@ def _precision(q_dtype: torch.dtype, states: torch.dtype) -> tuple[dict, torch.d
     gradient): plain tf32 is enough next to bf16 operands, tf32x3 for float32 inputs."""
     compute = compute_type(q_dtype, states)
     if compute == tl.float64:
-        return dict(COMPUTE=compute, DOT=tl.float64, PREC="ieee", PREC32="ieee"), torch.float64
-    if q_dtype == torch.float32:
-        return dict(COMPUTE=compute, DOT=tl.float32, PREC="tf32x3", PREC32="tf32x3"), torch.float32
-    dot = tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float16
-    return dict(COMPUTE=compute, DOT=dot, PREC="tf32", PREC32="tf32"), q_dtype
+        kw = dict(COMPUTE=compute, DOT=tl.float64, PREC="ieee", PREC32="ieee")
+    elif q_dtype == torch.float32:
+        kw = dict(COMPUTE=compute, DOT=tl.float32, PREC="tf32x3", PREC32="tf32x3")
+    else:
+        kw = dict(COMPUTE=compute, DOT=tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float16, PREC="tf32",
+                  PREC32="tf32")
+    return kw, operand_dtype(q_dtype, states)
 
 
 def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """([max_chunks, 2] int64 (segment or -1, first row) per chunk slot, [S] index of each segment's
-    first chunk, max_chunks). Segments' chunks are numbered consecutively in segment order."""
+    """([max_chunks, 2] int64 (segment or -1, first row) per chunk slot, `chunk_starts` [S + 1],
+    max_chunks)."""
     n_seg = offsets.shape[0] - 1
-    counts = (offsets.diff() + CHUNK - 1) // CHUNK
-    ends = counts.cumsum(0)
-    first = ends - counts
-    max_chunks = triton.cdiv(n_rows, CHUNK) + n_seg
+    starts = chunk_starts(offsets)
+    max_chunks = chunk_slots(n_rows, n_seg)
     slot = torch.arange(max_chunks, device=offsets.device)
-    seg = torch.searchsorted(ends, slot, right=True)
+    seg = torch.searchsorted(starts[1:], slot, right=True)
     real = seg < n_seg
     seg = seg.clamp(max=n_seg - 1)
-    start = offsets[seg] + (slot - first[seg]) * CHUNK
+    start = offsets[seg] + (slot - starts[seg]) * CHUNK
     table = torch.stack([torch.where(real, seg, -1), start], 1).contiguous()
-    return table, first.contiguous(), max_chunks
+    return table, starts, max_chunks
 
 
 @triton.jit
-def _zero_tail_kernel(x, offsets, n_seg, numel, ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """Zero x's elements in rows past offsets[-1], which no chunk writes. Only the device knows
-    where that tail starts, so a fixed grid strides over it (no program per element of x)."""
-    end = tl.load(offsets + n_seg) * ROW
+def _zero_tail_kernel(x, bounds, n_seg, numel, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """Zero x's elements in rows (first-dim entries) from bounds[n_seg] on, which no kernel writes.
+    Only the device knows where that tail starts, so a fixed grid strides over it (no program per
+    element of x)."""
+    end = tl.load(bounds + n_seg) * ROW
     step = tl.num_programs(0).to(tl.int64) * BLOCK
     for first in range(end + tl.program_id(0) * BLOCK, numel, step):
         idx = first + tl.arange(0, BLOCK)
         tl.store(x + idx, tl.zeros((BLOCK,), dtype=x.dtype.element_ty), mask=idx < numel)
 
 
+def _zero_tail(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """x with its rows from bounds[-1] on cleared: only those, since the kernels write all the
+    others and a whole-tensor zero-fill is a pass over memory."""
+    block, max_programs = 1024, 1024
+    if x.numel():
+        _zero_tail_kernel[(min(triton.cdiv(x.numel(), block), max_programs),)](
+            x, bounds, bounds.shape[0] - 1, x.numel(), ROW=x[0].numel(), BLOCK=block)
+    return x
+
+
 def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.Tensor]:
     """Outputs shaped like `likes` [N, ...] whose rows in no segment (those past offsets[-1]; the
-    contract has offsets[0] = 0) read 0: only those rows are cleared, since the kernels write all
-    the others and a whole-tensor zero-fill is a pass over memory."""
-    outs = [torch.empty_like(x) for x in likes]
-    n_seg, block, max_programs = offsets.shape[0] - 1, 1024, 1024
-    for out in outs:
-        if out.numel():
-            _zero_tail_kernel[(min(triton.cdiv(out.numel(), block), max_programs),)](
-                out, offsets, n_seg, out.numel(), ROW=out[0].numel(), BLOCK=block)
-    return outs
+    contract has offsets[0] = 0) read 0."""
+    return [_zero_tail(torch.empty_like(x), offsets) for x in likes]
 
 
 def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
@@ -122,7 +135,7 @@ class _Plan:
         self.block_k = max(16, triton.next_power_of_2(self.dk))
         self.empty = self.n_seg * self.h * self.dk * self.dv == 0
         if not self.empty:
-            self.table, self.first, self.max_chunks = chunk_table(offsets, self.n)
+            self.table, self.chunk_starts, self.max_chunks = chunk_table(offsets, self.n)
 
     def new(self, *shape, dtype=None):
         return torch.empty(*shape, dtype=dtype or self.compute_dtype, device=self.table.device)
@@ -131,24 +144,32 @@ class _Plan:
         return dict(H=self.h, K=self.dk, V=self.dv, C=CHUNK)
 
 
-def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
-    """Stages 1-3: T [N, H, C], W [N, H, K], chunk start states h_buf [chunks, H, K, V], Vn [N, H, V];
-    writes the final states."""
-    kw, dims, cfg = p.kw, p.dims(), p.cfg
+def _wy(p: _Plan, k, v, g, beta, offsets, with_u: bool):
+    """Stages 1-2: T [N, H, C], W [N, H, K] and, with_u, U [N, H, V] (else None)."""
+    kw, cfg = p.kw, p.cfg
     t_buf = p.new(p.n, p.h, CHUNK)
     w = p.new(p.n, p.h, p.dk, dtype=p.dot_dtype)
-    u = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
-    h_buf = p.new(p.max_chunks, p.h, p.dk, p.dv, dtype=p.dot_dtype)
-    v_new = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
+    u = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype) if with_u else None
     grid = (p.max_chunks, p.h)
     fwd.wy_solve_kernel[grid](k, g, beta, offsets, p.table, t_buf, H=p.h, K=p.dk, C=CHUNK, BK=cfg["bk"],
                               **kw, num_warps=cfg["solve_warps"])
-    fwd.wy_apply_kernel[grid](k, v, g, beta, offsets, p.table, t_buf, w, u, **dims, BK=cfg["bk"],
-                              BV=cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"],
-                              num_warps=cfg["warps"])
+    fwd.wy_apply_kernel[grid](k, v, g, beta, offsets, p.table, t_buf, w, w if u is None else u,
+                              **p.dims(), BK=cfg["bk"], BV=cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"],
+                              PREC=kw["PREC"], WITH_U=with_u, num_warps=cfg["warps"])
+    return t_buf, w, u
+
+
+def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
+    """Stages 1-3: T [N, H, C], W [N, H, K], chunk start states h_buf [slots, H, K, V], Vn [N, H, V]
+    (both in the residuals' layout, their unwritten slots and rows not cleared); writes the final
+    states."""
+    kw, cfg = p.kw, p.cfg
+    t_buf, w, u = _wy(p, k, v, g, beta, offsets, with_u=True)
+    h_buf = p.new(p.max_chunks, p.h, p.dk, p.dv, dtype=p.dot_dtype)
+    v_new = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
     init = final if initial_state is None else initial_state.contiguous()  # placeholder if absent
     fwd.state_fwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
-        k, g, w, u, offsets, p.first, init, h_buf, v_new, final, **dims, BLOCK_K=p.block_k,
+        k, g, w, u, offsets, p.chunk_starts, init, h_buf, v_new, final, **p.dims(), BLOCK_K=p.block_k,
         BV=cfg["state_bv"], HAS_INIT=initial_state is not None, COMPUTE=kw["COMPUTE"], DOT=kw["DOT"],
         PREC=kw["PREC"], STAGES=cfg["state_stages"], num_warps=cfg["state_warps"])
     return t_buf, w, h_buf, v_new
@@ -162,33 +183,55 @@ def _prepare(q, k, v, g, beta, offsets, initial_state, config):
     return (q, k, v, g, beta, offsets), _Plan(q, v, offsets, initial_state, cfg)
 
 
-def chunk_gated_delta_triton(q, k, v, g, beta, offsets, initial_state, scale, config: dict | None = None):
-    """Same contract as `mom::chunk_gated_delta`: (o [N, H, V] in v's dtype, final state
-    [S, H, K, V] in `state_dtype(q, initial_state)`)."""
+def _forward(q, k, v, g, beta, offsets, initial_state, scale, config, residuals: bool):
+    """(o, final state) and, with residuals, the chunk start states and Vn in the residuals'
+    layout (`residual_shapes`), their unused slots and rows cleared."""
     (q, k, v, g, beta, offsets), p = _prepare(q, k, v, g, beta, offsets, initial_state, config)
     final = torch.empty(p.n_seg, p.h, p.dk, p.dv, dtype=p.state_dtype, device=q.device)
     if p.empty:
-        return torch.zeros_like(v), final
+        outs = torch.zeros_like(v), final
+        if residuals:
+            outs += tuple(torch.zeros(shape, dtype=p.dot_dtype, device=q.device)
+                          for shape in residual_shapes(p.n, p.n_seg, p.h, p.dk, p.dv))
+        return outs
     (o,) = _empty_like_rows(offsets, v)
     _, _, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state, final)
     kw = p.kw
     fwd.output_kernel[(p.max_chunks * triton.cdiv(p.dv, p.cfg["bv"]), p.h)](
         q, k, g, offsets, p.table, h_buf, v_new, o, *split_scale(scale), **p.dims(), BK=p.cfg["bk"],
         BV=p.cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"], num_warps=p.cfg["warps"])
+    if residuals:
+        return o, final, _zero_tail(h_buf, p.chunk_starts), _zero_tail(v_new, offsets)
     return o, final
 
 
+def chunk_gated_delta_triton(q, k, v, g, beta, offsets, initial_state, scale, config: dict | None = None):
+    """Same contract as `mom::chunk_gated_delta`: (o [N, H, V] in v's dtype, final state
+    [S, H, K, V] in `state_dtype(q, initial_state)`)."""
+    return _forward(q, k, v, g, beta, offsets, initial_state, scale, config, residuals=False)
+
+
+def chunk_gated_delta_train_triton(q, k, v, g, beta, offsets, initial_state, scale,
+                                   config: dict | None = None):
+    """Same contract as `mom::chunk_gated_delta_train`: (o, final state, chunk start states, Vn)."""
+    return _forward(q, k, v, g, beta, offsets, initial_state, scale, config, residuals=True)
+
+
 def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final,
-                                      config: dict | None = None):
-    """Same contract as `mom::chunk_gated_delta_backward`: (dq, dk, dv, dg, dbeta, d_initial)."""
+                                      starts=None, v_new=None, config: dict | None = None):
+    """Same contract as `mom::chunk_gated_delta_backward`: (dq, dk, dv, dg, dbeta, d_initial); the
+    training forward's residuals starts and v_new, when given, replace the recomputed ones."""
     (q, k, v, g, beta, offsets), p = _prepare(q, k, v, g, beta, offsets, initial_state, config)
     d_o = d_o.contiguous()
     d_init = torch.empty(p.n_seg, p.h, p.dk, p.dv, dtype=p.state_dtype, device=q.device)
     if p.empty:  # nothing to scan: every gradient is 0
         return (*(torch.zeros_like(x) for x in (q, k, v, g, beta)), d_init.zero_())
     dq, dk, dv, dg, dbeta = _empty_like_rows(offsets, q, k, v, g, beta)
-    final = torch.empty_like(d_init)
-    t_buf, w, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state, final)
+    if starts is None:
+        t_buf, w, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state,
+                                                 torch.empty_like(d_init))
+    else:
+        (t_buf, w, _), h_buf, v_new = _wy(p, k, v, g, beta, offsets, with_u=False), starts, v_new
     kw, dims, cfg = p.kw, p.dims(), p.cfg
     dot_kw = dict(COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"])
     scale2 = split_scale(scale)
@@ -197,9 +240,9 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     bwd.dvn_local_kernel[grid](q, k, g, offsets, p.table, d_o, d_vn, *scale2, **dims, BK=cfg["bk"],
                                BV=cfg["bv"], **dot_kw, num_warps=cfg["warps"])
     dh_buf = torch.empty_like(h_buf)
-    dfin = final if d_final is None else d_final.contiguous()  # placeholder if absent
+    dfin = d_init if d_final is None else d_final.contiguous()  # placeholder if absent
     bwd.state_bwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
-        q, k, g, w, d_o, offsets, p.first, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
+        q, k, g, w, d_o, offsets, p.chunk_starts, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
         BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_DFINAL=d_final is not None, **dot_kw,
         STAGES=cfg["state_stages"], num_warps=cfg["state_warps"])
     n_kb = triton.cdiv(p.dk, cfg["bk"])
@@ -245,19 +288,35 @@ def _unpad(x: torch.Tensor, *sizes: int) -> torch.Tensor:
     return x[index].contiguous()
 
 
-def chunk_gated_delta_cuda(q, k, v, g, beta, offsets, initial_state, scale):
-    """The op's CUDA kernel: `chunk_gated_delta_triton` at the verified head sizes."""
+def _forward_cuda(q, k, v, g, beta, offsets, initial_state, scale, residuals: bool):
     sizes = _padded_sizes(k, v)
     if sizes is None:
-        return reference_forward(q, k, v, g, beta, offsets, initial_state, scale)
+        reference = reference_forward_train if residuals else reference_forward
+        return reference(q, k, v, g, beta, offsets, initial_state, scale)
     pk, pv = sizes
     dk, dv = k.shape[-1], v.shape[-1]
-    o, final = chunk_gated_delta_triton(_pad(q, pk), _pad(k, pk), _pad(v, pv), g, beta, offsets,
-                                        _pad(initial_state, pk, pv), scale)
-    return _unpad(o, dv), _unpad(final, dk, dv)
+    launch = chunk_gated_delta_train_triton if residuals else chunk_gated_delta_triton
+    o, final, *kept = launch(_pad(q, pk), _pad(k, pk), _pad(v, pv), g, beta, offsets,
+                             _pad(initial_state, pk, pv), scale)
+    outs = _unpad(o, dv), _unpad(final, dk, dv)
+    if kept:
+        starts, v_new = kept
+        outs += _unpad(starts, dk, dv), _unpad(v_new, dv)
+    return outs
 
 
-def chunk_gated_delta_backward_cuda(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final):
+def chunk_gated_delta_cuda(q, k, v, g, beta, offsets, initial_state, scale):
+    """The op's CUDA kernel: `chunk_gated_delta_triton` at the verified head sizes."""
+    return _forward_cuda(q, k, v, g, beta, offsets, initial_state, scale, residuals=False)
+
+
+def chunk_gated_delta_train_cuda(q, k, v, g, beta, offsets, initial_state, scale):
+    """The training op's CUDA kernel: `chunk_gated_delta_train_triton` at the verified head sizes."""
+    return _forward_cuda(q, k, v, g, beta, offsets, initial_state, scale, residuals=True)
+
+
+def chunk_gated_delta_backward_cuda(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final,
+                                    starts=None, v_new=None):
     """The backward op's CUDA kernel: `chunk_gated_delta_backward_triton` at the verified head sizes."""
     sizes = _padded_sizes(k, v)
     if sizes is None:
@@ -266,6 +325,5 @@ def chunk_gated_delta_backward_cuda(q, k, v, g, beta, offsets, initial_state, sc
     dk, dv = k.shape[-1], v.shape[-1]
     dq, dk_, dv_, dg, dbeta, d_init = chunk_gated_delta_backward_triton(
         _pad(q, pk), _pad(k, pk), _pad(v, pv), g, beta, offsets, _pad(initial_state, pk, pv), scale,
-        _pad(d_o, pv), _pad(d_final, pk, pv))
+        _pad(d_o, pv), _pad(d_final, pk, pv), _pad(starts, pk, pv), _pad(v_new, pv))
     return _unpad(dq, dk), _unpad(dk_, dk), _unpad(dv_, dv), dg, dbeta, _unpad(d_init, dk, dv)
-

@@ -2,8 +2,10 @@
 pass and the outputs (the launch code is `chunk_gated_delta_triton.py`; the math:
 docs/math.md#the-chunked-form).
 
-Every chunk is CHUNK = 64 rows of one segment (the chunk table says which segment and which first
-row; a segment's last chunk may be short). Rows of a chunk past its segment's end load as
+Every chunk is C = 64 rows of one segment (`chunk_gated_delta.CHUNK_SIZE`, not a tuning knob:
+wy_solve_kernel is written out for four 16-row blocks and asserts it, and the residuals are laid
+out in chunks of it); the chunk table says which segment and which first row, and a segment's
+last chunk may be short. Rows of a chunk past its segment's end load as
 k = q = v = g = beta = 0, which makes them no-ops, and are never stored. Per chunk, with
 G = cumsum(g) inside the chunk and the state S0 before it:
     A = strict lower beta_i e^{G_i-G_j} k_i.k_j,  T = (I + A)^{-1}
@@ -20,10 +22,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-# Rows per chunk: fixed, not a tuning knob. wy_solve_kernel is written out for exactly four 16-row
-# blocks (it asserts C == CHUNK when compiled), and every kernel's chunk table assumes this size.
-CHUNK = 64
 
 
 @triton.jit
@@ -229,10 +227,10 @@ def load_t(t_buf, rows, ok, h, H: tl.constexpr, C: tl.constexpr):
 def wy_apply_kernel(
     k, v, g, beta, offsets, table, t_buf, w, u,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, WITH_U: tl.constexpr,
 ):
-    """W = T diag(beta e^G) K and U = T diag(beta) V of one (chunk, head), once for all V-blocks
-    of the state pass."""
+    """W = T diag(beta e^G) K and (WITH_U) U = T diag(beta) V of one (chunk, head), once for all
+    V-blocks of the state pass."""
     cid = tl.program_id(0)
     h = tl.program_id(1)
     seg, start, end = chunk_bounds(table, offsets, cid)
@@ -247,10 +245,11 @@ def wy_apply_kernel(
         cols = k0 + tl.arange(0, BK)
         x = ((b * tl.exp(cum))[:, None] * load_rows(k, rows, ok, h, cols, H, K).to(COMPUTE)).to(DOT)
         store_rows(w, tl.dot(t, x, input_precision=PREC), rows, ok, h, cols, H, K)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        x = (b[:, None] * load_rows(v, rows, ok, h, cols, H, V).to(COMPUTE)).to(DOT)
-        store_rows(u, tl.dot(t, x, input_precision=PREC), rows, ok, h, cols, H, V)
+    if WITH_U:
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            x = (b[:, None] * load_rows(v, rows, ok, h, cols, H, V).to(COMPUTE)).to(DOT)
+            store_rows(u, tl.dot(t, x, input_precision=PREC), rows, ok, h, cols, H, V)
 
 
 @triton.jit

@@ -20,8 +20,10 @@ import torch
 from .chunk_gated_delta import (
     chunk_gated_delta_backward_op,
     chunk_gated_delta_op,
+    chunk_gated_delta_train_op,
     reference_backward,
     reference_forward,
+    reference_forward_train,
 )
 from .combine import combine_backward_op, combine_backward_reference, combine_op, combine_reference
 from .dispatch import dispatch_op, dispatch_reference
@@ -59,6 +61,8 @@ class Op:
     autograd: bool            # it has an autograd formula (register_autograd)
     eager_only: bool = False  # compiled and exported graphs trace its formula instead, which the
                               # compiler fuses into its neighbours (so it needs no ONNX translation)
+    training_only: bool = False  # only autograd graphs hold it (backward ops, a forward that keeps
+                                 # residuals for its backward): no inference graph, no ONNX translation
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -73,26 +77,28 @@ class Op:
 OPS: tuple[Op, ...] = (
     Op("chunk_gated_delta", chunk_gated_delta_op, reference_forward,
        "chunk_gated_delta_triton:chunk_gated_delta_cuda", autograd=True),
+    Op("chunk_gated_delta_train", chunk_gated_delta_train_op, reference_forward_train,
+       "chunk_gated_delta_triton:chunk_gated_delta_train_cuda", autograd=True, training_only=True),
     Op("chunk_gated_delta_backward", chunk_gated_delta_backward_op, reference_backward,
-       "chunk_gated_delta_triton:chunk_gated_delta_backward_cuda", autograd=False),
+       "chunk_gated_delta_triton:chunk_gated_delta_backward_cuda", autograd=False, training_only=True),
     Op("gated_delta_step", gated_delta_step_op, gated_delta_step_reference,
        "gated_delta_step_triton:gated_delta_step_triton", autograd=True),
     Op("segment_conv", segment_conv_op, segment_conv_reference,
        "segment_conv_triton:segment_conv_triton", autograd=True),
     Op("segment_conv_backward", segment_conv_backward_op, segment_conv_backward_reference,
-       "segment_conv_triton:segment_conv_backward_triton", autograd=False),
+       "segment_conv_triton:segment_conv_backward_triton", autograd=False, training_only=True),
     Op("dispatch", dispatch_op, dispatch_reference, None, autograd=False),
     Op("gather_rows", gather_rows_op, gather_rows_reference, "gather_rows_triton:gather_rows_triton",
        autograd=True, eager_only=True),
     Op("gather_rows_backward", gather_rows_backward_op, gather_rows_backward_reference,
-       "gather_rows_triton:gather_rows_backward_triton", autograd=False),
+       "gather_rows_triton:gather_rows_backward_triton", autograd=False, training_only=True),
     Op("l2_normalize", l2_normalize_op, l2_normalize_reference, "l2_normalize_triton:l2_normalize_triton",
        autograd=True, eager_only=True),
     Op("l2_normalize_backward", l2_normalize_backward_op, l2_normalize_backward_reference,
-       "l2_normalize_triton:l2_normalize_backward_triton", autograd=False),
+       "l2_normalize_triton:l2_normalize_backward_triton", autograd=False, training_only=True),
     Op("combine", combine_op, combine_reference, "combine_triton:combine_triton", autograd=True),
     Op("combine_backward", combine_backward_op, combine_backward_reference,
-       "combine_triton:combine_backward_triton", autograd=False),
+       "combine_triton:combine_backward_triton", autograd=False, training_only=True),
     Op("memory_decode_", memory_decode_inplace_op, decode_reference_,
        "memory_decode_triton:memory_decode_triton_", autograd=False),
     # the functional form calls memory_decode_ on copies, so it runs the Triton kernels on CUDA too
