@@ -374,6 +374,12 @@ def test_without_triton_cuda_runs_the_reference_and_warns_once():
         torch.testing.assert_close(out, op.reference(*args), rtol=0, atol=0)
 
 
+def ops_backward(dtype, starts, v_new):
+    """mom::chunk_gated_delta_backward on a small case, with these residuals."""
+    args = op_inputs("chunk_gated_delta_backward", dtype)[0]
+    return torch.ops.mom.chunk_gated_delta_backward(*args, starts, v_new)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: ops.chunk_gated_delta(torch.randn(4, 2, 3), torch.randn(4, 2, 3), torch.randn(4, 2, 3),
                                    torch.rand(4, 2, dtype=torch.float16), torch.rand(4, 2),
@@ -384,6 +390,11 @@ def test_without_triton_cuda_runs_the_reference_and_warns_once():
     (lambda: ops.chunk_gated_delta(torch.randn(4, 2, 3), torch.randn(4, 2, 3), torch.randn(4, 2, 3),
                                    torch.rand(4, 2), torch.rand(4, 2), torch.tensor([0., 4.])),
      "offsets: expected dtype"),
+    (lambda: ops_backward(f64, torch.zeros(6, 2, 4, 3, dtype=f64), None), "starts, v_new: expected both"),
+    (lambda: ops_backward(f64, torch.zeros(5, 2, 4, 3, dtype=f64), torch.zeros(33, 2, 3, dtype=f64)),
+     r"starts: expected shape \[6, 2, 4, 3\]"),
+    (lambda: ops_backward(torch.bfloat16, torch.zeros(6, 2, 4, 3), torch.zeros(33, 2, 3).bfloat16()),
+     "starts: expected dtype"),
     (lambda: ops.segment_conv(torch.randn(4, 3), torch.randn(2, 4), None, torch.tensor([0, 4])),
      r"weight: expected shape \[3, \*\]"),
     (lambda: ops.gated_delta_step(torch.randn(2, 1, 3), torch.randn(2, 1, 3), torch.randn(2, 1, 3),

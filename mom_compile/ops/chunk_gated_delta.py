@@ -58,6 +58,19 @@ def residual_shapes(n: int, n_seg: int, h: int, dk: int, dv: int) -> tuple[tuple
     return (chunk_slots(n, n_seg), h, dk, dv), (n, h, dv)
 
 
+def check_residuals(q, v, offsets, initial_state, starts, v_new) -> None:
+    """The backward op's residuals: both or neither, in `residual_shapes` and `operand_dtype` (the
+    kernels read them by those shapes, so anything else is refused before a launch)."""
+    if (starts is None) != (v_new is None):
+        raise ValueError("starts, v_new: expected both (the training forward's residuals) or neither")
+    if starts is None:
+        return
+    shapes = residual_shapes(q.shape[0], offsets.shape[0] - 1, q.shape[1], q.shape[2], v.shape[2])
+    dtype = operand_dtype(q.dtype, state_dtype(q, initial_state))
+    for name, t, shape in zip(("starts", "v_new"), (starts, v_new), shapes):
+        check_tensor(name, t, shape=shape, dtypes=(dtype,))
+
+
 def _segment_grid(offsets: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row index [S, L] and validity mask [S, L] laying each segment out on a padded grid whose
     length L is the longest segment rounded up to the chunk size. Reads the offsets' values: this
@@ -224,7 +237,8 @@ def reference_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward op's reference kernel: `chunk_backward_reference` with the op's dtypes. starts
     and v_new: the training op's residuals, which a kernel may read instead of recomputing them
-    (this one recomputes)."""
+    (this one recomputes them, after the same checks)."""
+    check_residuals(q, v, offsets, initial_state, starts, v_new)
     dq, dk, dv, dg, dbeta, d_init = chunk_backward_reference(
         q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),

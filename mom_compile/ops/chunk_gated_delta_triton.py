@@ -27,6 +27,7 @@ from . import chunk_gated_delta_triton_bwd as bwd
 from . import chunk_gated_delta_triton_fwd as fwd
 from .chunk_gated_delta import CHUNK_SIZE as CHUNK
 from .chunk_gated_delta import (
+    check_residuals,
     chunk_slots,
     chunk_starts,
     operand_dtype,
@@ -318,6 +319,7 @@ def chunk_gated_delta_train_cuda(q, k, v, g, beta, offsets, initial_state, scale
 def chunk_gated_delta_backward_cuda(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final,
                                     starts=None, v_new=None):
     """The backward op's CUDA kernel: `chunk_gated_delta_backward_triton` at the verified head sizes."""
+    check_residuals(q, v, offsets, initial_state, starts, v_new)
     sizes = _padded_sizes(k, v)
     if sizes is None:
         return reference_backward(q, k, v, g, beta, offsets, initial_state, scale, d_o, d_final)
