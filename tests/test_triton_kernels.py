@@ -96,15 +96,17 @@ def check_chunk(impl_fwd, impl_bwd, layout, h, dk, dv, with_state, *, dtype, dev
 
 
 def check_chunk_train(impl_fwd, layout, h, dk, dv, with_state, *, dtype, device, seed=0):
-    """The training forward, its residuals too, and the backward op run from those residuals vs
-    the float64 CPU reference; returns errors."""
+    """The training forward, its residuals too, and the backward op run from those residuals (as
+    strided views) vs the float64 CPU reference; returns errors."""
     a = scan_inputs(layout, h, dk, dv, dtype, device, seed, with_state)
     args = (*a.values(), dk ** -0.5)
     gen = torch.Generator().manual_seed(seed + 1)
     d_o = rand(*a["v"].shape, dtype=dtype, device=device, gen=gen)
     d_final = rand(len(a["offsets"]) - 1, h, dk, dv, dtype=compute_dtype(dtype), device=device, gen=gen)
     outs = impl_fwd(*args)
-    grads = kernel("chunk_gated_delta_backward", device)(*args, d_o, d_final, *outs[2:])
+    # the residuals handed back as strided views of the same values (every other element of a buffer)
+    starts, v_new = (x.new_zeros(*x.shape, 2)[..., 0].copy_(x) for x in outs[2:])
+    grads = kernel("chunk_gated_delta_backward", device)(*args, d_o, d_final, starts, v_new)
     _assert_fake_dtypes("chunk_gated_delta_train", outs, *args)
     ref_args = [_to_cpu64(t) for t in args]
     names = ["dq", "dk", "dv", "dg", "dbeta"] + (["d_initial"] if with_state else [])

@@ -212,8 +212,9 @@ def reference_forward_train(
     slots = (first[:-1, None] + chunk[None, :])[real]
     packed = starts.new_zeros(starts_shape)
     packed[slots] = starts.movedim(2, 1)[real]
-    dt = operand_dtype(q.dtype, state_dtype(q, initial_state))
-    return o.to(v.dtype), final.to(state_dtype(q, initial_state)), packed.to(dt), v_new.to(dt)
+    states = state_dtype(q, initial_state)
+    dt = operand_dtype(q.dtype, states)
+    return o.to(v.dtype), final.to(states), packed.to(dt), v_new.to(dt)
 
 
 chunk_gated_delta_train_op = torch.library.custom_op(

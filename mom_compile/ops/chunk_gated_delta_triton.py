@@ -231,8 +231,9 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     if starts is None:
         t_buf, w, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state,
                                                  torch.empty_like(d_init))
-    else:
-        (t_buf, w, _), h_buf, v_new = _wy(p, k, v, g, beta, offsets, with_u=False), starts, v_new
+    else:  # the kernels index the residuals as contiguous buffers
+        t_buf, w, _ = _wy(p, k, v, g, beta, offsets, with_u=False)
+        h_buf, v_new = starts.contiguous(), v_new.contiguous()
     kw, dims, cfg = p.kw, p.dims(), p.cfg
     dot_kw = dict(COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"])
     scale2 = split_scale(scale)
