@@ -117,6 +117,31 @@ def check_chunk_train(impl_fwd, layout, h, dk, dv, with_state, *, dtype, device,
     return errors
 
 
+def check_chunk_table(device: str) -> dict[str, float]:
+    """The scan's Triton chunk table against its torch formula (`chunk_starts`, then a
+    searchsorted of each slot), over segment counts past one block of the starts kernel, with
+    empty segments and rows past the last one: the number of entries that differ."""
+    from mom_compile.ops.chunk_gated_delta import chunk_slots, chunk_starts
+    from mom_compile.ops.chunk_gated_delta_triton import chunk_table
+    gen = torch.Generator().manual_seed(0)
+    wrong = {"starts": 0, "table": 0}
+    for n_seg in (1, 5, 80, 2100):
+        lengths = torch.randint(0, 300, (n_seg,), generator=gen) * (torch.rand(n_seg, generator=gen) > 0.2)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        n = int(offsets[-1]) + 7
+        table, starts, slots = chunk_table(offsets.to(device), n)
+        ref_starts = chunk_starts(offsets)
+        slot = torch.arange(chunk_slots(n, n_seg))
+        seg = torch.searchsorted(ref_starts[1:], slot, right=True)
+        real = seg < n_seg
+        first = offsets[seg.clamp(max=n_seg - 1)] + (slot - ref_starts[seg.clamp(max=n_seg - 1)]) * 64
+        table = table.cpu()
+        wrong["starts"] += int((starts.cpu() != ref_starts).sum())
+        wrong["table"] += int((table[:, 0] != torch.where(real, seg, -1)).sum()
+                              + (table[real, 1] != first[real]).sum()) + abs(slots - slot.numel())
+    return wrong
+
+
 def check_step(impl, h, dk, dv, *, dtype, device, seed=0, rows=5):
     args = (*step_inputs(rows, h, dk, dv, dtype, device, seed), dk ** -0.5)
     outs = impl(*args)
@@ -433,10 +458,24 @@ def test_interpreted_kernel_matches_reference(case, interpreter_results):
     assert_within_tolerance(case, result)
 
 
+def test_interpreted_chunk_table_matches_its_formula(interpreter_results):
+    assert interpreter_results["chunk_table"] == {"starts": 0, "table": 0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_chunk_table_matches_its_formula():
+    assert check_chunk_table("cuda") == {"starts": 0, "table": 0}
+
+
 def _interpret_all() -> None:
-    """Subprocess entry: every interpreter case on CPU; one JSON line {case id: errors | error}."""
+    """Subprocess entry: every interpreter case on CPU, and the chunk table; one JSON line
+    {case id: errors | error}."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before triton loads"
     results = {}
+    try:
+        results["chunk_table"] = check_chunk_table("cpu")
+    except Exception as exc:  # reported by the parent test
+        results["chunk_table"] = f"{type(exc).__name__}: {exc}"
     for case in INTERPRETER_CASES:
         try:
             results[case_id(case)] = run_case(case, "cpu")

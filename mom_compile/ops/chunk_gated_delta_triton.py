@@ -29,7 +29,6 @@ from .chunk_gated_delta import CHUNK_SIZE as CHUNK
 from .chunk_gated_delta import (
     check_residuals,
     chunk_slots,
-    chunk_starts,
     operand_dtype,
     reference_backward,
     reference_forward,
@@ -38,6 +37,7 @@ from .chunk_gated_delta import (
     state_dtype,
 )
 from .precision import compute_dtype
+from .segment_of_triton import segment_of
 from .triton_precision import compute_type, split_scale
 
 
@@ -58,18 +58,48 @@ def _precision(q_dtype: torch.dtype, states: torch.dtype) -> tuple[dict, torch.d
     return kw, operand_dtype(q_dtype, states)
 
 
+@triton.jit
+def _chunk_starts_kernel(offsets, starts, n_seg, C: tl.constexpr, BLOCK: tl.constexpr):
+    """`chunk_starts` in one program: starts[0] = 0, starts[s + 1] = starts[s] + ceil(len_s / C),
+    a running sum over blocks of segments."""
+    carry = tl.zeros((1,), dtype=tl.int64)
+    tl.store(starts + tl.arange(0, 1), carry)
+    for s0 in range(0, n_seg, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        ok = s < n_seg
+        length = tl.load(offsets + s + 1, mask=ok, other=0) - tl.load(offsets + s, mask=ok, other=0)
+        counts = (length + C - 1) // C
+        tl.store(starts + 1 + s, carry + tl.cumsum(counts, axis=0), mask=ok)
+        carry += tl.sum(counts, axis=0)
+
+
+@triton.jit
+def _chunk_table_kernel(offsets, starts, table, n_seg, max_chunks, C: tl.constexpr, BLOCK: tl.constexpr,
+                        SEARCH_STEPS: tl.constexpr):
+    """Each chunk slot's (segment or -1, first row): its segment by a binary search of starts."""
+    slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    seg = segment_of(starts, slot.to(tl.int64), n_seg, SEARCH_STEPS)
+    real = seg < n_seg
+    seg = tl.minimum(seg, n_seg - 1)
+    first = tl.load(offsets + seg) + (slot - tl.load(starts + seg)) * C
+    ok = slot < max_chunks
+    tl.store(table + 2 * slot, tl.where(real, seg, -1), mask=ok)
+    tl.store(table + 2 * slot + 1, first, mask=ok)
+
+
 def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """([max_chunks, 2] int64 (segment or -1, first row) per chunk slot, `chunk_starts` [S + 1],
-    max_chunks)."""
+    max_chunks), in two launches (the torch formula of `chunk_starts` and a searchsorted would be
+    about seventeen)."""
     n_seg = offsets.shape[0] - 1
-    starts = chunk_starts(offsets)
     max_chunks = chunk_slots(n_rows, n_seg)
-    slot = torch.arange(max_chunks, device=offsets.device)
-    seg = torch.searchsorted(starts[1:], slot, right=True)
-    real = seg < n_seg
-    seg = seg.clamp(max=n_seg - 1)
-    start = offsets[seg] + (slot - starts[seg]) * CHUNK
-    table = torch.stack([torch.where(real, seg, -1), start], 1).contiguous()
+    starts = torch.empty(n_seg + 1, dtype=torch.int64, device=offsets.device)
+    table = torch.empty(max_chunks, 2, dtype=torch.int64, device=offsets.device)
+    _chunk_starts_kernel[(1,)](offsets, starts, n_seg, C=CHUNK, BLOCK=1024)
+    block = 256
+    _chunk_table_kernel[(triton.cdiv(max_chunks, block),)](
+        offsets, starts, table, n_seg, max_chunks, C=CHUNK, BLOCK=block,
+        SEARCH_STEPS=max(1, n_seg.bit_length()))
     return table, starts, max_chunks
 
 

@@ -21,22 +21,8 @@ import triton
 import triton.language as tl
 
 from .precision import compute_dtype
+from .segment_of_triton import segment_of
 from .triton_precision import compute_type
-
-
-@triton.jit
-def _segment_of(offsets, rows, n_seg, SEARCH_STEPS: tl.constexpr):
-    """For each row, the number of segment ends <= row: its segment id, or n_seg when the row lies
-    past offsets[-1]. offsets[1:] is sorted, so a binary search of fixed depth finds it."""
-    lo = tl.zeros_like(rows)
-    hi = tl.zeros_like(rows) + n_seg
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi) // 2
-        end = tl.load(offsets + 1 + mid, mask=mid < n_seg, other=0)
-        right = (end <= rows) & (mid < hi)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(right, hi, mid)
-    return lo
 
 
 @triton.jit
@@ -55,7 +41,7 @@ def _row_table_kernel(offsets, seg_of_row, pos_of_row, n, n_seg, BLOCK: tl.const
                       SEARCH_STEPS: tl.constexpr):
     """Each row's segment (n_seg for a row in none) and its position in it."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    seg = _segment_of(offsets, rows, n_seg, SEARCH_STEPS)
+    seg = segment_of(offsets, rows, n_seg, SEARCH_STEPS)
     start = tl.load(offsets + seg, mask=(rows < n) & (seg < n_seg), other=0).to(tl.int32)
     tl.store(seg_of_row + rows, seg, mask=rows < n)
     tl.store(pos_of_row + rows, rows - start, mask=rows < n)
