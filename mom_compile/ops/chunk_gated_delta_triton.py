@@ -176,34 +176,36 @@ class _Plan:
 
 
 def _wy(p: _Plan, k, v, g, beta, offsets, with_u: bool):
-    """Stages 1-2: T [N, H, C], W [N, H, K] and, with_u, U [N, H, V] (else None)."""
+    """Stages 1-2: T [N, H, C], W [N, H, K], with_u U [N, H, V] (else None), and the decays of the
+    sequential passes (`store_decays`: [N, H, 2] per row, [slots, H] per chunk)."""
     kw, cfg = p.kw, p.cfg
     t_buf = p.new(p.n, p.h, CHUNK)
     w = p.new(p.n, p.h, p.dk, dtype=p.dot_dtype)
     u = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype) if with_u else None
+    decays, last_decay = p.new(p.n, p.h, 2), p.new(p.max_chunks, p.h)
     grid = (p.max_chunks, p.h)
     fwd.wy_solve_kernel[grid](k, g, beta, offsets, p.table, t_buf, H=p.h, K=p.dk, C=CHUNK, BK=cfg["bk"],
                               **kw, num_warps=cfg["solve_warps"])
-    fwd.wy_apply_kernel[grid](k, v, g, beta, offsets, p.table, t_buf, w, w if u is None else u,
-                              **p.dims(), BK=cfg["bk"], BV=cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"],
-                              PREC=kw["PREC"], WITH_U=with_u, num_warps=cfg["warps"])
-    return t_buf, w, u
+    fwd.wy_apply_kernel[grid](k, v, g, beta, offsets, p.table, t_buf, w, w if u is None else u, decays,
+                              last_decay, **p.dims(), BK=cfg["bk"], BV=cfg["bv"], COMPUTE=kw["COMPUTE"],
+                              DOT=kw["DOT"], PREC=kw["PREC"], WITH_U=with_u, num_warps=cfg["warps"])
+    return t_buf, w, u, (decays, last_decay)
 
 
 def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
     """Stages 1-3: T [N, H, C], W [N, H, K], chunk start states h_buf [slots, H, K, V], Vn [N, H, V]
-    (both in the residuals' layout, their unwritten slots and rows not cleared); writes the final
-    states."""
+    (both in the residuals' layout, their unwritten slots and rows not cleared), the decays; writes
+    the final states."""
     kw, cfg = p.kw, p.cfg
-    t_buf, w, u = _wy(p, k, v, g, beta, offsets, with_u=True)
+    t_buf, w, u, decays = _wy(p, k, v, g, beta, offsets, with_u=True)
     h_buf = p.new(p.max_chunks, p.h, p.dk, p.dv, dtype=p.dot_dtype)
     v_new = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
     init = final if initial_state is None else initial_state.contiguous()  # placeholder if absent
     fwd.state_fwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
-        k, g, w, u, offsets, p.chunk_starts, init, h_buf, v_new, final, **p.dims(), BLOCK_K=p.block_k,
+        k, *decays, w, u, offsets, p.chunk_starts, init, h_buf, v_new, final, **p.dims(), BLOCK_K=p.block_k,
         BV=cfg["state_bv"], HAS_INIT=initial_state is not None, COMPUTE=kw["COMPUTE"], DOT=kw["DOT"],
         PREC=kw["PREC"], STAGES=cfg["state_stages"], num_warps=cfg["state_warps"])
-    return t_buf, w, h_buf, v_new
+    return t_buf, w, h_buf, v_new, decays
 
 
 def _prepare(q, k, v, g, beta, offsets, initial_state, config):
@@ -226,7 +228,7 @@ def _forward(q, k, v, g, beta, offsets, initial_state, scale, config, residuals:
                           for shape in residual_shapes(p.n, p.n_seg, p.h, p.dk, p.dv))
         return outs
     (o,) = _empty_like_rows(offsets, v)
-    _, _, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state, final)
+    _, _, h_buf, v_new, _ = _forward_states(p, q, k, v, g, beta, offsets, initial_state, final)
     kw = p.kw
     fwd.output_kernel[(p.max_chunks * triton.cdiv(p.dv, p.cfg["bv"]), p.h)](
         q, k, g, offsets, p.table, h_buf, v_new, o, *split_scale(scale), **p.dims(), BK=p.cfg["bk"],
@@ -259,10 +261,10 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
         return (*(torch.zeros_like(x) for x in (q, k, v, g, beta)), d_init.zero_())
     dq, dk, dv, dg, dbeta = _empty_like_rows(offsets, q, k, v, g, beta)
     if starts is None:
-        t_buf, w, h_buf, v_new = _forward_states(p, q, k, v, g, beta, offsets, initial_state,
-                                                 torch.empty_like(d_init))
+        t_buf, w, h_buf, v_new, decays = _forward_states(p, q, k, v, g, beta, offsets, initial_state,
+                                                         torch.empty_like(d_init))
     else:  # the kernels index the residuals as contiguous buffers
-        t_buf, w, _ = _wy(p, k, v, g, beta, offsets, with_u=False)
+        t_buf, w, _, decays = _wy(p, k, v, g, beta, offsets, with_u=False)
         h_buf, v_new = starts.contiguous(), v_new.contiguous()
     kw, dims, cfg = p.kw, p.dims(), p.cfg
     dot_kw = dict(COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"])
@@ -274,7 +276,7 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     dh_buf = torch.empty_like(h_buf)
     dfin = d_init if d_final is None else d_final.contiguous()  # placeholder if absent
     bwd.state_bwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
-        q, k, g, w, d_o, offsets, p.chunk_starts, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
+        q, k, *decays, w, d_o, offsets, p.chunk_starts, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
         BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_DFINAL=d_final is not None, **dot_kw,
         STAGES=cfg["state_stages"], num_warps=cfg["state_warps"])
     n_kb = triton.cdiv(p.dk, cfg["bk"])

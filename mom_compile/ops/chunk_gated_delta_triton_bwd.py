@@ -27,6 +27,7 @@ from .chunk_gated_delta_triton_fwd import (
     chunk_decay,
     gated_lower,
     item_and_block,
+    load_decay,
     load_rows,
     load_t,
     state_offsets,
@@ -66,7 +67,7 @@ def dvn_local_kernel(
 
 @triton.jit
 def state_bwd_kernel(
-    q, k, g, w, d_o, offsets, first_chunk, d_final, dh_buf, d_vn, d_init, scale_hi, scale_lo,
+    q, k, decays, last_decay, w, d_o, offsets, first_chunk, d_final, dh_buf, d_vn, d_init, scale_hi, scale_lo,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, HAS_DFINAL: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, STAGES: tl.constexpr,
@@ -94,19 +95,20 @@ def state_bwd_kernel(
         ok = rows < end
         h_off, h_ok = state_offsets(first + c, h, kk, col, H, K, V)
         tl.store(dh_buf + h_off, d_state.to(dh_buf.dtype.element_ty), mask=h_ok)
-        cum, last = chunk_decay(g, rows, ok, h, H, C, COMPUTE)
         # diag(e^{G_last-G}) (K dS): the decay on the [C, BV] product, K straight from memory (as
         # in state_fwd_kernel). Q keeps its decay: staging Q as well would take 2-stage bf16 at
         # K = 256 to 262 KB of shared memory, past sm_90's 227 KB
         k_c = load_rows(k, rows, ok, h, kk, H, K).to(DOT)
-        dvn = load_rows(d_vn, rows, ok, h, col, H, V).to(COMPUTE) + tl.exp(last - cum)[:, None] * tl.dot(
-            k_c, d_state.to(DOT), input_precision=PREC)
+        dvn = load_rows(d_vn, rows, ok, h, col, H, V).to(COMPUTE) + load_decay(decays, rows, ok, h, H, 1)[
+            :, None] * tl.dot(k_c, d_state.to(DOT), input_precision=PREC)
         dvn = dvn.to(DOT)
         store_rows(d_vn, dvn, rows, ok, h, col, H, V)
-        q_g = (load_rows(q, rows, ok, h, kk, H, K).to(COMPUTE) * tl.exp(cum)[:, None]).to(DOT)
+        q_g = (load_rows(q, rows, ok, h, kk, H, K).to(COMPUTE) * load_decay(decays, rows, ok, h, H, 0)[
+            :, None]).to(DOT)
         do_c = load_rows(d_o, rows, ok, h, col, H, V).to(DOT)
         w_c = load_rows(w, rows, ok, h, kk, H, K).to(DOT)
-        d_state = (d_state * tl.exp(last) + scale * tl.dot(tl.trans(q_g), do_c, input_precision=PREC)
+        d_state = (d_state * tl.load(last_decay + (first + c) * H + h)
+                   + scale * tl.dot(tl.trans(q_g), do_c, input_precision=PREC)
                    - tl.dot(tl.trans(w_c), dvn, input_precision=PREC))
     tl.store(d_init + tile, d_state.to(d_init.dtype.element_ty), mask=tile_ok)
 

@@ -224,13 +224,29 @@ def load_t(t_buf, rows, ok, h, H: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def store_decays(decays, last_decay, cum, last, rows, ok, cid, h, H: tl.constexpr):
+    """decays [N, H, 2]: e^{G_i} and e^{G_last-G_i} of each row; last_decay [slots, H]: e^{G_last}
+    of each chunk. The sequential passes load them instead of a cumsum and a reduction over the
+    chunk on their critical path."""
+    tl.store(decays + (rows * H + h) * 2, tl.exp(cum), mask=ok)
+    tl.store(decays + (rows * H + h) * 2 + 1, tl.exp(last - cum), mask=ok)
+    tl.store(last_decay + cid * H + h, tl.exp(last))
+
+
+@triton.jit
+def load_decay(decays, rows, ok, h, H: tl.constexpr, WHICH: tl.constexpr):
+    """Column WHICH of `store_decays`' rows: 0 e^{G_i}, 1 e^{G_last-G_i}; 0 for padding rows."""
+    return tl.load(decays + (rows * H + h) * 2 + WHICH, mask=ok, other=0.0)
+
+
+@triton.jit
 def wy_apply_kernel(
-    k, v, g, beta, offsets, table, t_buf, w, u,
+    k, v, g, beta, offsets, table, t_buf, w, u, decays, last_decay,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, WITH_U: tl.constexpr,
 ):
     """W = T diag(beta e^G) K and (WITH_U) U = T diag(beta) V of one (chunk, head), once for all
-    V-blocks of the state pass."""
+    V-blocks of the state pass; and the decays the sequential passes read (`store_decays`)."""
     cid = tl.program_id(0)
     h = tl.program_id(1)
     seg, start, end = chunk_bounds(table, offsets, cid)
@@ -238,7 +254,8 @@ def wy_apply_kernel(
         return
     rows = start + tl.arange(0, C)
     ok = rows < end
-    cum, _ = chunk_decay(g, rows, ok, h, H, C, COMPUTE)
+    cum, last = chunk_decay(g, rows, ok, h, H, C, COMPUTE)
+    store_decays(decays, last_decay, cum, last, rows, ok, cid, h, H)
     b = tl.load(beta + rows * H + h, mask=ok, other=0.0).to(COMPUTE)
     t = load_t(t_buf, rows, ok, h, H, C).to(DOT)
     for k0 in range(0, K, BK):
@@ -254,15 +271,15 @@ def wy_apply_kernel(
 
 @triton.jit
 def state_fwd_kernel(
-    k, g, w, u, offsets, first_chunk, init, h_buf, v_new, final,
+    k, decays, last_decay, w, u, offsets, first_chunk, init, h_buf, v_new, final,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, HAS_INIT: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     """The only sequential part, per (segment, head, V-block): walk the segment's chunks with the
     [K, BV] state slice in registers; save each chunk's start state (h_buf) and Vn = U - W S0.
-    With STAGES > 1 Triton software-pipelines the loop: the next chunks' W, U, K and g, which do
-    not depend on the state, load while this chunk computes."""
+    With STAGES > 1 Triton software-pipelines the loop: the next chunks' W, U, K and decays, which
+    do not depend on the state, load while this chunk computes."""
     s, vb = item_and_block(tl.cdiv(V, BV))
     h = tl.program_id(1)
     kk = tl.arange(0, BLOCK_K)
@@ -284,12 +301,12 @@ def state_fwd_kernel(
         vn = load_rows(u, rows, ok, h, col, H, V).to(COMPUTE) - tl.dot(w_c, state.to(DOT),
                                                                         input_precision=PREC)
         store_rows(v_new, vn.to(DOT), rows, ok, h, col, H, V)
-        cum, last = chunk_decay(g, rows, ok, h, H, C, COMPUTE)
         # K^T diag(e^{G_last-G}) Vn with the decay on the [C, BV] Vn rather than the [C, K] K: a
         # quarter of the work at K = 4 BV, and K goes to the product straight from memory
-        vn_end = (vn * tl.exp(last - cum)[:, None]).to(DOT)
+        vn_end = (vn * load_decay(decays, rows, ok, h, H, 1)[:, None]).to(DOT)
         k_c = load_rows(k, rows, ok, h, kk, H, K).to(DOT)
-        state = state * tl.exp(last) + tl.dot(tl.trans(k_c), vn_end, input_precision=PREC)
+        state = state * tl.load(last_decay + (first + i) * H + h) + tl.dot(tl.trans(k_c), vn_end,
+                                                                          input_precision=PREC)
     tl.store(final + tile, state.to(final.dtype.element_ty), mask=tile_ok)
 
 
