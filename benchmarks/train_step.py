@@ -1,8 +1,8 @@
 """A whole training step on the GPU: forward, backward and AdamW of the 340m preset (545M
 parameters), compiled, against its Transformer twin (benchmarks/peers.py: the same width, heads,
 MLP and vocabulary with SDPA attention) in the same run, and MoM again with gradient checkpointing
-(each block recomputed in the backward). Prints tokens per second and peak memory per sequence
-length, with the card, the commit and the shapes.
+(each block recomputed in the backward, or only the scans' chunk states). Prints tokens per second
+and peak memory per sequence length, with the card, the commit and the shapes.
 
 Both models keep float32 parameters and AdamW states (fused AdamW) and compute under bf16 autocast;
 each block is compiled (torch.compile(fullgraph=True, dynamic=False) per block, as large models are
@@ -12,6 +12,7 @@ loss printed is the last step's on that one repeated batch: a sanity check (fini
 comparison of the models.
 
     python benchmarks/train_step.py [--ts 2048 8192 32768] [--tokens 32768] [--steps 10]
+                                    [--checkpointing blocks scan_states]
 """
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ from peers import TransformerLM  # noqa: E402
 from tree_commit import tree_commit  # noqa: E402
 
 from mom_compile import MomConfig, MomForCausalLM  # noqa: E402
+from mom_compile.graphs.model import CHECKPOINTING_SCOPES  # noqa: E402
 
 
-def mom(config: MomConfig, recompute: bool = False):
+def mom(config: MomConfig, checkpointing: str | None = None):
     model = MomForCausalLM(config)
-    if recompute:
-        model.gradient_checkpointing_enable()
+    if checkpointing:
+        model.gradient_checkpointing_enable(checkpointing)
     for block in model.model.layers:
         block.compile(fullgraph=True, dynamic=False)
     return model, lambda ids: model(ids, labels=ids).loss
@@ -99,6 +101,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--config", default="340m", choices=("tiny", "340m", "1.3b"))
+    p.add_argument("--checkpointing", nargs="*", default=list(CHECKPOINTING_SCOPES),
+                   choices=CHECKPOINTING_SCOPES,
+                   help="MoM rows with gradient checkpointing of these scopes (default: both)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_step.py needs a CUDA device")
@@ -110,8 +115,9 @@ def main() -> None:
     rows = []
     for t in args.ts:
         rows.append(run("MoM", lambda: mom(config), t, args.tokens, args.steps, args.warmup))
-        rows.append(run("MoM, gradient checkpointing", lambda: mom(config, recompute=True), t, args.tokens,
-                        args.steps, args.warmup))
+        for scope in args.checkpointing:
+            rows.append(run(f"MoM, gradient checkpointing ({scope})", lambda scope=scope: mom(config, scope),
+                            t, args.tokens, args.steps, args.warmup))
         rows.append(run("Transformer (SDPA)", lambda: transformer(config), t, args.tokens, args.steps,
                         args.warmup))
     print("\n| T | B | model | ms/step | tokens/s | peak GiB |\n| --- | --- | --- | --- | --- | --- |")

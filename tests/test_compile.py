@@ -48,12 +48,16 @@ def test_compiled_graphs_hold_every_op_but_the_eager_only_ones(model):
     """The op table's `eager_only` and each op's wrapper (which traces the formula when compiling)
     state one fact in two places; they agree when training and prefill graphs hold exactly the
     ops the layer calls less the eager-only ones. Training graphs scan with the forward that keeps
-    its residuals, inference graphs with the plain one."""
+    its residuals (the plain one when the scan states are recomputed), inference graphs with the
+    plain one."""
     layer_ops = {"dispatch", "gather_rows", "segment_conv", "l2_normalize", "combine"}
     expected = layer_ops - {op.name for op in OPS if op.eager_only}
     x = ids(2, 9)
     model.train()
     assert mom_ops_traced(model, x, labels=x) == expected | {"chunk_gated_delta_train"}
+    model.gradient_checkpointing_enable("scan_states")
+    assert mom_ops_traced(model, x, labels=x) == expected | {"chunk_gated_delta"}
+    model.gradient_checkpointing_disable()
     model.eval()
     with torch.no_grad():
         assert mom_ops_traced(model, x, use_cache=True) == expected | {"chunk_gated_delta"}
@@ -64,7 +68,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # on CUDA eager runs the Triton kernels of gather_rows and l2_normalize, compiled graphs their formulas
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("recompute", [None, "blocks", "scan_states"])
 def test_compiled_training_step_matches_eager(model, recompute, device):
     model.to(device)
     x, mask = ids(2, 11).to(device), torch.ones(2, 11, dtype=torch.int64, device=device)
@@ -74,8 +78,8 @@ def test_compiled_training_step_matches_eager(model, recompute, device):
     eager.loss.backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    if recompute:  # the blocks recomputed inside the compiled backward
-        model.gradient_checkpointing_enable()
+    if recompute:  # the blocks (or the scan states) recomputed inside the compiled backward
+        model.gradient_checkpointing_enable(recompute)
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x, attention_mask=mask, labels=x)
     out.loss.backward()

@@ -1,9 +1,14 @@
 """The model-level equivalences of docs/math.md#correctness, the losses, and generation, in float64."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+
+from mom_compile import ops
+from mom_compile.ops.chunk_gated_delta import residual_shapes
 
 import oracle
 from models import TINY_VOCAB, ids, tiny_model
@@ -151,9 +156,17 @@ def test_training_with_short_sequences_and_shared_memory():
 
 def test_gradient_checkpointing_keeps_less_and_changes_no_gradient():
     """Recomputing each block in the backward gives the same loss and gradients, bit for bit, while
-    autograd keeps well under half the bytes outside the recomputed blocks."""
+    autograd keeps well under half the bytes outside the recomputed blocks; recomputing only the
+    scan states keeps exactly the scans' residuals less."""
     model = tiny_model().train()
     x = ids(2, 12)
+    residuals = []  # the bytes each layer's scan keeps for its backward, from the rows it sees
+    real_scan = ops.chunk_gated_delta
+
+    def scan(q, k, v, g, beta, offsets, *args):
+        shapes = residual_shapes(q.shape[0], offsets.shape[0] - 1, *q.shape[1:], v.shape[2])
+        residuals.append(sum(math.prod(s) for s in shapes) * q.element_size())
+        return real_scan(q, k, v, g, beta, offsets, *args)
 
     def run():
         kept = []
@@ -169,13 +182,20 @@ def test_gradient_checkpointing_keeps_less_and_changes_no_gradient():
         model.zero_grad()
         return loss.detach(), grads, sum(kept)
 
-    loss, grads, kept = run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "chunk_gated_delta", scan)
+        loss, grads, kept = run()
     model.gradient_checkpointing_enable()
     loss_c, grads_c, kept_c = run()
+    model.gradient_checkpointing_enable("scan_states")
+    loss_s, grads_s, kept_s = run()
     model.gradient_checkpointing_disable()
-    assert torch.equal(loss, loss_c)
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads_c))
+    assert torch.equal(loss, loss_c) and torch.equal(loss, loss_s)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(grads, grads_c, grads_s))
     assert kept_c < kept / 2, (kept_c, kept)
+    assert len(residuals) == 2 and kept - kept_s == sum(residuals), (kept, kept_s, residuals)
+    with pytest.raises(ValueError, match="scope: expected one of"):
+        model.gradient_checkpointing_enable("layers")
 
 
 def greedy_by_hand(model, x, mask, steps):

@@ -115,6 +115,23 @@ def test_grad_checkpointing_trains_the_same_steps(tmp_path, monkeypatch):
     assert losses(runs[1]) == losses(runs[0]) and len(losses(runs[0])) == 3
 
 
+def test_grad_checkpointing_scan_states_trains_the_same_steps(tmp_path, monkeypatch):
+    """--grad-checkpointing scan_states has every layer's scan recompute its chunk states in the
+    backward: the same losses, step for step."""
+    kept = []
+    real = MomForCausalLM.gradient_checkpointing_enable
+
+    def recorded(model, scope="blocks"):
+        real(model, scope)
+        kept.extend(block.attn.keep_scan_states for block in model.model.layers)
+    monkeypatch.setattr(MomForCausalLM, "gradient_checkpointing_enable", recorded)
+    runs = [tmp_path / "plain", tmp_path / "recomputed"]
+    assert train(*QUICK, "--steps", 3, "--out", runs[0]) == 0
+    assert train(*QUICK, "--steps", 3, "--grad-checkpointing", "scan_states", "--out", runs[1]) == 0
+    assert kept == [False, False]  # both blocks of the tiny model
+    assert losses(runs[1]) == losses(runs[0]) and len(losses(runs[0])) == 3
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint(capsys, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real = checkpoint_module._write_json

@@ -46,6 +46,8 @@ class MomLayer(nn.Module):
     `conv_weight` (and `conv_bias`), so that one matrix product projects every memory;
     state_dict() and load_state_dict() speak the reference names (gate.weight, k_proj.{m}.weight,
     shared_k.weight, q_conv1d.weight, ...).
+    `keep_scan_states` (default True): in training the scan keeps its chunk states for the backward;
+    False has the backward recompute them (`MomForCausalLM.gradient_checkpointing_enable`).
     """
 
     def __init__(self, config: MomConfig) -> None:
@@ -65,6 +67,7 @@ class MomLayer(nn.Module):
             if c.conv_bias else None
         self.o_norm = RMSNorm(c.head_v_dim, c.norm_eps)
         self.o_proj = nn.Linear(c.value_dim, c.hidden_size, bias=False)
+        self.keep_scan_states = True
         self.reset_parameters()
 
     # -- parameters ----------------------------------------------------------------------------
@@ -184,7 +187,8 @@ class MomLayer(nn.Module):
                                                 offsets, conv_init)
         q, k, v = self._qkv(conv_out)
         rec_init = None if state is None else state.recurrent.flatten(0, 1)
-        o_rows, rec_final = ops.chunk_gated_delta(q, k, v, g, beta, offsets, rec_init, self.scale)
+        o_rows, rec_final = ops.chunk_gated_delta(q, k, v, g, beta, offsets, rec_init, self.scale,
+                                                   self.keep_scan_states)
         if state is not None:
             state.update(rec_final.view_as(state.recurrent), conv_final.view_as(state.conv))
         return ops.combine(o_rows, weights, row_of_choice)

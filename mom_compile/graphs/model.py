@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,9 @@ from .layer import MomLayer
 from .loss import causal_lm_loss, load_balancing_loss
 from .norm import RMSNorm
 from .stacked import stacked_parameter
+
+CheckpointingScope = Literal["blocks", "scan_states"]
+CHECKPOINTING_SCOPES: tuple[str, ...] = get_args(CheckpointingScope)
 
 
 class MomMLP(nn.Module):
@@ -120,13 +124,24 @@ class MomForCausalLM(nn.Module):
         if self.config.pad_token_id is not None:
             self.model.embeddings.weight[self.config.pad_token_id].zero_()
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Trade compute for memory in training (Hugging Face's name): each block's activations are
-        recomputed in the backward instead of kept, about one more forward per step."""
-        self.model.gradient_checkpointing = True
+    def gradient_checkpointing_enable(self, scope: CheckpointingScope = "blocks") -> None:
+        """Trade compute for memory in training (Hugging Face's name). "blocks": each block's
+        activations are recomputed in the backward instead of kept, about one more forward per step.
+        "scan_states": only the scans' chunk states are recomputed, one more sequential state pass
+        per layer (docs/math.md#the-chunked-form)."""
+        if scope not in CHECKPOINTING_SCOPES:
+            raise ValueError(f"scope: expected one of {CHECKPOINTING_SCOPES}, got {scope!r}")
+        self.gradient_checkpointing_disable()
+        if scope == "blocks":
+            self.model.gradient_checkpointing = True
+        else:
+            for block in self.model.layers:
+                block.attn.keep_scan_states = False
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False
+        for block in self.model.layers:
+            block.attn.keep_scan_states = True
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

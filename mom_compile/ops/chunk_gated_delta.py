@@ -284,6 +284,7 @@ chunk_gated_delta_train_op.register_autograd(_backward, setup_context=_setup_con
 def chunk_gated_delta(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     offsets: torch.Tensor, initial_state: torch.Tensor | None = None, scale: float | None = None,
+    keep_states: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated delta rule over packed segments.
 
@@ -294,7 +295,8 @@ def chunk_gated_delta(
     state's dtype, else float32, or float64 for float64 inputs).
     When a gradient will be needed it runs `mom::chunk_gated_delta_train`, which keeps the chunk
     start states and the u_i for the backward (H * (K * V / 64 + V) values a row, in the inputs'
-    dtype) instead of the backward recomputing them.
+    dtype) instead of the backward recomputing them; keep_states=False runs `mom::chunk_gated_delta`
+    and has the backward recompute them (less memory, one more sequential state pass).
     """
     n, h, dk, dv = check_rows(q, k, v, g, beta)
     check_tensor("offsets", offsets, shape=(None,), dtypes=INDEX_DTYPES)
@@ -306,6 +308,6 @@ def chunk_gated_delta(
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, offsets=offsets, initial_state=initial_state)
     scale = dk ** -0.5 if scale is None else float(scale)
     args = (q, k, v, g, beta, offsets, initial_state, scale)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
+    if keep_states and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
         return torch.ops.mom.chunk_gated_delta_train(*args)[:2]
     return torch.ops.mom.chunk_gated_delta(*args)

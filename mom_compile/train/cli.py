@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from ..graphs.model import CHECKPOINTING_SCOPES
 from .options import DEFAULTS
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -153,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "auto (default): bf16 on CUDA, fp32 on CPU")
     run.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                      help="run eagerly instead of torch.compile(fullgraph=True) (no warm-up, slower steps)")
-    run.add_argument("--grad-checkpointing", action="store_true", default=None,
-                     help="recompute each block in the backward instead of keeping its activations: "
-                          "less memory, about one more forward per step")
+    run.add_argument("--grad-checkpointing", nargs="?", const="blocks", choices=CHECKPOINTING_SCOPES,
+                     default=None, metavar="SCOPE",
+                     help="blocks (the default SCOPE): recompute each block in the backward instead of "
+                          "keeping its activations, far less memory for about one more forward per step; "
+                          "scan_states: recompute only the scans' chunk states, one more sequential pass "
+                          "per layer")
     run.add_argument("--seed", type=int, help=f"seed of the weights and the data (default {d['seed']})")
     run.add_argument("--save-every", type=_int_at_least(0), metavar="N",
                      help=f"write a checkpoint every N steps and at the end, 0 = never "
