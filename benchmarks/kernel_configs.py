@@ -1,8 +1,8 @@
 """Tile and warp configurations of the chunk scan's, the segment conv's and the decode op's Triton
 kernels, at the 340M layer's shapes.
 
-Rows: 16 sequences of T=2048, each split into 4 routed memory segments of uneven length (2T rows
-in all) and the shared one (T rows): 98,304 rows, bf16.
+Rows: 16 sequences of T=2048 (--layout B T: B sequences of T), each split into 4 routed memory
+segments of uneven length (2T rows in all) and the shared one (T rows): 98,304 rows, bf16.
   scan: H=4, K=V=256, fp32 decays; forward and backward (which recomputes the forward's states);
   conv: 3,072 channels (q|k|v), width 4, with a history per segment; forward and backward.
 decode: ten `mom::memory_decode_` steps of the 340M layer's heads at batch 64 (3 of 5 memories a
@@ -14,6 +14,7 @@ gradients: a different warp count reorders sums, so ~1e-3 in bf16 is expected; a
 shows as far more). Median ms over CUDA events.
 
     python benchmarks/kernel_configs.py scan ['{"state_bv": 16, "state_warps": 4}' ...]
+    python benchmarks/kernel_configs.py scan --layout 1 512     # a batch-1 prefill's rows
     python benchmarks/kernel_configs.py conv ['{"dx_row_blocks": 16}' ...]
     python benchmarks/kernel_configs.py decode ['{"block_v": 16, "step_warps": 4}' ...]
 """
@@ -31,6 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the checkout's mom_compile, t
 import torch  # noqa: E402
 from gpu_timing import bench  # noqa: E402
 from scan_inputs import scan_inputs  # noqa: E402
+from tree_commit import tree_commit  # noqa: E402
 
 SWEEPS = {
     "scan": [{}, {"state_stages": 1}, {"state_bv": 16, "state_warps": 4}],
@@ -53,9 +55,9 @@ def layer_offsets(b: int = 16, t: int = 2048, memories: int = 4) -> torch.Tensor
     return torch.tensor([0] + lens).cumsum(0).cuda()
 
 
-def scan_calls():
+def scan_calls(layout: tuple[int, int]):
     from mom_compile.ops import chunk_gated_delta_triton as cst
-    offsets = layer_offsets()
+    offsets = layer_offsets(*layout)
     q, k, v, g, beta = scan_inputs(offsets)
     args = (q, k, v, g, beta, offsets, None, 256 ** -0.5)
     d_o = torch.randn_like(v)
@@ -63,9 +65,9 @@ def scan_calls():
                 backward=lambda cfg: cst.chunk_gated_delta_backward_triton(*args, d_o, None, config=cfg)[:5])
 
 
-def conv_calls():
+def conv_calls(layout: tuple[int, int]):
     from mom_compile.ops import segment_conv_triton as sct
-    offsets = layer_offsets()
+    offsets = layer_offsets(*layout)
     n, d, width, n_seg = int(offsets[-1]), 3072, 4, offsets.numel() - 1
     x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(d, width, device="cuda", dtype=torch.bfloat16) * 0.5
@@ -77,7 +79,7 @@ def conv_calls():
                 backward=lambda cfg: sct.segment_conv_backward_triton(d_y, d_final, *args, config=cfg))
 
 
-def decode_calls(batch: int = 64):
+def decode_calls(layout: tuple[int, int], batch: int = 64):  # the layout is the scan's
     from mom_compile.ops import memory_decode_triton as mdt
 
     from inputs import decode_inputs
@@ -110,10 +112,10 @@ CALLS = {"scan": scan_calls, "conv": conv_calls, "decode": decode_calls}
 TIMED = {"scan": ("forward", "backward"), "conv": ("forward", "backward"), "decode": ("ten_steps",)}
 
 
-def measure(op: str, config: dict) -> dict:
+def measure(op: str, config: dict, layout: tuple[int, int]) -> dict:
     """Max diff vs the default over every output (of `check` where an op has one: decode steps
     copies), and median ms of each timed call."""
-    calls = CALLS[op]()
+    calls = CALLS[op](layout)
     check = calls.get("check") or (lambda cfg: [out for name in TIMED[op] for out in calls[name](cfg)])
     ref, out = check(None), check(config)
     diff = torch.stack([(a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)
@@ -127,21 +129,25 @@ def main() -> None:
     parser.add_argument("configs", nargs="*", type=json.loads, metavar="JSON",
                         help="overrides of the op's default_config, e.g. '{\"dz_warps\": 2}' "
                              "(default: a sweep)")
+    parser.add_argument("--layout", type=int, nargs=2, default=[16, 2048], metavar=("B", "T"),
+                        help="scan and conv: the rows of B sequences of T tokens (default 16 2048)")
     parser.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(measure(args.op, args.child)))
+        print(json.dumps(measure(args.op, args.child, tuple(args.layout))))
         return
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     timed = TIMED[args.op]
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.op}, shapes: see docstring")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, commit {tree_commit()}; {args.op}, "
+          f"layout {args.layout[0]} x {args.layout[1]}, shapes: see docstring")
     print("| config | max diff vs default | " + " | ".join(f"{name.replace('_', ' ')} ms" for name in timed)
           + " |")
     print("| --- | --- |" + " --- |" * len(timed))
     for config in args.configs or SWEEPS[args.op]:
         try:
-            proc = subprocess.run([sys.executable, __file__, args.op, "--child", json.dumps(config)],
+            proc = subprocess.run([sys.executable, __file__, args.op, "--child", json.dumps(config),
+                                   "--layout", *map(str, args.layout)],
                                   capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
             print(f"| {config or 'default'} | timed out | | |", flush=True)
