@@ -1,8 +1,9 @@
 """What one layer keeps for its backward: the tensors saved between forward and backward, per token.
 
-The paper's 340M MoM layer against the softmax-attention layer of the same width (`peers.py`), bf16,
-on any device (the CPU by default: what is saved depends on the autograd formulas and the
-partitioner, not on the kernels):
+The paper's 340M MoM layer (also with its scan states recomputed in the backward, the
+"scan_states" checkpointing scope) against the softmax-attention layer of the same width
+(`peers.py`), bf16, on any device (the CPU by default: what is saved depends on the autograd
+formulas and the partitioner, not on the kernels):
   eager     every tensor autograd saves (saved-tensor hooks), counted once per storage, parameters
             left out;
   compiled  the extra outputs of the forward graph that torch.compile's partitioner hands to the
@@ -93,8 +94,11 @@ def main() -> None:
         p.error(f"--tokens: expected a multiple of --seq ({args.seq}), got {args.tokens}")
     torch.manual_seed(0)
     config = MomConfig.preset("340m")
+    recomputing = MomLayer(config)
+    recomputing.keep_scan_states = False  # gradient_checkpointing_enable("scan_states")
     layers = {
         "MoM layer (M=4, top-2 + shared)": FirstOutput(MomLayer(config)),
+        "MoM layer, scan states recomputed": FirstOutput(recomputing),
         "softmax attention (SDPA)": SoftmaxAttention(config.hidden_size, config.num_heads, config.head_dim),
     }
     x = torch.randn(args.tokens // args.seq, args.seq, config.hidden_size, dtype=torch.bfloat16,
