@@ -1,0 +1,52 @@
+"""benchmarks/tree_commit.py labels results with the commit whose files ran: the bare hash when the
+files are that commit's, else a tree hash that names the files as they were (a stale .git included)."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tree_commit.py"
+
+
+def tree_commit(root: Path) -> str:
+    spec = importlib.util.spec_from_file_location("tree_commit", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tree_commit(root)
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_labels_name_the_files_that_ran(tmp_path):
+    git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("/scratch/\n")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "one")
+    first = git(tmp_path, "rev-parse", "--short", "HEAD")
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "log.txt").write_text("ignored files change nothing\n")
+    assert tree_commit(tmp_path) == first
+
+    # a newer commit's files under the old .git: a changed file and a new one, as a copy brings them
+    objects = git(tmp_path, "count-objects")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "b.py").write_text("y = 3\n")
+    label = tree_commit(tmp_path)
+    assert label.startswith(f"{first} + uncommitted changes (tree ")
+    # the repository's index and object store are left as they were
+    assert git(tmp_path, "diff", "--cached", "--name-only") == ""
+    assert git(tmp_path, "count-objects") == objects
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "two")
+    assert label.endswith(f"(tree {git(tmp_path, 'rev-parse', '--short=7', 'HEAD^{tree}')})")
+    assert tree_commit(tmp_path) == git(tmp_path, "rev-parse", "--short", "HEAD")
