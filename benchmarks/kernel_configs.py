@@ -79,7 +79,8 @@ def conv_calls(layout: tuple[int, int]):
                 backward=lambda cfg: sct.segment_conv_backward_triton(d_y, d_final, *args, config=cfg))
 
 
-def decode_calls(layout: tuple[int, int], batch: int = 64):  # the layout is the scan's
+def decode_calls(layout: tuple[int, int], batch: int = 64):
+    """Steps at `batch` rows: a row layout is the scan's and the conv's, not a decode step's."""
     from mom_compile.ops import memory_decode_triton as mdt
 
     from inputs import decode_inputs

@@ -186,3 +186,14 @@ def test_ctrl_c_and_kill_leave_a_checkpoint_to_resume(tmp_path):
     assert train("--resume", run, "--steps", latest + 1) == 0
     assert sorted(losses(run)) == list(range(1, latest + 2))
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".tmp")]
+
+
+def test_a_run_saved_before_checkpointing_scopes_resumes_with_blocks():
+    """Runs saved when --grad-checkpointing was a flag stored true or false; true means blocks."""
+    from argparse import Namespace
+
+    from mom_compile.train.options import DEFAULTS, settle
+    left_out = Namespace(**{name: None for name in DEFAULTS})
+    assert settle(left_out, {"grad_checkpointing": True})[0].grad_checkpointing == "blocks"
+    assert settle(left_out, {"grad_checkpointing": False})[0].grad_checkpointing is False
+    assert settle(left_out, {"grad_checkpointing": "scan_states"})[0].grad_checkpointing == "scan_states"

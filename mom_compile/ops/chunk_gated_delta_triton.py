@@ -89,8 +89,7 @@ def _chunk_table_kernel(offsets, starts, table, n_seg, max_chunks, C: tl.constex
 
 def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """([max_chunks, 2] int64 (segment or -1, first row) per chunk slot, `chunk_starts` [S + 1],
-    max_chunks), in two launches (the torch formula of `chunk_starts` and a searchsorted would be
-    about seventeen)."""
+    max_chunks), in two launches."""
     n_seg = offsets.shape[0] - 1
     max_chunks = chunk_slots(n_rows, n_seg)
     starts = torch.empty(n_seg + 1, dtype=torch.int64, device=offsets.device)

@@ -32,6 +32,8 @@ def settle(args: argparse.Namespace, saved: dict | None) -> tuple[argparse.Names
                 conflicts.append(name)
         if values.get(name) is None:
             values[name] = default
+    if values["grad_checkpointing"] is True:  # saved by a run from before there were scopes
+        values["grad_checkpointing"] = "blocks"
     return argparse.Namespace(**values), conflicts
 
 

@@ -126,9 +126,8 @@ class Trainer:
 
         torch.manual_seed(args.seed)  # the same initial weights in every process
         self.model = self._build_model().to(world.device)
-        if args.grad_checkpointing:  # True: a run saved before there were scopes
-            self.model.gradient_checkpointing_enable(
-                "blocks" if args.grad_checkpointing is True else args.grad_checkpointing)
+        if args.grad_checkpointing:
+            self.model.gradient_checkpointing_enable(args.grad_checkpointing)
         if world.distributed:
             shard_model(self.model, compile_blocks=args.compile)
             self.forward = self.model
