@@ -291,3 +291,19 @@ def test_decode_steps_update_the_cache_buffers_in_place(model):
         assert model(ids(2, 1), past_key_values=cache, use_cache=True).past_key_values is cache
     assert [(s.recurrent.data_ptr(), s.conv.data_ptr()) for s in cache.layers] == addresses
     assert all(not torch.equal(b, s.recurrent) for b, s in zip(before, cache.layers))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_rms_norm_eager_and_traced_follow_the_precision_rule(dtype):
+    """Eager runs torch's rms_norm, a traced graph the formula: both compute in float32 at least
+    and match the float64 oracle to the output dtype's rounding."""
+    from mom_compile.graphs.norm import rms_norm
+
+    x = torch.randn(3, 5, 64, dtype=torch.float64).to(dtype)
+    w = (1 + torch.randn(64, dtype=torch.float64) / 4).to(dtype)
+    want = oracle._rms(x.double(), w.double(), 1e-5)
+    traced = torch.compile(rms_norm, backend="aot_eager", fullgraph=True)
+    for got in (rms_norm(x, w, 1e-5), traced(x, w, 1e-5)):
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
