@@ -114,9 +114,10 @@ def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | No
 
 @torch.no_grad()
 def profile_mom(model: MomForCausalLM, batch: int, prompt: int) -> None:
-    """The kernels of one compiled decode step, then of one compiled prefill (mode "default": the
-    kernels that mode "reduce-overhead" replays from a CUDA graph, launched one by one), then the
-    prefill's host time per op (at batch 1 its launches outlast its kernels)."""
+    """The kernels of one compiled decode step, the host time per op of one eager step (its launches
+    outlast its kernels: the launch rows count them), then the kernels of one compiled prefill (mode
+    "default": the kernels that mode "reduce-overhead" replays from a CUDA graph, launched one by
+    one) and its host time per op (at batch 1 its launches outlast its kernels too)."""
     forward = torch.compile(model.forward, fullgraph=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     cache = model.new_cache(batch)
@@ -124,6 +125,8 @@ def profile_mom(model: MomForCausalLM, batch: int, prompt: int) -> None:
     tok = ids[:, -1:]
     print(f"\nbatch {batch}: one compiled decode step\n"
           + kernel_table(lambda: forward(tok, past_key_values=cache, use_cache=True), rows=20))
+    print(f"batch {batch}: one eager decode step's host time per op\n"
+          + kernel_table(lambda: model(tok, past_key_values=cache, use_cache=True), rows=20, host=True))
 
     def prefill():
         forward(ids, past_key_values=model.new_cache(batch), use_cache=True, logits_to_keep=1)
