@@ -11,7 +11,9 @@ are 2052 columns; each memory set's (k | v | beta | alpha) 2056 columns, 5 sets:
   - grouped: the token's own projections as one GEMM (padded to 2056 rows), then every set on
     its routed rows only: x gathered into memory-major row order and `torch._grouped_mm` with one
     [d, 2056] weight per set (offsets on the device, no host sync): 40% fewer FLOPs in the
-    per-memory part, 33% in all. The sort of rows by memory is timed with it.
+    per-memory part, 33% in all. The sort of rows by memory is timed with it; a second row times
+    it with the rows' order and group offsets given (what a memory-major dispatch would hand over:
+    `mom::dispatch` orders rows by (sequence, memory), memory-major only for one sequence).
 Forward = the projection(s); forward+backward adds the gradients of x and of the weights (and,
 for grouped, the gather's scatter-add back onto tokens). Median ms over CUDA events.
 
@@ -46,19 +48,25 @@ def main() -> None:
     memory = torch.cat([routed, torch.full((n, 1), memories, device=dev)], 1).flatten()
     token = torch.arange(n, device=dev).repeat_interleave(topk + 1)
 
-    def grouped():
-        order = memory.argsort(stable=True)  # memory-major rows, as a dispatch would make them
+    def memory_major():
+        """Each row's token and the groups' end offsets, the rows sorted by memory (stably)."""
         offs = torch.bincount(memory, minlength=sets).cumsum(0).to(torch.int32)
-        rows = x[token[order]]
-        return F.linear(x, w_tok_padded), torch._grouped_mm(rows, w_sets.transpose(1, 2), offs=offs)
+        return token[memory.argsort(stable=True)], offs
+
+    def grouped(token_of_row, offs):
+        rows = torch._grouped_mm(x[token_of_row], w_sets.transpose(1, 2), offs=offs)
+        return F.linear(x, w_tok_padded), rows
+
+    given = memory_major()
 
     variants = {"stacked, 12332 rows (unpadded)": lambda: (F.linear(x, w_stacked),),
                 f"stacked, padded to {w_padded.shape[0]} rows (as built)": lambda: (F.linear(x, w_padded),),
-                "grouped over routed rows": grouped}
+                "grouped over routed rows": lambda: grouped(*memory_major()),
+                "grouped over routed rows, order given": lambda: grouped(*given)}
     # the grouped result must equal the matching rows of the dense one
     with torch.no_grad():
         dense = F.linear(x, w_stacked)[:, per_token:]
-        _, g = grouped()
+        _, g = grouped(*given)
         order = memory.argsort(stable=True)
         want = dense.reshape(n, sets, per_set)[token[order], memory[order]]
         err = ((g.float() - want.float()).abs().max() / want.float().abs().max()).item()
