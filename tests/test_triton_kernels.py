@@ -388,6 +388,17 @@ def test_every_triton_kernel_has_cases(cases):
     assert {op.name for op in OPS if op.triton} <= checked
 
 
+def test_split_scale_rebuilds_the_scale_from_two_float32s():
+    """Triton passes Python floats as float32: the head is the scale rounded to float32, and head
+    plus float32 remainder give back the scale to about 2^-48 relative (float64 kernels need it)."""
+    from mom_compile.ops.triton_precision import split_scale
+    for scale in (256 ** -0.5, 96 ** -0.5, 1 / 3, 0.3, 7.0):
+        hi, lo = split_scale(scale)
+        assert hi == float(torch.tensor(scale, dtype=torch.float32))
+        lo32 = float(torch.tensor(lo, dtype=torch.float32))
+        assert abs(hi + lo32 - scale) <= 2.0 ** -46 * scale
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_dispatch_reaches_triton():
     """torch.ops.mom on CUDA tensors runs the Triton wrapper, not the reference."""

@@ -1,6 +1,8 @@
 """The precision rule (`precision.py`) in Triton's terms, shared by every Triton launcher."""
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton.language as tl
 
@@ -16,6 +18,7 @@ def compute_type(*dtypes: torch.dtype) -> tl.dtype:
 
 def split_scale(scale: float) -> tuple[float, float]:
     """Triton passes Python floats as float32; a float64 kernel rebuilds the exact scale from a
-    float32 head and the float32 remainder (`hi + lo` in the kernel's compute type)."""
-    hi = float(torch.tensor(scale, dtype=torch.float32))
+    float32 head and the float32 remainder (`hi + lo` in the kernel's compute type). Rounded on
+    the host by `struct` (no tensor: a launcher calls this per launch)."""
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
     return hi, float(scale) - hi
