@@ -98,7 +98,7 @@ def mom_layer(sd, config, x, mask=None):
                     y[b, t] += w[b, t, idx[b, t].tolist().index(m)] * o[j]
         if config.shared_mem and real:
             y[b, real] += _run_memory(sd, config, m_count, x[b, real])
-    normed = y / torch.sqrt((y * y).mean(-1, keepdim=True) + config.norm_eps) * sd["o_norm.weight"]
+    normed = rms_norm(y, sd["o_norm.weight"], config.norm_eps)
     if config.use_output_gate:
         z = (x @ sd["g_proj.weight"].t()).view(b_size, t_size, h, dv)
         normed = normed * z * torch.sigmoid(z)
@@ -125,7 +125,8 @@ def load_balancing(router_logits, topk, mask=None):
     return num_memories * ((share / count) * (prob / count)).sum()
 
 
-def _rms(x, w, eps):
+def rms_norm(x, w, eps):
+    """RMSNorm over the last dim, in x's dtype (float64 here)."""
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
@@ -137,9 +138,9 @@ def mom_model(sd, config, ids, mask=None):
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         layer_sd = {k[len(p + "attn."):]: v for k, v in sd.items() if k.startswith(p + "attn.")}
-        h = h + mom_layer(layer_sd, config, _rms(h, sd[p + "attn_norm.weight"], eps), mask)
-        u = _rms(h, sd[p + "mlp_norm.weight"], eps)
+        h = h + mom_layer(layer_sd, config, rms_norm(h, sd[p + "attn_norm.weight"], eps), mask)
+        u = rms_norm(h, sd[p + "mlp_norm.weight"], eps)
         gate = F.silu(u @ sd[p + "mlp.gate_proj.weight"].t())
         h = h + (gate * (u @ sd[p + "mlp.up_proj.weight"].t())) @ sd[p + "mlp.down_proj.weight"].t()
     head = sd.get("lm_head.weight", sd["model.embeddings.weight"])
-    return _rms(h, sd["model.norm.weight"], eps) @ head.t()
+    return rms_norm(h, sd["model.norm.weight"], eps) @ head.t()
