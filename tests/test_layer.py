@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mom_compile import MomConfig, MomLayer
+
 import oracle
 from models import tiny_model
 
@@ -124,14 +126,33 @@ def test_layer_gradients_match_autograd_through_oracle(variant):
         torch.testing.assert_close(mine[k], expect, rtol=1e-8, atol=1e-10, msg=k)
 
 
-def test_top_k_matches_torch_topk_and_breaks_ties_to_the_lower_index():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_top_k_matches_torch_topk_and_breaks_ties_to_the_lower_index(traced, device):
     from mom_compile.graphs.layer import top_k
-    logits = torch.randn(5, 7, 6, dtype=f64)
+    if traced:  # a traced graph ranks by pairwise comparison, eager sorts
+        top_k = torch.compile(top_k, backend="aot_eager", fullgraph=True)
+    logits = torch.randn(5, 7, 6, dtype=f64, device=device)
     assert torch.equal(top_k(logits, 3), logits.topk(3, dim=-1).indices)
-    tied = torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.3]], dtype=f64)
-    assert top_k(tied, 3).tolist() == [[1, 2, 4]]
-    nan = float("nan")  # NaN logits (diverged weights) still pick distinct memories in range
-    assert top_k(torch.tensor([[nan, 0.5, nan, nan], [nan] * 4], dtype=f64), 2).tolist() == [[1, 0], [0, 1]]
+    tied = torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3]] * 3, dtype=f64, device=device)
+    assert top_k(tied, 6).tolist() == [[1, 2, 4, 5, 6, 7]] * 3
+    nan, inf = float("nan"), float("inf")  # NaN logits (diverged weights): distinct memories in range
+    nans = torch.tensor([[nan, 0.5, nan, nan], [nan] * 4, [-inf, nan, -inf, 1.0]], dtype=f64, device=device)
+    assert top_k(nans, 2).tolist() == [[1, 0], [0, 1], [3, 0]]
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_router_weights_are_the_softmax_of_the_chosen_logits(traced):
+    layer = MomLayer(MomConfig(hidden_size=32, num_heads=2, head_dim=8, num_memories=6, topk=3))
+    route = torch.compile(layer.route, backend="aot_eager", fullgraph=True) if traced else layer.route
+    logits = (torch.stack([torch.randperm(6) for _ in range(10)]).view(2, 5, 6) / 4 - 1).bfloat16()  # no ties
+    memory_idx, weights = route(logits)
+    top = logits.double().topk(3, dim=-1)
+    assert torch.equal(memory_idx[..., :3], top.indices) and (memory_idx[..., 3] == 6).all()
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights[..., :3].double(), top.values.softmax(-1), rtol=1e-6, atol=1e-7)
+    assert (weights[..., 3] == 1).all()
 
 
 def test_in_proj_padding_is_zero_and_invisible_to_the_state_dict():
