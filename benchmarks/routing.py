@@ -6,7 +6,9 @@ Shapes: the paper's 340M layer (H=4, head_dim 256, expand_v 1, M=4 top-2 + the s
 so k = 3 rows per token), N tokens (default 32K) in sequences of T, o_rows bf16, weights float32.
 Rows of the table:
   - dispatch: `mom::dispatch` (the B*T*k choices grouped by (sequence, memory) in time order: each
-    row's token and memory, each choice's row and the segment offsets);
+    row's token and memory, each choice's row and the segment offsets) and its stock-torch
+    reference, each called and replayed from a CUDA graph (a graph-replayed prefill pays only the
+    kernels and their launch gaps, a called op its host time too);
   - combine, forward and forward+backward, two ways: the `mom::combine` op as registered on CUDA
     (whatever kernel that is in this tree; the op is opaque to torch.compile), and the same formula
     in plain torch under torch.compile (Inductor fuses the gather, the weighting and the sum);
@@ -20,21 +22,37 @@ Median ms over CUDA events.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 import torch
 from gpu_timing import bench
 from layer_floor import card_for
+from tree_commit import tree_commit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
 
 from mom_compile import ops  # noqa: E402
+from mom_compile.ops.dispatch import dispatch_reference  # noqa: E402
 
 
 def plain_combine(o_rows: torch.Tensor, weights: torch.Tensor, row_of_choice: torch.Tensor) -> torch.Tensor:
     """mom::combine's formula in stock torch, for Inductor to fuse."""
     return (o_rows[row_of_choice].to(weights.dtype) * weights[..., None, None]).sum(2)
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream); returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def main() -> None:
@@ -67,12 +85,16 @@ def main() -> None:
     y_op, y_plain = (fn(o_rows, weights, row_of_choice) for fn in ways.values())
     agree = float((y_op - y_plain).abs().max())
 
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.tokens} tokens, T={t}, "
-          f"k={k}, H={h}, V={v}, o_rows bf16; combine outputs of the two ways differ by {agree:.1e}")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, commit {tree_commit()}; "
+          f"{args.tokens} tokens, T={t}, k={k}, H={h}, V={v}, o_rows bf16; combine outputs of the two ways "
+          f"differ by {agree:.1e}")
     print("| step | way | forward ms | forward+backward ms |")
     print("| --- | --- | --- | --- |")
-    ms, _ = bench(lambda: ops.dispatch(memory_idx, mask, memories))
-    print(f"| dispatch | mom::dispatch op | {ms:.3f} | (no gradient) |")
+    for name, fn in (("mom::dispatch op", ops.dispatch), ("stock torch (its reference)", dispatch_reference)):
+        call = functools.partial(fn, memory_idx, mask, memories)
+        for how, run in (("", call), (", from a CUDA graph", graphed(call))):
+            ms, _ = bench(run)
+            print(f"| dispatch | {name}{how} | {ms:.3f} | (no gradient) |")
     for name, fn in ways.items():
         with torch.no_grad():
             fwd, _ = bench(lambda fn=fn: fn(o_rows, weights, row_of_choice))

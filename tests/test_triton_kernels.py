@@ -37,6 +37,7 @@ from inputs import (  # noqa: E402
     combine_inputs,
     conv_inputs,
     decode_inputs,
+    dispatch_inputs,
     gather_inputs,
     l2_inputs,
     on_meta,
@@ -46,8 +47,9 @@ from inputs import (  # noqa: E402
 )
 
 # Relative error ||out - ref|| / ||ref|| allowed per input dtype: float64 is rounding only;
-# float32 is fp32 arithmetic; bfloat16 adds the rounding of the bf16 outputs and gradients.
-TOLERANCE = {F64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 2e-2}
+# float32 is fp32 arithmetic; bfloat16 adds the rounding of the bf16 outputs and gradients; the
+# integer outputs of int64 inputs (dispatch's memory indices) must be exact.
+TOLERANCE = {F64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.int64: 0.0}
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -230,11 +232,25 @@ def check_l2(impl_fwd, impl_bwd, n, h, d, strided, *, dtype, device, seed=0):
     return errors
 
 
+def check_dispatch(impl, b, t, k, m, *, dtype, device, seed=0):
+    """The rows against the reference's, exactly: ~30% padding tokens, and three choices naming no
+    memory in range (placed with the padding)."""
+    idx, mask, m = dispatch_inputs(b, t, k, m, seed=seed)
+    flat = idx.view(-1)
+    out_of_range = torch.tensor([-1, m, m + 7])[:flat.numel()]
+    flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:3]] = out_of_range
+    args = (idx.to(dtype).to(device), mask.to(device), m)
+    outs = impl(*args)
+    _assert_fake_dtypes("dispatch", outs, *args)
+    names = ["token_of_row", "memory_of_row", "row_of_choice", "offsets"]
+    return _compare(names, outs, torch.ops.mom.dispatch(*(_to_cpu64(a) for a in args)))
+
+
 # the check of each op with a Triton kernel; the ops with a backward op check it too
 CHECKS = {"chunk_gated_delta": check_chunk, "chunk_gated_delta_train": check_chunk_train,
           "gated_delta_step": check_step, "segment_conv": check_conv,
           "memory_decode_": check_decode, "combine": check_combine, "gather_rows": check_gather,
-          "l2_normalize": check_l2}
+          "l2_normalize": check_l2, "dispatch": check_dispatch}
 
 
 @contextlib.contextmanager
@@ -321,6 +337,11 @@ CASES = (
     + [("memory_decode_", dt, 1, 2, 8, 8, False, single) for dt in (torch.float32, torch.bfloat16)
        for single in (False, True)]
     + [("memory_decode_", torch.bfloat16, 64, 4, 256, 256, False, False)]  # the 340M layer at batch 64
+    # (B, T, k, M): the 340M layer's 5 memory slots at 2K, 32K and a batch-1 prefill; 70 memories
+    # (blocks of few choices); one choice a token; more (sequence, memory, block) counts than one
+    # step of the running sum takes
+    + [("dispatch", torch.int64, b, t, k, m) for b, t, k, m in (
+        (16, 2048, 3, 5), (1, 32768, 3, 5), (1, 512, 3, 5), (2, 1500, 2, 70), (4, 9, 1, 4), (300, 3, 2, 4))]
 )
 INTERPRETER_CASES = (
     [("chunk_gated_delta", torch.float32, layout, 2, 16, 16 * ev, ws)
@@ -351,6 +372,8 @@ INTERPRETER_CASES = (
     + [("gather_rows", dt, 6, 3, 2, 200, 90, 70, False) for dt in (torch.float32, F64)]
     + [("gather_rows", F64, 5, 1, 3, 20, 12, 12, True)]  # one set read thrice a token, an empty tail
     + [("l2_normalize", dt, 37, 3, 24, strided) for dt in (torch.float32, F64) for strided in (True, False)]
+    + [("dispatch", torch.int64, b, t, k, m)
+       for b, t, k, m in ((2, 700, 3, 5), (2, 150, 2, 70), (260, 3, 2, 4))]
 )
 
 

@@ -17,7 +17,8 @@ from ._checks import INDEX_DTYPES, check_same_device, check_tensor
 def dispatch_reference(
     memory_idx: torch.Tensor, mask: torch.Tensor, num_memories: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op's kernel on every device: a counting sort (stock torch, no host sync).
+    """The op's reference kernel: a counting sort in stock torch, no host sync (the CUDA kernel,
+    `dispatch_triton.py`, sorts the same way in three launches).
 
     One running count goes over the one-hot choices laid out as [B, M, T*k] (segment by segment,
     time order inside each) and then over the padding choices: the count at a choice, minus one, is

@@ -87,7 +87,7 @@ OPS: tuple[Op, ...] = (
        "segment_conv_triton:segment_conv_triton", autograd=True),
     Op("segment_conv_backward", segment_conv_backward_op, segment_conv_backward_reference,
        "segment_conv_triton:segment_conv_backward_triton", autograd=False, training_only=True),
-    Op("dispatch", dispatch_op, dispatch_reference, None, autograd=False),
+    Op("dispatch", dispatch_op, dispatch_reference, "dispatch_triton:dispatch_triton", autograd=False),
     Op("gather_rows", gather_rows_op, gather_rows_reference, "gather_rows_triton:gather_rows_triton",
        autograd=True, eager_only=True),
     Op("gather_rows_backward", gather_rows_backward_op, gather_rows_backward_reference,
