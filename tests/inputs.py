@@ -141,6 +141,19 @@ def dispatch_inputs(b=2, t=5, k=2, m=4, device="cpu", seed=0) -> list:
     return [idx.to(device), (torch.rand(b, t, generator=gen) > 0.3).to(device), m]
 
 
+def route_inputs(lead=(2, 5), m=6, strided=True, nan=True, dtype=F64, device="cpu", seed=0) -> list:
+    """(logits,) of `mom::route`: [*lead, m] on a grid of halves (many ties); with nan, the first
+    token's all NaN and the second's one NaN (diverged weights); a column slice of wider rows when
+    strided, as the layer's logits are of its projection."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randint(-3, 4, (*lead, m + 3), generator=gen).to(dtype) / 2
+    flat = wide.view(-1, m + 3)
+    if nan:
+        flat[0] = float("nan")
+        flat[1:2, min(1, m - 1)] = float("nan")
+    return [(wide[..., :m] if strided else wide[..., :m].contiguous()).to(device)]
+
+
 def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
     """Argument tuples of the op `name` of mom_compile.ops.table.OPS with float inputs in `dtype`,
     small, covering its optional arguments (None and given)."""
@@ -194,6 +207,10 @@ def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
     if name in ("memory_decode", "memory_decode_"):
         return [(*decode_inputs(dtype=dtype, with_bias=bias, single_set=single), 0.5, single)
                 for bias, single in ((True, False), (False, True))]
+    if name == "route":
+        # no NaN here: opcheck compares outputs without equal_nan
+        return [(*route_inputs(nan=False, dtype=dtype), 3, True),
+                (*route_inputs(strided=False, nan=False, dtype=dtype), 1, False)]
     raise KeyError(f"no inputs for op {name!r}: add them here")
 
 

@@ -2,6 +2,7 @@
 that oracle, and torch.library.opcheck."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from inputs import (
     gather_inputs,
     on_meta,
     op_inputs,
+    route_inputs,
     scan_inputs,
     step_inputs,
 )
@@ -207,6 +209,50 @@ def test_dispatch_when_all_tokens_choose_one_memory():
     idx = torch.zeros(2, 6, 1, dtype=torch.int64)
     *_, offsets = ops.dispatch(idx, torch.ones(2, 6, dtype=torch.bool), 3)
     assert offsets.tolist() == [0, 6, 6, 6, 12, 12, 12]
+
+
+def route_oracle(logits, topk, shared):
+    """Per token by loops: the memories sorted by (logit descending, index), NaN last; the float64
+    softmax of the chosen logits (NaN when one of them is NaN)."""
+    m = logits.shape[-1]
+    idx, weights = [], []
+    for z in logits.double().reshape(-1, m).tolist():
+        key = [float("-inf") if math.isnan(v) else v for v in z]
+        chosen = sorted(range(m), key=lambda j: (-key[j], j))[:topk]
+        top = max(key[j] for j in chosen)
+        e = [math.exp(z[j] - top) for j in chosen]
+        idx.append(chosen + [m] * shared)
+        weights.append([v / sum(e) for v in e] + [1.0] * shared)
+    shape = (*logits.shape[:-1], topk + shared)
+    return torch.tensor(idx).view(shape), torch.tensor(weights, dtype=f64).view(shape)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("case", [(3, True, True), (1, False, False), (6, True, True)])
+def test_route_matches_loops_with_ties_and_nan(case, device):
+    """Eager (the op: on CUDA its Triton kernel) and traced (the formula) routing against the
+    loops, on tied logits, a token whose logits are all NaN and one with a NaN among them: exact
+    memories, the same NaN weights, the rest to float64 rounding."""
+    topk, shared, strided = case
+    logits, = route_inputs(m=6, strided=strided, device=device)
+    want_idx, want_w = route_oracle(logits.cpu(), topk, shared)
+    traced = torch.compile(ops.route, backend="aot_eager", fullgraph=True)
+    for fn in (ops.route, traced):
+        idx, w = fn(logits, topk, shared)
+        assert torch.equal(idx.cpu(), want_idx)
+        torch.testing.assert_close(w.cpu(), want_w, rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+def test_route_checks_its_arguments():
+    logits = torch.zeros(2, 4)
+    for topk in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="topk: expected an int in \\[1, 4\\]"):
+            ops.route(logits, topk)
+    with pytest.raises(ValueError, match="logits: expected dtype"):
+        ops.route(torch.zeros(2, 4, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="logits: expected a tensor"):
+        ops.route(torch.tensor(1.0), 1)
 
 
 def test_combine_and_its_gradients():

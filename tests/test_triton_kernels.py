@@ -42,6 +42,7 @@ from inputs import (  # noqa: E402
     l2_inputs,
     on_meta,
     rand,
+    route_inputs,
     scan_inputs,
     step_inputs,
 )
@@ -246,11 +247,24 @@ def check_dispatch(impl, b, t, k, m, *, dtype, device, seed=0):
     return _compare(names, outs, torch.ops.mom.dispatch(*(_to_cpu64(a) for a in args)))
 
 
+def check_route(impl, lead, m, topk, shared, strided, *, dtype, device, seed=0):
+    """The memories, exactly (the count that differ), and the weights against the float64
+    reference: tied logits, a token of NaN logits and one with a NaN among them (the count of NaN
+    weights that differ; the error over the rest)."""
+    logits, = route_inputs(lead, m, strided, dtype=dtype, device=device, seed=seed)
+    idx, w = impl(logits, topk, shared)
+    _assert_fake_dtypes("route", (idx, w), logits, topk, shared)
+    ref_idx, ref_w = torch.ops.mom.route(_to_cpu64(logits), topk, shared)
+    w, nan = w.cpu(), ref_w.isnan()
+    return {"memory_idx": float((idx.cpu() != ref_idx).sum()), "nan_weights": float((w.isnan() != nan).sum()),
+            "weights": relative_error(w[~nan], ref_w[~nan])}
+
+
 # the check of each op with a Triton kernel; the ops with a backward op check it too
 CHECKS = {"chunk_gated_delta": check_chunk, "chunk_gated_delta_train": check_chunk_train,
           "gated_delta_step": check_step, "segment_conv": check_conv,
           "memory_decode_": check_decode, "combine": check_combine, "gather_rows": check_gather,
-          "l2_normalize": check_l2, "dispatch": check_dispatch}
+          "l2_normalize": check_l2, "dispatch": check_dispatch, "route": check_route}
 
 
 @contextlib.contextmanager
@@ -337,6 +351,11 @@ CASES = (
     + [("memory_decode_", dt, 1, 2, 8, 8, False, single) for dt in (torch.float32, torch.bfloat16)
        for single in (False, True)]
     + [("memory_decode_", torch.bfloat16, 64, 4, 256, 256, False, False)]  # the 340M layer at batch 64
+    # (leading dims, M, topk, shared, strided): the 340M router decoding one token and 64, a prefill
+    # of several programs without the shared memory, 70 memories (one token a program)
+    + [("route", dt, lead, m, topk, shared, strided) for dt in (torch.float32, torch.bfloat16, F64)
+       for lead, m, topk, shared, strided in (((1, 1), 4, 2, True, True), ((64, 1), 4, 2, True, False),
+                                              ((2, 300), 5, 1, False, True), ((3, 7), 70, 5, True, False))]
     # (B, T, k, M): the 340M layer's 5 memory slots at 2K, 32K and a batch-1 prefill; 70 memories
     # (blocks of few choices); one choice a token; more (sequence, memory, block) counts than one
     # step of the running sum takes
@@ -374,6 +393,8 @@ INTERPRETER_CASES = (
     + [("l2_normalize", dt, 37, 3, 24, strided) for dt in (torch.float32, F64) for strided in (True, False)]
     + [("dispatch", torch.int64, b, t, k, m)
        for b, t, k, m in ((2, 700, 3, 5), (2, 150, 2, 70), (260, 3, 2, 4))]
+    + [("route", dt, (2, 40), 6, 3, True, True) for dt in (torch.float32, F64)]
+    + [("route", torch.float32, (3,), 70, 5, False, False)]
 )
 
 

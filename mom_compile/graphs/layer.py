@@ -21,26 +21,6 @@ from .norm import RMSNorm, rms_norm
 from .stacked import Part, blocks, padding, stacked_parameter
 
 
-def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest of the last dim, largest first, ties to the lower index, NaN as
-    the smallest (so that any input gives k distinct indices in range). Eager runs a stable sort
-    (tied entries stay in index order; a few kernels, where eager pointwise ranking launches a
-    dozen). A traced graph ranks by pairwise comparison: over a handful of memories, a few
-    pointwise ops that the compiler fuses into the router's kernel, where a sort would stay apart."""
-    x = torch.where(x == x, x, float("-inf"))
-    if not torch.compiler.is_compiling():
-        return x.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    m = x.shape[-1]
-    idx = torch.arange(m, device=x.device)
-    x_i, x_j = x[..., :, None], x[..., None, :]
-    beats = (x_j > x_i) | ((x_j == x_i) & (idx[None, :] < idx[:, None]))
-    # counted in x's float type: onnxruntime's CUDA provider has no int64 ReduceSum, and a step
-    # that falls back to the CPU cannot be replayed from a CUDA graph
-    rank = beats.to(x.dtype).sum(-1)  # [..., m]: how many come before each one
-    picked = rank[..., None, :] == torch.arange(k, device=x.device, dtype=x.dtype)[:, None]
-    return (picked * idx.to(x.dtype)).sum(-1).long()  # picked: [..., k, m]
-
-
 class MomLayer(nn.Module):
     """Input x [B, T, hidden] (the block's normed hidden states) -> output [B, T, hidden].
 
@@ -131,25 +111,8 @@ class MomLayer(nn.Module):
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's memories [B, T, k'] and float32 weights from router logits [B, T, M]
-        (k' = topk + 1 with the shared memory, which always has weight 1).
-
-        The top k of softmax(logits) renormalised is the softmax of the top k logits. A traced
-        graph writes it w_r = 1 / sum_r' exp(z_r' - z_r): no sum to a single element, which
-        Inductor would make a kernel of its own when one token is decoded; the router is then two
-        small kernels. Eager calls softmax, one kernel."""
-        z = upcast(logits)
-        memory_idx = top_k(z, self.config.topk)  # softmax is monotonic: rank the logits
-        chosen = z.gather(-1, memory_idx)
-        if torch.compiler.is_compiling():
-            weights = 1.0 / (chosen[..., None, :] - chosen[..., :, None]).exp().sum(-1)
-        else:
-            weights = chosen.softmax(-1)
-        if self.config.shared_mem:
-            # padded in float: onnxruntime's CUDA provider runs an int64 Pad on the CPU, and with
-            # memory reuse on mishandles an int64 Concat (tests/test_export.py keeps both out)
-            memory_idx = F.pad(memory_idx.to(z.dtype), (0, 1), value=self.config.num_memories).long()
-            weights = F.pad(weights, (0, 1), value=1.0)
-        return memory_idx, weights
+        (k' = topk + 1 with the shared memory, which always has weight 1): `mom::route`."""
+        return ops.route(logits, self.config.topk, self.config.shared_mem)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, state: LayerState | None = None,

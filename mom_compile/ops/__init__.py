@@ -1,9 +1,10 @@
 """The MoM primitives as `torch.library` custom ops in namespace `mom`.
 
 Importing this package registers them. Each op has a pure-PyTorch reference kernel (the CPU
-kernel and the test oracle), a fake implementation, and an analytic autograd formula (except the
-decode ops `memory_decode_` and `memory_decode`, which serve inference only); the functions below
-are their checked entry points.
+kernel and the test oracle), a fake implementation, and an analytic autograd formula, except
+`dispatch` (index outputs) and the inference-only ones: the decode ops `memory_decode_` and
+`memory_decode`, and `route` (training traces its formula). The functions below are their
+checked entry points.
 `table.OPS` lists the ops with their references and CUDA (Triton) kernels; `triton_status()` says
 whether those kernels loaded.
 """
@@ -14,8 +15,10 @@ from .gated_delta_step import gated_delta_step
 from .gather_rows import gather_rows
 from .l2_normalize import l2_normalize
 from .memory_decode import memory_decode, memory_decode_
+from .route import route
 from .segment_conv import segment_conv
 from .table import TritonStatus, triton_status
 
 __all__ = ["TritonStatus", "chunk_gated_delta", "combine", "dispatch", "gated_delta_step", "gather_rows",
-           "l2_normalize", "memory_decode", "memory_decode_", "segment_conv", "triton_status"]
+           "l2_normalize", "memory_decode", "memory_decode_", "route", "segment_conv",
+           "triton_status"]

@@ -41,6 +41,7 @@ from .l2_normalize import (
     l2_normalize_reference,
 )
 from .memory_decode import decode_reference, decode_reference_, memory_decode_inplace_op, memory_decode_op
+from .route import route_op, route_reference
 from .segment_conv import (
     segment_conv_backward_op,
     segment_conv_backward_reference,
@@ -87,6 +88,7 @@ OPS: tuple[Op, ...] = (
        "segment_conv_triton:segment_conv_triton", autograd=True),
     Op("segment_conv_backward", segment_conv_backward_op, segment_conv_backward_reference,
        "segment_conv_triton:segment_conv_backward_triton", autograd=False, training_only=True),
+    Op("route", route_op, route_reference, "route_triton:route_triton", autograd=False, eager_only=True),
     Op("dispatch", dispatch_op, dispatch_reference, "dispatch_triton:dispatch_triton", autograd=False),
     Op("gather_rows", gather_rows_op, gather_rows_reference, "gather_rows_triton:gather_rows_triton",
        autograd=True, eager_only=True),
