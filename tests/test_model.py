@@ -313,9 +313,10 @@ def test_rms_norm_eager_and_traced_follow_the_precision_rule(dtype):
     not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
 def test_rms_norm_module_rounds_once_from_float32(device, traced):
-    """A bf16 RMSNorm is the float32 norm rounded once to bf16 (computing in bf16, or rounding
-    before the weight, would differ in many elements)."""
-    from mom_compile.graphs.norm import RMSNorm, rms_norm
+    """A bf16 RMSNorm is the float64 oracle's norm rounded once to bf16, up to the float32
+    arithmetic's rare rounding flips (computing in bf16, or rounding before the weight, would
+    differ in many elements)."""
+    from mom_compile.graphs.norm import RMSNorm
 
     norm = RMSNorm(256, 1e-5).to(device, torch.bfloat16)
     with torch.no_grad():
@@ -323,8 +324,8 @@ def test_rms_norm_module_rounds_once_from_float32(device, traced):
     x = (torch.randn(64, 256) * 3).to(device, torch.bfloat16)
     call = torch.compile(norm, backend="aot_eager", fullgraph=True) if traced else norm
     got = call(x)
-    want = rms_norm(x, norm.weight, 1e-5).to(torch.bfloat16)
+    want = oracle.rms_norm(x.double(), norm.weight.double(), 1e-5).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16
     ulp = want.float().abs() * 2.0 ** -7  # at least one bf16 unit in the last place
     assert ((got.float() - want.float()).abs() <= ulp).all()
-    assert (got != want).float().mean() < 0.01  # float32 rounding differences only
+    assert (got != want).float().mean() < 0.01  # float32 rounding flips only
