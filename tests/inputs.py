@@ -154,6 +154,19 @@ def route_inputs(lead=(2, 5), m=6, strided=True, nan=True, dtype=F64, device="cp
     return [(wide[..., :m] if strided else wide[..., :m].contiguous()).to(device)]
 
 
+def gated_norm_inputs(lead=(2, 3), h=2, v=5, gate=True, strided=True, dtype=F64, device="cpu",
+                      seed=0) -> list:
+    """(y, z, weight, eps, out dtype) of `mom::gated_rms_norm`: y [*lead, h, v] in the compute dtype
+    (the combined memories' output), z [*lead, h*v] in `dtype` (a column slice of wider rows when
+    strided, as the layer's gate is of its projection; None without a gate), weight [v]."""
+    gen = torch.Generator().manual_seed(seed)
+    y = rand(*lead, h, v, dtype=compute_dtype(dtype), device=device, gen=gen)
+    wide = rand(*lead, h * v + 3, dtype=dtype, device=device, gen=gen) * 3
+    z = (wide[..., 3:] if strided else wide[..., 3:].contiguous()) if gate else None
+    weight = 1 + rand(v, dtype=dtype, device=device, gen=gen)
+    return [y, z, weight, 1e-5, dtype]
+
+
 def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
     """Argument tuples of the op `name` of mom_compile.ops.table.OPS with float inputs in `dtype`,
     small, covering its optional arguments (None and given)."""
@@ -207,6 +220,8 @@ def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
     if name in ("memory_decode", "memory_decode_"):
         return [(*decode_inputs(dtype=dtype, with_bias=bias, single_set=single), 0.5, single)
                 for bias, single in ((True, False), (False, True))]
+    if name == "gated_rms_norm":
+        return [tuple(gated_norm_inputs(dtype=dtype)), tuple(gated_norm_inputs(gate=False, dtype=dtype))]
     if name == "route":
         # no NaN here: opcheck compares outputs without equal_nan
         return [(*route_inputs(nan=False, dtype=dtype), 3, True),

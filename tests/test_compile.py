@@ -50,7 +50,8 @@ def test_compiled_graphs_hold_every_op_but_the_eager_only_ones(model):
     ops the layer calls less the eager-only ones. Training graphs scan with the forward that keeps
     its residuals (the plain one when the scan states are recomputed), inference graphs with the
     plain one."""
-    layer_ops = {"route", "dispatch", "gather_rows", "segment_conv", "l2_normalize", "combine"}
+    layer_ops = {"route", "dispatch", "gather_rows", "segment_conv", "l2_normalize", "combine",
+                 "gated_rms_norm"}
     expected = layer_ops - {op.name for op in OPS if op.eager_only}
     x = ids(2, 9)
     model.train()

@@ -22,6 +22,7 @@ from inputs import (
     conv_inputs,
     decode_inputs,
     dispatch_inputs,
+    gated_norm_inputs,
     gather_inputs,
     on_meta,
     op_inputs,
@@ -253,6 +254,37 @@ def test_route_checks_its_arguments():
         ops.route(torch.zeros(2, 4, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="logits: expected a tensor"):
         ops.route(torch.tensor(1.0), 1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("gate", [True, False])
+def test_gated_rms_norm_matches_its_formula_in_float64(gate, device):
+    """Eager (the op: on CUDA its Triton kernel) and traced (the formula) against the formula
+    written out in float64, per head, the gate read through its row stride; bf16 out is that
+    value rounded once."""
+    y, z, w, eps, _ = gated_norm_inputs(lead=(2, 3), h=2, v=24, gate=gate, device=device)
+    want = y / (y.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w
+    if gate:
+        want = want * (z.view(want.shape) * torch.sigmoid(z.view(want.shape)))
+    traced = torch.compile(ops.gated_rms_norm, backend="aot_eager", fullgraph=True)
+    for fn in (ops.gated_rms_norm, traced):
+        torch.testing.assert_close(fn(y, z, w, eps, f64), want, rtol=1e-12, atol=1e-13)
+        got = fn(y, z, w, eps, torch.bfloat16)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_gated_rms_norm_checks_its_arguments():
+    y, z, w, eps, _ = gated_norm_inputs()
+    with pytest.raises(ValueError, match="z: expected shape"):
+        ops.gated_rms_norm(y, z[..., 1:], w, eps, f64)
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        ops.gated_rms_norm(y, z, w[1:], eps, f64)
+    with pytest.raises(ValueError, match="y: expected shape"):
+        ops.gated_rms_norm(y[0, 0, 0], None, w, eps, f64)
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        ops.gated_rms_norm(y, z, w, eps, torch.int64)
 
 
 def test_combine_and_its_gradients():

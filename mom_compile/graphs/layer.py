@@ -14,10 +14,9 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.memory_decode import gates
-from ..ops.precision import upcast
 from .cache import LayerState
 from .config import MomConfig
-from .norm import RMSNorm, rms_norm
+from .norm import RMSNorm
 from .stacked import Part, blocks, padding, stacked_parameter
 
 
@@ -126,10 +125,9 @@ class MomLayer(nn.Module):
         # the fused decode op has no autograd; with gradients on, one token goes through the scan
         one_step = state is not None and t == 1 and not torch.is_grad_enabled()
         y = self._step(*rows) if one_step else self._scan(*rows)
-        o = rms_norm(y, self.o_norm.weight, self.o_norm.eps)
-        if self.config.use_output_gate:
-            o = o * F.silu(upcast(z.view(b, t, self.num_heads, self.head_v_dim)))
-        return self.o_proj(o.to(x.dtype).flatten(2)), logits
+        gate = z if self.config.use_output_gate else None
+        o = ops.gated_rms_norm(y, gate, self.o_norm.weight, self.o_norm.eps, x.dtype)
+        return self.o_proj(o.flatten(2)), logits
 
     def _qkv(self, conv_out: torch.Tensor):
         c = self.config

@@ -1,23 +1,12 @@
-"""RMSNorm, computed in float32 at least whatever the input dtype (docs/math.md#precision)."""
+"""RMSNorm, computed in float32 at least whatever the input dtype (docs/math.md#precision): the
+module; its formula, `rms_norm`, lives with the output norm's op, which uses it too."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.precision import upcast
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim, upcast to float32 at least.
-
-    Eager runs torch's rms_norm (one kernel on CUDA, where the formula launches six: an eager decode
-    step is bound by launches); a traced graph keeps the formula, the form onnxruntime fuses into
-    one node."""
-    x = upcast(x)
-    if not torch.compiler.is_compiling():
-        return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps)
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+from ..ops.gated_rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):

@@ -28,6 +28,7 @@ from .chunk_gated_delta import (
 from .combine import combine_backward_op, combine_backward_reference, combine_op, combine_reference
 from .dispatch import dispatch_op, dispatch_reference
 from .gated_delta_step import gated_delta_step_op, gated_delta_step_reference
+from .gated_rms_norm import gated_rms_norm_op, gated_rms_norm_reference
 from .gather_rows import (
     gather_rows_backward_op,
     gather_rows_backward_reference,
@@ -101,6 +102,8 @@ OPS: tuple[Op, ...] = (
     Op("combine", combine_op, combine_reference, "combine_triton:combine_triton", autograd=True),
     Op("combine_backward", combine_backward_op, combine_backward_reference,
        "combine_triton:combine_backward_triton", autograd=False, training_only=True),
+    Op("gated_rms_norm", gated_rms_norm_op, gated_rms_norm_reference,
+       "gated_rms_norm_triton:gated_rms_norm_triton", autograd=False, eager_only=True),
     Op("memory_decode_", memory_decode_inplace_op, decode_reference_,
        "memory_decode_triton:memory_decode_triton_", autograd=False),
     # the functional form calls memory_decode_ on copies, so it runs the Triton kernels on CUDA too

@@ -1,0 +1,67 @@
+"""`mom::gated_rms_norm`: the layer's output norm and gate (docs/math.md#output-norm-and-gate), per head:
+    out = rms_norm(y) * silu(z)      rms_norm(y) = y / sqrt(mean(y^2) + eps) * weight
+over the last dim of y [..., H, V], z [..., H*V] the output gate's projection (no gate: z None),
+in the compute dtype (`precision.py`), rounded once to `dtype`.
+
+Eager, the formula is six small kernels (the weight's cast, the norm, the gate's upcast, silu, the
+product, the cast), and an eager decode step is bound by its launches: so eager inference runs the
+op (one Triton launch on CUDA), while compiled and exported graphs, and eager training, trace the
+formula, which Inductor fuses and onnxruntime runs as it is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .precision import upcast
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, upcast to float32 at least.
+
+    Eager runs torch's rms_norm (one kernel on CUDA, where the formula launches six: an eager decode
+    step is bound by launches); a traced graph keeps the formula, the form onnxruntime fuses into
+    one node."""
+    x = upcast(x)
+    if not torch.compiler.is_compiling():
+        return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps)
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+
+
+def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                             dtype: torch.dtype) -> torch.Tensor:
+    """The op's reference kernel and the traced formula: out [..., H, V] in `dtype`."""
+    o = rms_norm(y, weight, eps)
+    if z is not None:
+        o = o * F.silu(upcast(z).view(o.shape))
+    return o.to(dtype)
+
+
+gated_rms_norm_op = torch.library.custom_op("mom::gated_rms_norm", mutates_args=())(gated_rms_norm_reference)
+
+
+@gated_rms_norm_op.register_fake
+def _(y, z, weight, eps, dtype):
+    return y.new_empty(y.shape, dtype=dtype)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """rms_norm(y) * silu(z) per head, rounded to `dtype` (see the module docstring).
+
+    y: [..., H, V], any float dtype; z: [..., H*V] (a strided view is fine: the last dim must be
+    contiguous) or None for no gate; weight: [V]; eps: the norm's epsilon. Returns [..., H, V].
+    """
+    check_tensor("y", y, shape=(None,) * max(2, y.dim()), dtypes=FLOAT_DTYPES)
+    *lead, h, v = y.shape
+    if z is not None:
+        check_tensor("z", z, shape=(*lead, h * v), dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, shape=(v,), dtypes=FLOAT_DTYPES)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+    check_same_device(y=y, z=z, weight=weight)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, z, weight))
+    if torch.compiler.is_compiling() or grad:
+        return gated_rms_norm_reference(y, z, weight, float(eps), dtype)
+    return torch.ops.mom.gated_rms_norm(y, z, weight, float(eps), dtype)
