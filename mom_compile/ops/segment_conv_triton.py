@@ -67,25 +67,8 @@ def _preactivation(x, init, weight, bias, rows, seg, pos, row_ok, cols, col_ok,
 
 
 @triton.jit
-def _conv_kernel(x, init, weight, bias, seg_of_row, pos_of_row, y, n, n_seg,
-                 D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 COMPUTE: tl.constexpr):
-    rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    z = _preactivation(x, init, weight, bias, rows, seg, pos, row_ok, cols, col_ok, D, W, BLOCK_N, BLOCK_D,
-                       COMPUTE)
-    out = tl.where(row_ok[:, None], z * tl.sigmoid(z), 0.0)
-    tl.store(y + rows[:, None].to(tl.int64) * D + cols[None, :], out.to(y.dtype.element_ty),
-             mask=(rows < n)[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _final_state_kernel(x, init, offsets, final, D: tl.constexpr, W: tl.constexpr, BLOCK_D: tl.constexpr):
+def _final_state(x, init, offsets, final, s, cols, col_ok, D: tl.constexpr, W: tl.constexpr):
     """final[s, j] = the input at position len - (W-1) + j of (history ++ segment)."""
-    s = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
     start = tl.load(offsets + s)
     length = tl.load(offsets + s + 1) - start
     for j in tl.static_range(W - 1):
@@ -95,6 +78,25 @@ def _final_state_kernel(x, init, offsets, final, D: tl.constexpr, W: tl.constexp
         from_hist = tl.load(init + hist_row * D + cols, mask=col_ok & (src < 0), other=0.0)
         tl.store(final + (s * (W - 1) + j) * D + cols, (from_x + from_hist).to(final.dtype.element_ty),
                  mask=col_ok)
+
+
+@triton.jit
+def _conv_kernel(x, init, weight, bias, offsets, seg_of_row, pos_of_row, y, final, n, n_seg, row_blocks,
+                 D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 COMPUTE: tl.constexpr):
+    """Programs [0, row_blocks) convolve blocks of rows; the n_seg after them each copy a segment's
+    final state (one launch for both)."""
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if tl.program_id(0) < row_blocks:
+        rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N)
+        z = _preactivation(x, init, weight, bias, rows, seg, pos, row_ok, cols, col_ok, D, W, BLOCK_N,
+                           BLOCK_D, COMPUTE)
+        out = tl.where(row_ok[:, None], z * tl.sigmoid(z), 0.0)
+        tl.store(y + rows[:, None].to(tl.int64) * D + cols[None, :], out.to(y.dtype.element_ty),
+                 mask=(rows < n)[:, None] & col_ok[None, :])
+    else:
+        _final_state(x, init, offsets, final, tl.program_id(0) - row_blocks, cols, col_ok, D, W)
 
 
 @triton.jit
@@ -193,14 +195,12 @@ def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | 
     n_seg = offsets.shape[0] - 1
     y = torch.empty_like(x)
     final = torch.empty_like(initial_state)
-    if n > 0 and d > 0:
-        grid = (triton.cdiv(n, cfg["block_n"]), triton.cdiv(d, cfg["block_d"]))
-        _conv_kernel[grid](x, initial_state, weight, bias, *_row_table(offsets, n), y, n, n_seg, D=d, W=width,
-                           BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], COMPUTE=compute_type(x.dtype),
-                           num_warps=cfg["warps"])
-    if n_seg > 0 and d > 0:
-        _final_state_kernel[(n_seg, triton.cdiv(d, cfg["block_d"]))](
-            x, initial_state, offsets, final, D=d, W=width, BLOCK_D=cfg["block_d"])
+    row_blocks = triton.cdiv(n, cfg["block_n"])
+    if row_blocks + n_seg > 0 and d > 0:
+        _conv_kernel[(row_blocks + n_seg, triton.cdiv(d, cfg["block_d"]))](
+            x, initial_state, weight, bias, offsets, *_row_table(offsets, n), y, final, n, n_seg, row_blocks,
+            D=d, W=width, BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], COMPUTE=compute_type(x.dtype),
+            num_warps=cfg["warps"])
     return y, final
 
 
