@@ -37,7 +37,6 @@ from .chunk_gated_delta import (
     state_dtype,
 )
 from .precision import compute_dtype
-from .segment_of_triton import segment_of
 from .triton_precision import compute_type, split_scale
 
 
@@ -59,46 +58,47 @@ def _precision(q_dtype: torch.dtype, states: torch.dtype) -> tuple[dict, torch.d
 
 
 @triton.jit
-def _chunk_starts_kernel(offsets, starts, n_seg, C: tl.constexpr, BLOCK: tl.constexpr):
-    """`chunk_starts` in one program: starts[0] = 0, starts[s + 1] = starts[s] + ceil(len_s / C),
-    a running sum over blocks of segments."""
+def _chunk_table_kernel(offsets, starts, table, n_seg, max_chunks, C: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+    """Each chunk slot's (segment or -1, first row; 0 past the chunk count, where no kernel reads
+    it), and from program 0 `chunk_starts`: starts[s + 1] = starts[s] + ceil(len_s / C). Every
+    program runs that sum itself, a tile of segments at a time, and counts for each of its slots the
+    segments whose chunks all come before it (its segment) and those chunks (its segment's first
+    slot): one launch, where a separate sum and a search of its output took two."""
+    slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    seg = tl.zeros((BLOCK,), dtype=tl.int64)
+    first_slot = tl.zeros((BLOCK,), dtype=tl.int64)
     carry = tl.zeros((1,), dtype=tl.int64)
-    tl.store(starts + tl.arange(0, 1), carry)
-    for s0 in range(0, n_seg, BLOCK):
-        s = s0 + tl.arange(0, BLOCK)
+    lead = tl.program_id(0) == 0
+    tl.store(starts + tl.arange(0, 1), carry, mask=lead & (tl.arange(0, 1) == 0))
+    for s0 in range(0, n_seg, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
         ok = s < n_seg
         length = tl.load(offsets + s + 1, mask=ok, other=0) - tl.load(offsets + s, mask=ok, other=0)
         counts = (length + C - 1) // C
-        tl.store(starts + 1 + s, carry + tl.cumsum(counts, axis=0), mask=ok)
+        ends = carry + tl.cumsum(counts, axis=0)  # starts[s + 1]
+        tl.store(starts + 1 + s, ends, mask=ok & lead)
+        before = ok[None, :] & (ends[None, :] <= slot[:, None])  # [slots, segments]
+        seg += tl.sum(before.to(tl.int64), axis=1)
+        first_slot += tl.sum(tl.where(before, counts[None, :], 0), axis=1)
         carry += tl.sum(counts, axis=0)
-
-
-@triton.jit
-def _chunk_table_kernel(offsets, starts, table, n_seg, max_chunks, C: tl.constexpr, BLOCK: tl.constexpr,
-                        SEARCH_STEPS: tl.constexpr):
-    """Each chunk slot's (segment or -1, first row): its segment by a binary search of starts."""
-    slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    seg = segment_of(starts, slot.to(tl.int64), n_seg, SEARCH_STEPS)
     real = seg < n_seg
-    seg = tl.minimum(seg, n_seg - 1)
-    first = tl.load(offsets + seg) + (slot - tl.load(starts + seg)) * C
+    first = tl.load(offsets + tl.minimum(seg, n_seg - 1)) + (slot - first_slot) * C
     ok = slot < max_chunks
     tl.store(table + 2 * slot, tl.where(real, seg, -1), mask=ok)
-    tl.store(table + 2 * slot + 1, first, mask=ok)
+    tl.store(table + 2 * slot + 1, tl.where(real, first, 0), mask=ok)
 
 
 def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """([max_chunks, 2] int64 (segment or -1, first row) per chunk slot, `chunk_starts` [S + 1],
-    max_chunks), in two launches."""
+    max_chunks), in one launch."""
     n_seg = offsets.shape[0] - 1
     max_chunks = chunk_slots(n_rows, n_seg)
     starts = torch.empty(n_seg + 1, dtype=torch.int64, device=offsets.device)
     table = torch.empty(max_chunks, 2, dtype=torch.int64, device=offsets.device)
-    _chunk_starts_kernel[(1,)](offsets, starts, n_seg, C=CHUNK, BLOCK=1024)
     block = 256
-    _chunk_table_kernel[(triton.cdiv(max_chunks, block),)](
-        offsets, starts, table, n_seg, max_chunks, C=CHUNK, BLOCK=block,
-        SEARCH_STEPS=max(1, n_seg.bit_length()))
+    _chunk_table_kernel[(triton.cdiv(max_chunks, block),)](offsets, starts, table, n_seg, max_chunks, C=CHUNK,
+                                                          BLOCK=block, BLOCK_S=16)
     return table, starts, max_chunks
 
 
