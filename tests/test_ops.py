@@ -283,6 +283,10 @@ def test_gated_rms_norm_checks_its_arguments():
         ops.gated_rms_norm(y, z, w[1:], eps, f64)
     with pytest.raises(ValueError, match="y: expected shape"):
         ops.gated_rms_norm(y[0, 0, 0], None, w, eps, f64)
+    with pytest.raises(TypeError, match="y: expected a torch.Tensor, got list"):
+        ops.gated_rms_norm(y.tolist(), None, w, eps, f64)
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., \*\], got \[\]"):
+        ops.l2_normalize(torch.tensor(1.0))
     with pytest.raises(ValueError, match="dtype: expected one of"):
         ops.gated_rms_norm(y, z, w, eps, torch.int64)
 

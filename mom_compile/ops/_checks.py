@@ -11,15 +11,18 @@ def check_tensor(
     name: str,
     t: torch.Tensor,
     *,
-    shape: Sequence[int | None],
+    shape: Sequence,
     dtypes: Sequence[torch.dtype] | None = None,
 ) -> None:
-    """Raise a ValueError naming ``name`` unless ``t`` has ``shape`` (None = any size) and a dtype
-    from ``dtypes``."""
+    """Raise a ValueError naming ``name`` unless ``t`` has ``shape`` (None = any size; a leading
+    ``...`` = any number of leading dims) and a dtype from ``dtypes``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    lead = shape[:1] == (...,)
+    tail = tuple(shape[1:]) if lead else tuple(shape)
+    dims_ok = t.dim() >= len(tail) if lead else t.dim() == len(tail)
+    if not dims_ok or any(s is not None and s != d for s, d in zip(tail, t.shape[t.dim() - len(tail):])):
+        want = "[" + ", ".join("..." if s is ... else "*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")

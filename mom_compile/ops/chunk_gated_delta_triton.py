@@ -64,7 +64,7 @@ def _chunk_table_kernel(offsets, starts, table, n_seg, max_chunks, C: tl.constex
     it), and from program 0 `chunk_starts`: starts[s + 1] = starts[s] + ceil(len_s / C). Every
     program runs that sum itself, a tile of segments at a time, and counts for each of its slots the
     segments whose chunks all come before it (its segment) and those chunks (its segment's first
-    slot): one launch, where a separate sum and a search of its output took two."""
+    slot)."""
     slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     seg = tl.zeros((BLOCK,), dtype=tl.int64)
     first_slot = tl.zeros((BLOCK,), dtype=tl.int64)

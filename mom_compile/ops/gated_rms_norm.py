@@ -53,7 +53,7 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor
     y: [..., H, V], any float dtype; z: [..., H*V] (a strided view is fine: the last dim must be
     contiguous) or None for no gate; weight: [V]; eps: the norm's epsilon. Returns [..., H, V].
     """
-    check_tensor("y", y, shape=(None,) * max(2, y.dim()), dtypes=FLOAT_DTYPES)
+    check_tensor("y", y, shape=(..., None, None), dtypes=FLOAT_DTYPES)
     *lead, h, v = y.shape
     if z is not None:
         check_tensor("z", z, shape=(*lead, h * v), dtypes=FLOAT_DTYPES)

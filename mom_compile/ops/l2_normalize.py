@@ -91,7 +91,7 @@ class _L2Normalize(torch.autograd.Function):
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(sum x^2 + 1e-6) over the last dim of x [..., D] (a float dtype; any strides),
     computed in float32 (float64 for float64), returned in x's dtype."""
-    check_tensor("x", x, shape=(None,) * max(x.dim(), 1), dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, shape=(..., None), dtypes=FLOAT_DTYPES)
     if torch.compiler.is_compiling():
         return _L2Normalize.apply(x)
     return torch.ops.mom.l2_normalize(x)[0]

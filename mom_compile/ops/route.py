@@ -73,7 +73,7 @@ def route(logits: torch.Tensor, topk: int, shared: bool = False) -> tuple[torch.
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() < 1:
         raise ValueError("logits: expected a tensor [..., M], got a scalar")
-    check_tensor("logits", logits, shape=(None,) * logits.dim(), dtypes=FLOAT_DTYPES)
+    check_tensor("logits", logits, shape=(..., None), dtypes=FLOAT_DTYPES)
     m = logits.shape[-1]
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= m:
         raise ValueError(f"topk: expected an int in [1, {m}] (the logits' memories), got {topk!r}")
