@@ -30,18 +30,31 @@ def model():
      "attention_mask: expected 0/1 integers or bools"),
     (dict(input_ids=torch.ones(2, 4, dtype=torch.int64), labels=torch.ones(2, 5, dtype=torch.int64)),
      ValueError, r"labels: expected shape \[2, 4\]"),
+    (dict(input_ids=torch.ones(2, 4, dtype=torch.int64), labels=torch.ones(2, 4)), ValueError,
+     "labels: expected an int64 or int32 tensor, got torch.float32"),
+    (dict(input_ids=torch.ones(1, 2, dtype=torch.int64), labels=torch.tensor([[1, 97]])), RuntimeError,
+     r"labels: every label must be in \[0, vocab_size=97\) or -100"),
+    (dict(input_ids=torch.ones(1, 2, dtype=torch.int64), labels=torch.tensor([[-1, 3]])), RuntimeError,
+     "labels: every label must be in"),
 ])
 def test_bad_forward_inputs(model, kwargs, error, match):
     with pytest.raises(error, match=match):
         model(**kwargs)
 
 
-def test_cache_of_another_batch_size(model):
-    cache = model.new_cache(3)
-    with pytest.raises(ValueError, match="past_key_values: cache holds 3 sequences"):
-        model(torch.ones(2, 1, dtype=torch.int64), past_key_values=cache)
+def test_cache_unlike_new_cache_is_refused(model):
+    x = torch.ones(2, 1, dtype=torch.int64)
+    expected = r"past_key_values: expected what model.new_cache\(2\) makes: 2 layers of recurrent \[2, 5,"
+    other_head = tiny_model(dtype=torch.float32, head_dim=16).new_cache(2)
+    bad = ((model.new_cache(3), r"layer 0's recurrent \[3, "),
+           (MomCache(model.config, 2, dtype=torch.float16), r"layer 0's conv \[2, 5, 3, \d+\] torch.float16"),
+           (other_head, r"layer 0's recurrent \[2, 5, 2, 16, 16\]"),
+           (model.new_cache(2, device="meta"), r"layer 0's recurrent .* on meta"))
+    for cache, got in bad:
+        with pytest.raises(ValueError, match=f"{expected}.*got {got}"):
+            model(x, past_key_values=cache)
     with pytest.raises(TypeError, match="past_key_values: expected a MomCache"):
-        model(torch.ones(2, 1, dtype=torch.int64), past_key_values=[1, 2])
+        model(x, past_key_values=[1, 2])
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -73,10 +86,30 @@ def test_cache_over_non_contiguous_tensors_is_refused(model):
     (dict(pad_token_id=300), r"MomConfig.pad_token_id: expected an id in \[0, vocab_size=97\)"),
     (dict(conv_size=2.5), "MomConfig.conv_size: expected an integer"),
     (dict(intermediate_size=0), "MomConfig.intermediate_size: expected a positive integer"),
+    (dict(hidden_ratio=-1), "MomConfig.hidden_ratio: expected a positive number"),
+    (dict(hidden_ratio=0.001), "MomConfig.hidden_ratio: .* gives an MLP of width 0"),
+    (dict(tie_word_embeddings="false"), "MomConfig.tie_word_embeddings: expected true or false, got 'false'"),
+    (dict(shared_mem="no"), "MomConfig.shared_mem: expected true or false"),
+    (dict(norm_eps=None), "MomConfig.norm_eps: expected a positive number, got None"),
+    (dict(initializer_range=-1), "MomConfig.initializer_range: expected a non-negative number"),
+    (dict(aux_loss_scale="x"), "MomConfig.aux_loss_scale: expected a non-negative number"),
+    (dict(pad_token_id=1.5), r"MomConfig.pad_token_id: expected an id in \[0, vocab_size=97\)"),
+    (dict(eos_token_id=-1), r"MomConfig.eos_token_id: expected an id in \[0, vocab_size=97\)"),
+    (dict(intermediate_size=True), "MomConfig.intermediate_size: expected a positive integer"),
 ])
 def test_more_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**overrides)
+
+
+def test_config_json_must_be_an_object():
+    with pytest.raises(ValueError, match="config.json: expected a JSON object of settings, got list"):
+        MomConfig.from_dict([1, 2])
+
+
+def test_int32_labels_give_the_int64_loss(model):
+    x = torch.randint(0, 97, (2, 6))
+    assert torch.equal(model(x, labels=x.int()).loss, model(x, labels=x).loss)
 
 
 def test_cuda_graph_generation_needs_cuda(model):
@@ -87,7 +120,21 @@ def test_cuda_graph_generation_needs_cuda(model):
 def test_generate_refuses_a_cache_of_another_batch_or_kind(model):
     x = torch.zeros(2, 3, dtype=torch.long)
     functional = type(model.new_cache(2)).from_states(model.new_cache(2).states(), functional=True)
-    bad = ((model.new_cache(3), "got batch 3"), ("cache", "got str"), (functional, "got MomCache"))
-    for cache, got in bad:
-        with pytest.raises(ValueError, match=rf"cache: expected model.new_cache\(2\).*{got}"):
-            model.generate(x, max_new_tokens=2, cache=cache)
+    with pytest.raises(ValueError, match=r"cache: expected what model.new_cache\(2\) makes.*got layer 0's "
+                                         r"recurrent \[3, "):
+        model.generate(x, max_new_tokens=2, cache=model.new_cache(3))
+    with pytest.raises(TypeError, match="cache: expected a MomCache, got str"):
+        model.generate(x, max_new_tokens=2, cache="cache")
+    with pytest.raises(ValueError, match="cache: expected a cache updated in place"):
+        model.generate(x, max_new_tokens=2, cache=functional)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_generate_into_new_cache_of_a_half_precision_model(dtype):
+    """A 16-bit model's cache keeps float32 recurrent states: generate takes the model's own
+    new_cache and gives what it gives without one."""
+    model = tiny_model(dtype=dtype)
+    x = torch.randint(0, model.config.vocab_size, (2, 5))
+    cache = model.new_cache(2)
+    assert cache[0].recurrent.dtype == torch.float32 and cache[0].conv.dtype == dtype
+    assert torch.equal(model.generate(x, max_new_tokens=4, cache=cache), model.generate(x, max_new_tokens=4))

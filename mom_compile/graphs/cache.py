@@ -100,3 +100,23 @@ class MomCache:
         launch: zeroing the 2 x layers buffers one by one is a launch each, and a prefill replayed
         from a CUDA graph right after waits on them."""
         torch._foreach_zero_(self.states())
+
+
+def check_cache(name: str, cache, config: MomConfig, batch: int, dtype: torch.dtype,
+                device: torch.device) -> None:
+    """Raise naming `name` unless `cache` is a MomCache with the states that
+    `MomCache(config, batch, dtype, device)` makes (a model's `new_cache(batch)`)."""
+    if not isinstance(cache, MomCache):
+        raise TypeError(f"{name}: expected a MomCache, got {type(cache).__name__}")
+    specs = state_specs(config, batch, dtype)
+    (recurrent, recurrent_dtype), (conv, conv_dtype) = specs[:2]
+    expected = (f"{name}: expected what model.new_cache({batch}) makes: {config.num_hidden_layers} layers "
+                f"of recurrent {list(recurrent)} {recurrent_dtype} and conv {list(conv)} {conv_dtype} "
+                f"states on {device}, got ")
+    states = cache.states()
+    if len(states) != len(specs):
+        raise ValueError(expected + f"{len(cache)} layers")
+    for i, (t, (shape, dt)) in enumerate(zip(states, specs)):
+        if t.shape != shape or t.dtype != dt or t.device != device:
+            kind = "conv" if i % 2 else "recurrent"
+            raise ValueError(expected + f"layer {i // 2}'s {kind} {list(t.shape)} {t.dtype} on {t.device}")

@@ -92,28 +92,50 @@ class MomConfig:
         def bad(key: str, why: str) -> None:
             raise ValueError(f"MomConfig.{key}: {why}")
 
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value) -> bool:
+            return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value))
+
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim",
-                    "num_memories", "topk"):
+                    "num_memories", "topk", "max_position_embeddings"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 bad(key, f"expected a positive integer, got {value!r}")
-        if not isinstance(self.conv_size, int) or isinstance(self.conv_size, bool):
+        for key in ("use_short_conv", "conv_bias", "use_output_gate", "tie_word_embeddings", "shared_mem",
+                    "single_kv_proj"):
+            if not isinstance(getattr(self, key), bool):
+                bad(key, f"expected true or false, got {getattr(self, key)!r}")
+        for key, positive in (("expand_v", True), ("norm_eps", True), ("capacity", True),
+                              ("initializer_range", False), ("aux_loss_scale", False)):
+            value = getattr(self, key)
+            if not is_number(value) or value < 0 or (positive and value == 0):
+                bad(key, f"expected a {'positive' if positive else 'non-negative'} number, got {value!r}")
+        if not is_int(self.conv_size):
             bad("conv_size", f"expected an integer, got {self.conv_size!r}")
-        if self.intermediate_size is not None and (
-                not isinstance(self.intermediate_size, int) or self.intermediate_size < 1):
+        size = self.intermediate_size
+        if size is not None and (not is_int(size) or size < 1):
             bad("intermediate_size", f"expected a positive integer or null, got {self.intermediate_size!r}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            bad("pad_token_id", f"expected an id in [0, vocab_size={self.vocab_size}) or null, "
-                                f"got {self.pad_token_id}")
+        if self.hidden_ratio is not None and (not is_number(self.hidden_ratio) or self.hidden_ratio <= 0):
+            bad("hidden_ratio", f"expected a positive number or null, got {self.hidden_ratio!r}")
+        if self.intermediate_size is None and self.hidden_ratio is None:
+            bad("intermediate_size", "either intermediate_size or hidden_ratio must be set")
+        if self.intermediate_size is None and self.mlp_size < 1:
+            bad("hidden_ratio", f"hidden_size * hidden_ratio = {self.hidden_size * self.hidden_ratio} "
+                                "gives an MLP of width 0")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, key)
+            if value is not None and (not is_int(value) or not 0 <= value < self.vocab_size):
+                bad(key, f"expected an id in [0, vocab_size={self.vocab_size}) or null, got {value!r}")
         if self.topk > self.num_memories:
             bad("topk", f"expected at most num_memories={self.num_memories}, got {self.topk}")
         if self.conv_size < 2:
             bad("conv_size", f"expected at least 2, got {self.conv_size}")
-        if self.expand_v <= 0 or self.head_dim * self.expand_v != int(self.head_dim * self.expand_v):
+        if self.head_dim * self.expand_v != int(self.head_dim * self.expand_v):
             bad("expand_v", f"head_dim * expand_v must be a positive integer, got "
                             f"{self.head_dim} * {self.expand_v}")
-        if self.intermediate_size is None and self.hidden_ratio is None:
-            bad("intermediate_size", "either intermediate_size or hidden_ratio must be set")
         if not self.use_short_conv:
             bad("use_short_conv", "False is not supported (the reference implementation refuses "
                                   "it too)")
@@ -126,8 +148,6 @@ class MomConfig:
                         "implements pure MoM models (attn must be null)")
         if self.attnres_block_size is not None:
             bad("attnres_block_size", "attention residuals are not supported (must be null)")
-        if self.norm_eps <= 0:
-            bad("norm_eps", f"expected a positive number, got {self.norm_eps}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MomConfig:
@@ -152,6 +172,8 @@ class MomConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MomConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"config.json: expected a JSON object of settings, got {type(values).__name__}")
         if values.get("model_type", "mom") != "mom":
             raise ValueError(f"config.json: model_type must be 'mom', got {values['model_type']!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}

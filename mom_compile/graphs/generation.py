@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..generation_args import as_array, check_generate_args
 from ..ops import triton_status
-from .cache import MomCache
+from .cache import MomCache, check_cache
 
 CHECK_EVERY = 8  # decode steps between two host syncs that look for the end (with an eos id)
 
@@ -79,16 +79,11 @@ class CudaGraphStep:
 
 
 def _check_cache(cache: MomCache, model: nn.Module, input_ids: torch.Tensor) -> None:
-    """ValueError naming `cache` unless it is what model.new_cache(batch) makes for these ids."""
-    batch, dtype, layers = input_ids.shape[0], model.lm_head.weight.dtype, model.config.num_hidden_layers
-    expected = f"model.new_cache({batch}): {layers} layers, {dtype} on {input_ids.device}"
-    if not isinstance(cache, MomCache) or len(cache) != layers \
-            or any(layer.functional for layer in cache):
-        raise ValueError(f"cache: expected {expected}, got {type(cache).__name__}")
-    state = cache[0].recurrent
-    if cache.batch_size != batch or state.device != input_ids.device or state.dtype != dtype:
-        raise ValueError(f"cache: expected {expected}, got batch {cache.batch_size}, {state.dtype} on "
-                         f"{state.device}")
+    """Raise naming `cache` unless it is what model.new_cache(batch) makes for these ids."""
+    batch, dtype = input_ids.shape[0], model.lm_head.weight.dtype
+    check_cache("cache", cache, model.config, batch, dtype, input_ids.device)
+    if any(layer.functional for layer in cache):
+        raise ValueError("cache: expected a cache updated in place (model.new_cache), got a functional one")
 
 
 def _is_compiled(model: nn.Module) -> bool:

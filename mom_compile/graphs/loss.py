@@ -13,7 +13,7 @@ IGNORE_INDEX = -100
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits[:, t] against labels[:, t + 1] (labels are shifted here, as in
     Hugging Face models); positions labelled -100 are ignored."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    shifted = F.pad(labels[:, 1:].long(), (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(upcast(logits.flatten(0, 1)), shifted.flatten(), ignore_index=IGNORE_INDEX)
 
 

@@ -11,12 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .cache import MomCache
+from .cache import MomCache, check_cache
 from .checkpoint import load_pretrained, save_pretrained
 from .config import MomConfig
 from .generation import generate
 from .layer import MomLayer
-from .loss import causal_lm_loss, load_balancing_loss
+from .loss import IGNORE_INDEX, causal_lm_loss, load_balancing_loss
 from .norm import RMSNorm
 from .stacked import stacked_parameter
 
@@ -196,16 +196,18 @@ class MomForCausalLM(nn.Module):
                              f"got shape {list(input_ids.shape)}")
         torch._assert_async(((input_ids >= 0) & (input_ids < self.config.vocab_size)).all(),
                             f"input_ids: every id must be in [0, vocab_size={self.config.vocab_size})")
-        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
-            raise ValueError(f"labels: expected shape {list(input_ids.shape)} like input_ids, got "
-                             f"{list(labels.shape) if isinstance(labels, torch.Tensor) else labels!r}")
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+                raise ValueError(f"labels: expected shape {list(input_ids.shape)} like input_ids, got "
+                                 f"{list(labels.shape) if isinstance(labels, torch.Tensor) else labels!r}")
+            if labels.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"labels: expected an int64 or int32 tensor, got {labels.dtype}")
+            in_vocab = (labels >= 0) & (labels < self.config.vocab_size)
+            torch._assert_async((in_vocab | (labels == IGNORE_INDEX)).all(),
+                                f"labels: every label must be in [0, vocab_size={self.config.vocab_size}) or "
+                                f"{IGNORE_INDEX} (ignored)")
         if cache is not None:
-            if not isinstance(cache, MomCache):
-                raise TypeError(f"past_key_values: expected a MomCache, got {type(cache).__name__}")
-            if cache.batch_size != b or len(cache) != self.config.num_hidden_layers:
-                raise ValueError(
-                    f"past_key_values: cache holds {cache.batch_size} sequences x {len(cache)} layers, "
-                    f"input_ids has {b} sequences and the model {self.config.num_hidden_layers} layers")
+            check_cache("past_key_values", cache, self.config, b, self.lm_head.weight.dtype, input_ids.device)
         if attention_mask is None:
             return None
         longer_ok = cache is not None  # with a cache, HF loops pass the mask of past + new tokens
