@@ -54,6 +54,11 @@ def test_bad_arguments(tmp_path):
     assert_one_line_error(cli("--onnx", str(tmp_path), "--opset", "9"), 1, "--opset")
     assert_one_line_error(cli("--onnx", str(tmp_path), "--checkpoint", "x", "--config", "tiny"), 2,
                           "not allowed with")
+    # an empty path would export into the working folder, or a random model
+    assert_one_line_error(cli("--onnx", ""), 2, "--onnx", "empty")
+    assert_one_line_error(cli("--onnx", str(tmp_path), "--checkpoint", " "), 2, "--checkpoint", "empty")
+    assert_one_line_error(cli("--onnx", str(tmp_path), "--seed", str(2**64)), 2, "--seed")
+    assert os.listdir(tmp_path) == []
 
 
 def test_unwritable_out(tmp_path):

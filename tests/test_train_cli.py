@@ -43,7 +43,8 @@ def test_help_is_for_newcomers():
 def test_bad_arguments_are_one_line(capsys, tmp_path):
     for args, fragment in ((["--seq-len", "1"], "--seq-len"), (["--batch-size", "0"], "--batch-size"),
                            (["--config", "huge"], "--config"), (["--mqar-pairs", "4,x"], "--mqar-pairs"),
-                           ([], "--out")):
+                           (["--betas", "1.5", "0.9"], "--betas"), (["--seed", str(2**64)], "--seed"),
+                           (["--resume", ""], "--resume"), ([], "--out")):
         with pytest.raises(SystemExit) as exit_info:
             train(*args, *([] if fragment == "--out" else ["--out", tmp_path / "x"]))
         assert exit_info.value.code == 2
@@ -76,9 +77,10 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     one_line_error(capsys, 1, ["--resume", tmp_path], "--resume", "no checkpoint")
     one_line_error(capsys, 1, ["--task", "mqar", "--device", "cuda:0", *out] if not torch.cuda.is_available()
                    else ["--task", "mqar", "--device", "tpu", *out], "--device")
+    one_line_error(capsys, 1, ["--task", "mqar", "--device", "meta", *out], "--device", "cuda, cuda:N or cpu")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("")
-    one_line_error(capsys, 1, ["--task", "mqar", *out], "--out", "already holds a run", "--resume")
+    one_line_error(capsys, 1, ["--task", "mqar", *out], "--out", "saved no checkpoint", "remove it")
 
 
 def test_resume_keeps_the_data_and_the_global_batch(capsys, tmp_path):
@@ -88,6 +90,34 @@ def test_resume_keeps_the_data_and_the_global_batch(capsys, tmp_path):
     one_line_error(capsys, 1, ["--resume", run, "--seq-len", 64], "--seq-len", "32")
     one_line_error(capsys, 1, ["--resume", run, "--batch-size", 4], "global batch", "2")
     one_line_error(capsys, 1, ["--resume", run, "--config", "340m"], "differs from the resumed run")
+    one_line_error(capsys, 1, ["--resume", run], "--steps", "more than 2")
+    one_line_error(capsys, 1, [*QUICK, "--out", run], "--out", "already holds a run", "--resume")
+
+
+@pytest.mark.parametrize("damage, part", [
+    (lambda c: (c / "trainer_state.json").write_text('{"step": 2'), "trainer_state.json"),
+    (lambda c: (c / "trainer_state.json").write_text("{}"), "trainer_state.json: no step"),
+    (lambda c: (c / "config.json").unlink(), "config.json"),
+    (lambda c: next(c.glob("*.distcp")).unlink(), "parameters and optimizer state"),
+    (lambda c: (c / ".metadata").write_bytes(b"cut"), "parameters and optimizer state"),
+    (lambda c: (c / "rng" / "rank-0.pt").write_bytes(b"cut"), "rank-0.pt"),
+])
+def test_a_damaged_checkpoint_is_named(capsys, tmp_path, damage, part):
+    run = tmp_path / "run"
+    assert train(*QUICK, "--steps", 4, "--save-every", 2, "--out", run) == 0
+    capsys.readouterr()
+    damage(run / "checkpoints" / "step-000004")
+    one_line_error(capsys, 1, ["--resume", run, "--steps", 6], "step-000004", "is damaged", part,
+                   "resume from an earlier checkpoint")
+    # the earlier one still resumes
+    assert train("--resume", run / "checkpoints" / "step-000002", "--steps", 3) == 0
+
+
+def test_pruning_keeps_the_newest_steps_past_a_million(tmp_path):
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        (tmp_path / checkpoint_module.checkpoint_name(step)).mkdir()
+    checkpoint_module._prune(str(tmp_path), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["step-1000000", "step-1000001"]
 
 
 def test_out_of_memory_says_what_to_reduce(capsys, tmp_path, monkeypatch):

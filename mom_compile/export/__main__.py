@@ -17,6 +17,7 @@ import tempfile
 import time
 import warnings
 
+from .. import cli_args
 from .tensorrt_engine import ENGINE_FILES
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_MISMATCH = 2, 1, 3
@@ -73,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m mom_compile.export", description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("--onnx", metavar="OUT",
+    out.add_argument("--onnx", type=cli_args.path, metavar="OUT",
                      help="output folder (created if missing). The export is written beside it and moved "
                           "in when complete: a failed or interrupted export leaves OUT as it was. In an "
                           "existing OUT, the files an export writes (" + ", ".join(ARTEFACTS) + ") are "
                           "replaced or, if this export does not write them, removed; other files stay")
-    out.add_argument("--tensorrt", metavar="OUT",
+    out.add_argument("--tensorrt", type=cli_args.path, metavar="OUT",
                      help="like --onnx, with the plugin-mode graphs (--plugin) and their TensorRT engines "
                           "(needs TensorRT 10.9+, triton and a CUDA GPU)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", metavar="DIR",
+    src.add_argument("--checkpoint", type=cli_args.path, metavar="DIR",
                      help="model folder in the reference `mom` layout, or one saved by this package")
     src.add_argument("--config", choices=("tiny", "340m", "1.3b"), default=None,
                      help="without --checkpoint: a built-in size with random weights (default: tiny). "
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --tensorrt: the largest batch the engines take (default {MAX_BATCH})")
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
                    help=f"with --tensorrt: the longest prompt the prefill engine takes (default {MAX_SEQ})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--seed", type=cli_args.seed, default=0, help="seed of the random weights and inputs")
     return p
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from .distributed import World
@@ -38,6 +39,7 @@ LATEST = "latest"
 STATE_NAME = "trainer_state.json"
 PREFIX = "step-"
 TMP = ".tmp-"
+STATE_KEYS = ("step", "scheduler", "args", "global_batch")  # what a resumed run reads of trainer_state.json
 
 
 def checkpoint_name(step: int) -> str:
@@ -120,7 +122,9 @@ def save_checkpoint(out: str, step: int, model: nn.Module, optimizer: torch.opti
 
 def _prune(root: str, keep: int) -> None:
     """Keep the newest `keep` checkpoints (0: keep all); a deleted one is renamed away first."""
-    names = sorted(n for n in os.listdir(root) if n.startswith(PREFIX))
+    steps = sorted(int(n[len(PREFIX):]) for n in os.listdir(root)
+                   if n.startswith(PREFIX) and n[len(PREFIX):].isdigit())
+    names = [checkpoint_name(step) for step in steps]  # by step: step-1000000 follows step-999999
     for name in names[:-keep] if keep > 0 else []:
         doomed = os.path.join(root, TMP + "delete-" + name)
         os.replace(os.path.join(root, name), doomed)
@@ -143,9 +147,25 @@ def resolve_checkpoint(path: str) -> str:
                      f"{FOLDER}/{LATEST}, or a {FOLDER}/{PREFIX}N folder)")
 
 
+def damaged(folder: str, part: str, why) -> TrainError:
+    """The error for a checkpoint that cannot be read back."""
+    if isinstance(why, BaseException):
+        lines = str(why).strip().splitlines()
+        why = type(why).__name__ + (f": {lines[0]}" if lines else "")
+    return TrainError(f"--resume: checkpoint {folder!r} is damaged ({part}: {why}); resume from an "
+                      f"earlier checkpoint in {os.path.dirname(os.path.abspath(folder))!r}")
+
+
 def read_trainer_state(folder: str) -> dict:
-    with open(os.path.join(folder, STATE_NAME)) as f:
-        return json.load(f)
+    try:
+        with open(os.path.join(folder, STATE_NAME)) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise damaged(folder, STATE_NAME, e) from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else STATE_KEYS
+    if missing:
+        raise damaged(folder, STATE_NAME, f"no {', '.join(missing)}")
+    return state
 
 
 def load_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -153,9 +173,17 @@ def load_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optimi
     """Load parameters, optimizer state and this process's RNG state in place (a collective)."""
     optim_state = get_optimizer_state_dict(model, optimizer)  # creates AdamW's state to load into
     state = {"model": dict(model.named_parameters()), "optim": optim_state}
-    with _dcp_quiet():
-        dcp.load(state, checkpoint_id=folder)
+    try:
+        with _dcp_quiet():
+            dcp.load(state, checkpoint_id=folder)
+    except CheckpointException as e:  # DCP's wrapper (a BaseException) of each process's failure
+        raise damaged(folder, "parameters and optimizer state", next(iter(e.failures.values()))[0]) from None
+    except Exception as e:  # a missing or cut shard surfaces as any of several errors
+        raise damaged(folder, "parameters and optimizer state", e) from None
     set_optimizer_state_dict(model, optimizer, optim_state)
-    rng = os.path.join(folder, "rng", f"rank-{world.rank}.pt")
-    if os.path.isfile(rng):  # absent when resuming on more processes than saved
-        _set_rng_state(torch.load(rng, weights_only=True), world.device)
+    rng = os.path.join("rng", f"rank-{world.rank}.pt")
+    if os.path.isfile(os.path.join(folder, rng)):  # absent when resuming on more processes than saved
+        try:
+            _set_rng_state(torch.load(os.path.join(folder, rng), weights_only=True), world.device)
+        except Exception as e:
+            raise damaged(folder, rng, e) from None

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .. import cli_args
 from ..graphs.model import CHECKPOINTING_SCOPES
 from .options import DEFAULTS
 
@@ -76,6 +77,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _beta(text: str) -> float:
+    value = _non_negative_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
 def _pair_counts(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -137,14 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {d['min_lr_ratio']})")
     opt.add_argument("--weight-decay", type=_non_negative_float,
                      help=f"AdamW weight decay of the weight matrices (default {d['weight_decay']})")
-    opt.add_argument("--betas", type=_non_negative_float, nargs=2, metavar=("B1", "B2"),
+    opt.add_argument("--betas", type=_beta, nargs=2, metavar=("B1", "B2"),
                      help="AdamW betas (default {} {})".format(*d["betas"]))
     opt.add_argument("--grad-clip", type=_non_negative_float, metavar="NORM",
                      help=f"clip the gradients' global norm to NORM, 0 = off (default {d['grad_clip']})")
 
     run = p.add_argument_group("run")
-    run.add_argument("--out", metavar="DIR", help="run folder (required, except with --resume)")
-    run.add_argument("--resume", metavar="DIR",
+    run.add_argument("--out", type=cli_args.path, metavar="DIR",
+                     help="run folder (required, except with --resume)")
+    run.add_argument("--resume", type=cli_args.path, metavar="DIR",
                      help="continue from a checkpoint: a run folder (its newest) or a checkpoint "
                           "folder; options left out are the resumed run's; --out defaults to its folder")
     run.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available); under "
@@ -160,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "keeping its activations, far less memory for about one more forward per step; "
                           "scan_states: recompute only the scans' chunk states, one more sequential pass "
                           "per layer")
-    run.add_argument("--seed", type=int, help=f"seed of the weights and the data (default {d['seed']})")
+    run.add_argument("--seed", type=cli_args.seed,
+                     help=f"seed of the weights and the data (default {d['seed']})")
     run.add_argument("--save-every", type=_int_at_least(0), metavar="N",
                      help=f"write a checkpoint every N steps and at the end, 0 = never "
                           f"(default {d['save_every']})")

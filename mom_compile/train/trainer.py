@@ -23,6 +23,7 @@ from mom_compile import MomConfig, MomForCausalLM
 from .checkpoint import (
     FOLDER,
     LATEST,
+    damaged,
     load_checkpoint,
     read_trainer_state,
     remove_partial,
@@ -48,10 +49,13 @@ def run(args) -> None:
     """Train as `args` (the command line's namespace) say; raises TrainError or Interrupted."""
     device = args.device or default_device()
     try:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"--device: {device!r} asked for, but this torch sees no CUDA device")
+        kind = torch.device(device).type
     except RuntimeError as e:
         raise TrainError(f"--device: expected cuda, cuda:N or cpu, got {device!r} ({e})") from None
+    if kind not in ("cuda", "cpu"):
+        raise TrainError(f"--device: expected cuda, cuda:N or cpu, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device: {device!r} asked for, but this torch sees no CUDA device")
     world = init_world(device)
     handler = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if handler else None
@@ -121,6 +125,9 @@ class Trainer:
             raise TrainError(f"--batch-size/--grad-accum: the resumed run's global batch was "
                              f"{saved['global_batch']} sequences, this one's is {args.batch_size} x "
                              f"{args.grad_accum} x {world.size} processes = {self.global_batch}")
+        if saved and args.steps <= saved["step"]:
+            raise TrainError(f"--steps: expected more than {saved['step']}, the resumed checkpoint's step, "
+                             f"got {args.steps} (nothing would be trained)")
         self.source: Source = self._build_source()
         self._prepare_out(resuming=resume is not None)
 
@@ -183,7 +190,10 @@ class Trainer:
             raise TrainError(f"{flag}: {e}") from None
         if resume is None:
             return given or MomConfig.preset("tiny")
-        config = MomConfig.from_pretrained(resume)
+        try:
+            config = MomConfig.from_pretrained(resume)
+        except (OSError, ValueError, TypeError) as e:
+            raise damaged(resume, "config.json", e) from None
         if given is not None and given.to_dict() != config.to_dict():
             raise TrainError("--config/--config-json/--init-from: the model differs from the resumed "
                              "run's (leave the option out to take the checkpoint's)")
@@ -215,6 +225,9 @@ class Trainer:
             raise TrainError(f"--out: {out!r} exists and is not a folder")
         has_run = any(os.path.exists(os.path.join(out, n)) for n in (METRICS_NAME, FOLDER))
         if has_run and not resuming:
+            if not os.path.isfile(os.path.join(out, FOLDER, LATEST)):
+                raise TrainError(f"--out: {out!r} holds a run that saved no checkpoint to continue from; "
+                                 "remove it or choose another folder")
             raise TrainError(f"--out: {out!r} already holds a run; continue it with --resume {out}, "
                              "or choose another folder")
         self.world.barrier()  # every process has looked before process 0 writes

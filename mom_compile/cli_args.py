@@ -1,0 +1,24 @@
+"""Argument types shared by the command-line tools (`python -m mom_compile.train` and
+`python -m mom_compile.export`): each parses one option's text or raises argparse's error, which
+names the option."""
+from __future__ import annotations
+
+import argparse
+
+
+def seed(text: str) -> int:
+    """A random seed: what torch.manual_seed takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2^63, 2^64), got {text}")
+    return value
+
+
+def path(text: str) -> str:
+    """A file or folder name: an empty one would mean the working folder, by accident."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
