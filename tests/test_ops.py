@@ -486,7 +486,23 @@ def ops_backward(dtype, starts, v_new):
      r"mask: expected shape \[1, 2\]"),
     (lambda: ops.gather_rows(*gather_inputs()[:4], torch.zeros(4, 3, dtype=torch.int64), 4),
      r"token: expected shape \[12\]"),
-    (lambda: ops.gather_rows(*gather_inputs()[:5], 8), r"split: expected a column count in \[0, 7\]"),
+    (lambda: ops.gather_rows(*gather_inputs()[:5], 8), r"split: expected an integer in \[0, 7\], got 8"),
+    (lambda: ops.gather_rows(*gather_inputs()[:2], gather_inputs()[2] + 4, *gather_inputs()[3:]),
+     r"token: expected every value in \[0, 4\)"),
+    (lambda: ops.combine(torch.randn(4, 1, 1), torch.rand(1, 2, 2), torch.arange(4).view(1, 2, 2) * 2),
+     r"row_of_choice: expected every value in \[0, 4\), got values in \[0, 6\]"),
+    (lambda: ops.combine(torch.ones(4, 1, 1, dtype=torch.int64), torch.rand(1, 2, 2),
+                         torch.arange(4).view(1, 2, 2)), "o_rows: expected dtype"),
+    (lambda: ops.chunk_gated_delta(*scan_rows(10), torch.tensor([0, 6, 4, 10])), "offsets: expected 0 first, "
+     r"non-decreasing, at most the row count 10 last, got \[0, 6, 4, 10\]"),
+    (lambda: ops.chunk_gated_delta(*scan_rows(10), torch.tensor([2, 4, 10])), "offsets: expected 0 first"),
+    (lambda: ops.chunk_gated_delta(*scan_rows(10), torch.tensor([0, 4, 12])), "offsets: expected 0 first"),
+    (lambda: ops.segment_conv(torch.randn(10, 3), torch.randn(3, 4), None, torch.tensor([0, 4, 15])),
+     "offsets: expected 0 first"),
+    (lambda: ops.memory_decode(*decode_inputs()[:2], decode_inputs()[2] + 5, *decode_inputs()[3:], 1.0),
+     r"memory_idx: expected every value in \[-1, 5\)"),
+    (lambda: ops.dispatch(torch.zeros(1, 2, 1, dtype=torch.int64), torch.ones(1, 2, dtype=torch.bool), 0),
+     "num_memories: expected at least 1, got 0"),
     (lambda: ops.combine(torch.randn(5, 1, 1), torch.rand(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int64)),
      "o_rows: expected 4 rows"),
     (lambda: ops.memory_decode_(*decode_inputs()[:2], decode_inputs()[2].int(), *decode_inputs()[3:], 1.0),
@@ -498,4 +514,23 @@ def ops_backward(dtype, starts, v_new):
 ])
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
+        call()
+
+
+def scan_rows(n: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v, g, beta of n rows, one head of 3."""
+    return (torch.randn(n, 1, 3), torch.randn(n, 1, 3), torch.randn(n, 1, 3), -torch.rand(n, 1),
+            torch.rand(n, 1))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ops.dispatch(torch.zeros(1, 2, 1, dtype=torch.int64), torch.ones(1, 2, dtype=torch.bool), 4.7),
+     "num_memories: expected an integer, got 4.7"),
+    (lambda: ops.gather_rows(*gather_inputs()[:5], 2.5), "split: expected an integer, got 2.5"),
+    (lambda: ops.gated_delta_step(*scan_rows(2), torch.zeros(2, 1, 3, 3), None),
+     "scale: expected a finite number, got None"),
+    (lambda: ops.memory_decode(*decode_inputs(), float("nan")), "scale: expected a finite number, got nan"),
+])
+def test_bad_scalars_name_the_argument(call, match):
+    with pytest.raises(TypeError, match=match):
         call()

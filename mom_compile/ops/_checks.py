@@ -2,6 +2,8 @@
 they cost nothing on the compiled path and raise before a kernel sees bad input."""
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +28,53 @@ def check_tensor(
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """Raise naming ``name`` unless ``value`` is an integer in [low, high] (high None: no bound)."""
+    if not isinstance(value, (numbers.Integral, torch.SymInt)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ValueError(f"{name}: expected {bounds}, got {value}")
+    return int(value) if isinstance(value, numbers.Integral) else value
+
+
+def check_float(name: str, value) -> float:
+    """Raise naming ``name`` unless ``value`` is a finite real number; returns it as a float. Under
+    torch.compile it may be symbolic: it passes unchecked."""
+    if torch.compiler.is_compiling() or isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise TypeError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs nothing: a plain CPU tensor outside any compiler,
+    tracer or dispatch mode. On CUDA a read would wait for the device, so the kernels there trust
+    the indices and offsets that `route` and `dispatch` make."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not torch._C._len_torch_dispatch_stack())
+
+
+def check_index_values(name: str, t: torch.Tensor, low: int, high: int) -> None:
+    """Raise naming ``name`` unless every value of ``t`` is in [low, high) (where readable)."""
+    if values_readable(t) and t.numel() and not bool(((t >= low) & (t < high)).all()):
+        raise ValueError(f"{name}: expected every value in [{low}, {high}), got values in "
+                         f"[{int(t.min())}, {int(t.max())}]")
+
+
+def check_offsets(offsets: torch.Tensor, n: int) -> None:
+    """Segment offsets [S + 1] int64 over n rows: offsets[0] = 0, non-decreasing, offsets[-1] <= n
+    (the values where readable)."""
+    check_tensor("offsets", offsets, shape=(None,), dtypes=INDEX_DTYPES)
+    if offsets.shape[0] < 1:
+        raise ValueError("offsets: expected at least one entry (offsets[0] = 0)")
+    if values_readable(offsets) and not (offsets[0] == 0 and bool((offsets.diff() >= 0).all())
+                                         and offsets[-1] <= n):
+        raise ValueError(f"offsets: expected 0 first, non-decreasing, at most the row count {n} last, "
+                         f"got {offsets.tolist() if offsets.numel() <= 8 else offsets}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import INDEX_DTYPES, STATE_DTYPES, check_rows, check_same_device, check_tensor
+from ._checks import STATE_DTYPES, check_float, check_offsets, check_rows, check_same_device, check_tensor
 from .gated_delta_step import step_backward_reference, step_reference
 from .precision import compute_dtype
 
@@ -299,14 +299,12 @@ def chunk_gated_delta(
     and has the backward recompute them (less memory, one more sequential state pass).
     """
     n, h, dk, dv = check_rows(q, k, v, g, beta)
-    check_tensor("offsets", offsets, shape=(None,), dtypes=INDEX_DTYPES)
-    if offsets.shape[0] < 1:
-        raise ValueError("offsets: expected at least one entry (offsets[0] = 0)")
+    check_offsets(offsets, n)
     if initial_state is not None:
         check_tensor("initial_state", initial_state,
                      shape=(offsets.shape[0] - 1, h, dk, dv), dtypes=STATE_DTYPES)
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, offsets=offsets, initial_state=initial_state)
-    scale = dk ** -0.5 if scale is None else float(scale)
+    scale = dk ** -0.5 if scale is None else check_float("scale", scale)
     args = (q, k, v, g, beta, offsets, initial_state, scale)
     if keep_states and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
         return torch.ops.mom.chunk_gated_delta_train(*args)[:2]

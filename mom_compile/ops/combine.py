@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import INDEX_DTYPES, STATE_DTYPES, check_same_device, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    STATE_DTYPES,
+    check_index_values,
+    check_same_device,
+    check_tensor,
+)
 
 
 def combine_reference(
@@ -67,11 +74,12 @@ def combine(o_rows: torch.Tensor, weights: torch.Tensor, row_of_choice: torch.Te
     permutation of 0..N-1 (N = B*T*k) as `dispatch` returns. Returns y [B, T, H, V] in the
     weights' dtype.
     """
-    check_tensor("o_rows", o_rows, shape=(None, None, None))
+    check_tensor("o_rows", o_rows, shape=(None, None, None), dtypes=FLOAT_DTYPES)
     check_tensor("row_of_choice", row_of_choice, shape=(None, None, None), dtypes=INDEX_DTYPES)
     b, t, k = row_of_choice.shape
     if o_rows.shape[0] != b * t * k:
         raise ValueError(f"o_rows: expected {b * t * k} rows (B*T*k), got {o_rows.shape[0]}")
     check_tensor("weights", weights, shape=(b, t, k), dtypes=STATE_DTYPES)
     check_same_device(o_rows=o_rows, weights=weights, row_of_choice=row_of_choice)
+    check_index_values("row_of_choice", row_of_choice, 0, b * t * k)
     return torch.ops.mom.combine(o_rows, weights, row_of_choice)

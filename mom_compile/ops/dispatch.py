@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import INDEX_DTYPES, check_same_device, check_tensor
+from ._checks import INDEX_DTYPES, check_int, check_same_device, check_tensor
 
 
 def dispatch_reference(
@@ -71,7 +71,6 @@ def dispatch(
     check_tensor("memory_idx", memory_idx, shape=(None, None, None), dtypes=INDEX_DTYPES)
     b, t, _ = memory_idx.shape
     check_tensor("mask", mask, shape=(b, t), dtypes=(torch.bool,))
-    if num_memories < 1:
-        raise ValueError(f"num_memories: expected at least 1, got {num_memories}")
+    num_memories = check_int("num_memories", num_memories, 1)
     check_same_device(memory_idx=memory_idx, mask=mask)
-    return torch.ops.mom.dispatch(memory_idx, mask, int(num_memories))
+    return torch.ops.mom.dispatch(memory_idx, mask, num_memories)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import STATE_DTYPES, check_rows, check_same_device, check_tensor
+from ._checks import STATE_DTYPES, check_float, check_rows, check_same_device, check_tensor
 
 
 def step_reference(
@@ -109,4 +109,4 @@ def gated_delta_step(
     r, h, dk, dv = check_rows(q, k, v, g, beta)
     check_tensor("state", state, shape=(r, h, dk, dv), dtypes=STATE_DTYPES)
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, state=state)
-    return torch.ops.mom.gated_delta_step(q, k, v, g, beta, state, float(scale))
+    return torch.ops.mom.gated_delta_step(q, k, v, g, beta, state, check_float("scale", scale))

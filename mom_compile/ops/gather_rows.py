@@ -20,7 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_index_values,
+    check_int,
+    check_same_device,
+    check_tensor,
+)
 from .precision import compute_dtype
 
 
@@ -109,9 +116,10 @@ def gather_rows(
     check_tensor("set_of_row", set_of_row, shape=(r,), dtypes=INDEX_DTYPES)
     if per_set.shape[1] < 1:
         raise ValueError("per_set: expected at least one projection set, got 0")
-    if not 0 <= split <= per_set.shape[2]:
-        raise ValueError(f"split: expected a column count in [0, {per_set.shape[2]}], got {split}")
+    split = check_int("split", split, 0, per_set.shape[2])
     check_same_device(q=q, per_set=per_set, token=token, set_of_row=set_of_row, row_of_choice=row_of_choice)
+    check_index_values("token", token, 0, n)
+    check_index_values("row_of_choice", row_of_choice, 0, r)
     if torch.compiler.is_compiling():
-        return gather_rows_reference(q, per_set, token, set_of_row, row_of_choice, int(split))
-    return torch.ops.mom.gather_rows(q, per_set, token, set_of_row, row_of_choice, int(split))
+        return gather_rows_reference(q, per_set, token, set_of_row, row_of_choice, split)
+    return torch.ops.mom.gather_rows(q, per_set, token, set_of_row, row_of_choice, split)

@@ -24,7 +24,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, STATE_DTYPES, check_same_device, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    STATE_DTYPES,
+    check_float,
+    check_index_values,
+    check_same_device,
+    check_tensor,
+)
 from .gated_delta_step import step_reference
 from .gather_rows import gather_rows_reference
 from .l2_normalize import l2_normalize
@@ -127,6 +135,7 @@ def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, con
     if memory_idx.shape[1] > slots:
         raise ValueError(f"memory_idx: expected at most {slots} distinct slots per token, got "
                          f"{memory_idx.shape[1]}")
+    check_index_values("memory_idx", memory_idx, -1, slots)  # -1: a padding token
     check_tensor("A_log", A_log, shape=(h,), dtypes=FLOAT_DTYPES)
     check_tensor("dt_bias", dt_bias, shape=(h,), dtypes=FLOAT_DTYPES)
     check_tensor("conv_weight", conv_weight, shape=(c, None), dtypes=(q.dtype,))
@@ -139,7 +148,7 @@ def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, con
                       conv_weight=conv_weight, conv_bias=conv_bias, conv_states=conv_states,
                       rec_states=rec_states)
     return (q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states, rec_states,
-            float(scale), bool(single_set))
+            check_float("scale", scale), bool(single_set))
 
 
 def memory_decode_(

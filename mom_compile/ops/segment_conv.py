@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_offsets, check_same_device, check_tensor
 from .precision import compute_dtype
 
 
@@ -150,9 +150,7 @@ def segment_conv(
     width = weight.shape[1]
     if width < 2:
         raise ValueError(f"weight: expected a kernel width of at least 2, got {width}")
-    check_tensor("offsets", offsets, shape=(None,), dtypes=INDEX_DTYPES)
-    if offsets.shape[0] < 1:
-        raise ValueError("offsets: expected at least one entry (offsets[0] = 0)")
+    check_offsets(offsets, n)
     n_seg = offsets.shape[0] - 1
     if bias is None:
         bias = weight.new_zeros(d)
