@@ -102,6 +102,15 @@ def test_more_bad_configs(overrides, match):
         tiny_config(**overrides)
 
 
+def test_bad_cache_sizes_and_logits_to_keep(model):
+    with pytest.raises(TypeError, match="batch_size: expected an integer, got 2.5"):
+        model.new_cache(2.5)
+    with pytest.raises(ValueError, match="batch_size: expected at least 1, got 0"):
+        model.new_cache(0)
+    with pytest.raises(ValueError, match="logits_to_keep: expected an int >= 0, got True"):
+        model(torch.ones(1, 2, dtype=torch.int64), logits_to_keep=True)
+
+
 def test_config_json_must_be_an_object():
     with pytest.raises(ValueError, match="config.json: expected a JSON object of settings, got list"):
         MomConfig.from_dict([1, 2])

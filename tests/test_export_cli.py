@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -58,6 +60,22 @@ def test_bad_arguments(tmp_path):
     assert_one_line_error(cli("--onnx", ""), 2, "--onnx", "empty")
     assert_one_line_error(cli("--onnx", str(tmp_path), "--checkpoint", " "), 2, "--checkpoint", "empty")
     assert_one_line_error(cli("--onnx", str(tmp_path), "--seed", str(2**64)), 2, "--seed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_terminated_export_leaves_nothing(tmp_path):
+    """SIGTERM (a scheduler's stop) cleans up like Ctrl-C: no OUT, no hidden partial folder."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    command = [sys.executable, "-m", "mom_compile.export", "--onnx", str(tmp_path / "out")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not any(n.endswith(".partial") for n in os.listdir(tmp_path)) and process.poll() is None:
+        assert time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "interrupted" in err, err
     assert os.listdir(tmp_path) == []
 
 

@@ -56,6 +56,7 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     out = ["--out", tmp_path / "run"]
     one_line_error(capsys, 1, ["--config", "tiny", *out], "--task mqar or --data")
     one_line_error(capsys, 1, ["--data", tmp_path / "missing.txt", *out], "--data", "missing.txt")
+    one_line_error(capsys, 1, ["--data", tmp_path, *out], "--data", "is a folder")
     (tmp_path / "empty.txt").write_text("")
     one_line_error(capsys, 1, ["--data", tmp_path / "empty.txt", *out], "--data", "0 tokens")
     (tmp_path / "short.txt").write_text("too short")
@@ -113,6 +114,19 @@ def test_a_damaged_checkpoint_is_named(capsys, tmp_path, damage, part):
     assert train("--resume", run / "checkpoints" / "step-000002", "--steps", 3) == 0
 
 
+def test_a_malformed_tokenizer_config_is_named(capsys, tmp_path):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    words = models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")
+    Tokenizer(words).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": ')
+    (tmp_path / "data.txt").write_text("a b " * 100)
+    args = ["--data", tmp_path / "data.txt", "--tokenizer", folder, "--out", tmp_path / "run"]
+    one_line_error(capsys, 1, args, "--tokenizer", "tokenizer_config.json")
+
+
 def test_pruning_keeps_the_newest_steps_past_a_million(tmp_path):
     for step in (999_998, 999_999, 1_000_000, 1_000_001):
         (tmp_path / checkpoint_module.checkpoint_name(step)).mkdir()
@@ -120,9 +134,15 @@ def test_pruning_keeps_the_newest_steps_past_a_million(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step-1000000", "step-1000001"]
 
 
-def test_out_of_memory_says_what_to_reduce(capsys, tmp_path, monkeypatch):
+CPU_OUT_OF_MEMORY = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 8000000000 bytes")
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError(CPU_OUT_OF_MEMORY)])
+def test_out_of_memory_says_what_to_reduce(capsys, tmp_path, monkeypatch, error):
     def no_memory(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
     monkeypatch.setattr(MomForCausalLM, "forward", no_memory)
     one_line_error(capsys, 1, [*QUICK, "--out", tmp_path / "run"], "out of memory", "--batch-size",
                    "--grad-accum", "--grad-checkpointing", "--seq-len", "torchrun")

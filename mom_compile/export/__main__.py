@@ -18,6 +18,7 @@ import time
 import warnings
 
 from .. import cli_args
+from ..interrupts import sigterm_as_interrupt
 from .tensorrt_engine import ENGINE_FILES
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_MISMATCH = 2, 1, 3
@@ -429,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        code = run(args)
+        with sigterm_as_interrupt():  # a terminated export cleans up like an interrupted one
+            code = run(args)
     except _Failure as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops._checks import check_int
 from ..ops.precision import compute_dtype
 from .config import MomConfig
 
@@ -58,8 +59,7 @@ class MomCache:
         self, config: MomConfig, batch_size: int, dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
+        check_int("batch_size", batch_size, 1)
         self.layers = self._pair(zero_states(config, batch_size, dtype, device))
         if not torch.compiler.is_compiling():  # lets CUDA graphs (mode="reduce-overhead") update them
             for t in self.states():              # in place; a cache made inside a graph is its output

@@ -162,7 +162,7 @@ class MomForCausalLM(nn.Module):
         logits_to_keep > 0 computes the logits of the last that many positions only (Hugging Face's
         name; a prompt's prefill needs one); 0 keeps all."""
         mask = self._check_inputs(input_ids, attention_mask, labels, past_key_values)
-        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep: expected an int >= 0, got {logits_to_keep!r}")
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep: the loss needs every position's logits; pass 0 with labels")

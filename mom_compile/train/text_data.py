@@ -20,6 +20,8 @@ from .errors import TrainError
 
 
 def read_documents(path: str, text_field: str) -> Iterator[str]:
+    if os.path.isdir(path):
+        raise TrainError(f"--data: {path!r} is a folder; expected a text or .jsonl file")
     if not os.path.isfile(path):
         raise TrainError(f"--data: no such file {path!r}")
     with open(path, encoding="utf-8", errors="replace") as f:

@@ -81,8 +81,12 @@ def _eos_id(tok, path: str) -> int | None:
     config = os.path.join(path, "tokenizer_config.json")
     if not os.path.isfile(config):
         return None
-    with open(config) as f:
-        eos = json.load(f).get("eos_token")
+    try:
+        with open(config) as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"--tokenizer: cannot read {config!r} ({e})") from None
+    eos = settings.get("eos_token") if isinstance(settings, dict) else None
     if isinstance(eos, dict):  # {"content": "</s>", ...}
         eos = eos.get("content")
     return None if eos is None else tok.token_to_id(eos)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 
 import torch
 
 from mom_compile import MomConfig, MomForCausalLM
+from mom_compile.interrupts import sigterm_as_interrupt
 
 from .checkpoint import (
     FOLDER,
@@ -57,22 +56,23 @@ def run(args) -> None:
     if kind == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device: {device!r} asked for, but this torch sees no CUDA device")
     world = init_world(device)
-    handler = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if handler else None
     trainer = None
     try:
-        resume = resolve_checkpoint(args.resume) if args.resume else None
-        saved = read_trainer_state(resume) if resume else None
-        args = _settle(args, saved)
-        trainer = Trainer(args, world, resume, saved)
-        trainer.fit()
+        with sigterm_as_interrupt():
+            resume = resolve_checkpoint(args.resume) if args.resume else None
+            saved = read_trainer_state(resume) if resume else None
+            args = _settle(args, saved)
+            trainer = Trainer(args, world, resume, saved)
+            trainer.fit()
     except torch.OutOfMemoryError:
+        raise TrainError(_out_of_memory(args, trainer, world)) from None
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):  # what the CPU allocator says when it runs out
+            raise
         raise TrainError(_out_of_memory(args, trainer, world)) from None
     except KeyboardInterrupt:
         raise Interrupted(_where_to_resume(trainer)) from None
     finally:
-        if handler:
-            signal.signal(signal.SIGTERM, previous)
         close_world(world)
 
 
@@ -83,10 +83,6 @@ def _settle(args, saved: dict | None):
         raise TrainError(f"--{name.replace('_', '-')}: the resumed run used {saved['args'][name]!r}, "
                          f"got {getattr(args, name)!r} (a resumed run keeps its data)")
     return args
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _out_of_memory(args, trainer, world: World) -> str:
