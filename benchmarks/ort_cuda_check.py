@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.checkpoint and args.generate:
                 from mom_compile import MomForCausalLM
 
-                model = MomForCausalLM.from_pretrained(args.checkpoint).eval()
+                model = MomForCausalLM.from_pretrained(args.checkpoint)
         manifest = read_manifest(folder)
         if manifest["plugin"]:
             print("error: plugin graphs do not run in onnxruntime")

@@ -40,8 +40,8 @@ def main() -> int:
                 p.add_(0.2 * torch.randn_like(p))
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder, safe_serialization=True)
-        ours = MomForCausalLM.from_pretrained(folder, dtype=torch.float32, device="cuda").eval()
-        oracle = MomForCausalLM.from_pretrained(folder, dtype=torch.float64, device="cpu").eval()
+        ours = MomForCausalLM.from_pretrained(folder, dtype=torch.float32, device="cuda")
+        oracle = MomForCausalLM.from_pretrained(folder, dtype=torch.float64, device="cpu")
 
     print("models loaded", flush=True)
     rows = []

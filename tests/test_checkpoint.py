@@ -65,6 +65,22 @@ def test_round_trip_is_exact(tmp_path):
     assert torch.equal(model(x).logits, loaded(x).logits)
 
 
+def test_dtype_by_name_and_eval_mode(tmp_path):
+    """from_pretrained returns an eval-mode model (Hugging Face's convention) in the dtype asked
+    for, by torch.dtype or by name; "auto" keeps the checkpoint's; anything else is named."""
+    model = tiny_model(dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    for dtype, want in ((torch.float16, torch.float16), ("bfloat16", torch.bfloat16),
+                        ("torch.float64", torch.float64), ("auto", torch.float32)):
+        loaded = MomForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+        assert not loaded.training
+        for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+            assert b.dtype == want and torch.equal(a.to(want), b), k
+    for bad in (torch.complex64, "half8", 16):
+        with pytest.raises(ValueError, match="dtype: expected None, 'auto', or float16, bfloat16"):
+            MomForCausalLM.from_pretrained(tmp_path, dtype=bad)
+
+
 def test_loads_a_folder_written_by_hand_in_the_reference_layout(tmp_path):
     """A checkpoint built from docs/math.md's name list alone (no model of ours involved), in bf16,
     as pytorch_model.bin, with reference-only config keys."""

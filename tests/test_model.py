@@ -44,6 +44,22 @@ def test_prefill_then_steps_equals_forward_at_every_position(model, prefix):
     torch.testing.assert_close(torch.cat(logits, 1), full, **TOL)
 
 
+def test_autocast_decoding_with_a_cache():
+    """A float32 model under bfloat16 autocast decodes with its own (float32) cache: prefill and
+    steps give the logits of one prefill of every token, and generate runs."""
+    model = tiny_model(dtype=torch.float32)
+    x = ids(2, 10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(x, use_cache=True).logits
+        out = model(x[:, :4], use_cache=True)
+        logits = [out.logits] + [model(x[:, t:t + 1], past_key_values=out.past_key_values).logits
+                                 for t in range(4, 10)]
+        generated = model.generate(x, max_new_tokens=3, cache=model.new_cache(2))
+    torch.testing.assert_close(torch.cat(logits, 1).float(), full.float(), rtol=0,
+                               atol=2e-2 * full.abs().max().item())
+    assert generated.shape == (2, 13) and torch.equal(generated[:, :10], x)
+
+
 def test_logits_to_keep_gives_the_last_positions_of_the_oracle(model):
     """logits_to_keep=k: the oracle's logits at the last k positions, and nothing else; bad values
     and a loss without every position are refused by name."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mom_compile import MomForCausalLM
+from mom_compile import MomConfig, MomForCausalLM
 from mom_compile.train import checkpoint as checkpoint_module
 from mom_compile.train.checkpoint import resolve_checkpoint
 
@@ -163,6 +163,22 @@ def test_grad_checkpointing_trains_the_same_steps(tmp_path, monkeypatch):
     assert train(*QUICK, "--steps", 3, "--grad-checkpointing", "--out", runs[1]) == 0
     assert len(recomputed) == 3 * 2  # every step, every block of the tiny model
     assert losses(runs[1]) == losses(runs[0]) and len(losses(runs[0])) == 3
+
+
+def test_grad_checkpointing_recomputes_a_model_from_init_from(tmp_path, monkeypatch):
+    """--init-from loads an eval-mode model (from_pretrained's convention); training sets train
+    mode, without which gradient checkpointing would silently keep every activation."""
+    from mom_compile.graphs import model as model_module
+    recomputed = []
+
+    def counted(*args, **kwargs):
+        recomputed.append(1)
+        return checkpoint(*args, **kwargs)
+    monkeypatch.setattr(model_module, "checkpoint", counted)
+    MomForCausalLM(MomConfig.preset("tiny")).save_pretrained(tmp_path / "init")
+    run = [arg for arg in QUICK if arg not in ("--config", "tiny")] + ["--init-from", tmp_path / "init"]
+    assert train(*run, "--grad-checkpointing", "--out", tmp_path / "run") == 0
+    assert len(recomputed) == 2 * 2  # every step, every block of the tiny model
 
 
 def test_grad_checkpointing_scan_states_trains_the_same_steps(tmp_path, monkeypatch):

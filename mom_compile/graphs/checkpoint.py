@@ -10,6 +10,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..ops._checks import FLOAT_DTYPES
 from .config import MomConfig
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -67,7 +68,19 @@ def check_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
                              f"the config expects {list(expected[name])}")
 
 
+def _dtype(value) -> torch.dtype | None:
+    """from_pretrained's dtype: None or "auto" (the checkpoint's), a float dtype or its name."""
+    if value is None or value == "auto":
+        return None
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected None, 'auto', or float16, bfloat16, float32 or float64 (a "
+                         f"torch.dtype or its name), got {value!r}")
+    return dtype
+
+
 def load_pretrained(cls, path, dtype=None, device=None):
+    dtype = _dtype(dtype)
     config = MomConfig.from_pretrained(path)
     weights = read_weights(path)
     if dtype is None:
@@ -81,7 +94,7 @@ def load_pretrained(cls, path, dtype=None, device=None):
         weights[TIED_HEAD] = weights["model.embeddings.weight"]
     model.load_state_dict(weights, strict=True, assign=True)
     model.tie_weights()
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:

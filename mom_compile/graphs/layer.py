@@ -120,6 +120,9 @@ class MomLayer(nn.Module):
         entry, advanced in place. Returns (output [B, T, hidden], router logits [B, T, M])."""
         b, t, _ = x.shape
         logits, q, z, per_set = self.project(x)
+        if state is not None and q.dtype != state.conv.dtype:
+            # under autocast: the memories run in the cache's dtype, the model's (docs/math.md#precision)
+            q, per_set = q.to(state.conv.dtype), per_set.to(state.conv.dtype)
         memory_idx, weights = self.route(logits)
         rows = (q, per_set, memory_idx, weights, mask, state)
         # the fused decode op has no autograd; with gradients on, one token goes through the scan

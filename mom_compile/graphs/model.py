@@ -230,11 +230,12 @@ class MomForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+        cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
     ) -> MomForCausalLM:
         """Load a folder in the reference `mom` layout (config.json + model.safetensors, sharded
-        safetensors, or pytorch_model.bin). dtype defaults to the checkpoint's."""
+        safetensors, or pytorch_model.bin), in eval mode. dtype: a float dtype or its name; None or
+        "auto" keeps the checkpoint's."""
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

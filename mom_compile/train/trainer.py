@@ -128,7 +128,7 @@ class Trainer:
         self._prepare_out(resuming=resume is not None)
 
         torch.manual_seed(args.seed)  # the same initial weights in every process
-        self.model = self._build_model().to(world.device)
+        self.model = self._build_model().to(world.device).train()
         if args.grad_checkpointing:
             self.model.gradient_checkpointing_enable(args.grad_checkpointing)
         if world.distributed:
