@@ -14,11 +14,17 @@ import torch
 from mom_compile import MomConfig, MomForCausalLM
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4, help="number of MoM blocks (default 4)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
+    parser.add_argument("--layers", type=positive, default=4, help="number of MoM blocks (default 4)")
+    parser.add_argument("--tokens", type=positive, default=32, help="tokens to generate (default 32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -35,10 +35,20 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return ids, mask
 
 
+def token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if min(ids) < 0 or max(ids) >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected token ids >= 0, got {text!r}")
+    return ids
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="an export folder written by python -m mom_compile.export")
-    p.add_argument("--prompt", action="append", required=True, metavar="IDS",
+    p.add_argument("--prompt", action="append", required=True, metavar="IDS", type=token_ids,
                    help="comma-separated token ids; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy argmax")
@@ -48,8 +58,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tensorrt", action="store_true", help="run the folder's TensorRT engines")
     args = p.parse_args()
+    prompts = args.prompt
     try:
-        prompts = [[int(t) for t in prompt.split(",")] for prompt in args.prompt]
         if args.tensorrt:
             from mom_compile.export.tensorrt_runtime import TensorRTGenerator
 
@@ -61,7 +71,7 @@ def main() -> int:
         out = gen.generate(ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            eos_token_id=gen.manifest.get("eos_token_id"), seed=args.seed)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for prompt, row in zip(prompts, out):

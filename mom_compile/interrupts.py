@@ -1,6 +1,7 @@
-"""SIGTERM (a scheduler's stop, `kill`, `timeout`) handled like Ctrl-C by the command-line tools,
-so that the cleanup their KeyboardInterrupt paths do (a checkpoint to resume from, no half-written
-export) also runs when they are terminated."""
+"""How the command-line tools take interruptions: SIGTERM (a scheduler's stop, `kill`, `timeout`)
+like Ctrl-C, so that the cleanup their KeyboardInterrupt paths do (a checkpoint to resume from, no
+half-written export) also runs when they are terminated; and both held back during steps that must
+not stop halfway."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,26 @@ from collections.abc import Iterator
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM are only noted; KeyboardInterrupt is raised after it.
+    (Python runs signal handlers in the main thread, whichever thread the signal reached, so the
+    handlers are swapped rather than the signals masked.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if noted:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

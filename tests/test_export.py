@@ -346,6 +346,19 @@ def test_runtime_sampling(exported):
     np.testing.assert_array_equal(top1, greedy)
 
 
+def test_runtime_names_a_bad_seed_and_an_unloadable_graph(exported, tmp_path):
+    model, folder, _, _ = exported
+    ids, mask = _prompts(model, 14)
+    with pytest.raises(ValueError, match="seed: expected an integer >= 0 or None, got -1"):
+        OnnxGenerator(folder).generate(ids.numpy(), mask.numpy(), max_new_tokens=2, do_sample=True, seed=-1)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    graph = copy / "prefill.onnx"
+    graph.write_bytes(b"\xff" * graph.stat().st_size)  # the size model.json lists, not a graph
+    with pytest.raises(ValueError, match="prefill.onnx: onnxruntime cannot load this graph"):
+        OnnxGenerator(copy).generate(ids.numpy(), mask.numpy(), max_new_tokens=2)
+
+
 def test_runtime_stops_at_eos(exported):
     model, folder, _, _ = exported
     ids, mask = _prompts(model, 13)

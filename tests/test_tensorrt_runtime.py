@@ -24,6 +24,7 @@ pytest.importorskip("onnxscript")
 
 from test_export_cli import assert_one_line_error, cli  # noqa: E402
 
+from mom_compile.export import tensorrt_runtime  # noqa: E402
 from mom_compile.export.runtime import Generator, OnnxBackend, OnnxGenerator  # noqa: E402
 from mom_compile.export.tensorrt_engine import TOPK_LIMIT, prefill_batch, profiles  # noqa: E402
 from mom_compile.export.tensorrt_runtime import (  # noqa: E402
@@ -42,6 +43,14 @@ def test_cli_without_tensorrt_says_what_to_install(tmp_path):
                           "--onnx exports need nothing more")
     assert not (tmp_path / "new").exists()
     assert os.listdir(tmp_path) == []  # no staging folder left beside OUT either
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_runtime_without_tensorrt_says_what_to_install(exported, tmp_path, monkeypatch):
+    monkeypatch.setattr(tensorrt_runtime, "read_engine_manifest", lambda folder: {})  # a valid folder
+    with pytest.raises(ImportError, match=r"running TensorRT engines needs TensorRT: pip install "
+                                          r"'tensorrt>=10.9' cuda-python"):
+        TensorRTBackend(exported[1])
 
 
 def test_engine_flags_need_tensorrt(tmp_path):

@@ -18,7 +18,7 @@ import time
 import warnings
 
 from .. import cli_args
-from ..interrupts import sigterm_as_interrupt
+from ..interrupts import interrupts_held, sigterm_as_interrupt
 from .tensorrt_engine import ENGINE_FILES
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_MISMATCH = 2, 1, 3
@@ -245,20 +245,23 @@ class _Staging:
             raise _Failure(f"{flag}: cannot write to {out!r} ({e.strerror or e})") from None
 
     def publish(self) -> None:
-        """Move the export into OUT: the whole folder if OUT is new, else file by file, model.json
-        last, after removing the files of an earlier export that this one does not write."""
+        """Move the export into OUT: the whole folder if OUT is new, else file by file with Ctrl-C
+        and SIGTERM held back: the old model.json first (a folder without one is no export, where
+        one stopped halfway would mix two models), then the files of an earlier export that this
+        one does not write, the new files, and model.json last."""
         if not os.path.exists(self.out):
             os.rename(self.path, self.out)
             self.made = []
             return
-        names = sorted(os.listdir(self.path), key=lambda n: n == "model.json")
-        for stale in set(ARTEFACTS) - set(names):
-            if os.path.isfile(os.path.join(self.out, stale)):
-                os.remove(os.path.join(self.out, stale))
-        for name in names:
-            os.replace(os.path.join(self.path, name), os.path.join(self.out, name))
-        os.rmdir(self.path)
-        self.made = []
+        with interrupts_held():
+            names = sorted(os.listdir(self.path), key=lambda n: n == "model.json")
+            for stale in ["model.json", *sorted(set(ARTEFACTS) - set(names))]:
+                if os.path.isfile(os.path.join(self.out, stale)):
+                    os.remove(os.path.join(self.out, stale))
+            for name in names:
+                os.replace(os.path.join(self.path, name), os.path.join(self.out, name))
+            os.rmdir(self.path)
+            self.made = []
 
     def discard(self) -> None:
         if hasattr(self, "path"):

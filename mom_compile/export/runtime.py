@@ -15,6 +15,7 @@ id is filled with the pad id, and generation stops once all have. Nothing here i
 """
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Protocol
@@ -91,6 +92,8 @@ class Generator:
         eos, pad_token_id = check_generate_args(
             input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
             pad_token_id, self.manifest["vocab_size"], self.manifest["pad_token_id"])
+        if seed is not None and (not isinstance(seed, numbers.Integral) or seed < 0):
+            raise ValueError(f"seed: expected an integer >= 0 or None, got {seed!r}")
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if max_new_tokens == 0:
             return ids
@@ -130,7 +133,14 @@ def graph_session(path: str, graph: str, providers: Sequence[str | tuple[str, di
     if graph == "prefill":
         session_options = session_options or ort.SessionOptions()
         session_options.enable_mem_reuse = False
-    return ort.InferenceSession(path, session_options, providers=list(providers))
+    try:
+        return ort.InferenceSession(path, session_options, providers=list(providers))
+    except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+        if not os.path.isfile(path):
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: onnxruntime cannot load this graph ({type(e).__name__}: {first_line})") \
+            from None
 
 
 def _cuda_graph_split(providers: list) -> tuple[list, bool]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .manifest import MANIFEST_NAME, TENSORRT_KEYS, check_keys, read_manifest
 from .runtime import Generator
+from .tensorrt_engine import MIN_VERSION
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
 
@@ -75,6 +76,22 @@ class CudaMemory:
             raise RuntimeError("TensorRT could not enqueue the engine")
 
 
+def run_problem() -> str | None:
+    """Why engines cannot run here (TensorRT, cuda-python), or None."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return f"running TensorRT engines needs TensorRT: pip install 'tensorrt>={MIN_VERSION}' cuda-python"
+    try:
+        from cuda.bindings import runtime  # noqa: F401
+    except ImportError:
+        try:
+            from cuda import cudart  # noqa: F401  (cuda-python before 12.6)
+        except ImportError:
+            return "running TensorRT engines needs cuda-python: pip install cuda-python"
+    return None
+
+
 def read_engine_manifest(folder: str) -> dict:
     """The folder's validated model.json, which must describe TensorRT engines."""
     manifest = read_manifest(folder)
@@ -111,6 +128,9 @@ class TensorRTBackend:
     def __init__(self, folder: str | os.PathLike, device: int = 0) -> None:
         folder = os.fspath(folder)
         manifest = read_engine_manifest(folder)
+        problem = run_problem()
+        if problem:
+            raise ImportError(problem)
         self._start(manifest, load_contexts(folder, manifest), CudaMemory(device))
 
     def _start(self, manifest: dict, contexts: dict, memory) -> None:
