@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--onnx", type=cli_args.path, metavar="OUT",
                      help="output folder (created if missing). The export is written beside it and moved "
-                          "in when complete: a failed or interrupted export leaves OUT as it was. In an "
+                          "in when complete: a failed or interrupted export leaves OUT as it was (Ctrl-C "
+                          "during the final moves waits for them). In an "
                           "existing OUT, the files an export writes (" + ", ".join(ARTEFACTS) + ") are "
                           "replaced or, if this export does not write them, removed; other files stay")
     out.add_argument("--tensorrt", type=cli_args.path, metavar="OUT",
