@@ -117,8 +117,11 @@ def test_config_json_must_be_an_object():
 
 
 def test_int32_labels_give_the_int64_loss(model):
+    """int32 labels, ignored positions (-100) among them, give the loss of the int64 ones."""
     x = torch.randint(0, 97, (2, 6))
-    assert torch.equal(model(x, labels=x.int()).loss, model(x, labels=x).loss)
+    labels = x.clone()
+    labels[0, :3] = -100
+    assert torch.equal(model(x, labels=labels.int()).loss, model(x, labels=labels).loss)
 
 
 def test_cuda_graph_generation_needs_cuda(model):
@@ -141,9 +144,13 @@ def test_generate_refuses_a_cache_of_another_batch_or_kind(model):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_generate_into_new_cache_of_a_half_precision_model(dtype):
     """A 16-bit model's cache keeps float32 recurrent states: generate takes the model's own
-    new_cache and gives what it gives without one."""
+    new_cache and decodes the tokens of a greedy loop over full forwards."""
     model = tiny_model(dtype=dtype)
     x = torch.randint(0, model.config.vocab_size, (2, 5))
     cache = model.new_cache(2)
     assert cache[0].recurrent.dtype == torch.float32 and cache[0].conv.dtype == dtype
-    assert torch.equal(model.generate(x, max_new_tokens=4, cache=cache), model.generate(x, max_new_tokens=4))
+    want = x  # greedy by full forwards, no cache at all
+    with torch.no_grad():
+        for _ in range(4):
+            want = torch.cat([want, model(want).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(model.generate(x, max_new_tokens=4, cache=cache), want)

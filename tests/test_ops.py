@@ -252,8 +252,10 @@ def test_route_checks_its_arguments():
             ops.route(logits, topk)
     with pytest.raises(ValueError, match="logits: expected dtype"):
         ops.route(torch.zeros(2, 4, dtype=torch.int64), 2)
-    with pytest.raises(ValueError, match="logits: expected a tensor"):
+    with pytest.raises(ValueError, match=r"logits: expected shape \[\.\.\., \*\], got \[\]"):
         ops.route(torch.tensor(1.0), 1)
+    with pytest.raises(TypeError, match="logits: expected a torch.Tensor, got list"):
+        ops.route([[0.0, 1.0]], 1)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -1,5 +1,7 @@
-"""Argument checks shared by the op wrappers: they read only shapes and dtypes, never values, so
-they cost nothing on the compiled path and raise before a kernel sees bad input."""
+"""Argument checks shared by the op wrappers, and their one test of whether autograd must record
+a call. The checks read shapes, dtypes and scalars, and index values only where that is free
+(`values_readable`), so they cost nothing on the compiled path and raise before a kernel sees bad
+input."""
 from __future__ import annotations
 
 import math
@@ -28,6 +30,11 @@ def check_tensor(
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must record a call on these tensors: grad mode on, and one requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> int:

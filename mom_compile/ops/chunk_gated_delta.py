@@ -20,7 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import STATE_DTYPES, check_float, check_offsets, check_rows, check_same_device, check_tensor
+from ._checks import (
+    STATE_DTYPES,
+    check_float,
+    check_offsets,
+    check_rows,
+    check_same_device,
+    check_tensor,
+    needs_autograd,
+)
 from .gated_delta_step import step_backward_reference, step_reference
 from .precision import compute_dtype
 
@@ -306,6 +314,6 @@ def chunk_gated_delta(
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, offsets=offsets, initial_state=initial_state)
     scale = dk ** -0.5 if scale is None else check_float("scale", scale)
     args = (q, k, v, g, beta, offsets, initial_state, scale)
-    if keep_states and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
+    if keep_states and needs_autograd(*args[:7]):
         return torch.ops.mom.chunk_gated_delta_train(*args)[:2]
     return torch.ops.mom.chunk_gated_delta(*args)

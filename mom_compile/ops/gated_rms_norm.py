@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, needs_autograd
 from .precision import upcast
 
 
@@ -61,7 +61,6 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype: expected one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
     check_same_device(y=y, z=z, weight=weight)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, z, weight))
-    if torch.compiler.is_compiling() or grad:
+    if torch.compiler.is_compiling() or needs_autograd(y, z, weight):
         return gated_rms_norm_reference(y, z, weight, float(eps), dtype)
     return torch.ops.mom.gated_rms_norm(y, z, weight, float(eps), dtype)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd
 from .precision import compute_dtype, upcast
 
 
@@ -69,14 +69,10 @@ def route(logits: torch.Tensor, topk: int, shared: bool = False) -> tuple[torch.
     Returns (memory_idx [..., topk + shared] int64, weights [..., topk + shared] float32, float64
     for float64 logits).
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() < 1:
-        raise ValueError("logits: expected a tensor [..., M], got a scalar")
     check_tensor("logits", logits, shape=(..., None), dtypes=FLOAT_DTYPES)
     m = logits.shape[-1]
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= m:
         raise ValueError(f"topk: expected an int in [1, {m}] (the logits' memories), got {topk!r}")
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and logits.requires_grad):
+    if torch.compiler.is_compiling() or needs_autograd(logits):
         return route_reference(logits, topk, bool(shared))
     return torch.ops.mom.route(logits, topk, bool(shared))
