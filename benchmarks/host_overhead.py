@@ -1,0 +1,124 @@
+"""Where an eager decode step's host time goes: microseconds of host time per call of the step,
+one block, and each piece of a block, at the 340m config (bf16) on a GPU, then the Python
+functions that take the most time over a few steps (cProfile).
+
+An eager decode step is bound by the host: its kernels take about a millisecond a token, its
+launches from Python twenty. Each piece is called in a loop without syncs, so the loop's time
+per call is the host's (the GPU keeps up); the op rows compare the checked wrapper, the
+registered op and the kernel function called directly, which separates the cost of the checks,
+of torch's dispatcher and of the Triton launch.
+
+    python benchmarks/host_overhead.py [--batch 1] [--calls 200] [--profile-steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from tree_commit import tree_commit
+
+from mom_compile import MomConfig, MomForCausalLM, ops
+from mom_compile.ops.gated_rms_norm_triton import gated_rms_norm_triton
+from mom_compile.ops.memory_decode_triton import memory_decode_triton_
+from mom_compile.ops.route_triton import route_triton
+
+
+@triton.jit
+def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + i, tl.load(src + i, mask=i < n), mask=i < n)
+
+
+def host_us(fn, calls: int) -> float:
+    """Host microseconds per call of fn: a loop of `calls` calls without syncs, after warm-up."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--profile-steps", type=int, default=20)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = MomConfig.preset("340m")
+    model = MomForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    b = args.batch
+    cache = model.new_cache(b)
+    ids = torch.randint(0, config.vocab_size, (b, 16), device="cuda")
+    model(ids, past_key_values=cache, use_cache=True)
+    tok = ids[:, -1:]
+    block, state = model.model.layers[0], cache[0]
+    layer = block.attn
+    h = model.model.embeddings(tok)
+    x = block.attn_norm(h)
+    logits, q, z, per_set = layer.project(x)
+    memory_idx, weights = layer.route(logits)
+    decode_args = (q[:, 0], per_set[:, 0], memory_idx[:, 0], layer.A_log, layer.dt_bias,
+                   layer.conv_weight.squeeze(1), layer.conv_bias, state.conv, state.recurrent, layer.scale,
+                   config.single_kv_proj)
+    o = ops.memory_decode_(*decode_args)
+    y = (weights[:, 0, :, None, None] * o).sum(1, keepdim=True)
+    norm_args = (y, z, layer.o_norm.weight, layer.o_norm.eps, x.dtype)
+    normed = ops.gated_rms_norm(*norm_args)
+    src = torch.zeros(1024, device="cuda")
+    dst = torch.empty_like(src)
+    pieces = {
+        "eager decode step (whole model)": lambda: model(tok, past_key_values=cache, use_cache=True),
+        "one block": lambda: block(h, None, state),
+        "  attn_norm (RMSNorm)": lambda: block.attn_norm(h),
+        "  MomLayer.forward": lambda: layer(x, None, state),
+        "    project (in_proj GEMM + split)": lambda: layer.project(x),
+        "    ops.route": lambda: layer.route(logits),
+        "    torch.ops.mom.route": lambda: torch.ops.mom.route(logits, config.topk, config.shared_mem),
+        "    route_triton": lambda: route_triton(logits, config.topk, config.shared_mem),
+        "    ops.memory_decode_": lambda: ops.memory_decode_(*decode_args),
+        "    torch.ops.mom.memory_decode_": lambda: torch.ops.mom.memory_decode_(*decode_args),
+        "    memory_decode_triton_": lambda: memory_decode_triton_(*decode_args),
+        "    weighted sum of the memories": lambda: (weights[:, 0, :, None, None] * o).sum(1, keepdim=True),
+        "    ops.gated_rms_norm": lambda: ops.gated_rms_norm(*norm_args),
+        "    torch.ops.mom.gated_rms_norm": lambda: torch.ops.mom.gated_rms_norm(*norm_args),
+        "    gated_rms_norm_triton": lambda: gated_rms_norm_triton(*norm_args),
+        "    o_proj": lambda: layer.o_proj(normed.flatten(2)),
+        "  residual add": lambda: h + h,
+        "  MomMLP": lambda: block.mlp(h),
+        "F.linear, in_proj's shape": lambda: F.linear(x, layer.in_proj),
+        "x.clone()": lambda: h.clone(),
+        "a trivial Triton launch": lambda: _copy_kernel[(1,)](src, dst, 1024, BLOCK=1024),
+    }
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
+          f"triton {triton.__version__} | commit {tree_commit()} | 340m config, bf16, batch {b} | "
+          f"{args.calls} calls a row")
+    print(f"\n{'piece':44} {'host us a call':>15}")
+    for name, fn in pieces.items():
+        print(f"{name:44} {host_us(fn, args.calls):15.1f}", flush=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.profile_steps):
+        model(tok, past_key_values=cache, use_cache=True)
+    profiler.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+    print(f"\ncProfile of {args.profile_steps} eager steps, by own time:\n" + out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
