@@ -55,7 +55,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument("--profile-steps", type=int, default=20, help="0: no cProfile")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = MomConfig.preset("340m")
@@ -109,16 +109,16 @@ def main() -> None:
     print(f"\n{'piece':44} {'host us a call':>15}")
     for name, fn in pieces.items():
         print(f"{name:44} {host_us(fn, args.calls):15.1f}", flush=True)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(args.profile_steps):
-        model(tok, past_key_values=cache, use_cache=True)
-    profiler.disable()
-    torch.cuda.synchronize()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
-    print(f"\ncProfile of {args.profile_steps} eager steps, by own time:\n" + out.getvalue())
-
+    if args.profile_steps:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.profile_steps):
+            model(tok, past_key_values=cache, use_cache=True)
+        profiler.disable()
+        torch.cuda.synchronize()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+        print(f"\ncProfile of {args.profile_steps} eager steps, by own time:\n" + out.getvalue())
 
 if __name__ == "__main__":
     main()

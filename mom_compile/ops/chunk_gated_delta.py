@@ -29,6 +29,7 @@ from ._checks import (
     check_tensor,
     needs_autograd,
 )
+from .direct_call import call
 from .gated_delta_step import step_backward_reference, step_reference
 from .precision import compute_dtype
 
@@ -316,4 +317,4 @@ def chunk_gated_delta(
     args = (q, k, v, g, beta, offsets, initial_state, scale)
     if keep_states and needs_autograd(*args[:7]):
         return torch.ops.mom.chunk_gated_delta_train(*args)[:2]
-    return torch.ops.mom.chunk_gated_delta(*args)
+    return call(chunk_gated_delta_op, *args)

@@ -15,6 +15,7 @@ from ._checks import (
     check_same_device,
     check_tensor,
 )
+from .direct_call import call
 
 
 def combine_reference(
@@ -82,4 +83,4 @@ def combine(o_rows: torch.Tensor, weights: torch.Tensor, row_of_choice: torch.Te
     check_tensor("weights", weights, shape=(b, t, k), dtypes=STATE_DTYPES)
     check_same_device(o_rows=o_rows, weights=weights, row_of_choice=row_of_choice)
     check_index_values("row_of_choice", row_of_choice, 0, b * t * k)
-    return torch.ops.mom.combine(o_rows, weights, row_of_choice)
+    return call(combine_op, o_rows, weights, row_of_choice)

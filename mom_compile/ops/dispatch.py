@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import INDEX_DTYPES, check_int, check_same_device, check_tensor
+from .direct_call import call
 
 
 def dispatch_reference(
@@ -73,4 +74,4 @@ def dispatch(
     check_tensor("mask", mask, shape=(b, t), dtypes=(torch.bool,))
     num_memories = check_int("num_memories", num_memories, 1)
     check_same_device(memory_idx=memory_idx, mask=mask)
-    return torch.ops.mom.dispatch(memory_idx, mask, num_memories)
+    return call(dispatch_op, memory_idx, mask, num_memories)

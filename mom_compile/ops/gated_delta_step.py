@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import STATE_DTYPES, check_float, check_rows, check_same_device, check_tensor
+from .direct_call import call
 
 
 def step_reference(
@@ -109,4 +110,4 @@ def gated_delta_step(
     r, h, dk, dv = check_rows(q, k, v, g, beta)
     check_tensor("state", state, shape=(r, h, dk, dv), dtypes=STATE_DTYPES)
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, state=state)
-    return torch.ops.mom.gated_delta_step(q, k, v, g, beta, state, check_float("scale", scale))
+    return call(gated_delta_step_op, q, k, v, g, beta, state, check_float("scale", scale))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, needs_autograd
+from .direct_call import call
 from .precision import upcast
 
 
@@ -63,4 +64,4 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor
     check_same_device(y=y, z=z, weight=weight)
     if torch.compiler.is_compiling() or needs_autograd(y, z, weight):
         return gated_rms_norm_reference(y, z, weight, float(eps), dtype)
-    return torch.ops.mom.gated_rms_norm(y, z, weight, float(eps), dtype)
+    return call(gated_rms_norm_op, y, z, weight, float(eps), dtype)

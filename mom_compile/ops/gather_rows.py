@@ -28,6 +28,7 @@ from ._checks import (
     check_same_device,
     check_tensor,
 )
+from .direct_call import call
 from .precision import compute_dtype
 
 
@@ -122,4 +123,4 @@ def gather_rows(
     check_index_values("row_of_choice", row_of_choice, 0, r)
     if torch.compiler.is_compiling():
         return gather_rows_reference(q, per_set, token, set_of_row, row_of_choice, split)
-    return torch.ops.mom.gather_rows(q, per_set, token, set_of_row, row_of_choice, split)
+    return call(gather_rows_op, q, per_set, token, set_of_row, row_of_choice, split)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import FLOAT_DTYPES, check_tensor
+from .direct_call import call
 from .precision import compute_dtype, upcast
 
 L2_EPS = 1e-6
@@ -94,4 +95,4 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     check_tensor("x", x, shape=(..., None), dtypes=FLOAT_DTYPES)
     if torch.compiler.is_compiling():
         return _L2Normalize.apply(x)
-    return torch.ops.mom.l2_normalize(x)[0]
+    return call(l2_normalize_op, x)[0]

@@ -33,6 +33,7 @@ from ._checks import (
     check_same_device,
     check_tensor,
 )
+from .direct_call import call
 from .gated_delta_step import step_reference
 from .gather_rows import gather_rows_reference
 from .l2_normalize import l2_normalize
@@ -166,7 +167,7 @@ def memory_decode_(
     in q's dtype; rec_states: [B, S, H, K, V] float32 (or float64); single_set: every memory uses
     projection set 0. Returns o [B, k', H, V] in the states' dtype.
     """
-    return torch.ops.mom.memory_decode_(*_checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight,
+    return call(memory_decode_inplace_op, *_checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight,
                                                   conv_bias, conv_states, rec_states, scale, single_set))
 
 
@@ -177,5 +178,5 @@ def memory_decode(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`memory_decode_` without mutation: the same arguments; returns (o, the advanced conv_states,
     the advanced rec_states) and leaves the given tables alone."""
-    return torch.ops.mom.memory_decode(*_checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight,
+    return call(memory_decode_op, *_checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight,
                                                  conv_bias, conv_states, rec_states, scale, single_set))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd
+from .direct_call import call
 from .precision import compute_dtype, upcast
 
 
@@ -75,4 +76,4 @@ def route(logits: torch.Tensor, topk: int, shared: bool = False) -> tuple[torch.
         raise ValueError(f"topk: expected an int in [1, {m}] (the logits' memories), got {topk!r}")
     if torch.compiler.is_compiling() or needs_autograd(logits):
         return route_reference(logits, topk, bool(shared))
-    return torch.ops.mom.route(logits, topk, bool(shared))
+    return call(route_op, logits, topk, bool(shared))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, check_offsets, check_same_device, check_tensor
+from .direct_call import call
 from .precision import compute_dtype
 
 
@@ -159,4 +160,4 @@ def segment_conv(
         initial_state = x.new_zeros(n_seg, width - 1, d)
     check_tensor("initial_state", initial_state, shape=(n_seg, width - 1, d), dtypes=(x.dtype,))
     check_same_device(x=x, weight=weight, bias=bias, offsets=offsets, initial_state=initial_state)
-    return torch.ops.mom.segment_conv(x, weight, bias, offsets, initial_state)
+    return call(segment_conv_op, x, weight, bias, offsets, initial_state)
