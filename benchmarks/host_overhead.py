@@ -2,13 +2,14 @@
 one block, and each piece of a block, at the 340m config (bf16) on a GPU, then the Python
 functions that take the most time over a few steps (cProfile).
 
-An eager decode step is bound by the host: its kernels take about a millisecond a token, its
-launches from Python twenty. Each piece is called in a loop without syncs, so the loop's time
+An eager decode step is bound by the host: its kernels take a few milliseconds a token, their
+launches from Python about twenty. Each piece is called in a loop without syncs, so the loop's time
 per call is the host's (the GPU keeps up); the op rows compare the checked wrapper, the
 registered op and the kernel function called directly, which separates the cost of the checks,
-of torch's dispatcher and of the Triton launch.
+of torch's dispatcher and of the Triton launch; then the whole step with and without the direct
+op calls, alternating.
 
-    python benchmarks/host_overhead.py [--batch 1] [--calls 200] [--profile-steps 20]
+    python benchmarks/host_overhead.py [--batch 1] [--calls 200] [--rounds 5] [--profile-steps 20]
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import triton.language as tl
 from tree_commit import tree_commit
 
 from mom_compile import MomConfig, MomForCausalLM, ops
+from mom_compile.ops import direct_call
 from mom_compile.ops.gated_rms_norm_triton import gated_rms_norm_triton
 from mom_compile.ops.memory_decode_triton import memory_decode_triton_
 from mom_compile.ops.route_triton import route_triton
@@ -55,6 +57,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5, help="of the direct / dispatcher comparison")
     parser.add_argument("--profile-steps", type=int, default=20, help="0: no cProfile")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -80,8 +83,18 @@ def main() -> None:
     normed = ops.gated_rms_norm(*norm_args)
     src = torch.zeros(1024, device="cuda")
     dst = torch.empty_like(src)
+    hidden = model.model(tok, None, cache)[0]
+
+    def each_block():
+        for blk, st in zip(model.model.layers, cache):
+            blk(h, None, st)
+
     pieces = {
         "eager decode step (whole model)": lambda: model(tok, past_key_values=cache, use_cache=True),
+        "  input and cache checks": lambda: model._check_inputs(tok, None, None, cache),
+        "  backbone (model.model)": lambda: model.model(tok, None, cache),
+        "  every block once, on one input": each_block,
+        "  lm_head": lambda: model.lm_head(hidden),
         "one block": lambda: block(h, None, state),
         "  attn_norm (RMSNorm)": lambda: block.attn_norm(h),
         "  MomLayer.forward": lambda: layer(x, None, state),
@@ -109,6 +122,16 @@ def main() -> None:
     print(f"\n{'piece':44} {'host us a call':>15}")
     for name, fn in pieces.items():
         print(f"{name:44} {host_us(fn, args.calls):15.1f}", flush=True)
+    print("\nthe whole step, ms, with direct op calls / every op call through the dispatcher "
+          "(ops/direct_call.py), alternating in this process:")
+    step = pieces["eager decode step (whole model)"]
+    kernel = direct_call._kernel
+    for _ in range(args.rounds):
+        direct = host_us(step, 50) / 1e3
+        direct_call._kernel = lambda op, args: None
+        dispatched = host_us(step, 50) / 1e3
+        direct_call._kernel = kernel
+        print(f"  {direct:8.2f} / {dispatched:8.2f}", flush=True)
     if args.profile_steps:
         profiler = cProfile.Profile()
         profiler.enable()
