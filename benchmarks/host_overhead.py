@@ -3,20 +3,22 @@ one block, and each piece of a block, at the 340m config (bf16) on a GPU, then t
 functions that take the most time over a few steps (cProfile).
 
 An eager decode step is bound by the host: its kernels take a few milliseconds a token, their
-launches from Python about twenty. Each piece is called in a loop without syncs, so the loop's time
-per call is the host's (the GPU keeps up); the op rows compare the checked wrapper, the
-registered op and the kernel function called directly, which separates the cost of the checks,
-of torch's dispatcher and of the Triton launch; then the whole step with and without the direct
-op calls, alternating.
+launches from Python about twenty. Each piece is called in loops without syncs, so a loop's time
+per call is the host's (the GPU keeps up), and the fastest loop is kept. The op rows compare the
+checked wrapper, the registered op and the kernel function called directly, which separates the
+cost of the checks, of torch's dispatcher and of the Triton launch; then the whole step with and
+without the direct op calls, alternating.
 
-    python benchmarks/host_overhead.py [--batch 1] [--calls 200] [--rounds 5] [--profile-steps 20]
+    python benchmarks/host_overhead.py [--batch 1] [--rounds 9] [--profile-steps 20]
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
+import math
 import pstats
+import statistics
 import time
 
 import torch
@@ -38,17 +40,25 @@ def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
     tl.store(dst + i, tl.load(src + i, mask=i < n), mask=i < n)
 
 
-def host_us(fn, calls: int) -> float:
-    """Host microseconds per call of fn: a loop of `calls` calls without syncs, after warm-up."""
-    for _ in range(10):
+def host_us(fn, rounds: int) -> float:
+    """Host microseconds per call of fn: the fastest of `rounds` loops of calls without syncs
+    (about 50 ms each), after warm-up. The host's noise (other work on the machine) only ever adds
+    time, so the fastest loop is the steadiest estimate."""
+    for _ in range(3):
         fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
+    fn()
+    calls = max(3, int(0.05 / (time.perf_counter() - start)))
+    best = math.inf
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
     torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    return best * 1e6
 
 
 @torch.no_grad()
@@ -56,8 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=5, help="of the direct / dispatcher comparison")
+    parser.add_argument("--rounds", type=int, default=9, help="timed loops a row (the fastest is shown)")
     parser.add_argument("--profile-steps", type=int, default=20, help="0: no cProfile")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -118,20 +127,21 @@ def main() -> None:
     }
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
           f"triton {triton.__version__} | commit {tree_commit()} | 340m config, bf16, batch {b} | "
-          f"{args.calls} calls a row")
+          f"fastest of {args.rounds} loops a row")
     print(f"\n{'piece':44} {'host us a call':>15}")
     for name, fn in pieces.items():
-        print(f"{name:44} {host_us(fn, args.calls):15.1f}", flush=True)
+        print(f"{name:44} {host_us(fn, args.rounds):15.1f}", flush=True)
     print("\nthe whole step, ms, with direct op calls / every op call through the dispatcher "
           "(ops/direct_call.py), alternating in this process:")
-    step = pieces["eager decode step (whole model)"]
-    kernel = direct_call._kernel
+    step, kernel = pieces["eager decode step (whole model)"], direct_call._kernel
+    times = {"direct": [], "dispatcher": []}
     for _ in range(args.rounds):
-        direct = host_us(step, 50) / 1e3
+        times["direct"].append(host_us(step, 1) / 1e3)
         direct_call._kernel = lambda op, args: None
-        dispatched = host_us(step, 50) / 1e3
+        times["dispatcher"].append(host_us(step, 1) / 1e3)
         direct_call._kernel = kernel
-        print(f"  {direct:8.2f} / {dispatched:8.2f}", flush=True)
+    for name, ms in times.items():
+        print(f"  {name:10} fastest {min(ms):7.2f}, median {statistics.median(ms):7.2f}")
     if args.profile_steps:
         profiler = cProfile.Profile()
         profiler.enable()
