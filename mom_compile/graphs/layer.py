@@ -40,6 +40,8 @@ class MomLayer(nn.Module):
         self.scale = c.head_dim ** -0.5
         # padded to 8 rows (16 bytes in bf16): the router's M rows would misalign the output
         self.in_proj = stacked_parameter(self, "in_proj", self._in_parts(), multiple_of=8)
+        # project()'s split, computed once: an eager decode step is bound by the host
+        self._columns, self._set_width = self._head_split(), sum(self._set_split())
         self.A_log = nn.Parameter(torch.empty(c.num_heads))
         self.dt_bias = nn.Parameter(torch.empty(c.num_heads))
         convs = [(f"{n}_conv1d", dim) for n, dim in (("q", c.key_dim), ("k", c.key_dim), ("v", c.value_dim))]
@@ -105,8 +107,8 @@ class MomLayer(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x @ in_proj^T, split: router logits [..., M], q [..., HK], output gate [..., HV] (empty
         without one), the memory sets [..., sets, HK + HV + 2H]."""
-        logits, q, z, per_set, _ = F.linear(x, self.in_proj).split(self._head_split(), dim=-1)
-        return logits, q, z, per_set.unflatten(-1, (-1, sum(self._set_split())))
+        logits, q, z, per_set, _ = F.linear(x, self.in_proj).split(self._columns, dim=-1)
+        return logits, q, z, per_set.unflatten(-1, (-1, self._set_width))
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's memories [B, T, k'] and float32 weights from router logits [B, T, M]
