@@ -154,17 +154,22 @@ def route_inputs(lead=(2, 5), m=6, strided=True, nan=True, dtype=F64, device="cp
     return [(wide[..., :m] if strided else wide[..., :m].contiguous()).to(device)]
 
 
-def gated_norm_inputs(lead=(2, 3), h=2, v=5, gate=True, strided=True, dtype=F64, device="cpu",
+def gated_norm_inputs(lead=(2, 3), h=2, v=5, gate=True, strided=True, choices=None, dtype=F64, device="cpu",
                       seed=0) -> list:
-    """(y, z, weight, eps, out dtype) of `mom::gated_rms_norm`: y [*lead, h, v] in the compute dtype
-    (the combined memories' output), z [*lead, h*v] in `dtype` (a column slice of wider rows when
-    strided, as the layer's gate is of its projection; None without a gate), weight [v]."""
+    """(y, z, weight, eps, out dtype, mix) of `mom::gated_rms_norm`: y [*lead, h, v] in the compute
+    dtype (the combined memories' output), or [*lead, choices, h, v] with mix [*lead, choices] (a
+    decode step's memory outputs and routing weights; else mix is None), z [*lead, h*v] in `dtype`
+    (a column slice of wider rows when strided, as the layer's gate is of its projection; None
+    without a gate), weight [v]."""
     gen = torch.Generator().manual_seed(seed)
-    y = rand(*lead, h, v, dtype=compute_dtype(dtype), device=device, gen=gen)
+    rows = () if choices is None else (choices,)
+    y = rand(*lead, *rows, h, v, dtype=compute_dtype(dtype), device=device, gen=gen)
     wide = rand(*lead, h * v + 3, dtype=dtype, device=device, gen=gen) * 3
     z = (wide[..., 3:] if strided else wide[..., 3:].contiguous()) if gate else None
     weight = 1 + rand(v, dtype=dtype, device=device, gen=gen)
-    return [y, z, weight, 1e-5, dtype]
+    mix = None if choices is None else \
+        rand(*lead, choices, dtype=compute_dtype(dtype), device=device, gen=gen)
+    return [y, z, weight, 1e-5, dtype, mix]
 
 
 def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
@@ -221,7 +226,8 @@ def op_inputs(name: str, dtype: torch.dtype) -> list[tuple]:
         return [(*decode_inputs(dtype=dtype, with_bias=bias, single_set=single), 0.5, single)
                 for bias, single in ((True, False), (False, True))]
     if name == "gated_rms_norm":
-        return [tuple(gated_norm_inputs(dtype=dtype)), tuple(gated_norm_inputs(gate=False, dtype=dtype))]
+        return [tuple(gated_norm_inputs(dtype=dtype)), tuple(gated_norm_inputs(gate=False, dtype=dtype)),
+                tuple(gated_norm_inputs(choices=3, dtype=dtype))]
     if name == "route":
         # no NaN here: opcheck compares outputs without equal_nan
         return [(*route_inputs(nan=False, dtype=dtype), 3, True),

@@ -260,25 +260,28 @@ def test_route_checks_its_arguments():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("choices", [None, 3])
 @pytest.mark.parametrize("gate", [True, False])
-def test_gated_rms_norm_matches_its_formula_in_float64(gate, device):
+def test_gated_rms_norm_matches_its_formula_in_float64(gate, choices, device):
     """Eager (the op: on CUDA its Triton kernel) and traced (the formula) against the formula
-    written out in float64, per head, the gate read through its row stride; bf16 out is that
-    value rounded once."""
-    y, z, w, eps, _ = gated_norm_inputs(lead=(2, 3), h=2, v=24, gate=gate, device=device)
-    want = y / (y.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w
+    written out in float64, per head, the gate read through its row stride, the rows first mixed
+    by their weights with `mix`; bf16 out is that value rounded once."""
+    y, z, w, eps, _, mix = gated_norm_inputs(lead=(2, 3), h=2, v=24, gate=gate, choices=choices,
+                                             device=device)
+    mixed = y if mix is None else sum(mix[..., i, None, None] * y[..., i, :, :] for i in range(choices))
+    want = mixed / (mixed.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w
     if gate:
         want = want * (z.view(want.shape) * torch.sigmoid(z.view(want.shape)))
     traced = torch.compile(ops.gated_rms_norm, backend="aot_eager", fullgraph=True)
     for fn in (ops.gated_rms_norm, traced):
-        torch.testing.assert_close(fn(y, z, w, eps, f64), want, rtol=1e-12, atol=1e-13)
-        got = fn(y, z, w, eps, torch.bfloat16)
+        torch.testing.assert_close(fn(y, z, w, eps, f64, mix), want, rtol=1e-12, atol=1e-13)
+        got = fn(y, z, w, eps, torch.bfloat16, mix)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_gated_rms_norm_checks_its_arguments():
-    y, z, w, eps, _ = gated_norm_inputs()
+    y, z, w, eps, _, _ = gated_norm_inputs()
     with pytest.raises(ValueError, match="z: expected shape"):
         ops.gated_rms_norm(y, z[..., 1:], w, eps, f64)
     with pytest.raises(ValueError, match="weight: expected shape"):
@@ -291,6 +294,13 @@ def test_gated_rms_norm_checks_its_arguments():
         ops.l2_normalize(torch.tensor(1.0))
     with pytest.raises(ValueError, match="dtype: expected one of"):
         ops.gated_rms_norm(y, z, w, eps, torch.int64)
+    y, z, w, eps, _, mix = gated_norm_inputs(choices=3)
+    with pytest.raises(ValueError, match=r"y: expected shape \[2, 3, 3, 2, 5\], got \[2, 3, 2, 2, 5\]"):
+        ops.gated_rms_norm(y[..., :2, :, :], z, w, eps, f64, mix)
+    with pytest.raises(ValueError, match="z: expected shape"):
+        ops.gated_rms_norm(y, z[:, :2], w, eps, f64, mix)
+    with pytest.raises(ValueError, match="mix: expected dtype"):
+        ops.gated_rms_norm(y, z, w, eps, f64, mix.long())
 
 
 def test_combine_and_its_gradients():

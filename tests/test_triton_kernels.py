@@ -261,12 +261,14 @@ def check_route(impl, lead, m, topk, shared, strided, *, dtype, device, seed=0):
             "weights": relative_error(w[~nan], ref_w[~nan])}
 
 
-def check_gated_rms_norm(impl, lead, h, v, gate, strided, *, dtype, device, seed=0):
-    """The gated norm against the float64 reference, out in the input dtype."""
-    args = gated_norm_inputs(lead, h, v, gate, strided, dtype=dtype, device=device, seed=seed)
+def check_gated_rms_norm(impl, lead, h, v, gate, strided, choices, *, dtype, device, seed=0):
+    """The gated norm (of `choices` rows mixed, unless None) against the float64 reference, out in
+    the input dtype."""
+    args = gated_norm_inputs(lead, h, v, gate, strided, choices, dtype=dtype, device=device, seed=seed)
     out = impl(*args)
     _assert_fake_dtypes("gated_rms_norm", out, *args)
-    return _compare(["out"], [out], [torch.ops.mom.gated_rms_norm(*map(_to_cpu64, args[:4]), F64)])
+    y, z, weight, eps, _, mix = map(_to_cpu64, args)
+    return _compare(["out"], [out], [torch.ops.mom.gated_rms_norm(y, z, weight, eps, F64, mix)])
 
 
 # the check of each op with a Triton kernel; the ops with a backward op check it too
@@ -366,11 +368,12 @@ CASES = (
     + [("route", dt, lead, m, topk, shared, strided) for dt in (torch.float32, torch.bfloat16, F64)
        for lead, m, topk, shared, strided in (((1, 1), 4, 2, True, True), ((64, 1), 4, 2, True, False),
                                               ((2, 300), 5, 1, False, True), ((3, 7), 70, 5, True, False))]
-    # (leading dims, H, V, gate, strided gate): the 340M layer decoding one token, a prefill, no
-    # gate at V=96, expand_v 2
-    + [("gated_rms_norm", dt, lead, h, v, gate, strided) for dt in (torch.float32, torch.bfloat16, F64)
-       for lead, h, v, gate, strided in (((1, 1), 4, 256, True, True), ((2, 300), 4, 256, True, False),
-                                         ((3,), 2, 96, False, False), ((2, 5), 4, 512, True, True))]
+    # (leading dims, H, V, gate, strided gate, mixed rows): the 340M layer decoding one token (its
+    # 3 memories mixed) at batch 1 and 64, a prefill, no gate at V=96, expand_v 2
+    + [("gated_rms_norm", dt, *case) for dt in (torch.float32, torch.bfloat16, F64)
+       for case in (((1, 1), 4, 256, True, True, 3), ((64, 1), 4, 256, True, True, 3),
+                    ((2, 300), 4, 256, True, False, None), ((3,), 2, 96, False, False, None),
+                    ((2, 5), 4, 512, True, True, None))]
     # (B, T, k, M): the 340M layer's 5 memory slots at 2K, 32K and a batch-1 prefill; 70 memories
     # (blocks of few choices); one choice a token; more (sequence, memory, block) counts than one
     # step of the running sum takes
@@ -410,8 +413,8 @@ INTERPRETER_CASES = (
        for b, t, k, m in ((2, 700, 3, 5), (2, 150, 2, 70), (260, 3, 2, 4))]
     + [("route", dt, (2, 40), 6, 3, True, True) for dt in (torch.float32, F64)]
     + [("route", torch.float32, (3,), 70, 5, False, False)]
-    + [("gated_rms_norm", dt, (2, 3), 2, 24, gate, True) for dt in (torch.float32, F64)
-       for gate in (True, False)]
+    + [("gated_rms_norm", dt, (2, 3), 2, 24, gate, True, choices) for dt in (torch.float32, F64)
+       for gate, choices in ((True, None), (False, None), (True, 3))]
 )
 
 

@@ -129,9 +129,9 @@ class MomLayer(nn.Module):
         rows = (q, per_set, memory_idx, weights, mask, state)
         # the fused decode op has no autograd; with gradients on, one token goes through the scan
         one_step = state is not None and t == 1 and not torch.is_grad_enabled()
-        y = self._step(*rows) if one_step else self._scan(*rows)
+        y, mix = self._step(*rows) if one_step else (self._scan(*rows), None)
         gate = z if self.config.use_output_gate else None
-        o = ops.gated_rms_norm(y, gate, self.o_norm.weight, self.o_norm.eps, x.dtype)
+        o = ops.gated_rms_norm(y, gate, self.o_norm.weight, self.o_norm.eps, x.dtype, mix)
         return self.o_proj(o.flatten(2)), logits
 
     def _qkv(self, conv_out: torch.Tensor):
@@ -169,7 +169,9 @@ class MomLayer(nn.Module):
     def _step(self, q, per_set, memory_idx, weights, mask, state):
         """T = 1 with a cache, no autograd: each token advances only its k' memories' states, every
         row in one `mom::memory_decode_`, which reads the projections where they lie and writes the
-        cache in place (a functional cache takes new tables from `mom::memory_decode` instead)."""
+        cache in place (a functional cache takes new tables from `mom::memory_decode` instead).
+        Returns the memories' outputs [B, 1, k', H, V] and their weights [B, 1, k'], which the
+        output norm mixes (`mom::gated_rms_norm`'s mix: the combine in the norm's launch)."""
         memory = memory_idx[:, 0]
         if mask is not None:  # a padding token changes no state
             memory = torch.where(mask[:, -1:], memory, -1)
@@ -181,5 +183,4 @@ class MomLayer(nn.Module):
             state.update(recurrent, conv)
         else:
             o = ops.memory_decode_(*args, state.conv, state.recurrent, self.scale, single_set)
-        # mom::combine's weighted sum, in plain torch so that it fuses into the output norm
-        return (weights[:, 0, :, None, None] * o).sum(1, keepdim=True)
+        return o[:, None], weights

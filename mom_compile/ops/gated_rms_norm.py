@@ -1,7 +1,9 @@
 """`mom::gated_rms_norm`: the layer's output norm and gate (docs/math.md#output-norm-and-gate), per head:
     out = rms_norm(y) * silu(z)      rms_norm(y) = y / sqrt(mean(y^2) + eps) * weight
 over the last dim of y [..., H, V], z [..., H*V] the output gate's projection (no gate: z None),
-in the compute dtype (`precision.py`), rounded once to `dtype`.
+in the compute dtype (`precision.py`), rounded once to `dtype`. With `mix` [..., k] the input is k
+rows a position, y [..., k, H, V], mixed first: y = sum_i mix[..., i] * y[..., i, :, :] (a decode
+step's memory outputs and their routing weights: the combine, in the norm's one launch).
 
 Eager, the formula is six small kernels (the weight's cast, the norm, the gate's upcast, silu, the
 product, the cast), and an eager decode step is bound by its launches: so eager inference runs the
@@ -31,8 +33,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                             dtype: torch.dtype) -> torch.Tensor:
+                             dtype: torch.dtype, mix: torch.Tensor | None = None) -> torch.Tensor:
     """The op's reference kernel and the traced formula: out [..., H, V] in `dtype`."""
+    if mix is not None:
+        y = (upcast(mix)[..., None, None] * upcast(y)).sum(-3)
     o = rms_norm(y, weight, eps)
     if z is not None:
         o = o * F.silu(upcast(z).view(o.shape))
@@ -43,25 +47,31 @@ gated_rms_norm_op = torch.library.custom_op("mom::gated_rms_norm", mutates_args=
 
 
 @gated_rms_norm_op.register_fake
-def _(y, z, weight, eps, dtype):
-    return y.new_empty(y.shape, dtype=dtype)
+def _(y, z, weight, eps, dtype, mix=None):
+    return y.new_empty(y.shape if mix is None else y.shape[:-3] + y.shape[-2:], dtype=dtype)
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, mix: torch.Tensor | None = None) -> torch.Tensor:
     """rms_norm(y) * silu(z) per head, rounded to `dtype` (see the module docstring).
 
-    y: [..., H, V], any float dtype; z: [..., H*V] (a strided view is fine: the last dim must be
-    contiguous) or None for no gate; weight: [V]; eps: the norm's epsilon. Returns [..., H, V].
+    y: [..., H, V], any float dtype, or [..., k, H, V] with `mix`; z: [..., H*V] (a strided view
+    is fine: the last dim must be contiguous) or None for no gate; weight: [V]; eps: the norm's
+    epsilon; mix: [..., k] weights of y's k rows, or None. Returns [..., H, V].
     """
     check_tensor("y", y, shape=(..., None, None), dtypes=FLOAT_DTYPES)
     *lead, h, v = y.shape
+    if mix is not None:
+        check_tensor("mix", mix, shape=(..., None), dtypes=FLOAT_DTYPES)
+        lead = list(mix.shape)
+        check_tensor("y", y, shape=(*lead, h, v))
+        lead = lead[:-1]
     if z is not None:
         check_tensor("z", z, shape=(*lead, h * v), dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, shape=(v,), dtypes=FLOAT_DTYPES)
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype: expected one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
-    check_same_device(y=y, z=z, weight=weight)
-    if torch.compiler.is_compiling() or needs_autograd(y, z, weight):
-        return gated_rms_norm_reference(y, z, weight, float(eps), dtype)
-    return call(gated_rms_norm_op, y, z, weight, float(eps), dtype)
+    check_same_device(y=y, z=z, weight=weight, mix=mix)
+    if torch.compiler.is_compiling() or needs_autograd(y, z, weight, mix):
+        return gated_rms_norm_reference(y, z, weight, float(eps), dtype, mix)
+    return call(gated_rms_norm_op, y, z, weight, float(eps), dtype, mix)
