@@ -8,6 +8,7 @@ tensors and numpy arrays share; nothing here imports either. Each generator firs
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,11 +46,11 @@ def check_generate_args(
     input_ids and attention_mask are arrays (torch or numpy) already: [batch, seq] int64/int32 ids
     in [0, vocab_size), and a mask of the same shape of 0/1 integers or bools whose last column is
     all 1 (left padding). The pad id defaults to default_pad_token_id, else the first eos id, else 0.
-    Costs the host one look at the ids' range and one at the mask's last column."""
+    Costs the host one look at the ids' range and two at the mask (its values, its last column)."""
     if not _integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    if not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
     if top_k is not None and (not _integer(top_k) or top_k < 1):
         raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
@@ -70,6 +71,9 @@ def check_generate_args(
         dtype = _dtype_name(attention_mask)
         if not (dtype == "bool" or dtype.startswith(("int", "uint"))):
             raise ValueError(f"attention_mask: expected 0/1 integers or bools, got {dtype}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):  # e.g. packed sequence ids
+            raise ValueError(f"attention_mask: expected 0/1 integers or bools, got values in "
+                             f"[{int(attention_mask.min())}, {int(attention_mask.max())}]")
         if not bool((attention_mask[:, -1] != 0).all()):
             raise ValueError("attention_mask: generate expects left padding (the last column all 1); "
                              "a right-padded prompt would continue from a padding position")

@@ -28,6 +28,8 @@ def model():
      r"attention_mask: expected shape \[2, 4\]"),
     (dict(input_ids=torch.ones(2, 4, dtype=torch.int64), attention_mask=torch.ones(2, 4)), ValueError,
      "attention_mask: expected 0/1 integers or bools"),
+    (dict(input_ids=torch.ones(1, 3, dtype=torch.int64), attention_mask=torch.tensor([[1, 2, 2]])),
+     RuntimeError, "attention_mask: expected 0/1 integers or bools, got another value"),
     (dict(input_ids=torch.ones(2, 4, dtype=torch.int64), labels=torch.ones(2, 5, dtype=torch.int64)),
      ValueError, r"labels: expected shape \[2, 4\]"),
     (dict(input_ids=torch.ones(2, 4, dtype=torch.int64), labels=torch.ones(2, 4)), ValueError,

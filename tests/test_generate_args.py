@@ -2,6 +2,8 @@
 message (one shared check), and accept nested lists alike."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,9 @@ PROMPT = [[5, 6, 7]]
     (PROMPT, [[1.0, 1.0, 1.0]], {}, "attention_mask: expected 0/1 integers or bools, got float"),
     (PROMPT, None, dict(max_new_tokens=-1), "max_new_tokens: expected an integer >= 0, got -1"),
     (PROMPT, None, dict(max_new_tokens=2.5), "max_new_tokens: expected an integer >= 0, got 2.5"),
-    (PROMPT, None, dict(temperature=0.0, do_sample=True), "temperature: expected > 0, got 0.0"),
+    (PROMPT, None, dict(temperature=0.0, do_sample=True), "temperature: expected a finite .* got 0.0"),
+    (PROMPT, None, dict(temperature=math.inf, do_sample=True), "temperature: expected a finite .* got inf"),
+    (PROMPT, [[1, 2, 1]], {}, r"attention_mask: expected 0/1 integers or bools, got values in \[1, 2\]"),
     (PROMPT, None, dict(top_k=0, do_sample=True), "top_k: expected an integer >= 1 or None, got 0"),
     (PROMPT, None, dict(top_p=1.5, do_sample=True), r"top_p: expected a value in \(0, 1\] or None"),
     (PROMPT, None, dict(eos_token_id=-1), rf"eos_token_id: expected an id or a list of ids in \[0, {VOCAB}"),

@@ -219,6 +219,9 @@ class MomForCausalLM(nn.Module):
             raise ValueError(f"attention_mask: expected shape {wanted} to match input_ids, got {got}")
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             raise ValueError(f"attention_mask: expected 0/1 integers or bools, got {attention_mask.dtype}")
+        # on the device, like the ids' range: a mask of packed sequence ids would silently mix them
+        torch._assert_async(((attention_mask == 0) | (attention_mask == 1)).all(),
+                            "attention_mask: expected 0/1 integers or bools, got another value")
         return attention_mask[:, -t:] != 0
 
     @torch.no_grad()
