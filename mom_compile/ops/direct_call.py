@@ -6,8 +6,8 @@ call there, as much as the Triton launch it wraps (benchmarks/host_overhead.py).
 needs it (not compiling, tracing or profiling; no dispatch mode, function mode or functorch
 transform; plain tensors on one device that autograd need not record) `call` runs the kernel
 the dispatcher would pick (the op's kernel for that device, else its default, the reference), and
-bumps the version counters of the arguments it mutates, as
-the dispatcher does. Otherwise it calls the op.
+bumps the version counters of the arguments it mutates, as the dispatcher does. Otherwise it
+calls the op.
 """
 from __future__ import annotations
 

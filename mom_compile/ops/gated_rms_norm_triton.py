@@ -54,5 +54,5 @@ def gated_rms_norm_triton(y, z, weight, eps: float, dtype: torch.dtype, mix=None
             y, y if gate is None else gate, weight, y if mix is None else mix, out, eps,
             0 if gate is None else gate.stride(0), H=h, V=v, CHOICES=choices, HAS_GATE=gate is not None,
             HAS_MIX=mix is not None, BLOCK_V=triton.next_power_of_2(v),
-            COMPUTE=compute_type(y.dtype if mix is None else torch.promote_types(y.dtype, mix.dtype)))
+            COMPUTE=compute_type(*(t.dtype for t in (y, mix) if t is not None)))
     return out
