@@ -45,3 +45,15 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def caused_by_interrupt(error: BaseException) -> bool:
+    """Whether `error` is a KeyboardInterrupt or was raised from or while handling one: compilers
+    (Inductor's, AOTInductor's builds) can wrap an interruption in an error of their own."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False

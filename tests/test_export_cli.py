@@ -106,6 +106,45 @@ def test_ctrl_c_while_replacing_an_export_waits_for_every_file(tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["out"]
 
 
+def wrapped_interrupt() -> RuntimeError:
+    """An interruption as a compiler reports it: its own error, raised from the KeyboardInterrupt."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("C++ compile failed") from interrupt
+    except RuntimeError as error:
+        return error
+
+
+def test_an_interrupt_wrapped_by_a_compiler_is_reported_as_one(monkeypatch, capsys):
+    """Ctrl-C during the AOTInductor or TensorRT builds can reach the CLI inside the compiler's own
+    error: it is an interruption, not a failed build; any other error is still a failed build."""
+    from mom_compile.export import __main__ as export_main
+    from mom_compile.export import aoti
+
+    def build(*args, **kwargs):
+        raise wrapped_interrupt()
+    monkeypatch.setattr(aoti, "build_packages", build)
+    with pytest.raises(RuntimeError) as raised:
+        export_main._build_aoti({}, "out", print)
+    assert isinstance(raised.value.__cause__, KeyboardInterrupt)
+
+    def run(args):
+        export_main._build_aoti({}, "out", lambda _: None)
+    monkeypatch.setattr(export_main, "run", run)
+    monkeypatch.delenv("MOM_EXPORT_DEBUG", raising=False)
+    assert export_main.main(["--onnx", "out"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("C++ compile failed")
+    monkeypatch.setattr(aoti, "build_packages", fail)
+    assert export_main.main(["--onnx", "out"]) == 1
+    err = capsys.readouterr().err
+    assert "error: --aoti: AOTInductor build failed: RuntimeError: C++ compile failed" in err, err
+
+
 def test_unwritable_out(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

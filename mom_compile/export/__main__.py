@@ -18,7 +18,7 @@ import time
 import warnings
 
 from .. import cli_args
-from ..interrupts import interrupts_held, sigterm_as_interrupt
+from ..interrupts import caused_by_interrupt, interrupts_held, sigterm_as_interrupt
 from .tensorrt_engine import ENGINE_FILES
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_MISMATCH = 2, 1, 3
@@ -381,7 +381,7 @@ def _build_engines(config, manifest: dict, out: str, args, progress) -> tuple[di
     try:
         return build_engines(out, manifest, config, args.max_batch, args.max_seq, progress=progress)
     except Exception as e:  # a parser or builder failure: name the flag, keep one line
-        if os.environ.get("MOM_EXPORT_DEBUG"):
+        if os.environ.get("MOM_EXPORT_DEBUG") or caused_by_interrupt(e):
             raise
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise _Failure(f"--tensorrt: engine build failed: {type(e).__name__}: {first_line}") from None
@@ -394,7 +394,7 @@ def _build_aoti(programs, out_dir: str, progress) -> dict[str, str]:
     try:
         return build_packages(programs, out_dir, progress=progress)
     except Exception as e:  # a compiler or Inductor failure: name the flag, keep one line
-        if os.environ.get("MOM_EXPORT_DEBUG"):
+        if os.environ.get("MOM_EXPORT_DEBUG") or caused_by_interrupt(e):
             raise
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise _Failure(f"--aoti: AOTInductor build failed: {type(e).__name__}: {first_line}") from None
@@ -443,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as e:  # an unexpected failure: one line, the traceback on request
+        if caused_by_interrupt(e):
+            print("error: interrupted", file=sys.stderr)
+            return EXIT_FAILURE
         if os.environ.get("MOM_EXPORT_DEBUG"):
             raise
         first_line = (str(e).strip().splitlines() or [""])[0]
