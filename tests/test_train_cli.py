@@ -229,6 +229,23 @@ def wait_for_checkpoint(run, step: int, process: subprocess.Popen) -> None:
     raise AssertionError(f"no checkpoint {step} appeared: {process.poll()}")
 
 
+def test_ctrl_c_inside_a_compiler_error_is_an_interruption(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while torch.compile compiles reaches the trainer inside the compiler's own error
+    (a RuntimeError raised from the KeyboardInterrupt): the run ends as interrupted, exit 130."""
+    from mom_compile.train import cli
+    from mom_compile.train.trainer import Trainer
+
+    def fit(self):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("backend compiler failed") from interrupt
+    monkeypatch.setattr(Trainer, "fit", fit)
+    assert cli.main([str(a) for a in (*QUICK, "--out", tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: at step 0; no checkpoint was written yet" in err and "Traceback" not in err, err
+
+
 def test_ctrl_c_and_kill_leave_a_checkpoint_to_resume(tmp_path):
     run = tmp_path / "run"
     args = [*QUICK, "--steps", 500, "--save-every", 1, "--keep-checkpoints", 3, "--out", run]

@@ -17,7 +17,7 @@ import time
 import torch
 
 from mom_compile import MomConfig, MomForCausalLM
-from mom_compile.interrupts import sigterm_as_interrupt
+from mom_compile.interrupts import caused_by_interrupt, sigterm_as_interrupt
 
 from .checkpoint import (
     FOLDER,
@@ -67,6 +67,8 @@ def run(args) -> None:
     except torch.OutOfMemoryError:
         raise TrainError(_out_of_memory(args, trainer, world)) from None
     except RuntimeError as e:
+        if caused_by_interrupt(e):  # Ctrl-C while torch.compile compiles: inside its own error
+            raise Interrupted(_where_to_resume(trainer)) from None
         if "can't allocate memory" not in str(e):  # what the CPU allocator says when it runs out
             raise
         raise TrainError(_out_of_memory(args, trainer, world)) from None
