@@ -126,3 +126,34 @@ def test_eager_generate_replays_a_cuda_graph_with_the_same_tokens(monkeypatch):
         assert torch.equal(runs[0], runs[1]), kwargs
     assert len(recordings) == 2
     assert not generation._is_compiled(model)
+
+
+def test_cuda_graph_step_advances_the_cache_as_the_eager_step_does(monkeypatch):
+    """`model.cuda_graph_step(cache)`, for users' own loops: each replay returns the eager step's
+    logits and leaves the cache where the eager step leaves it, on a cache prefilled with a
+    left-padded batch, with one recording for all the steps; a reset cache starts over."""
+    recordings = []
+    capture = torch.cuda.CUDAGraph.capture_begin
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
+                        lambda self, *a, **k: recordings.append(1) or capture(self, *a, **k))
+    model = tiny_model(dtype=torch.float32).cuda()
+    prompt = ids(3, 7).cuda()
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    caches = [model.new_cache(3) for _ in range(2)]
+    for cache in caches:
+        model(prompt, attention_mask=mask, past_key_values=cache, use_cache=True)
+    step = model.cuda_graph_step(caches[1])
+    tokens = ids(3, 6).cuda()
+    for i in range(6):
+        want = model(tokens[:, i:i + 1], past_key_values=caches[0], use_cache=True).logits
+        got = step(tokens[:, i:i + 1])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(caches[1].states(), caches[0].states()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    caches[1].reset()
+    fresh = model.new_cache(3)
+    torch.testing.assert_close(step(tokens[:, :1]).clone(),
+                               model(tokens[:, :1], past_key_values=fresh, use_cache=True).logits,
+                               rtol=1e-5, atol=1e-5)
+    assert len(recordings) == 1

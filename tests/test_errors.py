@@ -131,6 +131,23 @@ def test_cuda_graph_generation_needs_cuda(model):
         model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, cuda_graph=True)
 
 
+def test_cuda_graph_step_needs_cuda_and_a_cache_of_this_model(model):
+    with pytest.raises(ValueError, match="cuda graph step: needs the model on a CUDA device, got cpu"):
+        model.cuda_graph_step(model.new_cache(2))
+    if not torch.cuda.is_available():
+        return
+    gpu = tiny_model(dtype=torch.float32).cuda()
+    with pytest.raises(TypeError, match="cache: expected a MomCache"):
+        gpu.cuda_graph_step([1, 2])
+    with pytest.raises(ValueError, match=r"cache: expected what model.new_cache\(2\) makes.* on cuda"):
+        gpu.cuda_graph_step(model.new_cache(2))
+    step = gpu.cuda_graph_step(gpu.new_cache(2))
+    for bad in (torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.zeros(2, 1, device="cuda"),
+                torch.zeros(2, 1, dtype=torch.long), [[1], [2]]):
+        with pytest.raises(ValueError, match=r"ids: expected \[2, 1\] int64 or int32 ids on cuda"):
+            step(bad)
+
+
 def test_generate_refuses_a_cache_of_another_batch_or_kind(model):
     x = torch.zeros(2, 3, dtype=torch.long)
     functional = type(model.new_cache(2)).from_states(model.new_cache(2).states(), functional=True)

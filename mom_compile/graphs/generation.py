@@ -48,13 +48,22 @@ def pick_next_token(
 
 
 class CudaGraphStep:
-    """model's decode step over `cache` replayed from a CUDA graph. The first call runs the step
-    eagerly on a side stream (a real step, which also warms up every kernel), then records it; each
-    later call copies the ids into the recorded input buffer and replays. The cache's tensors are
-    updated where they lie, as an eager step updates them; the returned logits are a buffer that the
-    next call overwrites."""
+    """model's decode step over `cache` replayed from a CUDA graph (`MomForCausalLM.cuda_graph_step`).
+    The first call runs the step eagerly on a side stream (a real step, which also warms up every
+    kernel), then records it; each later call copies the ids into the recorded input buffer and
+    replays. The cache's tensors are updated where they lie, as an eager step updates them; the
+    returned logits are a buffer that the next call overwrites."""
 
     def __init__(self, model: nn.Module, cache) -> None:
+        device = model.lm_head.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"cuda graph step: needs the model on a CUDA device, got {device}")
+        if not triton_status().available:
+            raise ValueError(f"cuda graph step: needs the Triton kernels, which did not load "
+                             f"({triton_status().reason})")
+        if not isinstance(cache, MomCache):
+            raise TypeError(f"cache: expected a MomCache (model.new_cache), got {type(cache).__name__}")
+        _check_cache(cache, model, cache.batch_size, device)
         self.model, self.cache = model, cache
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -62,6 +71,14 @@ class CudaGraphStep:
         return self.model(ids, past_key_values=self.cache, use_cache=True).logits
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [batch, 1] int64 or int32 on the model's device -> logits [batch, 1, vocab]."""
+        device = self.model.lm_head.weight.device
+        if not (isinstance(ids, torch.Tensor) and ids.shape == (self.cache.batch_size, 1)
+                and ids.dtype in (torch.int64, torch.int32) and ids.device == device):
+            got = f"{list(ids.shape)} {ids.dtype} on {ids.device}" if isinstance(ids, torch.Tensor) \
+                else type(ids).__name__
+            raise ValueError(f"ids: expected [{self.cache.batch_size}, 1] int64 or int32 ids on {device} "
+                             f"(one token for each of the cache's sequences), got {got}")
         if self.graph is not None:
             self.ids.copy_(ids)
             self.graph.replay()
@@ -78,10 +95,9 @@ class CudaGraphStep:
         return logits
 
 
-def _check_cache(cache: MomCache, model: nn.Module, input_ids: torch.Tensor) -> None:
-    """Raise naming `cache` unless it is what model.new_cache(batch) makes for these ids."""
-    batch, dtype = input_ids.shape[0], model.lm_head.weight.dtype
-    check_cache("cache", cache, model.config, batch, dtype, input_ids.device)
+def _check_cache(cache: MomCache, model: nn.Module, batch: int, device: torch.device) -> None:
+    """Raise naming `cache` unless it is what model.new_cache(batch) makes on `device`."""
+    check_cache("cache", cache, model.config, batch, model.lm_head.weight.dtype, device)
     if any(layer.functional for layer in cache):
         raise ValueError("cache: expected a cache updated in place (model.new_cache), got a functional one")
 
@@ -143,7 +159,7 @@ def generate(
     if cache is None:
         cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
     else:
-        _check_cache(cache, model, input_ids)
+        _check_cache(cache, model, input_ids.shape[0], input_ids.device)
         cache.reset()
     logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import MomCache, check_cache
 from .checkpoint import load_pretrained, save_pretrained
 from .config import MomConfig
-from .generation import generate
+from .generation import CudaGraphStep, generate
 from .layer import MomLayer
 from .loss import IGNORE_INDEX, causal_lm_loss, load_balancing_loss
 from .norm import RMSNorm
@@ -230,6 +230,15 @@ class MomForCausalLM(nn.Module):
         """Token ids [B, T + new]: the prompt followed by the generated tokens. See
         `mom_compile.graphs.generation.generate` for the sampling arguments."""
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    def cuda_graph_step(self, cache: MomCache) -> CudaGraphStep:
+        """For your own decoding loop on a GPU: `step = model.cuda_graph_step(cache)`, then
+        `logits = step(ids)` with ids [batch, 1] does what `model(ids, past_key_values=cache,
+        use_cache=True).logits` does (the cache advances in place) as one CUDA-graph replay, where
+        the eager step is bound by launching its kernels from Python. The first call records the
+        graph; the logits are a buffer that the next call overwrites. `generate` uses it unless
+        `forward` is compiled. Needs the Triton kernels; `cache.reset()` starts new sequences."""
+        return CudaGraphStep(self, cache)
 
     @classmethod
     def from_pretrained(
