@@ -105,41 +105,46 @@ def test_generate_with_eos_syncs_once_per_check_interval():
     assert syncs - base == new // CHECK_EVERY + 1, (syncs, base)
 
 
-def test_eager_generate_replays_a_cuda_graph_with_the_same_tokens(monkeypatch):
+@pytest.fixture
+def captures(monkeypatch) -> list:
+    """One entry per CUDA graph recorded with torch.cuda.CUDAGraph (not by cudagraph trees)."""
+    recorded = []
+    capture = torch.cuda.CUDAGraph.capture_begin
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
+                        lambda self, *a, **k: recorded.append(1) or capture(self, *a, **k))
+    return recorded
+
+
+def padded_batch() -> tuple:
+    """The tiny model on CUDA and a 3 x 7 prompt whose first row is left-padded by 3."""
+    model = tiny_model(dtype=torch.float32).cuda()
+    prompt = ids(3, 7).cuda()
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    return model, prompt, mask
+
+
+def test_eager_generate_replays_a_cuda_graph_with_the_same_tokens(captures):
     """Without torch.compile, generate records the decode step once as a CUDA graph and replays it:
     one recording per call, and the tokens of step-by-step eager decoding (greedy on a left-padded
     batch with an eos id, and sampling with a seeded generator)."""
     from mom_compile.graphs import generation
 
-    recordings = []
-    capture = torch.cuda.CUDAGraph.capture_begin
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
-                        lambda self, *a, **k: recordings.append(1) or capture(self, *a, **k))
-    model = tiny_model(dtype=torch.float32).cuda()
-    prompt = ids(3, 7).cuda()
-    mask = torch.ones_like(prompt)
-    mask[0, :3] = 0
+    model, prompt, mask = padded_batch()
     for kwargs in (dict(eos_token_id=5), dict(do_sample=True, top_p=0.9)):
         runs = [model.generate(prompt, attention_mask=mask, max_new_tokens=20, cuda_graph=graph,
                                generator=torch.Generator("cuda").manual_seed(0), **kwargs)
                 for graph in (False, True)]
         assert torch.equal(runs[0], runs[1]), kwargs
-    assert len(recordings) == 2
+    assert len(captures) == 2
     assert not generation._is_compiled(model)
 
 
-def test_cuda_graph_step_advances_the_cache_as_the_eager_step_does(monkeypatch):
+def test_cuda_graph_step_advances_the_cache_as_the_eager_step_does(captures):
     """`model.cuda_graph_step(cache)`, for users' own loops: each replay returns the eager step's
     logits and leaves the cache where the eager step leaves it, on a cache prefilled with a
     left-padded batch, with one recording for all the steps; a reset cache starts over."""
-    recordings = []
-    capture = torch.cuda.CUDAGraph.capture_begin
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
-                        lambda self, *a, **k: recordings.append(1) or capture(self, *a, **k))
-    model = tiny_model(dtype=torch.float32).cuda()
-    prompt = ids(3, 7).cuda()
-    mask = torch.ones_like(prompt)
-    mask[0, :3] = 0
+    model, prompt, mask = padded_batch()
     caches = [model.new_cache(3) for _ in range(2)]
     for cache in caches:
         model(prompt, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -156,4 +161,4 @@ def test_cuda_graph_step_advances_the_cache_as_the_eager_step_does(monkeypatch):
     torch.testing.assert_close(step(tokens[:, :1]).clone(),
                                model(tokens[:, :1], past_key_values=fresh, use_cache=True).logits,
                                rtol=1e-5, atol=1e-5)
-    assert len(recordings) == 1
+    assert len(captures) == 1
