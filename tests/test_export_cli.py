@@ -19,6 +19,8 @@ pytest.importorskip("onnxscript")
 from mom_compile import MomForCausalLM  # noqa: E402
 from mom_compile.graphs import MomConfig  # noqa: E402
 
+from train_runs import default_signals  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,7 +70,7 @@ def test_terminated_export_leaves_nothing(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     command = [sys.executable, "-m", "mom_compile.export", "--onnx", str(tmp_path / "out")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                               cwd=ROOT)
+                               cwd=ROOT, preexec_fn=default_signals)
     deadline = time.monotonic() + 120
     while not any(n.endswith(".partial") for n in os.listdir(tmp_path)) and process.poll() is None:
         assert time.monotonic() < deadline, "the export never started writing"

@@ -16,7 +16,7 @@ from mom_compile import MomConfig, MomForCausalLM
 from mom_compile.train import checkpoint as checkpoint_module
 from mom_compile.train.checkpoint import resolve_checkpoint
 
-from train_runs import ROOT, TINY_MQAR, command, env, losses, train, train_subprocess
+from train_runs import ROOT, TINY_MQAR, command, default_signals, env, losses, train, train_subprocess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = [*TINY_MQAR, "--batch-size", 2, "--steps", 2]
@@ -250,7 +250,7 @@ def test_ctrl_c_and_kill_leave_a_checkpoint_to_resume(tmp_path):
     run = tmp_path / "run"
     args = [*QUICK, "--steps", 500, "--save-every", 1, "--keep-checkpoints", 3, "--out", run]
     process = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=env(), cwd=ROOT)
+                               env=env(), cwd=ROOT, preexec_fn=default_signals)
     wait_for_checkpoint(run, 2, process)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
