@@ -2,8 +2,8 @@
 one block, and each piece of a block, at the 340m config (bf16) on a GPU, then the Python
 functions that take the most time over a few steps (cProfile).
 
-An eager decode step is bound by the host: its kernels take a few milliseconds a token, their
-launches from Python about twenty. Each piece is called in loops without syncs, so a loop's time
+An eager decode step is bound by the host: launching its kernels from Python takes longer than
+running them. Each piece is called in loops without syncs, so a loop's time
 per call is the host's (the GPU keeps up), and the fastest loop is kept. The op rows compare the
 checked wrapper, the registered op and the kernel function called directly, which separates the
 cost of the checks, of torch's dispatcher and of the Triton launch; then the whole step with and

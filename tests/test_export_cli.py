@@ -19,7 +19,7 @@ pytest.importorskip("onnxscript")
 from mom_compile import MomForCausalLM  # noqa: E402
 from mom_compile.graphs import MomConfig  # noqa: E402
 
-from train_runs import default_signals  # noqa: E402
+from train_runs import default_signals, wrapped_interrupt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,17 +106,6 @@ def test_ctrl_c_while_replacing_an_export_waits_for_every_file(tmp_path, monkeyp
         staging.publish()
     assert {name: (out / name).read_text() for name in names} == dict.fromkeys(names, "new")
     assert os.listdir(tmp_path) == ["out"]
-
-
-def wrapped_interrupt() -> RuntimeError:
-    """An interruption as a compiler reports it: its own error, raised from the KeyboardInterrupt."""
-    try:
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as interrupt:
-            raise RuntimeError("C++ compile failed") from interrupt
-    except RuntimeError as error:
-        return error
 
 
 def test_an_interrupt_wrapped_by_a_compiler_is_reported_as_one(monkeypatch, capsys):

@@ -16,7 +16,17 @@ from mom_compile import MomConfig, MomForCausalLM
 from mom_compile.train import checkpoint as checkpoint_module
 from mom_compile.train.checkpoint import resolve_checkpoint
 
-from train_runs import ROOT, TINY_MQAR, command, default_signals, env, losses, train, train_subprocess
+from train_runs import (
+    ROOT,
+    TINY_MQAR,
+    command,
+    default_signals,
+    env,
+    losses,
+    train,
+    train_subprocess,
+    wrapped_interrupt,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = [*TINY_MQAR, "--batch-size", 2, "--steps", 2]
@@ -236,10 +246,7 @@ def test_ctrl_c_inside_a_compiler_error_is_an_interruption(tmp_path, monkeypatch
     from mom_compile.train.trainer import Trainer
 
     def fit(self):
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as interrupt:
-            raise RuntimeError("backend compiler failed") from interrupt
+        raise wrapped_interrupt()
     monkeypatch.setattr(Trainer, "fit", fit)
     assert cli.main([str(a) for a in (*QUICK, "--out", tmp_path / "run")]) == 130
     err = capsys.readouterr().err

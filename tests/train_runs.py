@@ -1,5 +1,5 @@
-"""Helpers shared by the training tests: run the command in-process or as a subprocess, read
-the losses a run recorded."""
+"""Helpers shared by the training tests (run the command in-process or as a subprocess, read the
+losses a run recorded) and, for interruptions, by the export CLI's tests."""
 from __future__ import annotations
 
 import os
@@ -27,12 +27,22 @@ def env() -> dict:
 
 def default_signals() -> None:
     """A Popen preexec_fn: the child starts with SIGINT and SIGTERM at their defaults and unblocked,
-    whatever this process's threads and libraries have set, so that a test's signal reaches the
-    command's own handlers. (Once in a full CI run a child never saw its SIGINT and finished its
-    500 steps; the cause in the test process was not found.)"""
+    whatever this process's threads and libraries have set (a child inherits blocked and ignored
+    signals), so that a test's signal reaches the command's own handlers."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_DFL)
+
+
+def wrapped_interrupt() -> RuntimeError:
+    """An interruption as a compiler reports it: its own error, raised from the KeyboardInterrupt."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("C++ compile failed") from interrupt
+    except RuntimeError as error:
+        return error
 
 
 def command(*args, processes: int = 1) -> list[str]:

@@ -439,14 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     except _Failure as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_FAILURE
-    except Exception as e:  # an unexpected failure: one line, the traceback on request
-        if caused_by_interrupt(e):
+    except (KeyboardInterrupt, Exception) as e:
+        if caused_by_interrupt(e):  # Ctrl-C or SIGTERM, maybe inside a compiler's error
             print("error: interrupted", file=sys.stderr)
             return EXIT_FAILURE
-        if os.environ.get("MOM_EXPORT_DEBUG"):
+        if os.environ.get("MOM_EXPORT_DEBUG"):  # an unexpected failure: one line, or the traceback
             raise
         first_line = (str(e).strip().splitlines() or [""])[0]
         print(f"error: export failed: {type(e).__name__}: {first_line} "

@@ -102,12 +102,13 @@ class MomCache:
         torch._foreach_zero_(self.states())
 
 
-def check_cache(name: str, cache, config: MomConfig, batch: int, dtype: torch.dtype,
+def check_cache(name: str, cache, config: MomConfig, batch: int | None, dtype: torch.dtype,
                 device: torch.device) -> None:
     """Raise naming `name` unless `cache` is a MomCache with the states that
-    `MomCache(config, batch, dtype, device)` makes (a model's `new_cache(batch)`)."""
+    `MomCache(config, batch, dtype, device)` makes (a model's `new_cache(batch)`; batch None: any)."""
     if not isinstance(cache, MomCache):
         raise TypeError(f"{name}: expected a MomCache, got {type(cache).__name__}")
+    batch = cache.batch_size if batch is None else batch
     specs = state_specs(config, batch, dtype)
     (recurrent, recurrent_dtype), (conv, conv_dtype) = specs[:2]
     expected = (f"{name}: expected what model.new_cache({batch}) makes: {config.num_hidden_layers} layers "

@@ -61,10 +61,8 @@ class CudaGraphStep:
         if not triton_status().available:
             raise ValueError(f"cuda graph step: needs the Triton kernels, which did not load "
                              f"({triton_status().reason})")
-        if not isinstance(cache, MomCache):
-            raise TypeError(f"cache: expected a MomCache (model.new_cache), got {type(cache).__name__}")
-        _check_cache(cache, model, cache.batch_size, device)
-        self.model, self.cache = model, cache
+        _check_cache(cache, model, None, device)
+        self.model, self.cache, self.device = model, cache, device
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
@@ -72,7 +70,7 @@ class CudaGraphStep:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [batch, 1] int64 or int32 on the model's device -> logits [batch, 1, vocab]."""
-        device = self.model.lm_head.weight.device
+        device = self.device
         if not (isinstance(ids, torch.Tensor) and ids.shape == (self.cache.batch_size, 1)
                 and ids.dtype in (torch.int64, torch.int32) and ids.device == device):
             got = f"{list(ids.shape)} {ids.dtype} on {ids.device}" if isinstance(ids, torch.Tensor) \
@@ -95,8 +93,9 @@ class CudaGraphStep:
         return logits
 
 
-def _check_cache(cache: MomCache, model: nn.Module, batch: int, device: torch.device) -> None:
-    """Raise naming `cache` unless it is what model.new_cache(batch) makes on `device`."""
+def _check_cache(cache: MomCache, model: nn.Module, batch: int | None, device: torch.device) -> None:
+    """Raise naming `cache` unless it is what model.new_cache(batch) makes on `device` (batch None:
+    any)."""
     check_cache("cache", cache, model.config, batch, model.lm_head.weight.dtype, device)
     if any(layer.functional for layer in cache):
         raise ValueError("cache: expected a cache updated in place (model.new_cache), got a functional one")
@@ -149,9 +148,6 @@ def generate(
     elif cuda_graph and not input_ids.is_cuda:
         raise ValueError(f"cuda_graph: needs the model and input_ids on a CUDA device, got "
                          f"{input_ids.device}")
-    elif cuda_graph and not triton_status().available:
-        raise ValueError(f"cuda_graph: needs the Triton kernels, which did not load "
-                         f"({triton_status().reason})")
     if max_new_tokens == 0:
         return input_ids
     # The cache is made (or reset) here, outside any compiled forward, so that its buffers are
@@ -161,10 +157,10 @@ def generate(
     else:
         _check_cache(cache, model, input_ids.shape[0], input_ids.device)
         cache.reset()
-    logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1).logits
     step = CudaGraphStep(model, cache) if cuda_graph else \
         (lambda ids: model(ids, past_key_values=cache, use_cache=True).logits)
+    logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     running = torch.zeros((), dtype=torch.int64, device=input_ids.device)  # steps begun unfinished
     tokens = [input_ids]

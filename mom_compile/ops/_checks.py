@@ -65,12 +65,20 @@ def check_float(name: str, value) -> float:
     return float(value)
 
 
+def nothing_intercepts() -> bool:
+    """Whether torch calls here run as written: no compiler or tracer, no dispatch, function or
+    functorch mode. Only then may a wrapper read values (`values_readable`) or skip the dispatcher
+    (`direct_call`)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def values_readable(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s values costs nothing: a plain CPU tensor outside any compiler,
-    tracer or dispatch mode. On CUDA a read would wait for the device, so the kernels there trust
-    the indices and offsets that `route` and `dispatch` make."""
-    return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and not torch._C._len_torch_dispatch_stack())
+    """Whether reading ``t``'s values costs nothing: a plain CPU tensor where nothing intercepts.
+    On CUDA a read would wait for the device, so the kernels there trust the indices and offsets
+    that `route` and `dispatch` make."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and nothing_intercepts()
 
 
 def check_index_values(name: str, t: torch.Tensor, low: int, high: int) -> None:

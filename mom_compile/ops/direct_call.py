@@ -1,13 +1,12 @@
 """`call(op, *args)`: a `mom` op called from eager code, straight into its kernel when nothing needs
 torch's dispatcher.
 
-An eager decode step is bound by the host, and the dispatcher costs a Python custom op 20-50 us a
-call there, as much as the Triton launch it wraps (benchmarks/host_overhead.py). When nothing
-needs it (not compiling, tracing or profiling; no dispatch mode, function mode or functorch
-transform; plain tensors on one device that autograd need not record) `call` runs the kernel
-the dispatcher would pick (the op's kernel for that device, else its default, the reference), and
-bumps the version counters of the arguments it mutates, as the dispatcher does. Otherwise it
-calls the op.
+An eager decode step is bound by the host, and the dispatcher costs a Python custom op about as
+much host time as the Triton launch it wraps (benchmarks/RESULTS.md, `host_overhead.py`). When
+nothing needs it (not profiling, `nothing_intercepts()`, plain tensors on one device that autograd
+need not record) `call` runs the kernel the dispatcher would pick (the op's kernel for that
+device, else its default, the reference), and bumps the version counters of the arguments it
+mutates, as the dispatcher does. Otherwise it calls the op.
 """
 from __future__ import annotations
 
@@ -16,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 from torch._library.custom_ops import CustomOpDef
+
+from ._checks import nothing_intercepts
 
 # tensor types that change nothing in dispatch (a Parameter disables torch_function)
 PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -30,9 +31,7 @@ def _mutated(op: CustomOpDef) -> tuple[int, ...]:
 
 def _kernel(op: CustomOpDef, args: tuple) -> Callable | None:
     """The kernel the dispatcher would run for args, or None if the call needs the dispatcher."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch.autograd.profiler._is_profiler_enabled
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+    if torch.autograd.profiler._is_profiler_enabled or not nothing_intercepts():
         return None
     grad, device = torch.is_grad_enabled(), None
     for a in args:
