@@ -117,7 +117,7 @@ def _conv_launch(s: Shapes, attributes: Mapping, tactic: int) -> Launch:
     constexprs = dict(eps=L2_EPS, CHOICES=choices, H=h, K=k, V=v, W=width, BLOCK_K=plan.block_k,
                       BLOCK_V=plan.block_v_conv, BLOCK_W=history_block(width), HAS_BIAS=True,
                       SINGLE_SET=bool(attributes["single_set"]),
-                      COMPUTE=tl.float32)
+                      COMPUTE=tl.float32, PDL=False)
     scalars = (("q_stride", h * k), ("set_stride_b", sets * set_width), ("set_stride_s", set_width),
                ("slots", _static("conv_src", s["conv_src"][1])))
     return Launch(grid=plan.conv_grid, num_warps=plan.conv_warps, constexprs=constexprs, scalars=scalars)
@@ -150,7 +150,7 @@ def _step_launch(s: Shapes, attributes: Mapping, tactic: int) -> Launch:
     plan = decode_launch(batch * choices, h, k, v, block_v=tactic or _step_tactics(s)[-1])
     hi, lo = split_scale(attributes["scale"])
     constexprs = dict(scale_hi=hi, scale_lo=lo, CHOICES=choices, H=h, K=k, V=v, BLOCK_K=plan.block_k,
-                      BLOCK_V=plan.block_v, COMPUTE=tl.float32)
+                      BLOCK_V=plan.block_v, COMPUTE=tl.float32, PDL=False)
     return Launch(grid=plan.step_grid, num_warps=plan.step_warps, constexprs=constexprs,
                   scalars=(("slots", slots),))
 

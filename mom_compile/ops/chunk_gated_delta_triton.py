@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import chunk_gated_delta_triton_bwd as bwd
 from . import chunk_gated_delta_triton_fwd as fwd
+from . import pdl
 from .chunk_gated_delta import CHUNK_SIZE as CHUNK
 from .chunk_gated_delta import (
     check_residuals,
@@ -59,12 +60,13 @@ def _precision(q_dtype: torch.dtype, states: torch.dtype) -> tuple[dict, torch.d
 
 @triton.jit
 def _chunk_table_kernel(offsets, starts, table, n_seg, max_chunks, C: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
+                        BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """Each chunk slot's (segment or -1, first row; 0 past the chunk count, where no kernel reads
     it), and from program 0 `chunk_starts`: starts[s + 1] = starts[s] + ceil(len_s / C). Every
     program runs that sum itself, a tile of segments at a time, and counts for each of its slots the
     segments whose chunks all come before it (its segment) and those chunks (its segment's first
     slot)."""
+    pdl.enter(PDL)
     slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     seg = tl.zeros((BLOCK,), dtype=tl.int64)
     first_slot = tl.zeros((BLOCK,), dtype=tl.int64)
@@ -98,15 +100,17 @@ def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch
     table = torch.empty(max_chunks, 2, dtype=torch.int64, device=offsets.device)
     block = 256
     _chunk_table_kernel[(triton.cdiv(max_chunks, block),)](offsets, starts, table, n_seg, max_chunks, C=CHUNK,
-                                                          BLOCK=block, BLOCK_S=16)
+                                                          BLOCK=block, BLOCK_S=16,
+                                                          **pdl.launch_options(offsets.device))
     return table, starts, max_chunks
 
 
 @triton.jit
-def _zero_tail_kernel(x, bounds, n_seg, numel, ROW: tl.constexpr, BLOCK: tl.constexpr):
+def _zero_tail_kernel(x, bounds, n_seg, numel, ROW: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Zero x's elements in rows (first-dim entries) from bounds[n_seg] on, which no kernel writes.
     Only the device knows where that tail starts, so a fixed grid strides over it (no program per
     element of x)."""
+    pdl.enter(PDL)
     end = tl.load(bounds + n_seg) * ROW
     step = tl.num_programs(0).to(tl.int64) * BLOCK
     for first in range(end + tl.program_id(0) * BLOCK, numel, step):
@@ -120,7 +124,8 @@ def _zero_tail(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     block, max_programs = 1024, 1024
     if x.numel():
         _zero_tail_kernel[(min(triton.cdiv(x.numel(), block), max_programs),)](
-            x, bounds, bounds.shape[0] - 1, x.numel(), ROW=x[0].numel(), BLOCK=block)
+            x, bounds, bounds.shape[0] - 1, x.numel(), ROW=x[0].numel(), BLOCK=block,
+            **pdl.launch_options(x.device))
     return x
 
 
@@ -162,6 +167,7 @@ class _Plan:
         self.kw, self.dot_dtype = _precision(q.dtype, self.state_dtype)
         self.compute_dtype = compute_dtype(q.dtype, self.state_dtype)
         self.cfg = config
+        self.launch = pdl.launch_options(q.device)
         self.block_k = max(16, triton.next_power_of_2(self.dk))
         self.empty = self.n_seg * self.h * self.dk * self.dv == 0
         if not self.empty:
@@ -184,10 +190,11 @@ def _wy(p: _Plan, k, v, g, beta, offsets, with_u: bool):
     decays, last_decay = p.new(p.n, p.h, 2), p.new(p.max_chunks, p.h)
     grid = (p.max_chunks, p.h)
     fwd.wy_solve_kernel[grid](k, g, beta, offsets, p.table, t_buf, H=p.h, K=p.dk, C=CHUNK, BK=cfg["bk"],
-                              **kw, num_warps=cfg["solve_warps"])
+                              **kw, **p.launch, num_warps=cfg["solve_warps"])
     fwd.wy_apply_kernel[grid](k, v, g, beta, offsets, p.table, t_buf, w, w if u is None else u, decays,
                               last_decay, **p.dims(), BK=cfg["bk"], BV=cfg["bv"], COMPUTE=kw["COMPUTE"],
-                              DOT=kw["DOT"], PREC=kw["PREC"], WITH_U=with_u, num_warps=cfg["warps"])
+                              DOT=kw["DOT"], PREC=kw["PREC"], WITH_U=with_u, **p.launch,
+                              num_warps=cfg["warps"])
     return t_buf, w, u, (decays, last_decay)
 
 
@@ -203,7 +210,7 @@ def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
     fwd.state_fwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
         k, *decays, w, u, offsets, p.chunk_starts, init, h_buf, v_new, final, **p.dims(), BLOCK_K=p.block_k,
         BV=cfg["state_bv"], HAS_INIT=initial_state is not None, COMPUTE=kw["COMPUTE"], DOT=kw["DOT"],
-        PREC=kw["PREC"], STAGES=cfg["state_stages"], num_warps=cfg["state_warps"])
+        PREC=kw["PREC"], STAGES=cfg["state_stages"], **p.launch, num_warps=cfg["state_warps"])
     return t_buf, w, h_buf, v_new, decays
 
 
@@ -231,7 +238,8 @@ def _forward(q, k, v, g, beta, offsets, initial_state, scale, config, residuals:
     kw = p.kw
     fwd.output_kernel[(p.max_chunks * triton.cdiv(p.dv, p.cfg["bv"]), p.h)](
         q, k, g, offsets, p.table, h_buf, v_new, o, *split_scale(scale), **p.dims(), BK=p.cfg["bk"],
-        BV=p.cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"], num_warps=p.cfg["warps"])
+        BV=p.cfg["bv"], COMPUTE=kw["COMPUTE"], DOT=kw["DOT"], PREC=kw["PREC"], **p.launch,
+        num_warps=p.cfg["warps"])
     if residuals:
         return o, final, _zero_tail(h_buf, p.chunk_starts), _zero_tail(v_new, offsets)
     return o, final
@@ -271,23 +279,23 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     grid = (p.max_chunks, p.h)
     d_vn = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
     bwd.dvn_local_kernel[grid](q, k, g, offsets, p.table, d_o, d_vn, *scale2, **dims, BK=cfg["bk"],
-                               BV=cfg["bv"], **dot_kw, num_warps=cfg["warps"])
+                               BV=cfg["bv"], **dot_kw, **p.launch, num_warps=cfg["warps"])
     dh_buf = torch.empty_like(h_buf)
     dfin = d_init if d_final is None else d_final.contiguous()  # placeholder if absent
     bwd.state_bwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
         q, k, *decays, w, d_o, offsets, p.chunk_starts, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
         BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_DFINAL=d_final is not None, **dot_kw,
-        STAGES=cfg["state_stages"], num_warps=cfg["state_warps"])
+        STAGES=cfg["state_stages"], **p.launch, num_warps=cfg["state_warps"])
     n_kb = triton.cdiv(p.dk, cfg["bk"])
     dk_part = p.new(p.n, p.h, p.dk)
     dw = p.new(p.n, p.h, p.dk, dtype=p.dot_dtype)
     dg_part = p.new(n_kb, p.n, p.h)
     bwd.grad_qkw_kernel[(p.max_chunks * n_kb, p.h)](
         q, k, g, offsets, p.table, d_o, h_buf, dh_buf, v_new, d_vn, dq, dk_part, dw, dg_part, *scale2,
-        p.n, **dims, BK=cfg["bk"], BV=cfg["bv"], **dot_kw, num_warps=cfg["bwd_warps"])
+        p.n, **dims, BK=cfg["bk"], BV=cfg["bv"], **dot_kw, **p.launch, num_warps=cfg["bwd_warps"])
     bwd.wy_bwd_kernel[grid](
         k, v, g, beta, offsets, p.table, t_buf, dw, d_vn, dk_part, dg_part, dk, dv, dg, dbeta, p.n,
-        **dims, BK=cfg["bk"], BV=cfg["bv"], N_KB=n_kb, **kw, num_warps=cfg["bwd_warps"])
+        **dims, BK=cfg["bk"], BV=cfg["bv"], N_KB=n_kb, **kw, **p.launch, num_warps=cfg["bwd_warps"])
     return dq, dk, dv, dg, dbeta, d_init
 
 

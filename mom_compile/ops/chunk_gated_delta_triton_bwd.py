@@ -22,6 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import pdl
 from .chunk_gated_delta_triton_fwd import (
     chunk_bounds,
     chunk_decay,
@@ -39,10 +40,11 @@ from .chunk_gated_delta_triton_fwd import (
 def dvn_local_kernel(
     q, k, g, offsets, table, d_o, d_vn, scale_hi, scale_lo,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """The within-chunk part of dVn, scale (Q K^T o Gamma)^T dO, per (chunk, head) over all V:
     it does not depend on the state, so the sequential pass only adds to it."""
+    pdl.enter(PDL)
     cid = tl.program_id(0)
     h = tl.program_id(1)
     seg, start, end = chunk_bounds(table, offsets, cid)
@@ -70,11 +72,12 @@ def state_bwd_kernel(
     q, k, decays, last_decay, w, d_o, offsets, first_chunk, d_final, dh_buf, d_vn, d_init, scale_hi, scale_lo,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, HAS_DFINAL: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, STAGES: tl.constexpr,
+    PREC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Per (segment, head, V-block), chunks in reverse with dS in registers: save each chunk's dS1
     (dh_buf), complete dVn in place (d_vn holds the within-chunk part on entry), step dS back.
     STAGES: software pipelining, as in state_fwd_kernel."""
+    pdl.enter(PDL)
     s, vb = item_and_block(tl.cdiv(V, BV))
     h = tl.program_id(1)
     scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
@@ -118,11 +121,12 @@ def grad_qkw_kernel(
     q, k, g, offsets, table, d_o, h_buf, dh_buf, v_new, d_vn, dq, dk_part, dw, dg_part,
     scale_hi, scale_lo, n_rows,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """Per (chunk, head, K-block), summing over V: dQ (final), the output and state-update parts
     of dK (dk_part), dW, and this K-block's share of dG (dg_part[K-block]), the terms of dG being
     sums over K."""
+    pdl.enter(PDL)
     cid, kb = item_and_block(tl.cdiv(K, BK))
     h = tl.program_id(1)
     seg, start, end = chunk_bounds(table, offsets, cid)
@@ -174,10 +178,11 @@ def wy_bwd_kernel(
     k, v, g, beta, offsets, table, t_buf, dw, d_vn, dk_part, dg_part, dk, dv, dg, dbeta, n_rows,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, N_KB: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, PREC32: tl.constexpr,
+    PREC: tl.constexpr, PREC32: tl.constexpr, PDL: tl.constexpr,
 ):
     """Per (chunk, head): back through W = T X_w, U = T X_u and T = (I + A)^{-1}; writes dk, dv,
     dbeta and dg (dG's K-block shares from grad_qkw added, then reverse-summed in the chunk)."""
+    pdl.enter(PDL)
     cid = tl.program_id(0)
     h = tl.program_id(1)
     seg, start, end = chunk_bounds(table, offsets, cid)

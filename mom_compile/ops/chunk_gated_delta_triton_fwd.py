@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def chunk_bounds(table, offsets, cid):
@@ -123,12 +125,13 @@ def _sub_rows(ptr, rows, ok, h, H: tl.constexpr, COMPUTE: tl.constexpr):
 def wy_solve_kernel(
     k, g, beta, offsets, table, t_out,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
-    COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
+    COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr, PDL: tl.constexpr,
 ):
     """T = (I + A)^{-1} of one (chunk, head), stored row-wise into t_out [N, H, C] (lower
     triangle; readers mask the rest). A is built directly in its ten 16x16 lower blocks
     (A_ab = gated K_a K_b^T), the four diagonal blocks are inverted by substitution and the
     others follow from T_ab = -T_aa sum_{b<=m<a} A_am T_mb."""
+    pdl.enter(PDL)
     tl.static_assert(C == 64, "wy_solve_kernel solves chunks of exactly 64 rows (four 16-row blocks)")
     cid = tl.program_id(0)
     h = tl.program_id(1)
@@ -244,9 +247,11 @@ def wy_apply_kernel(
     k, v, g, beta, offsets, table, t_buf, w, u, decays, last_decay,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, WITH_U: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """W = T diag(beta e^G) K and (WITH_U) U = T diag(beta) V of one (chunk, head), once for all
     V-blocks of the state pass; and the decays the sequential passes read (`store_decays`)."""
+    pdl.enter(PDL)
     cid = tl.program_id(0)
     h = tl.program_id(1)
     seg, start, end = chunk_bounds(table, offsets, cid)
@@ -274,12 +279,13 @@ def state_fwd_kernel(
     k, decays, last_decay, w, u, offsets, first_chunk, init, h_buf, v_new, final,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, HAS_INIT: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, STAGES: tl.constexpr,
+    PREC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     """The only sequential part, per (segment, head, V-block): walk the segment's chunks with the
     [K, BV] state slice in registers; save each chunk's start state (h_buf) and Vn = U - W S0.
     With STAGES > 1 Triton software-pipelines the loop: the next chunks' W, U, K and decays, which
     do not depend on the state, load while this chunk computes."""
+    pdl.enter(PDL)
     s, vb = item_and_block(tl.cdiv(V, BV))
     h = tl.program_id(1)
     kk = tl.arange(0, BLOCK_K)
@@ -314,9 +320,10 @@ def state_fwd_kernel(
 def output_kernel(
     q, k, g, offsets, table, h_buf, v_new, o, scale_hi, scale_lo,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    C: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """O = scale (diag(e^G) Q S0 + (Q K^T o Gamma) Vn) of one (chunk, head, V-block)."""
+    pdl.enter(PDL)
     cid, vb = item_and_block(tl.cdiv(V, BV))
     h = tl.program_id(1)
     seg, start, end = chunk_bounds(table, offsets, cid)

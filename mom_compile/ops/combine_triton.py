@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .triton_precision import compute_type
 
 BLOCK = 1024  # columns (H*V) per step
@@ -21,9 +22,10 @@ BLOCK = 1024  # columns (H*V) per step
 
 @triton.jit
 def _combine_kernel(o_rows, weights, row_of_choice, y, HV: tl.constexpr, K: tl.constexpr,
-                    BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+                    BLOCK: tl.constexpr, COMPUTE: tl.constexpr, PDL: tl.constexpr):
     """y[token] = sum_i weights[token, i] * o_rows[row_of_choice[token, i]], one (token, column
     block) per program."""
+    pdl.enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < HV
@@ -37,9 +39,10 @@ def _combine_kernel(o_rows, weights, row_of_choice, y, HV: tl.constexpr, K: tl.c
 
 @triton.jit
 def _combine_backward_kernel(d_y, o_rows, weights, row_of_choice, d_rows, d_weights, HV: tl.constexpr,
-                             K: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+                             K: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr, PDL: tl.constexpr):
     """Per token: d_rows[row_i] = weights[i] * d_y, d_weights[i] = o_rows[row_i] . d_y, over all
     H*V columns (the weight gradient is a full-row sum, so one program owns the row)."""
+    pdl.enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     for i in tl.static_range(K):
         row = tl.load(row_of_choice + token * K + i).to(tl.int64)
@@ -67,7 +70,8 @@ def combine_triton(o_rows, weights, row_of_choice):
     if b * t > 0 and hv > 0:
         block = _block(hv)
         _combine_kernel[(b * t, triton.cdiv(hv, block))](
-            o_rows, weights, row_of_choice, y, HV=hv, K=k, BLOCK=block, COMPUTE=compute_type(weights.dtype))
+            o_rows, weights, row_of_choice, y, HV=hv, K=k, BLOCK=block, COMPUTE=compute_type(weights.dtype),
+            **pdl.launch_options(y.device))
     return y
 
 
@@ -85,5 +89,5 @@ def combine_backward_triton(d_y, o_rows, weights, row_of_choice):
     if b * t > 0:
         _combine_backward_kernel[(b * t,)](
             d_y, o_rows, weights, row_of_choice, d_rows, d_weights, HV=hv, K=k, BLOCK=_block(hv),
-            COMPUTE=compute_type(d_y.dtype, weights.dtype))
+            COMPUTE=compute_type(d_y.dtype, weights.dtype), **pdl.launch_options(d_y.device))
     return d_rows, d_weights

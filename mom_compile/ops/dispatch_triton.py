@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .dispatch import dispatch_reference
 
 SCAN_TILE = 1024  # counts summed per step of the running sum
@@ -35,7 +36,8 @@ def _categories(memory_idx, mask, b, j, n, t, M, K: tl.constexpr):
 
 @triton.jit
 def _count_kernel(memory_idx, mask, counts, n, t, M, K: tl.constexpr, BLOCK: tl.constexpr,
-                  CATS: tl.constexpr):
+                  CATS: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     block, blocks = tl.program_id(1), tl.num_programs(1)
     _, cat = _categories(memory_idx, mask, b, block * BLOCK + tl.arange(0, BLOCK), n, t, M, K)
@@ -54,7 +56,8 @@ def _running_sum(counts, first_row, at, ok, carry):
 
 
 @triton.jit
-def _first_row_kernel(counts, first_row, offsets, B, M, blocks, TILE: tl.constexpr):
+def _first_row_kernel(counts, first_row, offsets, B, M, blocks, TILE: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     carry = tl.sum(tl.zeros([TILE], dtype=tl.int64), axis=0)
     real = B * M * blocks  # entries (b, m, block) of the segments, in row order
     for start in range(0, real, TILE):
@@ -73,7 +76,8 @@ def _first_row_kernel(counts, first_row, offsets, B, M, blocks, TILE: tl.constex
 
 @triton.jit
 def _place_kernel(memory_idx, mask, first_row, token_of_row, memory_of_row, row_of_choice, n, t, M,
-                  K: tl.constexpr, BLOCK: tl.constexpr, CATS: tl.constexpr):
+                  K: tl.constexpr, BLOCK: tl.constexpr, CATS: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     block, blocks = tl.program_id(1), tl.num_programs(1)
     j = block * BLOCK + tl.arange(0, BLOCK)
@@ -103,8 +107,9 @@ def dispatch_triton(
     new = idx.new_empty
     counts, first_row = new(b, m + 1, grid[1], dtype=torch.int32), new(b, m + 1, grid[1])
     token_of_row, memory_of_row, row_of_choice, offsets = new(b * n), new(b * n), new(b, t, k), new(b * m + 1)
-    _count_kernel[grid](idx, valid, counts, n, t, m, K=k, BLOCK=block, CATS=cats)
-    _first_row_kernel[(1,)](counts, first_row, offsets, b, m, grid[1], TILE=SCAN_TILE)
+    launch = pdl.launch_options(idx.device)
+    _count_kernel[grid](idx, valid, counts, n, t, m, K=k, BLOCK=block, CATS=cats, **launch)
+    _first_row_kernel[(1,)](counts, first_row, offsets, b, m, grid[1], TILE=SCAN_TILE, **launch)
     _place_kernel[grid](idx, valid, first_row, token_of_row, memory_of_row, row_of_choice, n, t, m,
-                        K=k, BLOCK=block, CATS=cats)
+                        K=k, BLOCK=block, CATS=cats, **launch)
     return token_of_row, memory_of_row, row_of_choice, offsets

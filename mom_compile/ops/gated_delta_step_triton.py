@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .triton_precision import compute_type, split_scale
 
 
@@ -19,8 +20,9 @@ from .triton_precision import compute_type, split_scale
 def _step_kernel(
     q, k, v, g, beta, state, o, new_state, scale_hi, scale_lo,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    COMPUTE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     r = tl.program_id(0)
     scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)  # exact in float64 (see split_scale)
     h = tl.program_id(1)
@@ -70,5 +72,5 @@ def gated_delta_step_triton(q, k, v, g, beta, state, scale):
     grid = (r, h, triton.cdiv(dv, block_v))
     _step_kernel[grid](q, k, v, g, beta, state, o, new_state, *split_scale(scale),
                        H=h, K=dk, V=dv, BLOCK_K=block_k, BLOCK_V=block_v, COMPUTE=compute_type(state.dtype),
-                       num_warps=8 if block_k >= 128 else 4)
+                       **pdl.launch_options(state.device), num_warps=8 if block_k >= 128 else 4)
     return o, new_state

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .layout import last_dim_contiguous
 from .triton_precision import compute_type
 
@@ -16,7 +17,8 @@ from .triton_precision import compute_type
 @triton.jit
 def _gated_rms_norm_kernel(y, z, weight, mix, out, eps, z_stride, H: tl.constexpr, V: tl.constexpr,
                            CHOICES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_MIX: tl.constexpr,
-                           BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr):
+                           BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     cols = tl.arange(0, BLOCK_V)
@@ -54,5 +56,6 @@ def gated_rms_norm_triton(y, z, weight, eps: float, dtype: torch.dtype, mix=None
             y, y if gate is None else gate, weight, y if mix is None else mix, out, eps,
             0 if gate is None else gate.stride(0), H=h, V=v, CHOICES=choices, HAS_GATE=gate is not None,
             HAS_MIX=mix is not None, BLOCK_V=triton.next_power_of_2(v),
-            COMPUTE=compute_type(*(t.dtype for t in (y, mix) if t is not None)))
+            COMPUTE=compute_type(*(t.dtype for t in (y, mix) if t is not None)),
+            **pdl.launch_options(y.device))
     return out

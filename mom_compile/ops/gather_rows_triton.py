@@ -10,6 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import pdl
 from .layout import last_dim_contiguous
 from .triton_precision import compute_type
 
@@ -28,7 +29,8 @@ def _source(head, tail, rows, cols, A: tl.constexpr, SPLIT: tl.constexpr, C: tl.
 @triton.jit
 def _gather_kernel(q, per_set, token, set_of_row, head, tail, r, q_stride, token_stride, set_stride,
                    A: tl.constexpr, C: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < r
@@ -50,9 +52,10 @@ def _gather_kernel(q, per_set, token, set_of_row, head, tail, r, q_stride, token
 def _gather_backward_kernel(d_head, d_tail, set_of_row, row_of_choice, d_q, d_per_set, n,
                             A: tl.constexpr, C: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr,
                             K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                            COMPUTE: tl.constexpr):
+                            COMPUTE: tl.constexpr, PDL: tl.constexpr):
     """Per token: d_q = the sum of its rows' q columns; d_per_set[set] = the sum of the set columns
     of its rows that read that set (zeros where none did)."""
+    pdl.enter(PDL)
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     tok_ok = toks < n
@@ -86,7 +89,7 @@ def gather_rows_triton(q, per_set, token, set_of_row, row_of_choice, split: int)
         grid = (triton.cdiv(r, BLOCK_ROWS), triton.cdiv(a + c, BLOCK_COLS))
         _gather_kernel[grid](q, per_set, token, set_of_row, head, tail, r, q.stride(0), per_set.stride(0),
                              per_set.stride(1), A=a, C=c, S=s, SPLIT=split, BLOCK_R=BLOCK_ROWS,
-                             BLOCK_C=BLOCK_COLS)
+                             BLOCK_C=BLOCK_COLS, **pdl.launch_options(q.device))
     return head, tail
 
 
@@ -102,5 +105,5 @@ def gather_rows_backward_triton(d_head, d_tail, token, set_of_row, row_of_choice
         grid = (triton.cdiv(n, BLOCK_ROWS), triton.cdiv(a + c, BLOCK_COLS))
         _gather_backward_kernel[grid](d_head, d_tail, set_of_row, row_of_choice, d_q, d_per_set, n, A=a, C=c,
                                       S=n_sets, SPLIT=split, K=k, BLOCK_T=BLOCK_ROWS, BLOCK_C=BLOCK_COLS,
-                                      COMPUTE=compute_type(d_head.dtype))
+                                      COMPUTE=compute_type(d_head.dtype), **pdl.launch_options(d_head.device))
     return d_q, d_per_set

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .l2_normalize import L2_EPS
 from .layout import last_dim_contiguous
 from .precision import compute_dtype
@@ -26,8 +27,10 @@ def l2_scale(x, eps, AXIS: tl.constexpr):
 
 @triton.jit
 def _l2_normalize_kernel(x, y, r, rows, inner, outer_stride, inner_stride, eps, D: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr):
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr,
+                         PDL: tl.constexpr):
     """Rows (outer, inner) of x [outer, inner, D] (strided, unit last stride) -> contiguous y, r."""
+    pdl.enter(PDL)
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     ok = (row < rows)[:, None] & (cols < D)[None, :]
@@ -41,7 +44,8 @@ def _l2_normalize_kernel(x, y, r, rows, inner, outer_stride, inner_stride, eps, 
 
 @triton.jit
 def _l2_normalize_backward_kernel(d_y, y, r, d_x, rows, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr):
+                                  BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     ok = (row < rows)[:, None] & (cols < D)[None, :]
@@ -69,7 +73,8 @@ def l2_normalize_triton(x):
     if rows > 0 and d > 0:
         _l2_normalize_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
             x3, y, r, rows, inner, x3.stride(0), x3.stride(1), L2_EPS, D=d, BLOCK_R=BLOCK_ROWS,
-            BLOCK_D=triton.next_power_of_2(d), COMPUTE=compute_type(x.dtype))
+            BLOCK_D=triton.next_power_of_2(d), COMPUTE=compute_type(x.dtype),
+            **pdl.launch_options(x.device))
     elif rows > 0:  # empty rows: sum 0, r = eps^-1/2
         r.fill_(L2_EPS ** -0.5)
     return y, r
@@ -84,5 +89,5 @@ def l2_normalize_backward_triton(d_y, y, r):
     if rows > 0 and d > 0:
         _l2_normalize_backward_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
             d_y, y, r, d_x, rows, D=d, BLOCK_R=BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(d),
-            COMPUTE=compute_type(d_y.dtype, y.dtype))
+            COMPUTE=compute_type(d_y.dtype, y.dtype), **pdl.launch_options(d_y.device))
     return d_x

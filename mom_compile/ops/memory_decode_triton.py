@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .gated_delta_step_triton import block_sizes
 from .l2_normalize import L2_EPS
 from .l2_normalize_triton import l2_scale
@@ -39,8 +40,9 @@ def _decode_conv_kernel(
     conv_dst, qkv, beta_g,
     CHOICES: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SINGLE_SET: tl.constexpr, COMPUTE: tl.constexpr,
+    SINGLE_SET: tl.constexpr, COMPUTE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     memory = tl.load(memory_idx + row)
@@ -124,23 +126,26 @@ def _shift_history(x, past, ch, ok, dst, C: tl.constexpr, W: tl.constexpr, BLOCK
 def _decode_step_kernel(
     memory_idx, qkv, beta_g, rec_src, scale_hi, scale_lo, slots, rec_dst, o,
     CHOICES: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     col = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = col < V
     rh = row * H + h
+    kk = tl.arange(0, BLOCK_K)
+    k_ok = kk < K
+    # the conv kernel, always the one ahead, writes neither the indices nor the states: they load
+    # while it runs (pdl.py), the state tile being the step's one long wait for memory
     memory = tl.load(memory_idx + row)
+    tile_ok = k_ok[:, None] & v_ok[None, :] & (memory >= 0)
+    tile = (((row // CHOICES) * slots + memory) * H + h) * K * V + kk[:, None] * V + col[None, :]
+    s = tl.load(rec_src + tile, mask=tile_ok, other=0.0).to(COMPUTE)
+    pdl.enter(PDL)
     if memory < 0:
         tl.store(o + rh * V + col, tl.zeros((BLOCK_V,), dtype=o.dtype.element_ty), mask=v_ok)
         return
     scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)  # exact in float64 (see split_scale)
-    kk = tl.arange(0, BLOCK_K)
-    k_ok = kk < K
-    tile_ok = k_ok[:, None] & v_ok[None, :]
-    tile = (((row // CHOICES) * slots + memory) * H + h) * K * V + kk[:, None] * V + col[None, :]
-    s = tl.load(rec_src + tile, mask=tile_ok, other=0.0).to(COMPUTE)
     vec = qkv + rh * (2 * K + V)
     q = tl.load(vec + kk, mask=k_ok, other=0.0)
     k = tl.load(vec + K + kk, mask=k_ok, other=0.0)
@@ -218,16 +223,17 @@ def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, c
     beta_g = torch.empty(rows, h, 2, dtype=scratch_dtype, device=q.device)
     width = conv_weight.shape[1]
     launch = decode_launch(rows, h, dk, dv, **(config or {}))
+    overlap = pdl.launch_options(q.device)
     bias = conv_weight if conv_bias is None else conv_bias.contiguous()  # placeholder if absent
     _decode_conv_kernel[launch.conv_grid](
         q, per_set, memory_idx, A_log, dt_bias, conv_weight, bias, conv_states, L2_EPS,
         q.stride(0), per_set.stride(0), per_set.stride(1), slots, conv_states, qkv, beta_g,
         CHOICES=chosen, H=h, K=dk, V=dv, W=width, BLOCK_K=launch.block_k, BLOCK_V=launch.block_v_conv,
         BLOCK_W=history_block(width), HAS_BIAS=conv_bias is not None, SINGLE_SET=single_set, COMPUTE=compute,
-        num_warps=launch.conv_warps)
+        **overlap, num_warps=launch.conv_warps)
     _decode_step_kernel[launch.step_grid](
         memory_idx, qkv, beta_g, rec_states, *split_scale(scale), slots, rec_states, o,
         CHOICES=chosen, H=h, K=dk, V=dv, BLOCK_K=launch.block_k, BLOCK_V=launch.block_v, COMPUTE=compute,
-        num_warps=launch.step_warps)
+        **overlap, num_warps=launch.step_warps)
     return o
 

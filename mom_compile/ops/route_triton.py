@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .layout import last_dim_contiguous
 from .precision import compute_dtype
 from .triton_precision import compute_type
@@ -19,7 +20,9 @@ PAIRS = 4096  # token x memory x memory comparisons per program
 
 @triton.jit
 def _route_kernel(logits, memory_idx, weights, n, row_stride, M: tl.constexpr, TOPK: tl.constexpr,
-                  SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr):
+                  SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr,
+                  PDL: tl.constexpr):
+    pdl.enter(PDL)
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mems = tl.arange(0, BLOCK_M)
     tok_ok = toks < n
@@ -58,5 +61,6 @@ def route_triton(logits, topk: int, shared: bool):
         block_t = max(1, min(128, PAIRS // (block_m * block_m)))
         _route_kernel[(triton.cdiv(n, block_t),)](
             x, memory_idx, weights, n, x.stride(0), M=m, TOPK=topk, SHARED=bool(shared), BLOCK_T=block_t,
-            BLOCK_M=block_m, COMPUTE=compute_type(logits.dtype))
+            BLOCK_M=block_m, COMPUTE=compute_type(logits.dtype),
+            **pdl.launch_options(x.device))
     return memory_idx, weights

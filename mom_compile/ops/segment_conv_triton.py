@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .precision import compute_dtype
 from .segment_of_triton import segment_of
 from .triton_precision import compute_type
@@ -38,8 +39,9 @@ def _tap(x, init, rows, seg, pos, back, cols, row_ok, col_ok, D: tl.constexpr, W
 
 @triton.jit
 def _row_table_kernel(offsets, seg_of_row, pos_of_row, n, n_seg, BLOCK: tl.constexpr,
-                      SEARCH_STEPS: tl.constexpr):
+                      SEARCH_STEPS: tl.constexpr, PDL: tl.constexpr):
     """Each row's segment (n_seg for a row in none) and its position in it."""
+    pdl.enter(PDL)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     seg = segment_of(offsets, rows, n_seg, SEARCH_STEPS)
     start = tl.load(offsets + seg, mask=(rows < n) & (seg < n_seg), other=0).to(tl.int32)
@@ -83,9 +85,10 @@ def _final_state(x, init, offsets, final, s, cols, col_ok, D: tl.constexpr, W: t
 @triton.jit
 def _conv_kernel(x, init, weight, bias, offsets, seg_of_row, pos_of_row, y, final, n, n_seg, row_blocks,
                  D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 COMPUTE: tl.constexpr):
+                 COMPUTE: tl.constexpr, PDL: tl.constexpr):
     """Programs [0, row_blocks) convolve blocks of rows; the n_seg after them each copy a segment's
     final state (one launch for both)."""
+    pdl.enter(PDL)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     if tl.program_id(0) < row_blocks:
@@ -102,7 +105,8 @@ def _conv_kernel(x, init, weight, bias, offsets, seg_of_row, pos_of_row, y, fina
 @triton.jit
 def _dz_kernel(x, init, weight, bias, seg_of_row, pos_of_row, d_y, d_z, n, n_seg,
                D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               COMPUTE: tl.constexpr):
+               COMPUTE: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -118,10 +122,12 @@ def _dz_kernel(x, init, weight, bias, seg_of_row, pos_of_row, d_y, d_z, n, n_seg
 @triton.jit
 def _dx_kernel(x, init, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, d_w_part,
                d_b_part, n, n_seg, D: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_BLOCKS: tl.constexpr, COMPUTE: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_BLOCKS: tl.constexpr, COMPUTE: tl.constexpr,
+               PDL: tl.constexpr):
     """ROW_BLOCKS blocks of BLOCK_N table rows (x rows, then history rows) per program. The weight
     and bias sums accumulate elementwise and are reduced over rows once, at the end: a reduction
     across warps per block of rows cost more than the loads."""
+    pdl.enter(PDL)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     back = tl.arange(0, BLOCK_W)  # the output `back` steps later reads a row through tap W-1-back
@@ -180,7 +186,8 @@ def _row_table(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     if n > 0:
         block = 1024
         _row_table_kernel[(triton.cdiv(n, block),)](offsets, seg_of_row, pos_of_row, n, n_seg, BLOCK=block,
-                                                     SEARCH_STEPS=max(1, n_seg.bit_length()))
+                                                     SEARCH_STEPS=max(1, n_seg.bit_length()),
+                                                     **pdl.launch_options(offsets.device))
     return seg_of_row, pos_of_row
 
 
@@ -200,7 +207,7 @@ def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | 
         _conv_kernel[(row_blocks + n_seg, triton.cdiv(d, cfg["block_d"]))](
             x, initial_state, weight, bias, offsets, *_row_table(offsets, n), y, final, n, n_seg, row_blocks,
             D=d, W=width, BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], COMPUTE=compute_type(x.dtype),
-            num_warps=cfg["warps"])
+            **pdl.launch_options(x.device), num_warps=cfg["warps"])
     return y, final
 
 
@@ -231,11 +238,12 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     if n > 0 and d > 0:
         _dz_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
             x, initial_state, weight, bias, seg_of_row, pos_of_row, d_y, d_z, n, n_seg,
-            D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute, num_warps=cfg["dz_warps"])
+            D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute,
+            **pdl.launch_options(x.device), num_warps=cfg["dz_warps"])
     if table_rows > 0 and d > 0:
         _dx_kernel[(row_blocks, triton.cdiv(d, block_d))](
             x, initial_state, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, d_w_part,
             d_b_part, n, n_seg, D=d, W=width, BLOCK_W=triton.next_power_of_2(width),
             BLOCK_N=cfg["dx_block_n"], BLOCK_D=block_d, ROW_BLOCKS=cfg["dx_row_blocks"], COMPUTE=compute,
-            num_warps=cfg["dx_warps"])
+            **pdl.launch_options(x.device), num_warps=cfg["dx_warps"])
     return (d_x, d_w_part.sum(0).to(weight.dtype), d_b_part.sum(0).to(bias.dtype), d_init)
