@@ -59,6 +59,24 @@ def test_cache_unlike_new_cache_is_refused(model):
         model(x, past_key_values=[1, 2])
 
 
+def test_layer_refuses_a_cache_entry_of_another_config(model):
+    """MomLayer used on its own: its decode step checks the cache entry, the one argument it does
+    not build, before the decode op (whose own checks the layer skips) reads it."""
+    layer = model.model.layers[0].attn
+    x = torch.randn(2, 1, model.config.hidden_size)
+    other_head = tiny_model(dtype=torch.float32, head_dim=16).new_cache(2)[0]
+    meta = model.new_cache(2, device="meta")[0]
+    bad = ((other_head, r"got \[2, 5, 2, 16, 16\] torch.float32"), (model.new_cache(3)[0], r"got \[3, 5, "),
+           (meta, r"got \[2, 5, 2, 8, 8\] torch.float32 on meta"))
+    with torch.no_grad():
+        for state, got in bad:
+            expected = r"state: expected a recurrent state \[2, 5, 2, 8, 8\].*"
+            with pytest.raises(ValueError, match=expected + got):
+                layer(x, state=state)
+        layer(x, state=model.new_cache(2)[0])  # this config's entry passes, in the model's dtype or another
+        layer(x, state=MomCache(model.config, 2, dtype=torch.float16)[0])
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(topk=5), "MomConfig.topk: expected at most num_memories=4"),
     (dict(hidden_size=0), "MomConfig.hidden_size: expected a positive integer"),

@@ -20,16 +20,19 @@ SM90 = GPUTarget("cuda", 90, 32)
 
 
 def test_pdl_is_on_for_compiled_kernels_on_hopper_and_later(monkeypatch):
-    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
-    assert pdl.launch_options(torch.device("cuda", 0)) == {"PDL": False, "launch_pdl": False}
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
-    for capability, on in ((8, 9), False), ((9, 0), True), ((10, 0), True):
-        pdl._supported.cache_clear()
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
-        assert pdl.launch_options(torch.device("cuda", 1)) == {"PDL": on, "launch_pdl": on}
-    pdl._supported.cache_clear()
+    def options(device, capability=(9, 0), interpret=False):
+        pdl.launch_options.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+        monkeypatch.setattr(triton.knobs.runtime, "interpret", interpret)
+        return dict(pdl.launch_options(device))
+
+    try:
+        assert options(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+        assert options(torch.device("cuda", 0), interpret=True) == {"PDL": False, "launch_pdl": False}
+        for capability, on in ((8, 9), False), ((9, 0), True), ((10, 0), True):
+            assert options(torch.device("cuda", 1), capability) == {"PDL": on, "launch_pdl": on}
+    finally:
+        pdl.launch_options.cache_clear()
 
 
 def ptx_before_and_after_wait(kernel, types: dict, constexprs: dict) -> tuple[list[str], list[str]]:

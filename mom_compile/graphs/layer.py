@@ -13,8 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.memory_decode import gates
-from .cache import LayerState
+from ..ops._checks import STATE_DTYPES
+from ..ops.direct_call import call
+from ..ops.memory_decode import gates, memory_decode_inplace_op
+from .cache import LayerState, state_specs
 from .config import MomConfig
 from .norm import RMSNorm
 from .stacked import Part, blocks, padding, stacked_parameter
@@ -42,6 +44,8 @@ class MomLayer(nn.Module):
         self.in_proj = stacked_parameter(self, "in_proj", self._in_parts(), multiple_of=8)
         # project()'s split, computed once: an eager decode step is bound by the host
         self._columns, self._set_width = self._head_split(), sum(self._set_split())
+        # a cache entry's recurrent and conv shapes but the batch (`_check_state`)
+        self._state_shapes = [shape[1:] for shape, _ in state_specs(c, 0, torch.float32)[:2]]
         self.A_log = nn.Parameter(torch.empty(c.num_heads))
         self.dt_bias = nn.Parameter(torch.empty(c.num_heads))
         convs = [(f"{n}_conv1d", dim) for n, dim in (("q", c.key_dim), ("k", c.key_dim), ("v", c.value_dim))]
@@ -182,5 +186,19 @@ class MomLayer(nn.Module):
             o, conv, recurrent = ops.memory_decode(*args, state.conv, state.recurrent, self.scale, single_set)
             state.update(recurrent, conv)
         else:
-            o = ops.memory_decode_(*args, state.conv, state.recurrent, self.scale, single_set)
+            # the cache entry is the one argument the layer did not build: checked here, and the
+            # op's own checks skipped (an eager decode step is bound by the host)
+            self._check_state(state, q)
+            o = call(memory_decode_inplace_op, *args, state.conv, state.recurrent, self.scale, single_set)
         return o[:, None], weights
+
+    def _check_state(self, state: LayerState, q: torch.Tensor) -> None:
+        """Raise unless `state` holds what `MomCache` makes for this layer's config, batch and device."""
+        rec, conv = state.recurrent, state.conv
+        rec_shape, conv_shape = ((q.shape[0], *shape) for shape in self._state_shapes)
+        if (rec.shape != rec_shape or conv.shape != conv_shape or rec.dtype not in STATE_DTYPES
+                or conv.dtype != q.dtype or rec.device != q.device or conv.device != q.device):
+            raise ValueError(f"state: expected a recurrent state {list(rec_shape)} float32 or float64 and a "
+                             f"conv state {list(conv_shape)} {q.dtype} on {q.device} (this layer's entry of "
+                             f"a MomCache for its config), got {list(rec.shape)} {rec.dtype} on {rec.device} "
+                             f"and {list(conv.shape)} {conv.dtype} on {conv.device}")

@@ -15,6 +15,7 @@ export/tensorrt_plugin.py); the in-place op passes the same table as both.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +181,7 @@ def step_block_sizes(dk: int, dv: int) -> tuple[int, int]:
     return block_sizes(dk, dv, states=16384)
 
 
+@functools.lru_cache(maxsize=256)  # an eager decode step, bound by the host, asks once a layer
 def decode_launch(rows: int, h: int, dk: int, dv: int, block_v: int | None = None,
                   step_warps: int | None = None) -> DecodeLaunch:
     """By default about 512 step programs: a decode step's few state slices must spread over the
@@ -195,6 +197,7 @@ def decode_launch(rows: int, h: int, dk: int, dv: int, block_v: int | None = Non
                         step_warps=step_warps)
 
 
+@functools.cache
 def history_block(width: int) -> int:
     """The conv kernel's BLOCK_W: a conv of width W keeps W - 1 history rows, padded to a power of two."""
     return triton.next_power_of_2(width - 1)

@@ -14,6 +14,8 @@ else (`_decode_step_kernel` reads its states early).
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 import triton
@@ -22,16 +24,13 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @functools.cache
-def _supported(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def launch_options(device: torch.device) -> dict:
-    """The `PDL` constexpr and Triton's `launch_pdl` option for a launch on `device`: on where the
-    GPU has PDL (compute capability 9 and later) and Triton compiles (not its CPU interpreter)."""
-    on = device.type == "cuda" and not triton.knobs.runtime.interpret and _supported(
-        torch.cuda.current_device() if device.index is None else device.index)
-    return {"PDL": on, "launch_pdl": on}
+def launch_options(device: torch.device) -> Mapping[str, bool]:
+    """The `PDL` constexpr and Triton's `launch_pdl` option for a launch on `device` (a tensor's,
+    with its index): on where the GPU has PDL (compute capability 9 and later) and Triton compiles
+    (not its CPU interpreter). Cached: an eager decode step asks about 70 times."""
+    on = (device.type == "cuda" and not triton.knobs.runtime.interpret
+          and torch.cuda.get_device_capability(device)[0] >= 9)
+    return MappingProxyType({"PDL": on, "launch_pdl": on})
 
 
 @triton.jit
