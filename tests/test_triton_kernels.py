@@ -526,6 +526,11 @@ def interpreter_results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# one pytest-xdist worker runs every interpreted case: the subprocess behind them runs once
+INTERPRETED = pytest.mark.xdist_group("triton_interpreter")
+
+
+@INTERPRETED
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=case_id)
 def test_interpreted_kernel_matches_reference(case, interpreter_results):
     result = interpreter_results[case_id(case)]
@@ -533,6 +538,7 @@ def test_interpreted_kernel_matches_reference(case, interpreter_results):
     assert_within_tolerance(case, result)
 
 
+@INTERPRETED
 def test_interpreted_chunk_table_matches_its_formula(interpreter_results):
     assert interpreter_results["chunk_table"] == {"starts": 0, "table": 0}
 
