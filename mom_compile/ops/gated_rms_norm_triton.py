@@ -3,7 +3,6 @@ values of y (of each of its k rows, with mix) and of the gate once and writes th
 once, in the output dtype."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -11,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .layout import last_dim_contiguous
+from .layout import last_dim_contiguous, next_power_of_2
 from .triton_precision import compute_type
 
 
@@ -40,12 +39,6 @@ def _gated_rms_norm_kernel(y, z, weight, mix, out, eps, z_stride, H: tl.constexp
     tl.store(out + at, o.to(out.dtype.element_ty), mask=ok)
 
 
-@functools.cache
-def _block(v: int) -> int:
-    """BLOCK_V: a head's V padded to a power of two (cached: an eager decode step asks once a layer)."""
-    return triton.next_power_of_2(v)
-
-
 def gated_rms_norm_triton(y, z, weight, eps: float, dtype: torch.dtype, mix=None):
     """Same contract as `mom::gated_rms_norm`: out [..., H, V] in `dtype`; z is read through its
     row stride."""
@@ -62,7 +55,7 @@ def gated_rms_norm_triton(y, z, weight, eps: float, dtype: torch.dtype, mix=None
         _gated_rms_norm_kernel[(rows, h)](
             y, y if gate is None else gate, weight, y if mix is None else mix, out, eps,
             0 if gate is None else gate.stride(0), H=h, V=v, CHOICES=choices, HAS_GATE=gate is not None,
-            HAS_MIX=mix is not None, BLOCK_V=_block(v),
+            HAS_MIX=mix is not None, BLOCK_V=next_power_of_2(v),
             COMPUTE=compute_type(*(t.dtype for t in (y, mix) if t is not None)),
             **pdl.launch_options(y.device))
     return out

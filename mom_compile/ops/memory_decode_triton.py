@@ -26,7 +26,7 @@ from . import pdl
 from .gated_delta_step_triton import block_sizes
 from .l2_normalize import L2_EPS
 from .l2_normalize_triton import l2_scale
-from .layout import last_dim_contiguous
+from .layout import last_dim_contiguous, next_power_of_2
 from .memory_decode import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
 from .precision import compute_dtype
 from .triton_precision import compute_type, split_scale
@@ -197,10 +197,9 @@ def decode_launch(rows: int, h: int, dk: int, dv: int, block_v: int | None = Non
                         step_warps=step_warps)
 
 
-@functools.cache
 def history_block(width: int) -> int:
     """The conv kernel's BLOCK_W: a conv of width W keeps W - 1 history rows, padded to a power of two."""
-    return triton.next_power_of_2(width - 1)
+    return next_power_of_2(width - 1)
 
 
 def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,  # noqa: N803

@@ -6,14 +6,12 @@ of the chosen logits (NaN logits stay NaN, as in the formula), then the shared m
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import pdl
-from .layout import last_dim_contiguous
+from .layout import last_dim_contiguous, next_power_of_2
 from .precision import compute_dtype
 from .triton_precision import compute_type
 
@@ -50,13 +48,6 @@ def _route_kernel(logits, memory_idx, weights, n, row_stride, M: tl.constexpr, T
         tl.store(weights + out + TOPK, tl.zeros((BLOCK_T,), dtype=COMPUTE) + 1.0, mask=tok_ok)
 
 
-@functools.cache
-def _blocks(m: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_T) for m memories: cached, an eager decode step asks once a layer."""
-    block_m = triton.next_power_of_2(m)
-    return block_m, max(1, min(128, PAIRS // (block_m * block_m)))
-
-
 def route_triton(logits, topk: int, shared: bool):
     """Same contract as `mom::route`: (memory_idx [..., k'] int64, weights [..., k'] in the
     compute dtype); logits are read through their row stride."""
@@ -66,7 +57,8 @@ def route_triton(logits, topk: int, shared: bool):
     memory_idx = torch.empty(*lead, k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(*lead, k, dtype=compute_dtype(logits.dtype), device=logits.device)
     if n > 0:
-        block_m, block_t = _blocks(m)
+        block_m = next_power_of_2(m)
+        block_t = max(1, min(128, PAIRS // (block_m * block_m)))
         _route_kernel[((n + block_t - 1) // block_t,)](
             x, memory_idx, weights, n, x.stride(0), M=m, TOPK=topk, SHARED=bool(shared), BLOCK_T=block_t,
             BLOCK_M=block_m, COMPUTE=compute_type(logits.dtype),
