@@ -142,8 +142,9 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     registers, one program per (segment, head, V-block). state_stages: software-pipelining depth of
     their loop over chunks (2 only for 2-byte inputs: wider ones overflow Hopper's shared memory).
     warps, bwd_warps: the per-chunk kernels of the forward and of the backward, 4 for 2-byte inputs
-    (faster), 8 for wider ones. Only these configurations are verified on Hopper; some others raised
-    illegal memory accesses."""
+    (faster), 8 for wider ones; qkw_bk, qkw_warps: grad_qkw's own K-block and warps (128 on 8 warps
+    for 2-byte inputs); solve_warps: the triangular solve's. Only these configurations are verified
+    on Hopper; some others raised illegal memory accesses."""
     block_k = max(16, triton.next_power_of_2(dk))
     tile = 64 if elem_bytes <= 2 else 32
     if block_k <= 128:
@@ -151,9 +152,11 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     else:
         state_bv, state_warps = (64, 8) if elem_bytes <= 2 else (16, 4)
     chunk_warps = 4 if elem_bytes <= 2 else 8
-    return dict(bk=min(tile, block_k), bv=min(tile, max(16, triton.next_power_of_2(dv))),
+    bk = min(tile, block_k)
+    return dict(bk=bk, bv=min(tile, max(16, triton.next_power_of_2(dv))),
                 state_bv=state_bv, state_warps=state_warps, state_stages=2 if elem_bytes <= 2 else 1,
-                warps=chunk_warps, solve_warps=2, bwd_warps=chunk_warps)
+                warps=chunk_warps, solve_warps=1, bwd_warps=chunk_warps,
+                qkw_bk=min(128, block_k) if elem_bytes <= 2 else bk, qkw_warps=8)
 
 
 class _Plan:
@@ -286,13 +289,13 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
         q, k, *decays, w, d_o, offsets, p.chunk_starts, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
         BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_DFINAL=d_final is not None, **dot_kw,
         STAGES=cfg["state_stages"], **p.launch, num_warps=cfg["state_warps"])
-    n_kb = triton.cdiv(p.dk, cfg["bk"])
+    n_kb = triton.cdiv(p.dk, cfg["qkw_bk"])
     dk_part = p.new(p.n, p.h, p.dk)
     dw = p.new(p.n, p.h, p.dk, dtype=p.dot_dtype)
     dg_part = p.new(n_kb, p.n, p.h)
     bwd.grad_qkw_kernel[(p.max_chunks * n_kb, p.h)](
         q, k, g, offsets, p.table, d_o, h_buf, dh_buf, v_new, d_vn, dq, dk_part, dw, dg_part, *scale2,
-        p.n, **dims, BK=cfg["bk"], BV=cfg["bv"], **dot_kw, **p.launch, num_warps=cfg["bwd_warps"])
+        p.n, **dims, BK=cfg["qkw_bk"], BV=cfg["bv"], **dot_kw, **p.launch, num_warps=cfg["qkw_warps"])
     bwd.wy_bwd_kernel[grid](
         k, v, g, beta, offsets, p.table, t_buf, dw, d_vn, dk_part, dg_part, dk, dv, dg, dbeta, p.n,
         **dims, BK=cfg["bk"], BV=cfg["bv"], N_KB=n_kb, **kw, **p.launch, num_warps=cfg["bwd_warps"])
