@@ -102,12 +102,13 @@ def state_bwd_kernel(
         # in state_fwd_kernel). Q keeps its decay: staging Q as well would take 2-stage bf16 at
         # K = 256 to 262 KB of shared memory, past sm_90's 227 KB
         k_c = load_rows(k, rows, ok, h, kk, H, K).to(DOT)
-        dvn = load_rows(d_vn, rows, ok, h, col, H, V).to(COMPUTE) + load_decay(decays, rows, ok, h, H, 1)[
-            :, None] * tl.dot(k_c, d_state.to(DOT), input_precision=PREC)
+        dvn = (load_rows(d_vn, rows, ok, h, col, H, V).to(COMPUTE)
+               + load_decay(decays, rows, ok, h, H, 1)[:, None]
+               * tl.dot(k_c, d_state.to(DOT), input_precision=PREC))
         dvn = dvn.to(DOT)
         store_rows(d_vn, dvn, rows, ok, h, col, H, V)
-        q_g = (load_rows(q, rows, ok, h, kk, H, K).to(COMPUTE) * load_decay(decays, rows, ok, h, H, 0)[
-            :, None]).to(DOT)
+        q_g = (load_rows(q, rows, ok, h, kk, H, K).to(COMPUTE)
+               * load_decay(decays, rows, ok, h, H, 0)[:, None]).to(DOT)
         do_c = load_rows(d_o, rows, ok, h, col, H, V).to(DOT)
         w_c = load_rows(w, rows, ok, h, kk, H, K).to(DOT)
         d_state = (d_state * tl.load(last_decay + (first + c) * H + h)
