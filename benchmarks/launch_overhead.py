@@ -1,6 +1,9 @@
 """Host microseconds of the eager decode step's Python around its kernels, on any machine (no GPU):
 each op wrapper's argument checks, and each Triton launcher with its kernels replaced by no-ops
 (so the launch itself, which needs a GPU, is left out). 340m config, bf16, batch 1, CPU tensors.
+The route and the gated norm are also called whole, through their checked wrappers and as the
+layer's eager step calls them (`direct_call.call`, no checks), with the launchers standing in for
+their CPU kernels.
 
 `host_overhead.py` measures the real step on a GPU; this isolates the part of it that changes
 with our Python, so that a change to it gets a same-machine before/after where no GPU is at hand:
@@ -21,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's m
 import torch  # noqa: E402
 from tree_commit import tree_commit  # noqa: E402
 
-from mom_compile import MomConfig, MomLayer  # noqa: E402
+from mom_compile import MomConfig, MomLayer, ops  # noqa: E402
 from mom_compile.graphs.cache import MomCache  # noqa: E402
+from mom_compile.ops.direct_call import call  # noqa: E402
 
 TRITON_MODULES = ("memory_decode_triton", "route_triton", "gated_rms_norm_triton")
 
@@ -48,6 +52,8 @@ def main() -> None:
                 setattr(module, attr, NoLaunch())
         launchers[name] = module
     decode_op = importlib.import_module("mom_compile.ops.memory_decode")
+    route_op = importlib.import_module("mom_compile.ops.route").route_op
+    norm_op = importlib.import_module("mom_compile.ops.gated_rms_norm").gated_rms_norm_op
 
     torch.manual_seed(0)
     config = MomConfig.preset("340m")
@@ -62,6 +68,9 @@ def main() -> None:
               config.single_kv_proj)
     y = torch.randn(1, 1, memory_idx.shape[-1], config.num_heads, config.head_v_dim)
     norm = (y, z, layer.o_norm.weight, layer.o_norm.eps, torch.bfloat16, weights)
+    # from here on the CPU "kernels" of the route and the norm are their launchers, launching nothing
+    route_op._backend_fns["cpu"] = launchers["route_triton"].route_triton
+    norm_op._backend_fns["cpu"] = launchers["gated_rms_norm_triton"].gated_rms_norm_triton
     decode_launcher = launchers["memory_decode_triton"].memory_decode_triton_
     route_launcher = launchers["route_triton"].route_triton
     norm_launcher = launchers["gated_rms_norm_triton"].gated_rms_norm_triton
@@ -71,6 +80,11 @@ def main() -> None:
         "memory_decode launcher (2 launches)": lambda: decode_launcher(*decode),
         "route launcher": lambda: route_launcher(logits, config.topk, config.shared_mem),
         "gated norm launcher": lambda: norm_launcher(*norm),
+        "ops.route (checks, launcher)": lambda: ops.route(logits, config.topk, config.shared_mem),
+        "mom::route called directly (launcher)": lambda: call(route_op, logits, config.topk,
+                                                              config.shared_mem),
+        "ops.gated_rms_norm (checks, launcher)": lambda: ops.gated_rms_norm(*norm),
+        "mom::gated_rms_norm called directly (launcher)": lambda: call(norm_op, *norm),
     }
     if not hasattr(layer, "_check_state"):  # a tree before the layer checked its cache entry itself
         del rows["the layer's check of its cache entry"]

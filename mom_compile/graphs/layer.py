@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops._checks import STATE_DTYPES
 from ..ops.direct_call import call
+from ..ops.gated_rms_norm import gated_rms_norm_op
 from ..ops.memory_decode import gates, memory_decode_inplace_op
+from ..ops.route import route_op
 from .cache import LayerState, state_specs
 from .config import MomConfig
 from .norm import RMSNorm
@@ -125,17 +127,21 @@ class MomLayer(nn.Module):
         """x [B, T, hidden]; mask [B, T] bool (False = padding) or None; state: this layer's cache
         entry, advanced in place. Returns (output [B, T, hidden], router logits [B, T, M])."""
         b, t, _ = x.shape
+        c = self.config
         logits, q, z, per_set = self.project(x)
         if state is not None and q.dtype != state.conv.dtype:
             # under autocast: the memories run in the cache's dtype, the model's (docs/math.md#precision)
             q, per_set = q.to(state.conv.dtype), per_set.to(state.conv.dtype)
-        memory_idx, weights = self.route(logits)
-        rows = (q, per_set, memory_idx, weights, mask, state)
         # the fused decode op has no autograd; with gradients on, one token goes through the scan
         one_step = state is not None and t == 1 and not torch.is_grad_enabled()
+        # the eager step on an in-place cache is bound by the host: its ops are called without their
+        # wrappers' argument checks, all arguments being the layer's own (`_step` checks the cache)
+        direct = one_step and not state.functional and not torch.compiler.is_compiling()
+        memory_idx, weights = call(route_op, logits, c.topk, c.shared_mem) if direct else self.route(logits)
+        rows = (q, per_set, memory_idx, weights, mask, state)
         y, mix = self._step(*rows) if one_step else (self._scan(*rows), None)
-        gate = z if self.config.use_output_gate else None
-        o = ops.gated_rms_norm(y, gate, self.o_norm.weight, self.o_norm.eps, x.dtype, mix)
+        norm = (y, z if c.use_output_gate else None, self.o_norm.weight, float(self.o_norm.eps), x.dtype, mix)
+        o = call(gated_rms_norm_op, *norm) if direct else ops.gated_rms_norm(*norm)
         return self.o_proj(o.flatten(2)), logits
 
     def _qkv(self, conv_out: torch.Tensor):
@@ -187,7 +193,7 @@ class MomLayer(nn.Module):
             state.update(recurrent, conv)
         else:
             # the cache entry is the one argument the layer did not build: checked here, and the
-            # op's own checks skipped (an eager decode step is bound by the host)
+            # op's own checks skipped (`forward`'s direct calls)
             self._check_state(state, q)
             o = call(memory_decode_inplace_op, *args, state.conv, state.recurrent, self.scale, single_set)
         return o[:, None], weights
