@@ -37,9 +37,9 @@ from tree_commit import tree_commit  # noqa: E402
 SWEEPS = {
     "scan": [{}, {"state_stages": 1}, {"state_bv": 16, "state_warps": 4}],
     # tile widths forward and backward, _dz_kernel's row blocks, _dx_kernel's rows per program
-    "conv": [{}, {"block_d": 64}, {"block_d_backward": 128}, {"block_n_backward": 32}, {"dx_row_blocks": 16},
+    "conv": [{}, {"block_d": 64}, {"block_d_backward": 64}, {"block_n_backward": 64}, {"dx_row_blocks": 16},
              {"dx_warps": 8, "dx_block_n": 32}],
-    "decode": [{}, {"step_warps": 8}, {"step_warps": 2}, {"block_v": 16}, {"block_v": 64, "step_warps": 8},
+    "decode": [{}, {"step_warps": 4}, {"step_warps": 2}, {"block_v": 16}, {"block_v": 32, "step_warps": 4},
                {"block_v": 8, "step_warps": 2}],
 }
 

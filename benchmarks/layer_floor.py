@@ -40,9 +40,11 @@ crosses a stage boundary is written once and read once, nothing inside a stage t
      ~2 FLOPs per row element + ~9 per token element. Bytes: o rows, weights, z in; one [N, HV] out.
   E. o_proj [HV -> d]. Bytes: [N, HV] in, weight, y [N, d] out.
 Backward (assumption): every product costs 2x its forward FLOPs (one product for each operand's
-gradient), elementwise work 2x as well; plus the recompute the kernels do: the scan's backward
-recomputes A, T, W, U and the sequential state pass (Vn and S) instead of storing them, as both our
-kernels and fla's do. Bytes of a stage's backward: its saved inputs and weights read again, the
+gradient), elementwise work 2x as well; plus the recompute of the scan's backward: A, T, W, U and
+the sequential state pass (Vn and S), as fla's kernels and ours with `keep_scan_states=False` do.
+The layer's default keeps S0 and Vn from the forward and skips that state pass (~4% of the counted
+forward+backward FLOPs at the 340M shapes), so for it this floor counts slightly too much.
+Bytes of a stage's backward: its saved inputs and weights read again, the
 gradient of its outputs read, the gradients of its inputs and weights written (so 2x inputs +
 2x weights + 1x outputs); the scan adds its chunk start states recomputed (written + read) and
 their gradients (written + read); stage B adds the sum of the per-row dq back onto tokens.
