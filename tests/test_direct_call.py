@@ -126,6 +126,22 @@ def test_in_place_write_to_an_inference_tensor_raises_as_the_dispatcher_does(dis
     assert len(calls) == 1
 
 
+def test_meta_tensors_take_the_fake_kernel(dispatched):
+    """Meta tensors (shape inference, models built on the meta device) go through the dispatcher to
+    the op's fake kernel, which gives the shapes the reference gives real tensors; the reference
+    itself would read values a meta tensor does not have."""
+    op = op_named("chunk_gated_delta")
+    args = op_inputs("chunk_gated_delta", torch.float32)[0]
+    on_meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+    calls = dispatched(op)
+    with torch.no_grad():
+        got = call(op.definition, *on_meta)
+    assert len(calls) == 1
+    expected = op.reference(*args)
+    assert [(g.device.type, g.shape, g.dtype) for g in flat(got)] == \
+        [("meta", e.shape, e.dtype) for e in flat(expected)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_call_honours_a_disabled_kernel(dispatched):
     """With an op's CUDA kernel disabled, the direct call runs what the dispatcher would: the

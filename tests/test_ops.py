@@ -114,6 +114,8 @@ def test_chunk_scan_in_low_precision_stays_close():
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         rel = (o.double() - o_ref).norm() / o_ref.norm()
         assert rel < tol, (dtype, rel)
+        rel = (f.double() - f_ref).norm() / f_ref.norm()  # the final state, which feeds a cache
+        assert rel < tol, (dtype, "final state", rel)
 
 
 def test_step_matches_recurrence_and_gradcheck():
@@ -247,8 +249,11 @@ def test_route_matches_loops_with_ties_and_nan(case, device):
 
 def test_route_checks_its_arguments():
     logits = torch.zeros(2, 4)
-    for topk in (0, 5, 2.0, True):
-        with pytest.raises(ValueError, match="topk: expected an int in \\[1, 4\\]"):
+    for topk in (0, 5):
+        with pytest.raises(ValueError, match="topk: expected an integer in \\[1, 4\\], got"):
+            ops.route(logits, topk)
+    for topk in (2.0, True):
+        with pytest.raises(TypeError, match="topk: expected an integer, got"):
             ops.route(logits, topk)
     with pytest.raises(ValueError, match="logits: expected dtype"):
         ops.route(torch.zeros(2, 4, dtype=torch.int64), 2)
@@ -523,6 +528,22 @@ def ops_backward(dtype, starts, v_new):
      r"q: expected shape \[3, 4\]"),
     (lambda: ops.memory_decode(*decode_inputs(slots=4)[:2], *decode_inputs(slots=5)[2:], 1.0),
      "per_set: expected at least 5 projection sets"),
+    # index tables whose values are in range but break the contract the kernels rely on
+    (lambda: ops.combine(torch.randn(4, 1, 1), torch.rand(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int64)),
+     r"row_of_choice: expected each of 0..3 exactly once"),
+    (lambda: ops.gather_rows(*gather_inputs()[:4], gather_inputs()[4].flip(0), 4),
+     "row_of_choice: expected each token's own rows"),
+    (lambda: ops.gather_rows(*gather_inputs()[:4], torch.zeros(4, 2, dtype=torch.int64), 4),
+     r"row_of_choice: expected each of 0..7 exactly once"),
+    (lambda: ops.memory_decode(*decode_inputs()[:2], torch.tensor([[1, 1], [3, 0], [-1, -1]]),
+                               *decode_inputs()[3:], 1.0), "memory_idx: expected distinct slots per token"),
+    (lambda: ops.chunk_gated_delta(*(x[..., :0] if x.dim() == 3 else x for x in scan_rows(4)),
+                                   torch.tensor([0, 4])), "q: expected a key size"),
+    (lambda: ops.gated_rms_norm(*op_inputs("gated_rms_norm", torch.float32)[0][:3], -1.0, torch.float32),
+     "eps: expected a number >= 0, got -1.0"),
+    (lambda: ops.combine(torch.randn(4, 1, 1, device="meta"), torch.rand(1, 2, 2),
+                         torch.arange(4).view(1, 2, 2)),
+     "all tensors must be on one device, got o_rows on meta"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
@@ -542,6 +563,8 @@ def scan_rows(n: int) -> tuple[torch.Tensor, ...]:
     (lambda: ops.gated_delta_step(*scan_rows(2), torch.zeros(2, 1, 3, 3), None),
      "scale: expected a finite number, got None"),
     (lambda: ops.memory_decode(*decode_inputs(), float("nan")), "scale: expected a finite number, got nan"),
+    (lambda: ops.gated_rms_norm(*op_inputs("gated_rms_norm", torch.float32)[0][:3], None, torch.float32),
+     "eps: expected a finite number, got None"),
 ])
 def test_bad_scalars_name_the_argument(call, match):
     with pytest.raises(TypeError, match=match):

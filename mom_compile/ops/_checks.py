@@ -88,6 +88,15 @@ def check_index_values(name: str, t: torch.Tensor, low: int, high: int) -> None:
                          f"[{int(t.min())}, {int(t.max())}]")
 
 
+def check_permutation(name: str, t: torch.Tensor) -> None:
+    """Raise naming ``name`` unless ``t`` holds each of 0..numel-1 exactly once (where readable)."""
+    check_index_values(name, t, 0, t.numel())
+    counts = torch.bincount(t.flatten(), minlength=t.numel()) if values_readable(t) and t.numel() else None
+    if counts is not None and not bool(counts.eq(1).all()):
+        raise ValueError(f"{name}: expected each of 0..{t.numel() - 1} exactly once (a permutation), got "
+                         "repeated values")
+
+
 def check_offsets(offsets: torch.Tensor, n: int) -> None:
     """Segment offsets [S + 1] int64 over n rows: offsets[0] = 0, non-decreasing, offsets[-1] <= n
     (the values where readable)."""
@@ -112,6 +121,8 @@ def check_rows(q, k, v, g, beta) -> tuple[int, int, int, int]:
     float64; beta [N, H], q's dtype for all but g). Returns (N, H, K, V)."""
     check_tensor("q", q, shape=(None, None, None), dtypes=FLOAT_DTYPES)
     n, h, dk = q.shape
+    if dk < 1:
+        raise ValueError(f"q: expected a key size (last dim) of at least 1, got shape {list(q.shape)}")
     check_tensor("k", k, shape=(n, h, dk), dtypes=(q.dtype,))
     check_tensor("v", v, shape=(n, h, None), dtypes=(q.dtype,))
     check_tensor("g", g, shape=(n, h), dtypes=STATE_DTYPES)

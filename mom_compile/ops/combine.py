@@ -11,7 +11,7 @@ from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     STATE_DTYPES,
-    check_index_values,
+    check_permutation,
     check_same_device,
     check_tensor,
 )
@@ -82,5 +82,5 @@ def combine(o_rows: torch.Tensor, weights: torch.Tensor, row_of_choice: torch.Te
         raise ValueError(f"o_rows: expected {b * t * k} rows (B*T*k), got {o_rows.shape[0]}")
     check_tensor("weights", weights, shape=(b, t, k), dtypes=STATE_DTYPES)
     check_same_device(o_rows=o_rows, weights=weights, row_of_choice=row_of_choice)
-    check_index_values("row_of_choice", row_of_choice, 0, b * t * k)
+    check_permutation("row_of_choice", row_of_choice)
     return call(combine_op, o_rows, weights, row_of_choice)

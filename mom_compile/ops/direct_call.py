@@ -3,8 +3,8 @@ torch's dispatcher.
 
 An eager decode step is bound by the host, and the dispatcher costs a Python custom op about as
 much host time as the Triton launch it wraps (benchmarks/RESULTS.md, `host_overhead.py`). When
-nothing needs it (not profiling, `nothing_intercepts()`, plain tensors on one device that autograd
-need not record) `call` runs the kernel the dispatcher would pick (the op's kernel for that
+nothing needs it (not profiling, `nothing_intercepts()`, plain CPU or CUDA tensors on one device
+that autograd need not record) `call` runs the kernel the dispatcher would pick (the op's kernel for that
 device, else its default, the reference), and bumps the version counters of the arguments it
 mutates, as the dispatcher does. Otherwise it calls the op.
 """
@@ -42,8 +42,10 @@ def _kernel(op: CustomOpDef, args: tuple) -> Callable | None:
             if device not in (None, kind):
                 return None
             device = kind
-    if device is None or any(args[i].is_inference() and not torch.is_inference_mode_enabled()
-                             for i in _mutated(op)):  # the dispatcher raises for these
+    # other devices (meta: the op's fake kernel) and in-place writes to inference tensors (which the
+    # dispatcher refuses) go through the dispatcher
+    if device not in ("cpu", "cuda") or any(args[i].is_inference() and not torch.is_inference_mode_enabled()
+                                            for i in _mutated(op)):
         return None
     kernels = op._backend_fns  # a device's kernel runs the default itself while disabled
     return kernels.get(device, kernels.get(None))

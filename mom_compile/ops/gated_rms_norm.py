@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, needs_autograd
+from ._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor, needs_autograd
 from .direct_call import call
 from .precision import upcast
 
@@ -71,7 +71,10 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor
     check_tensor("weight", weight, shape=(v,), dtypes=FLOAT_DTYPES)
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype: expected one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+    eps = check_float("eps", eps)
+    if not torch.compiler.is_compiling() and eps < 0:
+        raise ValueError(f"eps: expected a number >= 0, got {eps}")
     check_same_device(y=y, z=z, weight=weight, mix=mix)
     if torch.compiler.is_compiling() or needs_autograd(y, z, weight, mix):
-        return gated_rms_norm_reference(y, z, weight, float(eps), dtype, mix)
-    return call(gated_rms_norm_op, y, z, weight, float(eps), dtype, mix)
+        return gated_rms_norm_reference(y, z, weight, eps, dtype, mix)
+    return call(gated_rms_norm_op, y, z, weight, eps, dtype, mix)

@@ -25,8 +25,10 @@ from ._checks import (
     INDEX_DTYPES,
     check_index_values,
     check_int,
+    check_permutation,
     check_same_device,
     check_tensor,
+    values_readable,
 )
 from .direct_call import call
 from .precision import compute_dtype
@@ -120,7 +122,11 @@ def gather_rows(
     split = check_int("split", split, 0, per_set.shape[2])
     check_same_device(q=q, per_set=per_set, token=token, set_of_row=set_of_row, row_of_choice=row_of_choice)
     check_index_values("token", token, 0, n)
-    check_index_values("row_of_choice", row_of_choice, 0, r)
+    check_permutation("row_of_choice", row_of_choice)
+    if values_readable(token) and values_readable(row_of_choice) and not bool(
+            (token[row_of_choice] == torch.arange(n)[:, None]).all()):
+        raise ValueError("row_of_choice: expected each token's own rows (token[row_of_choice[t, i]] = t), "
+                         "got rows of other tokens")
     if torch.compiler.is_compiling():
         return gather_rows_reference(q, per_set, token, set_of_row, row_of_choice, split)
     return call(gather_rows_op, q, per_set, token, set_of_row, row_of_choice, split)

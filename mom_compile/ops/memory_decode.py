@@ -32,6 +32,7 @@ from ._checks import (
     check_index_values,
     check_same_device,
     check_tensor,
+    values_readable,
 )
 from .direct_call import call
 from .gated_delta_step import step_reference
@@ -137,6 +138,10 @@ def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, con
         raise ValueError(f"memory_idx: expected at most {slots} distinct slots per token, got "
                          f"{memory_idx.shape[1]}")
     check_index_values("memory_idx", memory_idx, -1, slots)  # -1: a padding token
+    if values_readable(memory_idx) and memory_idx.shape[1] > 1:
+        ranked = memory_idx.sort(dim=1).values
+        if bool(((ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] >= 0)).any()):
+            raise ValueError("memory_idx: expected distinct slots per token, got a slot chosen twice")
     check_tensor("A_log", A_log, shape=(h,), dtypes=FLOAT_DTYPES)
     check_tensor("dt_bias", dt_bias, shape=(h,), dtypes=FLOAT_DTYPES)
     check_tensor("conv_weight", conv_weight, shape=(c, None), dtypes=(q.dtype,))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd
+from ._checks import FLOAT_DTYPES, check_int, check_tensor, needs_autograd
 from .direct_call import call
 from .precision import compute_dtype, upcast
 
@@ -71,9 +71,7 @@ def route(logits: torch.Tensor, topk: int, shared: bool = False) -> tuple[torch.
     for float64 logits).
     """
     check_tensor("logits", logits, shape=(..., None), dtypes=FLOAT_DTYPES)
-    m = logits.shape[-1]
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= m:
-        raise ValueError(f"topk: expected an int in [1, {m}] (the logits' memories), got {topk!r}")
+    topk = check_int("topk", topk, 1, logits.shape[-1])
     if torch.compiler.is_compiling() or needs_autograd(logits):
         return route_reference(logits, topk, bool(shared))
     return call(route_op, logits, topk, bool(shared))
