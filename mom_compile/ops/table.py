@@ -60,11 +60,15 @@ class Op:
     reference: Callable       # its reference kernel: the CPU kernel and the test oracle
     triton: str | None        # "module:function" of its CUDA kernel in this package; None: the
                               # reference serves every device (stock torch, no host sync)
-    autograd: bool            # it has an autograd formula (register_autograd)
     eager_only: bool = False  # compiled and exported graphs trace its formula instead, which the
                               # compiler fuses into its neighbours (so it needs no ONNX translation)
     training_only: bool = False  # only autograd graphs hold it (backward ops, a forward that keeps
                                  # residuals for its backward): no inference graph, no ONNX translation
+
+    @property
+    def autograd(self) -> bool:
+        """Whether it has an autograd formula (`register_autograd`)."""
+        return self.definition._backward_fn is not None
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -78,36 +82,36 @@ class Op:
 
 OPS: tuple[Op, ...] = (
     Op("chunk_gated_delta", chunk_gated_delta_op, reference_forward,
-       "chunk_gated_delta_triton:chunk_gated_delta_cuda", autograd=True),
+       "chunk_gated_delta_triton:chunk_gated_delta_cuda"),
     Op("chunk_gated_delta_train", chunk_gated_delta_train_op, reference_forward_train,
-       "chunk_gated_delta_triton:chunk_gated_delta_train_cuda", autograd=True, training_only=True),
+       "chunk_gated_delta_triton:chunk_gated_delta_train_cuda", training_only=True),
     Op("chunk_gated_delta_backward", chunk_gated_delta_backward_op, reference_backward,
-       "chunk_gated_delta_triton:chunk_gated_delta_backward_cuda", autograd=False, training_only=True),
+       "chunk_gated_delta_triton:chunk_gated_delta_backward_cuda", training_only=True),
     Op("gated_delta_step", gated_delta_step_op, gated_delta_step_reference,
-       "gated_delta_step_triton:gated_delta_step_triton", autograd=True),
+       "gated_delta_step_triton:gated_delta_step_triton"),
     Op("segment_conv", segment_conv_op, segment_conv_reference,
-       "segment_conv_triton:segment_conv_triton", autograd=True),
+       "segment_conv_triton:segment_conv_triton"),
     Op("segment_conv_backward", segment_conv_backward_op, segment_conv_backward_reference,
-       "segment_conv_triton:segment_conv_backward_triton", autograd=False, training_only=True),
-    Op("route", route_op, route_reference, "route_triton:route_triton", autograd=False, eager_only=True),
-    Op("dispatch", dispatch_op, dispatch_reference, "dispatch_triton:dispatch_triton", autograd=False),
+       "segment_conv_triton:segment_conv_backward_triton", training_only=True),
+    Op("route", route_op, route_reference, "route_triton:route_triton", eager_only=True),
+    Op("dispatch", dispatch_op, dispatch_reference, "dispatch_triton:dispatch_triton"),
     Op("gather_rows", gather_rows_op, gather_rows_reference, "gather_rows_triton:gather_rows_triton",
-       autograd=True, eager_only=True),
+       eager_only=True),
     Op("gather_rows_backward", gather_rows_backward_op, gather_rows_backward_reference,
-       "gather_rows_triton:gather_rows_backward_triton", autograd=False, training_only=True),
+       "gather_rows_triton:gather_rows_backward_triton", training_only=True),
     Op("l2_normalize", l2_normalize_op, l2_normalize_reference, "l2_normalize_triton:l2_normalize_triton",
-       autograd=True, eager_only=True),
+       eager_only=True),
     Op("l2_normalize_backward", l2_normalize_backward_op, l2_normalize_backward_reference,
-       "l2_normalize_triton:l2_normalize_backward_triton", autograd=False, training_only=True),
-    Op("combine", combine_op, combine_reference, "combine_triton:combine_triton", autograd=True),
+       "l2_normalize_triton:l2_normalize_backward_triton", training_only=True),
+    Op("combine", combine_op, combine_reference, "combine_triton:combine_triton"),
     Op("combine_backward", combine_backward_op, combine_backward_reference,
-       "combine_triton:combine_backward_triton", autograd=False, training_only=True),
+       "combine_triton:combine_backward_triton", training_only=True),
     Op("gated_rms_norm", gated_rms_norm_op, gated_rms_norm_reference,
-       "gated_rms_norm_triton:gated_rms_norm_triton", autograd=False, eager_only=True),
+       "gated_rms_norm_triton:gated_rms_norm_triton", eager_only=True),
     Op("memory_decode_", memory_decode_inplace_op, decode_reference_,
-       "memory_decode_triton:memory_decode_triton_", autograd=False),
+       "memory_decode_triton:memory_decode_triton_"),
     # the functional form calls memory_decode_ on copies, so it runs the Triton kernels on CUDA too
-    Op("memory_decode", memory_decode_op, decode_reference, None, autograd=False),
+    Op("memory_decode", memory_decode_op, decode_reference, None),
 )
 
 
