@@ -413,6 +413,20 @@ def test_memory_decode_matches_conv_and_recurrence_per_row(single_set):
     assert torch.equal(conv_states, conv_new) and torch.equal(rec_states, rec_new)
 
 
+def test_memory_decode_copies_tables_of_any_strides_memory_decode_writes_dense_ones():
+    """The functional op copies its tables, so any strides do (it returns what the in-place op
+    makes of dense copies); the in-place op writes them where they lie and refuses strided ones, on
+    every device (its CUDA kernels need them dense)."""
+    *args, conv_states, rec_states = decode_inputs()
+    strided = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (conv_states, rec_states)]
+    assert not any(t.is_contiguous() for t in strided)
+    o, conv_new, rec_new = ops.memory_decode(*args, *strided, 0.7)
+    o_dense = ops.memory_decode_(*args, conv_states, rec_states, 0.7)  # advances the dense tables
+    assert torch.equal(o, o_dense) and torch.equal(conv_new, conv_states) and torch.equal(rec_new, rec_states)
+    with pytest.raises(ValueError, match="conv_states, rec_states: expected contiguous tables"):
+        ops.memory_decode_(*args, *strided, 0.7)
+
+
 # every op of the table, each case from inputs.op_inputs; the differentiable ops' float inputs
 # require gradients, so that opcheck checks their autograd registration too
 OPCHECK_CASES = [(op, i) for op in OPS for i in range(len(op_inputs(op.name, torch.float32)))]

@@ -99,8 +99,10 @@ def _(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_state
 
 def decode_reference(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,  # noqa: N803
                      conv_states, rec_states, scale: float, single_set: bool):
-    """`memory_decode` on every device: the in-place op (the Triton kernels on CUDA) on copies."""
-    conv_states, rec_states = conv_states.clone(), rec_states.clone()
+    """`memory_decode` on every device: the in-place op (the Triton kernels on CUDA) on contiguous
+    copies."""
+    conv_states, rec_states = (t.clone(memory_format=torch.contiguous_format)
+                               for t in (conv_states, rec_states))
     o = torch.ops.mom.memory_decode_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias,
                                      conv_states, rec_states, scale, single_set)
     return o, conv_states, rec_states
@@ -120,7 +122,13 @@ def memory_decode_op(
 def _(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states, rec_states, scale,  # noqa: N803
       single_set):
     o = rec_states.new_empty(*memory_idx.shape, *rec_states.shape[2:3], rec_states.shape[4])
-    return o, torch.empty_like(conv_states), torch.empty_like(rec_states)
+    return o, *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (conv_states, rec_states))
+
+
+def check_tables_contiguous(conv_states: torch.Tensor, rec_states: torch.Tensor) -> None:
+    """The in-place op's state tables are written where they lie: the kernels need them dense."""
+    if not (conv_states.is_contiguous() and rec_states.is_contiguous()):
+        raise ValueError("conv_states, rec_states: expected contiguous tables (they are written in place)")
 
 
 def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,  # noqa: N803
@@ -172,6 +180,7 @@ def memory_decode_(
     in q's dtype; rec_states: [B, S, H, K, V] float32 (or float64); single_set: every memory uses
     projection set 0. Returns o [B, k', H, V] in the states' dtype.
     """
+    check_tables_contiguous(conv_states, rec_states)
     return call(memory_decode_inplace_op, *_checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight,
                                                   conv_bias, conv_states, rec_states, scale, single_set))
 
