@@ -91,8 +91,9 @@ def check_index_values(name: str, t: torch.Tensor, low: int, high: int) -> None:
 def check_permutation(name: str, t: torch.Tensor) -> None:
     """Raise naming ``name`` unless ``t`` holds each of 0..numel-1 exactly once (where readable)."""
     check_index_values(name, t, 0, t.numel())
-    counts = torch.bincount(t.flatten(), minlength=t.numel()) if values_readable(t) and t.numel() else None
-    if counts is not None and not bool(counts.eq(1).all()):
+    if not values_readable(t) or t.numel() == 0:
+        return
+    if not bool(torch.bincount(t.flatten(), minlength=t.numel()).eq(1).all()):
         raise ValueError(f"{name}: expected each of 0..{t.numel() - 1} exactly once (a permutation), got "
                          "repeated values")
 

@@ -27,7 +27,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 def launch_options(device: torch.device) -> Mapping[str, bool]:
     """The `PDL` constexpr and Triton's `launch_pdl` option for a launch on `device` (a tensor's,
     with its index): on where the GPU has PDL (compute capability 9 and later) and Triton compiles
-    (not its CPU interpreter). Cached: an eager decode step asks about 70 times."""
+    (not its CPU interpreter). Cached: the eager decode step asks once per launch."""
     on = (device.type == "cuda" and not triton.knobs.runtime.interpret
           and torch.cuda.get_device_capability(device)[0] >= 9)
     return MappingProxyType({"PDL": on, "launch_pdl": on})
