@@ -123,24 +123,27 @@ def check_chunk_train(impl_fwd, layout, h, dk, dv, with_state, *, dtype, device,
 
 def check_chunk_table(device: str) -> dict[str, float]:
     """The scan's Triton chunk table against its torch formula (`chunk_starts`, then a
-    searchsorted of each slot), over segment counts past one block of the starts kernel, with
-    empty segments and rows past the last one: the number of entries that differ."""
+    searchsorted of each slot; the segment order a stable sort by descending chunk count), over
+    segment counts past one block of the starts kernel, with empty segments, equal chunk counts
+    and rows past the last one: the number of entries that differ."""
     from mom_compile.ops.chunk_gated_delta import chunk_slots, chunk_starts
     from mom_compile.ops.chunk_gated_delta_triton import chunk_table
     gen = torch.Generator().manual_seed(0)
-    wrong = {"starts": 0, "table": 0}
+    wrong = {"starts": 0, "table": 0, "order": 0}
     for n_seg in (1, 5, 80, 2100):
         lengths = torch.randint(0, 300, (n_seg,), generator=gen) * (torch.rand(n_seg, generator=gen) > 0.2)
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
         n = int(offsets[-1]) + 7
-        table, starts, slots = chunk_table(offsets.to(device), n)
+        table, starts, order, slots = chunk_table(offsets.to(device), n)
         ref_starts = chunk_starts(offsets)
+        ref_order = torch.sort(ref_starts.diff(), descending=True, stable=True).indices
         slot = torch.arange(chunk_slots(n, n_seg))
         seg = torch.searchsorted(ref_starts[1:], slot, right=True)
         real = seg < n_seg
         first = offsets[seg.clamp(max=n_seg - 1)] + (slot - ref_starts[seg.clamp(max=n_seg - 1)]) * 64
         table = table.cpu()
         wrong["starts"] += int((starts.cpu() != ref_starts).sum())
+        wrong["order"] += int((order.cpu() != ref_order).sum())
         wrong["table"] += int((table[:, 0] != torch.where(real, seg, -1)).sum()
                               + (table[real, 1] != first[real]).sum()) + abs(slots - slot.numel())
     return wrong
@@ -540,12 +543,12 @@ def test_interpreted_kernel_matches_reference(case, interpreter_results):
 
 @INTERPRETED
 def test_interpreted_chunk_table_matches_its_formula(interpreter_results):
-    assert interpreter_results["chunk_table"] == {"starts": 0, "table": 0}
+    assert interpreter_results["chunk_table"] == {"starts": 0, "table": 0, "order": 0}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_chunk_table_matches_its_formula():
-    assert check_chunk_table("cuda") == {"starts": 0, "table": 0}
+    assert check_chunk_table("cuda") == {"starts": 0, "table": 0, "order": 0}
 
 
 def _interpret_all() -> None:

@@ -59,17 +59,22 @@ def _precision(q_dtype: torch.dtype, states: torch.dtype) -> tuple[dict, torch.d
 
 
 @triton.jit
-def _chunk_table_kernel(offsets, starts, table, n_seg, max_chunks, C: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+def _chunk_table_kernel(offsets, starts, table, order, n_seg, max_chunks, C: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """Each chunk slot's (segment or -1, first row; 0 past the chunk count, where no kernel reads
     it), and from program 0 `chunk_starts`: starts[s + 1] = starts[s] + ceil(len_s / C). Every
     program runs that sum itself, a tile of segments at a time, and counts for each of its slots the
     segments whose chunks all come before it (its segment) and those chunks (its segment's first
-    slot)."""
+    slot). The same indices, read as segments, get their place in `order`: segments by descending
+    chunk count, ties in index order (there are at least as many slots as segments)."""
     pdl.enter(PDL)
     slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     seg = tl.zeros((BLOCK,), dtype=tl.int64)
     first_slot = tl.zeros((BLOCK,), dtype=tl.int64)
+    mine = slot < n_seg  # `slot` read as a segment index
+    my_count = (tl.load(offsets + slot + 1, mask=mine, other=0) - tl.load(offsets + slot, mask=mine, other=0)
+                + C - 1) // C
+    rank = tl.zeros((BLOCK,), dtype=tl.int64)
     carry = tl.zeros((1,), dtype=tl.int64)
     lead = tl.program_id(0) == 0
     tl.store(starts + tl.arange(0, 1), carry, mask=lead & (tl.arange(0, 1) == 0))
@@ -83,26 +88,32 @@ def _chunk_table_kernel(offsets, starts, table, n_seg, max_chunks, C: tl.constex
         before = ok[None, :] & (ends[None, :] <= slot[:, None])  # [slots, segments]
         seg += tl.sum(before.to(tl.int64), axis=1)
         first_slot += tl.sum(tl.where(before, counts[None, :], 0), axis=1)
+        ahead = (counts[None, :] > my_count[:, None]) | ((counts[None, :] == my_count[:, None])
+                                                         & (s[None, :] < slot[:, None]))
+        rank += tl.sum((ok[None, :] & ahead).to(tl.int64), axis=1)
         carry += tl.sum(counts, axis=0)
     real = seg < n_seg
     first = tl.load(offsets + tl.minimum(seg, n_seg - 1)) + (slot - first_slot) * C
     ok = slot < max_chunks
     tl.store(table + 2 * slot, tl.where(real, seg, -1), mask=ok)
     tl.store(table + 2 * slot + 1, tl.where(real, first, 0), mask=ok)
+    tl.store(order + rank, slot, mask=mine)
 
 
-def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """([max_chunks, 2] int64 (segment or -1, first row) per chunk slot, `chunk_starts` [S + 1],
-    max_chunks), in one launch."""
+    the segments longest first [S] (the sequential passes start the longest ones first, so that
+    the short ones fill the machine at the end), max_chunks), in one launch."""
     n_seg = offsets.shape[0] - 1
     max_chunks = chunk_slots(n_rows, n_seg)
     starts = torch.empty(n_seg + 1, dtype=torch.int64, device=offsets.device)
     table = torch.empty(max_chunks, 2, dtype=torch.int64, device=offsets.device)
+    order = torch.empty(n_seg, dtype=torch.int64, device=offsets.device)
     block = 256
-    _chunk_table_kernel[(triton.cdiv(max_chunks, block),)](offsets, starts, table, n_seg, max_chunks, C=CHUNK,
-                                                          BLOCK=block, BLOCK_S=16,
+    _chunk_table_kernel[(triton.cdiv(max_chunks, block),)](offsets, starts, table, order, n_seg, max_chunks,
+                                                          C=CHUNK, BLOCK=block, BLOCK_S=16,
                                                           **pdl.launch_options(offsets.device))
-    return table, starts, max_chunks
+    return table, starts, order, max_chunks
 
 
 @triton.jit
@@ -174,13 +185,17 @@ class _Plan:
         self.block_k = max(16, triton.next_power_of_2(self.dk))
         self.empty = self.n_seg * self.h * self.dk * self.dv == 0
         if not self.empty:
-            self.table, self.chunk_starts, self.max_chunks = chunk_table(offsets, self.n)
+            self.table, self.chunk_starts, self.order, self.max_chunks = chunk_table(offsets, self.n)
 
     def new(self, *shape, dtype=None):
         return torch.empty(*shape, dtype=dtype or self.compute_dtype, device=self.table.device)
 
     def dims(self):
         return dict(H=self.h, K=self.dk, V=self.dv, C=CHUNK)
+
+    def state_grid(self) -> tuple[int]:
+        """The sequential passes' grid: one program per (segment, head, V-block)."""
+        return (self.n_seg * self.h * triton.cdiv(self.dv, self.cfg["state_bv"]),)
 
 
 def _wy(p: _Plan, k, v, g, beta, offsets, with_u: bool):
@@ -210,10 +225,10 @@ def _forward_states(p: _Plan, q, k, v, g, beta, offsets, initial_state, final):
     h_buf = p.new(p.max_chunks, p.h, p.dk, p.dv, dtype=p.dot_dtype)
     v_new = p.new(p.n, p.h, p.dv, dtype=p.dot_dtype)
     init = final if initial_state is None else initial_state.contiguous()  # placeholder if absent
-    fwd.state_fwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
-        k, *decays, w, u, offsets, p.chunk_starts, init, h_buf, v_new, final, **p.dims(), BLOCK_K=p.block_k,
-        BV=cfg["state_bv"], HAS_INIT=initial_state is not None, COMPUTE=kw["COMPUTE"], DOT=kw["DOT"],
-        PREC=kw["PREC"], STAGES=cfg["state_stages"], **p.launch, num_warps=cfg["state_warps"])
+    fwd.state_fwd_kernel[p.state_grid()](
+        k, *decays, w, u, offsets, p.order, p.chunk_starts, init, h_buf, v_new, final, **p.dims(),
+        BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_INIT=initial_state is not None, COMPUTE=kw["COMPUTE"],
+        DOT=kw["DOT"], PREC=kw["PREC"], STAGES=cfg["state_stages"], **p.launch, num_warps=cfg["state_warps"])
     return t_buf, w, h_buf, v_new, decays
 
 
@@ -285,8 +300,8 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
                                BV=cfg["bv"], **dot_kw, **p.launch, num_warps=cfg["warps"])
     dh_buf = torch.empty_like(h_buf)
     dfin = d_init if d_final is None else d_final.contiguous()  # placeholder if absent
-    bwd.state_bwd_kernel[(p.n_seg * triton.cdiv(p.dv, cfg["state_bv"]), p.h)](
-        q, k, *decays, w, d_o, offsets, p.chunk_starts, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
+    bwd.state_bwd_kernel[p.state_grid()](
+        q, k, *decays, w, d_o, offsets, p.order, p.chunk_starts, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
         BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_DFINAL=d_final is not None, **dot_kw,
         STAGES=cfg["state_stages"], **p.launch, num_warps=cfg["state_warps"])
     n_kb = triton.cdiv(p.dk, cfg["qkw_bk"])

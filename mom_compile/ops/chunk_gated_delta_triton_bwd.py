@@ -31,6 +31,7 @@ from .chunk_gated_delta_triton_fwd import (
     load_decay,
     load_rows,
     load_t,
+    segment_head_block,
     state_offsets,
     store_rows,
 )
@@ -69,7 +70,8 @@ def dvn_local_kernel(
 
 @triton.jit
 def state_bwd_kernel(
-    q, k, decays, last_decay, w, d_o, offsets, first_chunk, d_final, dh_buf, d_vn, d_init, scale_hi, scale_lo,
+    q, k, decays, last_decay, w, d_o, offsets, order, first_chunk, d_final, dh_buf, d_vn, d_init, scale_hi,
+    scale_lo,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, HAS_DFINAL: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
@@ -78,8 +80,7 @@ def state_bwd_kernel(
     (dh_buf), complete dVn in place (d_vn holds the within-chunk part on entry), step dS back.
     STAGES: software pipelining, as in state_fwd_kernel."""
     pdl.enter(PDL)
-    s, vb = item_and_block(tl.cdiv(V, BV))
-    h = tl.program_id(1)
+    s, h, vb = segment_head_block(order, H, tl.cdiv(V, BV))
     scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
     kk = tl.arange(0, BLOCK_K)
     col = vb * BV + tl.arange(0, BV)

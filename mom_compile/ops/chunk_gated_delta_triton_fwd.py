@@ -39,10 +39,20 @@ def chunk_bounds(table, offsets, cid):
 @triton.jit
 def item_and_block(NB: tl.constexpr):
     """(item, block) of this program on a grid of (items * NB, H). The NB blocks of one item (the
-    V- or K-blocks of one chunk or segment) are launched next to each other, so the tiles they all
+    V- or K-blocks of one chunk) are launched next to each other, so the tiles they all
     read (the item's rows of q, k, W) come from DRAM once and then from L2."""
     pid = tl.program_id(0)
     return pid // NB, pid % NB
+
+
+@triton.jit
+def segment_head_block(order, H: tl.constexpr, NB: tl.constexpr):
+    """(segment, head, V-block) of a sequential pass's program on a grid of S * H * NB. Programs
+    launch in segment order `order` (longest first): a segment's work is its chunks, one after
+    another, and starting the long ones first leaves the short ones to fill the machine at the end.
+    The blocks of one segment and head launch next to each other (see item_and_block)."""
+    pid = tl.program_id(0)
+    return tl.load(order + pid // (H * NB)), pid // NB % H, pid % NB
 
 
 @triton.jit
@@ -276,7 +286,7 @@ def wy_apply_kernel(
 
 @triton.jit
 def state_fwd_kernel(
-    k, decays, last_decay, w, u, offsets, first_chunk, init, h_buf, v_new, final,
+    k, decays, last_decay, w, u, offsets, order, first_chunk, init, h_buf, v_new, final,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, HAS_INIT: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
@@ -286,8 +296,7 @@ def state_fwd_kernel(
     With STAGES > 1 Triton software-pipelines the loop: the next chunks' W, U, K and decays, which
     do not depend on the state, load while this chunk computes."""
     pdl.enter(PDL)
-    s, vb = item_and_block(tl.cdiv(V, BV))
-    h = tl.program_id(1)
+    s, h, vb = segment_head_block(order, H, tl.cdiv(V, BV))
     kk = tl.arange(0, BLOCK_K)
     col = vb * BV + tl.arange(0, BV)
     start = tl.load(offsets + s).to(tl.int64)
