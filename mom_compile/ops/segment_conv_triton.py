@@ -50,8 +50,18 @@ def _row_table_kernel(offsets, seg_of_row, pos_of_row, n, n_seg, BLOCK: tl.const
 
 
 @triton.jit
-def _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _tile_of_program(D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(row block, column block) of this program on a 1-D grid of row blocks x column blocks. The
+    column blocks of a row block launch next to each other, so the programs running at once read
+    and write whole rows, contiguous memory, rather than one column stripe of many rows."""
+    n_col_blocks: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    pid = tl.program_id(0)
+    return pid // n_col_blocks, pid % n_col_blocks
+
+
+@triton.jit
+def _rows_and_segments(seg_of_row, pos_of_row, row_block, n, n_seg, BLOCK_N: tl.constexpr):
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     seg = tl.load(seg_of_row + rows, mask=rows < n, other=n_seg)
     pos = tl.load(pos_of_row + rows, mask=rows < n, other=0)
     return rows, seg, pos, (rows < n) & (seg < n_seg)
@@ -86,20 +96,21 @@ def _final_state(x, init, offsets, final, s, cols, col_ok, D: tl.constexpr, W: t
 def _conv_kernel(x, init, weight, bias, offsets, seg_of_row, pos_of_row, y, final, n, n_seg, row_blocks,
                  D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  COMPUTE: tl.constexpr, PDL: tl.constexpr):
-    """Programs [0, row_blocks) convolve blocks of rows; the n_seg after them each copy a segment's
-    final state (one launch for both)."""
+    """Row blocks [0, row_blocks) convolve blocks of rows; the n_seg after them each copy a
+    segment's final state (one launch for both)."""
     pdl.enter(PDL)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_block, col_block = _tile_of_program(D, BLOCK_D)
+    cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    if tl.program_id(0) < row_blocks:
-        rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N)
+    if row_block < row_blocks:
+        rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, row_block, n, n_seg, BLOCK_N)
         z = _preactivation(x, init, weight, bias, rows, seg, pos, row_ok, cols, col_ok, D, W, BLOCK_N,
                            BLOCK_D, COMPUTE)
         out = tl.where(row_ok[:, None], z * tl.sigmoid(z), 0.0)
         tl.store(y + rows[:, None].to(tl.int64) * D + cols[None, :], out.to(y.dtype.element_ty),
                  mask=(rows < n)[:, None] & col_ok[None, :])
     else:
-        _final_state(x, init, offsets, final, tl.program_id(0) - row_blocks, cols, col_ok, D, W)
+        _final_state(x, init, offsets, final, row_block - row_blocks, cols, col_ok, D, W)
 
 
 @triton.jit
@@ -107,8 +118,9 @@ def _dz_kernel(x, init, weight, bias, seg_of_row, pos_of_row, d_y, d_z, n, n_seg
                D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                COMPUTE: tl.constexpr, PDL: tl.constexpr):
     pdl.enter(PDL)
-    rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, n, n_seg, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_block, col_block = _tile_of_program(D, BLOCK_D)
+    rows, seg, pos, row_ok = _rows_and_segments(seg_of_row, pos_of_row, row_block, n, n_seg, BLOCK_N)
+    cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     z = _preactivation(x, init, weight, bias, rows, seg, pos, row_ok, cols, col_ok, D, W, BLOCK_N, BLOCK_D,
                        COMPUTE)
@@ -128,7 +140,8 @@ def _dx_kernel(x, init, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d
     and bias sums accumulate elementwise and are reduced over rows once, at the end: a reduction
     across warps per block of rows cost more than the loads."""
     pdl.enter(PDL)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_block, col_block = _tile_of_program(D, BLOCK_D)
+    cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     back = tl.arange(0, BLOCK_W)  # the output `back` steps later reads a row through tap W-1-back
     tap = W - 1 - back
@@ -137,7 +150,7 @@ def _dx_kernel(x, init, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d
     d_w = tl.zeros((BLOCK_N, BLOCK_W, BLOCK_D), dtype=COMPUTE)
     d_b = tl.zeros((BLOCK_N, BLOCK_D), dtype=COMPUTE)
     for i in range(ROW_BLOCKS):
-        r = (tl.program_id(0) * ROW_BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = (row_block * ROW_BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         is_x = r < n
         hist = r - n
         seg_x = tl.load(seg_of_row + r, mask=is_x, other=n_seg)
@@ -164,7 +177,7 @@ def _dx_kernel(x, init, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d
         # every x row, 0 in rows past the segments; history rows of real segments
         tl.store(d_x + own, acc.to(d_x.dtype.element_ty), mask=is_x[:, None] & col_ok[None, :])
         tl.store(d_init + own, acc.to(d_init.dtype.element_ty), mask=tile_ok & ~is_x[:, None])
-    part = tl.program_id(0) * D + cols
+    part = row_block * D + cols
     tl.store(d_w_part + part[None, :] * W + tap[:, None], tl.sum(d_w, axis=0),
              mask=(back < W)[:, None] & col_ok[None, :])
     tl.store(d_b_part + part, tl.sum(d_b, axis=0), mask=col_ok)
@@ -204,7 +217,7 @@ def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | 
     final = torch.empty_like(initial_state)
     row_blocks = triton.cdiv(n, cfg["block_n"])
     if row_blocks + n_seg > 0 and d > 0:
-        _conv_kernel[(row_blocks + n_seg, triton.cdiv(d, cfg["block_d"]))](
+        _conv_kernel[((row_blocks + n_seg) * triton.cdiv(d, cfg["block_d"]),)](
             x, initial_state, weight, bias, offsets, *_row_table(offsets, n), y, final, n, n_seg, row_blocks,
             D=d, W=width, BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], COMPUTE=compute_type(x.dtype),
             **pdl.launch_options(x.device), num_warps=cfg["warps"])
@@ -236,12 +249,12 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     d_init = torch.empty_like(initial_state)
     seg_of_row, pos_of_row = _row_table(offsets, n)
     if n > 0 and d > 0:
-        _dz_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
+        _dz_kernel[(triton.cdiv(n, block_n) * triton.cdiv(d, block_d),)](
             x, initial_state, weight, bias, seg_of_row, pos_of_row, d_y, d_z, n, n_seg,
             D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute,
             **pdl.launch_options(x.device), num_warps=cfg["dz_warps"])
     if table_rows > 0 and d > 0:
-        _dx_kernel[(row_blocks, triton.cdiv(d, block_d))](
+        _dx_kernel[(row_blocks * triton.cdiv(d, block_d),)](
             x, initial_state, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, d_w_part,
             d_b_part, n, n_seg, D=d, W=width, BLOCK_W=triton.next_power_of_2(width),
             BLOCK_N=cfg["dx_block_n"], BLOCK_D=block_d, ROW_BLOCKS=cfg["dx_row_blocks"], COMPUTE=compute,
