@@ -50,3 +50,25 @@ def test_labels_name_the_files_that_ran(tmp_path):
     git(tmp_path, "commit", "-q", "-m", "two")
     assert label.endswith(f"(tree {git(tmp_path, 'rev-parse', '--short=7', 'HEAD^{tree}')})")
     assert tree_commit(tmp_path) == git(tmp_path, "rev-parse", "--short", "HEAD")
+
+
+def test_copied_files_are_named_by_their_tree(tmp_path):
+    """A commit's files unpacked inside another checkout's ignored folder (how an older tree runs
+    beside this one on the GPU machine), or outside any checkout, are named by that commit's tree,
+    not by the enclosing checkout's commit."""
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / ".gitignore").write_text("/trees/\n*.log\n")
+    (repo / "a.py").write_text("x = 1\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "one")
+    tree = git(repo, "rev-parse", "--short=7", "HEAD^{tree}")
+    (repo / "a.py").write_text("x = 2\n")
+    git(repo, "commit", "-qam", "two")
+    for copy in (repo / "trees" / "one", outside):
+        copy.mkdir(parents=True)
+        (copy / ".gitignore").write_text("/trees/\n*.log\n")
+        (copy / "a.py").write_text("x = 1\n")
+        (copy / "run.log").write_text("ignored by the copy's own .gitignore\n")
+        assert tree_commit(copy) == f"no commit (tree {tree})"
