@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's m
 import torch  # noqa: E402
 import triton  # noqa: E402
 from scan_inputs import scan_inputs  # noqa: E402
+from tree_commit import tree_commit  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime import jit  # noqa: E402
@@ -97,8 +98,8 @@ def main() -> None:
     if not os.path.exists(ptxas):
         parser.error(f"Triton's bundled ptxas is not at {ptxas}")
     backend = make_backend(TARGET)
-    print(f"# sm_90, triton {triton.__version__}; {args.dtype}, head_dim {args.head_dim}, "
-          f"expand_v {args.expand_v} (scan H=4; conv channels 4 * (2K + V), width 4)")
+    print(f"# sm_90, triton {triton.__version__}, commit {tree_commit()}; {args.dtype}, head_dim "
+          f"{args.head_dim}, expand_v {args.expand_v} (scan H=4; conv channels 4 * (2K + V), width 4)")
     print("| kernel | warps | registers | spill stores (B) | shared memory (B) |")
     print("| --- | --- | --- | --- | --- |")
     seen = set()

@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 import torch
+from tree_commit import tree_commit
 
 from mom_compile import MomForCausalLM
 
@@ -68,7 +69,7 @@ def main() -> int:
     for t in (3, 5, 8):
         compare(f"tiny prefill B*T*k={2 * t * 2}", torch.randint(0, vocab, (2, t)))
 
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  commit {tree_commit()}")
     print(f"{'case':28} {'shape':10} {'ours vs f64':>12} {'ref vs f64':>12} {'ours vs ref':>12}")
     for name, shape, a, b, c in rows:
         print(f"{name:28} {str(shape):10} {a:12.2e} {b:12.2e} {c:12.2e}")

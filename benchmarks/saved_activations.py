@@ -23,6 +23,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from peers import SoftmaxAttention  # noqa: E402
+from tree_commit import tree_commit  # noqa: E402
 
 from mom_compile import MomConfig, MomLayer  # noqa: E402
 
@@ -103,8 +104,8 @@ def main() -> None:
     }
     x = torch.randn(args.tokens // args.seq, args.seq, config.hidden_size, dtype=torch.bfloat16,
                     device=args.device, requires_grad=True)
-    print(f"torch {torch.__version__}, {args.device}; 340m layer width, bf16, {args.tokens} tokens "
-          f"({x.shape[0]} x {args.seq})")
+    print(f"torch {torch.__version__}, {args.device}, commit {tree_commit()}; 340m layer width, bf16, "
+          f"{args.tokens} tokens ({x.shape[0]} x {args.seq})")
     print("| layer | mode | saved for backward, KiB/token | largest saved tensors (KiB/token) |")
     print("| --- | --- | --- | --- |")
     for name, layer in layers.items():

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tree_commit import tree_commit  # noqa: E402
+
 from mom_compile import MomConfig  # noqa: E402
 from mom_compile.train.metrics import read_metrics  # noqa: E402
 
@@ -90,7 +92,8 @@ def main() -> int:
              for rows in (one, two)]
     (out / "compare.json").write_text(json.dumps({"one_gpu": one, "two_gpus": two}, indent=1) + "\n")
     tokens = args.batch_size * 2 * args.seq_len
-    print(f"\nloss, model {config.hidden_size}d x {args.layers} layers, global batch {args.batch_size * 2} x "
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, commit {tree_commit()}; loss, model "
+          f"{config.hidden_size}d x {args.layers} layers, global batch {args.batch_size * 2} x "
           f"{args.seq_len} = {tokens} tokens per step:")
     b = args.batch_size
     print(f"| step | 1 GPU ({b} x 2 accumulation) | 2 GPUs ({b} x 1 x 2) | difference |")
