@@ -22,13 +22,13 @@ def _git(*args: str, root: Path, env: dict | None = None) -> str:
         return ""
 
 
-def _files_tree(root: Path, own_repository: bool) -> str:
+def _files_tree(root: Path, in_checkout: bool) -> str:
     """The git tree hash of the working files, from a scratch index and a scratch object store: one
-    borrowing the repository's objects where root is a checkout (which is left as it was), else a
-    scratch repository of its own (root's .gitignore still applies)."""
+    borrowing the repository's objects where root is a checkout's top (the repository is left as it
+    was), else a scratch repository made for root (root's .gitignore still applies)."""
     with tempfile.TemporaryDirectory() as scratch:
         env = dict(os.environ, GIT_INDEX_FILE=os.path.join(scratch, "index"))
-        if own_repository:
+        if in_checkout:
             objects = os.path.join(scratch, "objects")
             os.mkdir(objects)
             git_dir = _git("rev-parse", "--absolute-git-dir", root=root)
@@ -44,10 +44,10 @@ def _files_tree(root: Path, own_repository: bool) -> str:
 def tree_commit(root: Path = ROOT) -> str:
     top = _git("rev-parse", "--show-toplevel", root=root)
     if not top or Path(top).resolve() != root.resolve():
-        files = _files_tree(root, own_repository=False)
+        files = _files_tree(root, in_checkout=False)
         return f"no commit (tree {files[:7]})" if files else "unknown"
     head = _git("rev-parse", "--short", "HEAD", root=root) or "unknown"
-    files = _files_tree(root, own_repository=True)
+    files = _files_tree(root, in_checkout=True)
     if files and files == _git("rev-parse", "HEAD^{tree}", root=root):
         return head
     return f"{head} + uncommitted changes" + (f" (tree {files[:7]})" if files else "")

@@ -12,10 +12,10 @@ Backward (`chunk_gated_delta_triton_bwd.py`) recomputes 1-3 (only 1-2, W alone, 
 training forward's residuals, the chunk start states and Vn) and runs dvn_local, state_bwd (the
 reverse sequential pass), grad_qkw and wy_bwd.
 
-Chunks never cross a segment boundary. The chunk table (segment id and first row of every chunk) is
-built on the device from `offsets` with torch ops; its length, ceil(N / CHUNK) + S, bounds the real
-chunk count from the shapes alone, so nothing syncs with the host (the unused slots are marked and
-their programs exit at once).
+Chunks never cross a segment boundary. The chunk table (segment id and first row of every chunk,
+and the segments longest first for the sequential passes) is built on the device from `offsets` in
+one launch; its length, ceil(N / CHUNK) + S, bounds the real chunk count from the shapes alone, so
+nothing syncs with the host (the unused slots are marked and their programs exit at once).
 """
 from __future__ import annotations
 
