@@ -26,13 +26,23 @@ def git(root: Path, *args: str) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
+def first_files(root: Path, ignore: str) -> None:
+    """The files of a test repository's first commit: a .gitignore and one source file."""
+    (root / ".gitignore").write_text(ignore)
+    (root / "a.py").write_text("x = 1\n")
+
+
+def first_commit(root: Path, ignore: str) -> str:
+    """A new repository at root holding `first_files`, committed; the commit's short hash."""
+    git(root, "init", "-q")
+    first_files(root, ignore)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "one")
+    return git(root, "rev-parse", "--short", "HEAD")
+
+
 def test_labels_name_the_files_that_ran(tmp_path):
-    git(tmp_path, "init", "-q")
-    (tmp_path / ".gitignore").write_text("/scratch/\n")
-    (tmp_path / "a.py").write_text("x = 1\n")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-q", "-m", "one")
-    first = git(tmp_path, "rev-parse", "--short", "HEAD")
+    first = first_commit(tmp_path, "/scratch/\n")
     (tmp_path / "scratch").mkdir()
     (tmp_path / "scratch" / "log.txt").write_text("ignored files change nothing\n")
     assert tree_commit(tmp_path) == first
@@ -56,19 +66,14 @@ def test_copied_files_are_named_by_their_tree(tmp_path):
     """A commit's files unpacked inside another checkout's ignored folder (how an older tree runs
     beside this one on the GPU machine), or outside any checkout, are named by that commit's tree,
     not by the enclosing checkout's commit."""
-    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    repo, outside, ignore = tmp_path / "repo", tmp_path / "outside", "/trees/\n*.log\n"
     repo.mkdir()
-    git(repo, "init", "-q")
-    (repo / ".gitignore").write_text("/trees/\n*.log\n")
-    (repo / "a.py").write_text("x = 1\n")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "one")
+    first_commit(repo, ignore)
     tree = git(repo, "rev-parse", "--short=7", "HEAD^{tree}")
     (repo / "a.py").write_text("x = 2\n")
     git(repo, "commit", "-qam", "two")
     for copy in (repo / "trees" / "one", outside):
         copy.mkdir(parents=True)
-        (copy / ".gitignore").write_text("/trees/\n*.log\n")
-        (copy / "a.py").write_text("x = 1\n")
+        first_files(copy, ignore)
         (copy / "run.log").write_text("ignored by the copy's own .gitignore\n")
         assert tree_commit(copy) == f"no commit (tree {tree})"
