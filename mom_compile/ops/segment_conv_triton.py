@@ -191,6 +191,11 @@ def default_config() -> dict:
                 dx_block_n=8, dx_row_blocks=128, dx_warps=4)
 
 
+def _tile_grid(row_blocks: int, d: int, block_d: int) -> tuple[int]:
+    """The 1-D grid of `_tile_of_program`: every column block of every row block."""
+    return (row_blocks * triton.cdiv(d, block_d),)
+
+
 def _row_table(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(segment, position in it) of each of the n rows, int32: one launch per op call."""
     n_seg = offsets.shape[0] - 1
@@ -217,7 +222,7 @@ def segment_conv_triton(x, weight, bias, offsets, initial_state, config: dict | 
     final = torch.empty_like(initial_state)
     row_blocks = triton.cdiv(n, cfg["block_n"])
     if row_blocks + n_seg > 0 and d > 0:
-        _conv_kernel[((row_blocks + n_seg) * triton.cdiv(d, cfg["block_d"]),)](
+        _conv_kernel[_tile_grid(row_blocks + n_seg, d, cfg["block_d"])](
             x, initial_state, weight, bias, offsets, *_row_table(offsets, n), y, final, n, n_seg, row_blocks,
             D=d, W=width, BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], COMPUTE=compute_type(x.dtype),
             **pdl.launch_options(x.device), num_warps=cfg["warps"])
@@ -249,12 +254,12 @@ def segment_conv_backward_triton(d_y, d_final, x, weight, bias, offsets, initial
     d_init = torch.empty_like(initial_state)
     seg_of_row, pos_of_row = _row_table(offsets, n)
     if n > 0 and d > 0:
-        _dz_kernel[(triton.cdiv(n, block_n) * triton.cdiv(d, block_d),)](
+        _dz_kernel[_tile_grid(triton.cdiv(n, block_n), d, block_d)](
             x, initial_state, weight, bias, seg_of_row, pos_of_row, d_y, d_z, n, n_seg,
             D=d, W=width, BLOCK_N=block_n, BLOCK_D=block_d, COMPUTE=compute,
             **pdl.launch_options(x.device), num_warps=cfg["dz_warps"])
     if table_rows > 0 and d > 0:
-        _dx_kernel[(row_blocks * triton.cdiv(d, block_d),)](
+        _dx_kernel[_tile_grid(row_blocks, d, block_d)](
             x, initial_state, d_z, d_final, weight, offsets, seg_of_row, pos_of_row, d_x, d_init, d_w_part,
             d_b_part, n, n_seg, D=d, W=width, BLOCK_W=triton.next_power_of_2(width),
             BLOCK_N=cfg["dx_block_n"], BLOCK_D=block_d, ROW_BLOCKS=cfg["dx_row_blocks"], COMPUTE=compute,
