@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mom_compile import ops
 from mom_compile.ops.direct_call import call
 from mom_compile.ops.table import OPS, op_named
 
-from inputs import op_inputs
+from inputs import combine_inputs, op_inputs
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs CUDA"))]
@@ -153,3 +155,15 @@ def test_cuda_call_honours_a_disabled_kernel(dispatched):
         got = call(op.definition, *args)
     assert calls == []
     torch.testing.assert_close(got, op.reference(*args), rtol=0, atol=0)
+
+
+def test_compiled_calls_do_not_guard_on_the_profiler():
+    """Compiling through `call` traces the op without reading the profiler's state, so profiling
+    a compiled function runs the graph it profiles rather than compiling another one."""
+    args = combine_inputs()
+    counter = CompileCounter()
+    combined = torch.compile(ops.combine, backend=counter, fullgraph=True)
+    combined(*args)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        combined(*args)
+    assert counter.frame_count == 1

@@ -31,7 +31,9 @@ def _mutated(op: CustomOpDef) -> tuple[int, ...]:
 
 def _kernel(op: CustomOpDef, args: tuple) -> Callable | None:
     """The kernel the dispatcher would run for args, or None if the call needs the dispatcher."""
-    if torch.autograd.profiler._is_profiler_enabled or not nothing_intercepts():
+    # nothing_intercepts() first: while compiling it ends the test before the profiler's flag is
+    # read, which Dynamo would guard on (a profiled call then compiles another graph)
+    if not nothing_intercepts() or torch.autograd.profiler._is_profiler_enabled:
         return None
     grad, device = torch.is_grad_enabled(), None
     for a in args:
