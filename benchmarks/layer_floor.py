@@ -57,6 +57,8 @@ import argparse
 import math
 from dataclasses import dataclass
 
+from tree_commit import tree_commit
+
 
 @dataclass(frozen=True)
 class Card:
@@ -217,7 +219,7 @@ def main() -> None:
     s0 = shapes[0]
     print(f"## Floor of the MoM layer (d={s0.hidden}, H={s0.heads}, K={s0.head_dim}, V={s0.head_v_dim}, "
           f"M={s0.memories}, top-{s0.topk}{' + shared' if s0.shared_mem else ''}, conv {s0.conv}, "
-          f"chunk {s0.chunk}, bf16), {args.tokens} tokens per batch")
+          f"chunk {s0.chunk}, bf16), {args.tokens} tokens per batch; commit {tree_commit()}")
     print(f"\n### Counted work per stage at T={s0.t}, B={s0.batch}")
     print("| stage | fwd GFLOP | fwd GB | bwd GFLOP | bwd GB |")
     print("| --- | --- | --- | --- | --- |")

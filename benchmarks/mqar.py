@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tree_commit import tree_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -215,7 +217,8 @@ def summarize(args, rows: list[dict]) -> tuple[list[str], dict]:
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"MQAR held-out accuracy on the asked keys (mean ± std over {len(seeds)} seed(s)); "
              f"d=128, 2 layers, vocab {args.vocab}; {args.budget_steps} steps x {args.batch_size} "
-             f"sequences, lr {args.lr:g}, each length trained on a mix of its pair counts",
+             f"sequences, lr {args.lr:g}, each length trained on a mix of its pair counts; table "
+             f"written at commit {tree_commit()}",
              "", "| length | pairs | " + " | ".join(MODELS[m][0] for m in args.models) + " |",
              "| --- | --- | " + " | ".join("---" for _ in args.models) + " |"]
     for seq_len in args.seq_lens:

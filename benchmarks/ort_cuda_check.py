@@ -31,7 +31,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # the checkout's mom_compile; tree_commit beside this
+from tree_commit import tree_commit  # noqa: E402
+
 from mom_compile.export.manifest import read_manifest  # noqa: E402
 
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -274,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if CUDA in args.providers and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # the CUDA/cuDNN libraries of the pip wheels, before the first CUDA session
     sides = {"A": _providers(args.providers[0]), "B": _providers(args.providers[1])}
-    rows = [f"onnxruntime {ort.__version__}: side A = {args.providers[0]}, side B = {args.providers[1]}"]
+    rows = [f"commit {tree_commit()}; onnxruntime {ort.__version__}: side A = {args.providers[0]}, "
+            f"side B = {args.providers[1]}"]
     with open(args.log, "w") as log_file, tempfile.TemporaryDirectory() as tmp:
         def log(line: str) -> None:
             log_file.write(line + "\n")
