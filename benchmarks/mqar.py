@@ -10,8 +10,9 @@ on multi-query associative recall (Zoology's MQAR, mom_compile/train/mqar.py) at
 of steps on a mix of 16 .. T/4 key-value pairs per sequence, then scored on held-out sequences for
 each pair count (accuracy on the asked keys' values). The runs are independent processes, several
 per GPU (the models are tiny), spread over --gpus; each writes OUT/runs/<model>-T<len>-seed<s>/
-(log.txt, metrics.jsonl, the final model). At the end: a table (printed, OUT/mqar.md for
-benchmarks/RESULTS.md), OUT/results.json and OUT/mqar.png (accuracy vs pairs, one line per model).
+(log.txt, metrics.jsonl, commit.txt: the commit it trained with, the final model). At the end: a
+table (printed, OUT/mqar.md for benchmarks/RESULTS.md), OUT/results.json and OUT/mqar.png
+(accuracy vs pairs, one line per model).
 
     python benchmarks/mqar.py --out runs/mqar                 # every visible GPU, the defaults
     python benchmarks/mqar.py --out runs/mqar --gpus 0 --budget-steps 800 --seeds 2
@@ -147,6 +148,7 @@ def run_all(args, jobs: list[Job], configs: dict[str, Path], out: Path) -> list[
     slots = len(gpus) * args.jobs_per_gpu
     threads = max(1, (os.cpu_count() or 1) // slots)
     todo = [job for job in jobs if finished(out / "runs" / job.name) is None]
+    commit = tree_commit()  # each run records the code it trained with (runs resume across trees)
     where = f"GPUs {','.join(gpus)}" if device == "cuda" else "the CPU"
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; training {len(todo)} on "
           f"{where} ({slots} at once, {args.budget_steps} steps, "
@@ -168,6 +170,7 @@ def run_all(args, jobs: list[Job], configs: dict[str, Path], out: Path) -> list[
             run = out / "runs" / job.name
             shutil.rmtree(run, ignore_errors=True)
             run.mkdir(parents=True)
+            (run / "commit.txt").write_text(commit + "\n")
             env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                        OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS=str(threads))
             if gpu is not None:
@@ -197,9 +200,12 @@ def collect(args, jobs: list[Job], out: Path) -> list[dict]:
         if final is None:
             continue
         train = [r for r in read_metrics(str(run / "metrics.jsonl")) if "loss" in r]
-        rows.append(dict(model=job.model, seq_len=job.seq_len, seed=job.seed, steps=train[-1]["step"],
-                         final_loss=train[-1]["loss"], train_seconds=train[-1]["elapsed_s"],
-                         accuracy=final["eval_accuracy"], accuracy_by_pairs=final["eval_accuracy_by_pairs"]))
+        recorded = run / "commit.txt"
+        commit = recorded.read_text().strip() if recorded.exists() else "not recorded"
+        rows.append(dict(model=job.model, seq_len=job.seq_len, seed=job.seed, commit=commit,
+                         steps=train[-1]["step"], final_loss=train[-1]["loss"],
+                         train_seconds=train[-1]["elapsed_s"], accuracy=final["eval_accuracy"],
+                         accuracy_by_pairs=final["eval_accuracy_by_pairs"]))
     return rows
 
 
@@ -217,8 +223,8 @@ def summarize(args, rows: list[dict]) -> tuple[list[str], dict]:
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"MQAR held-out accuracy on the asked keys (mean ± std over {len(seeds)} seed(s)); "
              f"d=128, 2 layers, vocab {args.vocab}; {args.budget_steps} steps x {args.batch_size} "
-             f"sequences, lr {args.lr:g}, each length trained on a mix of its pair counts; table "
-             f"written at commit {tree_commit()}",
+             f"sequences, lr {args.lr:g}, each length trained on a mix of its pair counts; trained at "
+             f"commit {', '.join(sorted({r['commit'] for r in rows})) or '-'}",
              "", "| length | pairs | " + " | ".join(MODELS[m][0] for m in args.models) + " |",
              "| --- | --- | " + " | ".join("---" for _ in args.models) + " |"]
     for seq_len in args.seq_lens:

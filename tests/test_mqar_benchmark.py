@@ -4,6 +4,7 @@ recorded."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,9 @@ import pytest
 from mom_compile.train.metrics import read_metrics
 
 from train_runs import ROOT, env
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from tree_commit import tree_commit  # noqa: E402
 
 pytest.importorskip("matplotlib")
 
@@ -41,3 +45,7 @@ def test_cpu_smoke_run_reports_the_runs(tmp_path):
         assert cells == expected
     assert (out / "mqar.png").read_bytes()[:4] == b"\x89PNG"
     assert table.splitlines()[-1] in result.stdout
+    # every run records the checkout it trained with, and the table names it
+    commits = {(out / "runs" / f"{r['model']}-T64-seed0" / "commit.txt").read_text().strip() for r in rows}
+    assert commits == {r["commit"] for r in rows} == {tree_commit()}
+    assert f"trained at commit {tree_commit()}" in table
