@@ -4,18 +4,16 @@ recorded."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from test_tree_commit import tree_commit
 
 from mom_compile.train.metrics import read_metrics
 
 from train_runs import ROOT, env
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from tree_commit import tree_commit  # noqa: E402
 
 pytest.importorskip("matplotlib")
 
@@ -46,6 +44,7 @@ def test_cpu_smoke_run_reports_the_runs(tmp_path):
     assert (out / "mqar.png").read_bytes()[:4] == b"\x89PNG"
     assert table.splitlines()[-1] in result.stdout
     # every run records the checkout it trained with, and the table names it
+    checkout = tree_commit(Path(ROOT))
     commits = {(out / "runs" / f"{r['model']}-T64-seed0" / "commit.txt").read_text().strip() for r in rows}
-    assert commits == {r["commit"] for r in rows} == {tree_commit()}
-    assert f"trained at commit {tree_commit()}" in table
+    assert commits == {r["commit"] for r in rows} == {checkout}
+    assert f"trained at commit {checkout}" in table
