@@ -279,37 +279,96 @@ def layer_timings(ts: list[int], tokens: int, with_reference: bool, with_fla: bo
     return runner.rows, floors
 
 
-def scan_op_timings(ts: list[int], tokens: int) -> list[tuple]:
-    """The chunk scan op alone at the layer's routed shapes: B*T*(k+1) rows in B*(M+1) segments
-    (top-2 of 4 memories plus the shared one), H=4, K=V=256, bf16: the registered chunked kernels
-    (their default tiles, the configuration the checks verify), and the per-kernel split of the
-    registered forward+backward (torch profiler) at the first T."""
+def scan_layout(t: int, tokens: int) -> torch.Tensor:
+    """Segment offsets of the layer's routed rows at T: B*T*(k+1) rows in B*(M+1) segments (top-2 of
+    4 memories, spread evenly, plus the shared one)."""
+    b = max(1, tokens // t)
+    counts = torch.full((b, 5), 0, dtype=torch.int64)
+    counts[:, :4] = (2 * t) // 4
+    counts[:, 4] = t
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.flatten().cumsum(0)]).cuda()
+
+
+def scan_op_timings(ts: list[int], tokens: int, with_fla: bool) -> list[tuple]:
+    """The chunk scan op alone at the layer's routed shapes (`scan_layout`), H=4, K=V=256, bf16: the
+    registered chunked kernels (their default tiles, the configuration the checks verify), and the
+    per-kernel split of the registered forward+backward (torch profiler) at the first T. Then, as a
+    peer on the same rows, fla's `chunk_gated_delta_rule` (varlen), when fla imports."""
     rows = []
     h, dk, dv = 4, 256, 256
     for t in ts:
-        b = max(1, tokens // t)
-        counts = torch.full((b, 5), 0, dtype=torch.int64)
-        counts[:, :4] = (2 * t) // 4  # routed rows spread evenly over the memories
-        counts[:, 4] = t
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.flatten().cumsum(0)]).cuda()
-        n = int(offsets[-1])
+        offsets = scan_layout(t, tokens)
         q, k, v, g, beta = scan_inputs(offsets, h=h, dk=dk, dv=dv)
         d_o = torch.randn_like(v)
         args = (q, k, v, g, beta, offsets, None, dk ** -0.5)
         variants = [("fwd chunked (registered)", functools.partial(torch.ops.mom.chunk_gated_delta, *args)),
                     ("bwd chunked (registered)",
                      functools.partial(torch.ops.mom.chunk_gated_delta_backward, *args, d_o, None))]
-        for name, fn in variants:
-            try:
-                ms, _ = bench(fn, iters=10)
-            except Exception as exc:  # a config that does not compile: report, keep going
-                print(f"  scan op T={t} {name}: failed {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            rows.append((t, b, n, name, ms))
-            print(f"  scan op T={t} rows {n}: {name}: {ms:.2f} ms", flush=True)
-        if t == ts[0]:
-            print(kernel_table(variants[0][1], variants[1][1]))  # which stage bounds the scan
+        rows += _time_scan(t, tokens, offsets, variants, profile=t == ts[0])
+    if with_fla:  # last: a CUDA error left by the peer cannot spoil our rows
+        for t in ts:
+            offsets = scan_layout(t, tokens)
+            rows += _time_scan(t, tokens, offsets, fla_scan_variants(offsets), profile=t == ts[0])
     return rows
+
+
+def _time_scan(t: int, tokens: int, offsets: torch.Tensor, variants: list, profile: bool) -> list[tuple]:
+    """Rows (T, B, rows, variant, ms) of the variants that run, and with profile their kernels."""
+    rows, ran, n = [], [], int(offsets[-1])
+    for name, fn in variants:
+        try:
+            ms, _ = bench(fn, iters=10)
+        except Exception as exc:  # a config that does not compile, a peer's refusal: report, keep going
+            print(f"  scan op T={t} {name}: failed {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        rows.append((t, max(1, tokens // t), n, name, ms))
+        ran.append(fn)
+        print(f"  scan op T={t} rows {n}: {name}: {ms:.2f} ms", flush=True)
+    if profile and ran:
+        print(kernel_table(*ran))  # which stage bounds the scan
+    return rows
+
+
+def fla_scan_variants(offsets: torch.Tensor) -> list:
+    """fla's `chunk_gated_delta_rule` on the rows of `scan_inputs` (its varlen layout [1, rows, H, K],
+    natural-log decays as ours): the forward, and the backward alone (autograd on a kept graph).
+    fla refuses its gated `chunk_bwd_dqkwg` under Triton 3.4-3.7.0 on Hopper (wrong results there):
+    the backward is also timed with that guard lifted, named so: its time, not its values."""
+    try:
+        import fla.ops.common.chunk_o as fla_chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError as exc:
+        print(f"  fla scan peer: not importable ({exc.__class__.__name__})")
+        return []
+    q, k, v, g, beta = (x.unsqueeze(0).requires_grad_() for x in scan_inputs(offsets))
+    d_o = torch.randn_like(v)
+    scale = q.shape[-1] ** -0.5
+
+    def forward():
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, cu_seqlens=offsets)[0]
+
+    kept = []  # one forward's graph, kept: each call is a backward alone
+
+    def backward():
+        if not kept:
+            kept.append(forward())
+        torch.autograd.grad(kept[0], (q, k, v, g, beta), d_o, retain_graph=True)
+
+    def backward_unguarded():
+        guard = fla_chunk_o.TRITON_ABOVE_3_7_1
+        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+        try:
+            backward()
+        finally:
+            fla_chunk_o.TRITON_ABOVE_3_7_1 = guard
+
+    def no_grad_forward():
+        with torch.no_grad():
+            forward()
+
+    return [("fla fwd chunk_gated_delta_rule", no_grad_forward),
+            ("fla bwd chunk_gated_delta_rule", backward),
+            ("fla bwd chunk_gated_delta_rule, Hopper guard lifted (time only)", backward_unguarded)]
 
 
 ROW_ORDER = ["MomLayer, Triton", "MomLayer, PyTorch", "reference fla", "softmax"]
@@ -389,7 +448,7 @@ def main() -> None:
     if args.no_bench:
         return
     print("\n## timings (bf16, median ms)")
-    scan_rows = scan_op_timings(args.ts, args.tokens)
+    scan_rows = scan_op_timings(args.ts, args.tokens, not args.no_fla)
     print("\n| T | B | scan rows | chunk scan kernel | ms |")
     print("| --- | --- | --- | --- | --- |")
     for t, b, n, name, ms in scan_rows:
