@@ -7,7 +7,8 @@ running them. Each piece is called in loops without syncs, so a loop's time
 per call is the host's (the GPU keeps up), and the fastest loop is kept. The op rows compare the
 checked wrapper, the registered op and the kernel function called directly, which separates the
 cost of the checks, of torch's dispatcher and of the Triton launch; then the whole step with and
-without the direct op calls, alternating.
+without the direct op calls, and the eager step of a plain-torch Transformer twin (the peer),
+alternating.
 
     python benchmarks/host_overhead.py [--batch 1] [--rounds 9] [--profile-steps 20]
 """
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from decode import StaticKVTransformer
 from tree_commit import tree_commit
 
 from mom_compile import MomConfig, MomForCausalLM, ops
@@ -59,6 +61,17 @@ def host_us(fn, rounds: int) -> float:
         best = min(best, (time.perf_counter() - start) / calls)
     torch.cuda.synchronize()
     return best * 1e6
+
+
+def transformer_step(config: MomConfig, batch: int):
+    """One eager decode step of decode.py's Transformer peer at config's width, depth and MLP
+    (after a 16-token prompt; the position stays put: the host's work is the same)."""
+    heads = config.hidden_size // 64
+    twin = StaticKVTransformer(config.vocab_size, config.hidden_size, config.num_hidden_layers, heads,
+                               config.mlp_size, 32, batch).cuda().to(torch.bfloat16)
+    twin(torch.randint(0, config.vocab_size, (batch, 16), device="cuda"), torch.arange(16, device="cuda"))
+    tok, pos = torch.zeros(batch, 1, dtype=torch.int64, device="cuda"), torch.tensor([16], device="cuda")
+    return lambda: twin(tok, pos)
 
 
 @torch.no_grad()
@@ -130,16 +143,19 @@ def main() -> None:
     for name, fn in pieces.items():
         print(f"{name:44} {host_us(fn, args.rounds):15.1f}", flush=True)
     print("\nthe whole step, ms, with direct op calls / every op call through the dispatcher "
-          "(ops/direct_call.py), alternating in this process:")
+          "(ops/direct_call.py), and the peer: the eager step of a Transformer of the same width, depth "
+          "and MLP with a static KV cache (decode.py's), all plain torch ops; alternating in this process:")
     step, kernel = pieces["eager decode step (whole model)"], direct_call._kernel
-    times = {"direct": [], "dispatcher": []}
+    twin = transformer_step(config, b)
+    times = {"direct": [], "dispatcher": [], "Transformer": []}
     for _ in range(args.rounds):
         times["direct"].append(host_us(step, 1) / 1e3)
         direct_call._kernel = lambda op, args: None
         times["dispatcher"].append(host_us(step, 1) / 1e3)
         direct_call._kernel = kernel
+        times["Transformer"].append(host_us(twin, 1) / 1e3)
     for name, ms in times.items():
-        print(f"  {name:10} fastest {min(ms):7.2f}, median {statistics.median(ms):7.2f}")
+        print(f"  {name:11} fastest {min(ms):7.2f}, median {statistics.median(ms):7.2f}")
     if args.profile_steps:
         profiler = cProfile.Profile()
         profiler.enable()
