@@ -477,14 +477,16 @@ def test_cuda_dispatch_reaches_triton():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("state", [(16, 4), (64, 8)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("state", [(16, 4, 4), (32, 4, 8), (64, 8, 8)], ids=["narrow", "middle", "wide"])
 @pytest.mark.parametrize("dv", [256, 512])
 @fresh_memory_is_nan()
-def test_cuda_both_state_pass_configs_match_reference(state, dv):
-    """The two state-pass configurations at K=256: [256, 64] slices on 8 warps (bf16's default)
-    and [256, 16] on 4 (the default of wider operands), both in bf16 against the reference."""
+def test_cuda_state_pass_configs_match_reference(state, dv):
+    """The state-pass configurations at K=256, in bf16 against the reference: [256, 64] slices on
+    8 warps (bf16's default), [256, 16] on 4 (the default of wider operands), and [256, 32] on 4
+    warps forward and 8 backward (the fastest where the passes have fewer programs than SMs,
+    benchmarks/RESULTS.md)."""
     from mom_compile.ops import chunk_gated_delta_triton as ct
-    config = dict(state_bv=state[0], state_warps=state[1])
+    config = dict(state_bv=state[0], state_warps=state[1], state_bwd_warps=state[2])
     errors = check_chunk(functools.partial(ct.chunk_gated_delta_triton, config=config),
                          functools.partial(ct.chunk_gated_delta_backward_triton, config=config),
                          "long", 2, 256, dv, True, dtype=torch.bfloat16, device="cuda")

@@ -149,8 +149,9 @@ def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.
 def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     """Tile sizes and warps (why these: benchmarks/RESULTS.md#why-these-defaults). bk, bv: K- and
     V-blocks of the per-chunk kernels, 32 for 4- and 8-byte operands so that grad_qkw fits shared
-    memory. state_bv, state_warps: the sequential passes keep the whole [K, state_bv] state slice in
-    registers, one program per (segment, head, V-block). state_stages: software-pipelining depth of
+    memory. state_bv, state_warps, state_bwd_warps: the sequential passes keep the whole [K, state_bv]
+    state slice in registers, one program per (segment, head, V-block), on state_warps forward and
+    state_bwd_warps backward. state_stages: software-pipelining depth of
     their loop over chunks (2 only for 2-byte inputs: wider ones overflow Hopper's shared memory).
     warps, bwd_warps: the per-chunk kernels of the forward and of the backward, 4 for 2-byte inputs
     (faster), 8 for wider ones; qkw_bk, qkw_warps: grad_qkw's own K-block and warps (128 on 8 warps
@@ -165,7 +166,8 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     chunk_warps = 4 if elem_bytes <= 2 else 8
     bk = min(tile, block_k)
     return dict(bk=bk, bv=min(tile, max(16, triton.next_power_of_2(dv))),
-                state_bv=state_bv, state_warps=state_warps, state_stages=2 if elem_bytes <= 2 else 1,
+                state_bv=state_bv, state_warps=state_warps, state_bwd_warps=state_warps,
+                state_stages=2 if elem_bytes <= 2 else 1,
                 warps=chunk_warps, solve_warps=1, bwd_warps=chunk_warps,
                 qkw_bk=min(128, block_k) if elem_bytes <= 2 else bk, qkw_warps=8)
 
@@ -303,7 +305,7 @@ def chunk_gated_delta_backward_triton(q, k, v, g, beta, offsets, initial_state, 
     bwd.state_bwd_kernel[p.state_grid()](
         q, k, *decays, w, d_o, offsets, p.order, p.chunk_starts, dfin, dh_buf, d_vn, d_init, *scale2, **dims,
         BLOCK_K=p.block_k, BV=cfg["state_bv"], HAS_DFINAL=d_final is not None, **dot_kw,
-        STAGES=cfg["state_stages"], **p.launch, num_warps=cfg["state_warps"])
+        STAGES=cfg["state_stages"], **p.launch, num_warps=cfg["state_bwd_warps"])
     n_kb = triton.cdiv(p.dk, cfg["qkw_bk"])
     dk_part = p.new(p.n, p.h, p.dk)
     dw = p.new(p.n, p.h, p.dk, dtype=p.dot_dtype)
