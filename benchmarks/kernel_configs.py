@@ -7,11 +7,11 @@ segments of uneven length (2T rows in all) and the shared one (T rows): 98,304 r
   conv: 3,072 channels (q|k|v), width 4, with a history per segment; forward and backward.
 decode: ten `mom::memory_decode_` steps of the 340M layer's heads at batch 64 (3 of 5 memories a
   token, tests/inputs.py's decode_inputs), fp32 states, in place, replayed from a CUDA graph.
-Each configuration (a JSON object of the op's `default_config` keys to override) runs in its own
-process, since a miscompiled one can leave an illegal memory access behind, and is compared with
-the default configuration of the same process (max |diff| / max |default| over the outputs and
-gradients: a different warp count reorders sums, so ~1e-3 in bf16 is expected; a wrong kernel
-shows as far more). Median ms over CUDA events.
+Each configuration (a JSON object of the op's `default_config` keys to override), after the
+default one, runs in its own process, since a miscompiled one can leave an illegal memory access
+behind, and is compared with the default configuration of the same process (max |diff| / max
+|default| over the outputs and gradients: a different warp count reorders sums, so ~1e-3 in bf16
+is expected; a wrong kernel shows as far more). Median ms over CUDA events.
 
     python benchmarks/kernel_configs.py scan ['{"state_bv": 16, "state_warps": 4}' ...]
     python benchmarks/kernel_configs.py scan --layout 1 512     # a batch-1 prefill's rows
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--layout", type=int, nargs=2, default=[16, 2048], metavar=("B", "T"),
                         help="scan and conv: the rows of B sequences of T tokens (default 16 2048)")
     parser.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # configs before or after --layout
     if args.child is not None:
         print(json.dumps(measure(args.op, args.child, tuple(args.layout))))
         return
@@ -145,7 +145,9 @@ def main() -> None:
     print("| config | max diff vs default | " + " | ".join(f"{name.replace('_', ' ')} ms" for name in timed)
           + " |")
     print("| --- | --- |" + " --- |" * len(timed))
-    for config in args.configs or SWEEPS[args.op]:
+    # the default first, whatever is asked: every row has its same-run baseline
+    configs = [{}] + [c for c in args.configs if c] if args.configs else SWEEPS[args.op]
+    for config in configs:
         try:
             proc = subprocess.run([sys.executable, __file__, args.op, "--child", json.dumps(config),
                                    "--layout", *map(str, args.layout)],
