@@ -34,8 +34,10 @@ def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0) -> tuple
 
 def kernel_table(*calls, rows: int = 14, host: bool = False) -> str:
     """GPU time per kernel of one run of each call (after one untimed run), as the profiler's
-    table sorted by time: which kernels bound a step. host=True: CPU time per op instead (custom
-    ops and kernel launches included), for a step whose launches outlast its kernels."""
+    table sorted by time: which kernels bound a step. A kernel launched with PDL (`ops/pdl.py`)
+    starts while the one ahead of it finishes, and its time includes that wait: the times can sum
+    to more than the wall time. host=True: CPU time per op instead (custom ops and kernel launches
+    included), for a step whose launches outlast its kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     for call in calls:
