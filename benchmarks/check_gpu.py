@@ -16,8 +16,9 @@
    - the floor: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) of the layer's counted work
      (benchmarks/layer_floor.py says what is counted), with the spec-sheet peaks of the card,
      and then measured / floor of the Triton layer (and of fla's);
-   plus the chunk scan op alone at the layer's shapes, and the peak memory of one forward+backward
-   of each layer row (its activations and gradients, above its inputs and weights). With --profile,
+   plus the chunk scan op alone at the layer's shapes (fla's `chunk_gated_delta_rule` on the same
+   rows as its peer, when fla imports), and the peak memory of one forward+backward of each layer
+   row (its activations and gradients, above its inputs and weights). With --profile,
    the GPU time per kernel of our layer's forward and forward+backward, eager and compiled, and the
    eager forward's host time per op, at the first T: where eager loses to compiled.
    Each measurement (one forward or one forward+backward of one row) stops after --row-budget
