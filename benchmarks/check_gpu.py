@@ -280,11 +280,14 @@ def layer_timings(ts: list[int], tokens: int, with_reference: bool, with_fla: bo
     return runner.rows, floors
 
 
+SEGMENTS_PER_SEQUENCE = 5  # 4 routed memories and the shared one
+
+
 def scan_layout(t: int, tokens: int) -> torch.Tensor:
     """Segment offsets of the layer's routed rows at T: B*T*(k+1) rows in B*(M+1) segments (top-2 of
     4 memories, spread evenly, plus the shared one)."""
     b = max(1, tokens // t)
-    counts = torch.full((b, 5), 0, dtype=torch.int64)
+    counts = torch.full((b, SEGMENTS_PER_SEQUENCE), 0, dtype=torch.int64)
     counts[:, :4] = (2 * t) // 4
     counts[:, 4] = t
     return torch.cat([torch.zeros(1, dtype=torch.int64), counts.flatten().cumsum(0)]).cuda()
@@ -305,24 +308,25 @@ def scan_op_timings(ts: list[int], tokens: int, with_fla: bool) -> list[tuple]:
         variants = [("fwd chunked (registered)", functools.partial(torch.ops.mom.chunk_gated_delta, *args)),
                     ("bwd chunked (registered)",
                      functools.partial(torch.ops.mom.chunk_gated_delta_backward, *args, d_o, None))]
-        rows += _time_scan(t, tokens, offsets, variants, profile=t == ts[0])
+        rows += _time_scan(t, offsets, variants, profile=t == ts[0])
     if with_fla:  # last: a CUDA error left by the peer cannot spoil our rows
         for t in ts:
             offsets = scan_layout(t, tokens)
-            rows += _time_scan(t, tokens, offsets, fla_scan_variants(offsets), profile=t == ts[0])
+            rows += _time_scan(t, offsets, fla_scan_variants(offsets), profile=t == ts[0])
     return rows
 
 
-def _time_scan(t: int, tokens: int, offsets: torch.Tensor, variants: list, profile: bool) -> list[tuple]:
-    """Rows (T, B, rows, variant, ms) of the variants that run, and with profile their kernels."""
-    rows, ran, n = [], [], int(offsets[-1])
+def _time_scan(t: int, offsets: torch.Tensor, variants: list, profile: bool) -> list[tuple]:
+    """Rows (T, B, rows, variant, ms) of the variants that run on `scan_layout`'s offsets, and with
+    profile their kernels."""
+    rows, ran, n, b = [], [], int(offsets[-1]), (offsets.numel() - 1) // SEGMENTS_PER_SEQUENCE
     for name, fn in variants:
         try:
             ms, _ = bench(fn, iters=10)
         except Exception as exc:  # a config that does not compile, a peer's refusal: report, keep going
             print(f"  scan op T={t} {name}: failed {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        rows.append((t, max(1, tokens // t), n, name, ms))
+        rows.append((t, b, n, name, ms))
         ran.append(fn)
         print(f"  scan op T={t} rows {n}: {name}: {ms:.2f} ms", flush=True)
     if profile and ran:
