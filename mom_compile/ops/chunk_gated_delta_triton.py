@@ -19,6 +19,8 @@ nothing syncs with the host (the unused slots are marked and their programs exit
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -146,7 +148,15 @@ def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.
     return [_zero_tail(torch.empty_like(x), offsets) for x in likes]
 
 
-def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
+@functools.cache
+def _sm_count(device: torch.device) -> int | None:
+    """The device's SM count; None where no GPU runs the kernels (CPU tensors, the interpreter)."""
+    if device.type != "cuda" or triton.knobs.runtime.interpret:
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(dk: int, dv: int, elem_bytes: int, few_programs: bool = False) -> dict:
     """Tile sizes and warps (why these: benchmarks/RESULTS.md#why-these-defaults). bk, bv: K- and
     V-blocks of the per-chunk kernels, 32 for 4- and 8-byte operands so that grad_qkw fits shared
     memory. state_bv, state_warps, state_bwd_warps: the sequential passes keep the whole [K, state_bv]
@@ -155,18 +165,22 @@ def default_config(dk: int, dv: int, elem_bytes: int) -> dict:
     their loop over chunks (2 only for 2-byte inputs: wider ones overflow Hopper's shared memory).
     warps, bwd_warps: the per-chunk kernels of the forward and of the backward, 4 for 2-byte inputs
     (faster), 8 for wider ones; qkw_bk, qkw_warps: grad_qkw's own K-block and warps (128 on 8 warps
-    for 2-byte inputs); solve_warps: the triangular solve's. Only these configurations are verified
-    on Hopper; some others raised illegal memory accesses."""
+    for 2-byte inputs); solve_warps: the triangular solve's. few_programs: [K, 64] slices would
+    leave SMs idle (a batch-1 prefill, one long sequence), where narrower ones shorten each chunk
+    step. Only these configurations are verified on Hopper; some others raised illegal memory
+    accesses."""
     block_k = max(16, triton.next_power_of_2(dk))
     tile = 64 if elem_bytes <= 2 else 32
     if block_k <= 128:
-        state_bv, state_warps = min(64, max(16, triton.next_power_of_2(dv))), 4
+        state_bv, state_warps, state_bwd_warps = min(64, max(16, triton.next_power_of_2(dv))), 4, 4
+    elif elem_bytes > 2:
+        state_bv, state_warps, state_bwd_warps = 16, 4, 4
     else:
-        state_bv, state_warps = (64, 8) if elem_bytes <= 2 else (16, 4)
+        state_bv, state_warps, state_bwd_warps = (32, 4, 8) if few_programs else (64, 8, 8)
     chunk_warps = 4 if elem_bytes <= 2 else 8
     bk = min(tile, block_k)
     return dict(bk=bk, bv=min(tile, max(16, triton.next_power_of_2(dv))),
-                state_bv=state_bv, state_warps=state_warps, state_bwd_warps=state_warps,
+                state_bv=state_bv, state_warps=state_warps, state_bwd_warps=state_bwd_warps,
                 state_stages=2 if elem_bytes <= 2 else 1,
                 warps=chunk_warps, solve_warps=1, bwd_warps=chunk_warps,
                 qkw_bk=min(128, block_k) if elem_bytes <= 2 else bk, qkw_warps=8)
@@ -238,7 +252,10 @@ def _prepare(q, k, v, g, beta, offsets, initial_state, config):
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     offsets = offsets.to(torch.int64).contiguous()
     _, dot_dtype = _precision(q.dtype, state_dtype(q, initial_state))
-    cfg = dict(default_config(q.shape[-1], v.shape[-1], dot_dtype.itemsize), **(config or {}))
+    sms = _sm_count(q.device)
+    wide_programs = (offsets.shape[0] - 1) * q.shape[1] * triton.cdiv(v.shape[-1], 64)
+    few = sms is not None and wide_programs < sms
+    cfg = dict(default_config(q.shape[-1], v.shape[-1], dot_dtype.itemsize, few), **(config or {}))
     return (q, k, v, g, beta, offsets), _Plan(q, v, offsets, initial_state, cfg)
 
 
