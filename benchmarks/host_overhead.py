@@ -6,9 +6,9 @@ An eager decode step is bound by the host: launching its kernels from Python tak
 running them. Each piece is called in loops without syncs, so a loop's time
 per call is the host's (the GPU keeps up), and the fastest loop is kept. The op rows compare the
 checked wrapper, the registered op and the kernel function called directly, which separates the
-cost of the checks, of torch's dispatcher and of the Triton launch; then the whole step with and
-without the direct op calls, and the eager step of a plain-torch Transformer twin (the peer),
-alternating.
+cost of the checks, of torch's dispatcher and of the Triton launch; then the whole step with the
+direct op calls, with every op call through the dispatcher, with Triton's own launches instead of
+`ops/launch.py`'s, and the eager step of a plain-torch Transformer twin (the peer), alternating.
 
     python benchmarks/host_overhead.py [--batch 1] [--rounds 9] [--profile-steps 20]
 """
@@ -30,10 +30,8 @@ from decode import StaticKVTransformer
 from tree_commit import tree_commit
 
 from mom_compile import MomConfig, MomForCausalLM, ops
-from mom_compile.ops import direct_call
-from mom_compile.ops.gated_rms_norm_triton import gated_rms_norm_triton
-from mom_compile.ops.memory_decode_triton import memory_decode_triton_
-from mom_compile.ops.route_triton import route_triton
+from mom_compile.ops import direct_call, gated_rms_norm_triton, memory_decode_triton, route_triton
+from mom_compile.ops.launch import launch
 
 
 @triton.jit
@@ -122,19 +120,20 @@ def main() -> None:
         "    project (in_proj GEMM + split)": lambda: layer.project(x),
         "    ops.route": lambda: layer.route(logits),
         "    torch.ops.mom.route": lambda: torch.ops.mom.route(logits, config.topk, config.shared_mem),
-        "    route_triton": lambda: route_triton(logits, config.topk, config.shared_mem),
+        "    route_triton": lambda: route_triton.route_triton(logits, config.topk, config.shared_mem),
         "    ops.memory_decode_": lambda: ops.memory_decode_(*decode_args),
         "    torch.ops.mom.memory_decode_": lambda: torch.ops.mom.memory_decode_(*decode_args),
-        "    memory_decode_triton_": lambda: memory_decode_triton_(*decode_args),
+        "    memory_decode_triton_": lambda: memory_decode_triton.memory_decode_triton_(*decode_args),
         "    ops.gated_rms_norm, mixing the memories": lambda: ops.gated_rms_norm(*norm_args),
         "    torch.ops.mom.gated_rms_norm": lambda: torch.ops.mom.gated_rms_norm(*norm_args),
-        "    gated_rms_norm_triton": lambda: gated_rms_norm_triton(*norm_args),
+        "    gated_rms_norm_triton": lambda: gated_rms_norm_triton.gated_rms_norm_triton(*norm_args),
         "    o_proj": lambda: layer.o_proj(normed.flatten(2)),
         "  residual add": lambda: h + h,
         "  MomMLP": lambda: block.mlp(h),
         "F.linear, in_proj's shape": lambda: F.linear(x, layer.in_proj),
         "x.clone()": lambda: h.clone(),
         "a trivial Triton launch": lambda: _copy_kernel[(1,)](src, dst, 1024, BLOCK=1024),
+        "  the same through ops.launch": lambda: launch(_copy_kernel, (1,), src, dst, 1024, BLOCK=1024),
     }
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
           f"triton {triton.__version__} | commit {tree_commit()} | 340m config, bf16, batch {b} | "
@@ -143,19 +142,30 @@ def main() -> None:
     for name, fn in pieces.items():
         print(f"{name:44} {host_us(fn, args.rounds):15.1f}", flush=True)
     print("\nthe whole step, ms, with direct op calls / every op call through the dispatcher "
-          "(ops/direct_call.py), and the peer: the eager step of a Transformer of the same width, depth "
-          "and MLP with a static KV cache (decode.py's), all plain torch ops; alternating in this process:")
+          "(ops/direct_call.py) / Triton's own launches (not ops/launch.py's), and the peer: the "
+          "eager step of a Transformer of the same width, depth and MLP with a static KV cache "
+          "(decode.py's), all plain torch ops; alternating in this process:")
     step, kernel = pieces["eager decode step (whole model)"], direct_call._kernel
     twin = transformer_step(config, b)
-    times = {"direct": [], "dispatcher": [], "Transformer": []}
+    launchers = (route_triton, memory_decode_triton, gated_rms_norm_triton)
+
+    def triton_launch(kernel, grid, *args, **constexprs):
+        kernel[grid](*args, **constexprs)
+
+    times = {"direct": [], "dispatcher": [], "Triton's launch": [], "Transformer": []}
     for _ in range(args.rounds):
         times["direct"].append(host_us(step, 1) / 1e3)
         direct_call._kernel = lambda op, args: None
         times["dispatcher"].append(host_us(step, 1) / 1e3)
         direct_call._kernel = kernel
+        for module in launchers:
+            module.launch = triton_launch
+        times["Triton's launch"].append(host_us(step, 1) / 1e3)
+        for module in launchers:
+            module.launch = launch
         times["Transformer"].append(host_us(twin, 1) / 1e3)
     for name, ms in times.items():
-        print(f"  {name:11} fastest {min(ms):7.2f}, median {statistics.median(ms):7.2f}")
+        print(f"  {name:15} fastest {min(ms):7.2f}, median {statistics.median(ms):7.2f}")
     if args.profile_steps:
         profiler = cProfile.Profile()
         profiler.enable()

@@ -162,3 +162,21 @@ def test_cuda_graph_step_advances_the_cache_as_the_eager_step_does(captures):
                                model(tokens[:, :1], past_key_values=fresh, use_cache=True).logits,
                                rtol=1e-5, atol=1e-5)
     assert len(captures) == 1
+
+
+def test_eager_steps_match_the_float64_forward_at_every_position():
+    """Token-by-token eager decoding on the GPU (each layer's route, decode and norm launched from
+    `ops/launch.py`'s cache after the first step) gives the logits of one forward over all the
+    tokens with the CPU's reference ops, in float64, on a left-padded batch."""
+    model = tiny_model()
+    x = ids(3, 12)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        want = model(x, attention_mask=mask).logits
+        gpu = model.cuda()
+        out = gpu(x[:, :3].cuda(), attention_mask=mask[:, :3].cuda(), use_cache=True)
+        logits = [out.logits] + [gpu(x[:, t:t + 1].cuda(), attention_mask=mask[:, :t + 1].cuda(),
+                                     past_key_values=out.past_key_values).logits for t in range(3, 12)]
+    got = torch.cat(logits, 1).cpu()
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-7, atol=1e-9)

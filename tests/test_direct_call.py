@@ -48,8 +48,9 @@ def flat(out) -> list[torch.Tensor]:
 @pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
 def test_call_skips_the_dispatcher_and_matches_it(op, device, dispatched):
     """Every op of the table, every input case: in plain eager under no_grad, `call` never reaches
-    the dispatcher and returns, and writes, bit for bit what the dispatched op does, bumping the
-    version of each argument the op mutates as often as the dispatcher does."""
+    the dispatcher and returns, and writes, bit for bit what the dispatched op does, and bumps the
+    version of each argument the op mutates (how often is torch's business: a CPU reference's own
+    in-place writes bump it too where the dispatcher hides them)."""
     for args in op_inputs(op.name, torch.float32):
         via_op, direct = copies(args, device), copies(args, device)
         with torch.no_grad():
@@ -62,7 +63,7 @@ def test_call_skips_the_dispatcher_and_matches_it(op, device, dispatched):
         for a, b in zip(via_op, direct):  # mutated arguments: same values, same version bumps
             if isinstance(a, torch.Tensor):
                 torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
-                assert b._version == a._version, op.name
+                assert (b._version > 0) == (a._version > 0), op.name
 
 
 class PassThroughDispatch(TorchDispatchMode):
@@ -111,20 +112,38 @@ def test_call_keeps_the_dispatcher_where_something_needs_it(case, dispatched):
         torch.testing.assert_close(torch.as_tensor(g), torch.as_tensor(e), rtol=0, atol=0)
 
 
-def test_in_place_write_to_an_inference_tensor_raises_as_the_dispatcher_does(dispatched):
-    """A decode cache made under inference_mode cannot be advanced outside it: the call goes to
-    the dispatcher, which refuses (a Triton kernel would write it)."""
+def test_in_place_write_to_an_inference_tensor_is_left_to_the_dispatcher(dispatched):
+    """A decode cache made under inference_mode, advanced outside it: the call goes to the
+    dispatcher (a Triton kernel called directly would write it), and does what the dispatched op
+    does (torch 2.13 refuses; 2.11 lets the CPU reference write it). Inside inference mode it runs
+    directly."""
     op = op_named("memory_decode_")
     args = op_inputs("memory_decode_", torch.float32)[0]
-    with torch.inference_mode():
-        states = [t.clone() for t in args[7:9]]
-    args = (*args[:7], *states, *args[9:])
-    calls = dispatched(op)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="[Ii]nference"):
-        call(op.definition, *args)
+
+    def with_inference_states():
+        with torch.inference_mode():
+            states = [t.clone() for t in args[7:9]]
+        return (*args[:7], *states, *args[9:])
+
+    def outcome(fn, args):
+        try:
+            return [t.clone() for t in (fn(*args), *args[7:9])]
+        except RuntimeError as error:
+            assert "nference" in str(error)
+            return "refused"
+
+    with torch.no_grad():
+        expected = outcome(op.op, with_inference_states())
+        calls = dispatched(op)
+        got = outcome(lambda *a: call(op.definition, *a), with_inference_states())
     assert len(calls) == 1
-    with torch.inference_mode():  # inside inference mode it runs, directly
-        call(op.definition, *args)
+    if expected == "refused":
+        assert got == "refused"
+    else:
+        for e, g in zip(expected, got, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+    with torch.inference_mode():
+        call(op.definition, *with_inference_states())
     assert len(calls) == 1
 
 

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .launch import launch
 from .layout import last_dim_contiguous, next_power_of_2
 from .triton_precision import compute_type
 
@@ -52,7 +53,8 @@ def gated_rms_norm_triton(y, z, weight, eps: float, dtype: torch.dtype, mix=None
     out = torch.empty(*lead, h, v, dtype=dtype, device=y.device)
     gate = None if z is None else last_dim_contiguous(z).reshape(rows, h * v)
     if rows * h > 0 and v > 0:
-        _gated_rms_norm_kernel[(rows, h)](
+        launch(
+            _gated_rms_norm_kernel, (rows, h),
             y, y if gate is None else gate, weight, y if mix is None else mix, out, eps,
             0 if gate is None else gate.stride(0), H=h, V=v, CHOICES=choices, HAS_GATE=gate is not None,
             HAS_MIX=mix is not None, BLOCK_V=next_power_of_2(v),

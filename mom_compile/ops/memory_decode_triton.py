@@ -26,6 +26,7 @@ from . import pdl
 from .gated_delta_step_triton import block_sizes
 from .l2_normalize import L2_EPS
 from .l2_normalize_triton import l2_scale
+from .launch import launch
 from .layout import last_dim_contiguous, next_power_of_2
 from .memory_decode import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
 from .memory_decode import check_tables_contiguous
@@ -224,18 +225,20 @@ def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, c
     qkv = torch.empty(rows, h, 2 * dk + dv, dtype=scratch_dtype, device=q.device)
     beta_g = torch.empty(rows, h, 2, dtype=scratch_dtype, device=q.device)
     width = conv_weight.shape[1]
-    launch = decode_launch(rows, h, dk, dv, **(config or {}))
+    plan = decode_launch(rows, h, dk, dv, **(config or {}))
     overlap = pdl.launch_options(q.device)
     bias = conv_weight if conv_bias is None else conv_bias.contiguous()  # placeholder if absent
-    _decode_conv_kernel[launch.conv_grid](
+    launch(
+        _decode_conv_kernel, plan.conv_grid,
         q, per_set, memory_idx, A_log, dt_bias, conv_weight, bias, conv_states, L2_EPS,
         q.stride(0), per_set.stride(0), per_set.stride(1), slots, conv_states, qkv, beta_g,
-        CHOICES=chosen, H=h, K=dk, V=dv, W=width, BLOCK_K=launch.block_k, BLOCK_V=launch.block_v_conv,
+        CHOICES=chosen, H=h, K=dk, V=dv, W=width, BLOCK_K=plan.block_k, BLOCK_V=plan.block_v_conv,
         BLOCK_W=history_block(width), HAS_BIAS=conv_bias is not None, SINGLE_SET=single_set, COMPUTE=compute,
-        **overlap, num_warps=launch.conv_warps)
-    _decode_step_kernel[launch.step_grid](
+        **overlap, num_warps=plan.conv_warps)
+    launch(
+        _decode_step_kernel, plan.step_grid,
         memory_idx, qkv, beta_g, rec_states, *split_scale(scale), slots, rec_states, o,
-        CHOICES=chosen, H=h, K=dk, V=dv, BLOCK_K=launch.block_k, BLOCK_V=launch.block_v, COMPUTE=compute,
-        **overlap, num_warps=launch.step_warps)
+        CHOICES=chosen, H=h, K=dk, V=dv, BLOCK_K=plan.block_k, BLOCK_V=plan.block_v, COMPUTE=compute,
+        **overlap, num_warps=plan.step_warps)
     return o
 

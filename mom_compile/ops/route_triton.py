@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .launch import launch
 from .layout import last_dim_contiguous, next_power_of_2
 from .precision import compute_dtype
 from .triton_precision import compute_type
@@ -59,7 +60,8 @@ def route_triton(logits, topk: int, shared: bool):
     if n > 0:
         block_m = next_power_of_2(m)
         block_t = max(1, min(128, PAIRS // (block_m * block_m)))
-        _route_kernel[((n + block_t - 1) // block_t,)](
+        launch(
+            _route_kernel, ((n + block_t - 1) // block_t,),
             x, memory_idx, weights, n, x.stride(0), M=m, TOPK=topk, SHARED=bool(shared), BLOCK_T=block_t,
             BLOCK_M=block_m, COMPUTE=compute_type(logits.dtype),
             **pdl.launch_options(x.device))
