@@ -8,7 +8,8 @@ per call is the host's (the GPU keeps up), and the fastest loop is kept. The op 
 checked wrapper, the registered op and the kernel function called directly, which separates the
 cost of the checks, of torch's dispatcher and of the Triton launch; then the whole step with the
 direct op calls, with every op call through the dispatcher, with Triton's own launches instead of
-`ops/launch.py`'s, and the eager step of a plain-torch Transformer twin (the peer), alternating.
+`ops/launch.py`'s, and the eager step of a plain-torch Transformer twin (the peer), alternating;
+and the launchers and the layer with either launch, alternating.
 
     python benchmarks/host_overhead.py [--batch 1] [--rounds 9] [--profile-steps 20]
 """
@@ -152,20 +153,34 @@ def main() -> None:
     def triton_launch(kernel, grid, *args, **constexprs):
         kernel[grid](*args, **constexprs)
 
+    def launch_with(fn):
+        for module in launchers:
+            module.launch = fn
+
     times = {"direct": [], "dispatcher": [], "Triton's launch": [], "Transformer": []}
     for _ in range(args.rounds):
         times["direct"].append(host_us(step, 1) / 1e3)
         direct_call._kernel = lambda op, args: None
         times["dispatcher"].append(host_us(step, 1) / 1e3)
         direct_call._kernel = kernel
-        for module in launchers:
-            module.launch = triton_launch
+        launch_with(triton_launch)
         times["Triton's launch"].append(host_us(step, 1) / 1e3)
-        for module in launchers:
-            module.launch = launch
+        launch_with(launch)
         times["Transformer"].append(host_us(twin, 1) / 1e3)
     for name, ms in times.items():
         print(f"  {name:15} fastest {min(ms):7.2f}, median {statistics.median(ms):7.2f}")
+    print("\nthe launchers and the layer, us, with ops/launch.py's launches / Triton's own, alternating:")
+    rows = [name for name in pieces if name.strip() in (
+        "MomLayer.forward", "route_triton", "memory_decode_triton_", "gated_rms_norm_triton")]
+    times = {(name, how): [] for name in rows for how in ("ops.launch", "Triton")}
+    for _ in range(args.rounds):
+        for how, fn in (("ops.launch", launch), ("Triton", triton_launch)):
+            launch_with(fn)
+            for name in rows:
+                times[(name, how)].append(host_us(pieces[name], 1))
+    launch_with(launch)
+    for (name, how), us in times.items():
+        print(f"  {name.strip():22} {how:10} fastest {min(us):7.1f}, median {statistics.median(us):7.1f}")
     if args.profile_steps:
         profiler = cProfile.Profile()
         profiler.enable()
