@@ -27,10 +27,13 @@ def test_the_key_tells_apart_what_triton_specializes_on(monkeypatch):
     for args, constexprs in [((x[1:], 16, 0.5), {"BLOCK": 64}),               # misaligned
                              ((x.double(), 16, 0.5), {"BLOCK": 64}),          # dtype
                              ((x, 1, 0.5), {"BLOCK": 64}),                    # an int's value
-                             ((x, True, 0.5), {"BLOCK": 64}),                 # a bool for an int
                              ((x, 16, 0.5), {"BLOCK": 128}),                  # a constexpr
                              ((x, 16, 0.5), {"BLOCK": 64, "num_warps": 8})]:  # an option
         assert launch.key(args, constexprs) != base
+    # equal in Python, different kernels in Triton: a bool, an int and a float of the same value
+    keys = [launch.key((x, one, 0.5), {"BLOCK": one}) for one in (True, 1, 1.0)]
+    assert len(set(keys)) == 3
+    assert len({launch.key((x,), {"BLOCK": 64, "FLAG": one}) for one in (True, 1, 1.0)}) == 3
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert launch.key((x, 16, 0.5), {"BLOCK": 64}) != base
 

@@ -5,25 +5,32 @@ On every call Triton's `kernel[grid]` binds and specializes each argument and bu
 before it launches, which takes longer than the launch itself (benchmarks/RESULTS.md,
 `host_overhead.py`). `launch` keeps each compiled kernel under a key that holds everything Triton
 specializes on, and more (each tensor's dtype and 16-byte alignment, the type and value of every
-other argument, the constexprs and options, the current device), and on a hit launches it directly
-(`CompiledKernel[grid]`). A miss, or Triton's CPU interpreter, goes through `kernel[grid]`.
+other argument, constexpr and option, the current device), and on a hit launches it directly
+(`CompiledKernel[grid]`). A miss, or Triton's CPU interpreter, goes through `kernel[grid]`. Triton's
+global knobs (debug, instrumentation, hooks) are read at a key's first launch only.
 """
 from __future__ import annotations
 
 import torch
 import triton
+from triton.compiler import CompiledKernel
 from triton.runtime.jit import JITFunction
 
 MAX_KEYS = 64  # a kernel's keys kept before they are dropped (shapes change rarely in decoding)
 _compiled: dict[JITFunction, dict[tuple, tuple]] = {}
 
 
+def _describe(a) -> tuple:
+    """A tensor by its dtype and 16-byte alignment, anything else by its type and value (True, 1
+    and 1.0 are equal in Python and three kernels in Triton)."""
+    return (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a)
+
+
 def key(args: tuple, constexprs: dict) -> tuple:
     """What a compiled kernel is looked up by: finer than Triton's own specialization, so a hit
     never launches a kernel compiled for other arguments."""
-    described = ((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a)
-                 for a in args)
-    return (torch.cuda.current_device(), *described, *constexprs.items())
+    return (torch.cuda.current_device(), *map(_describe, args),
+            *((name, _describe(value)) for name, value in constexprs.items()))
 
 
 def launch(kernel: JITFunction, grid: tuple[int, ...], *args, **constexprs) -> None:
@@ -41,7 +48,8 @@ def launch(kernel: JITFunction, grid: tuple[int, ...], *args, **constexprs) -> N
         return
     compiled = kernel[grid](*args, **constexprs)
     names = kernel.arg_names[len(args):]
-    if all(n in constexprs for n in names):  # a parameter left to its default: never cached
+    # not cached: a parameter left to its default, or no kernel to call (a hook intercepted it)
+    if isinstance(compiled, CompiledKernel) and all(n in constexprs for n in names):
         if len(cache) >= MAX_KEYS:
             cache.clear()
         cache[k] = (compiled, tuple(constexprs[n] for n in names))
