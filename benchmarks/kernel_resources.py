@@ -11,7 +11,7 @@ memory traffic on the kernel's path: a lead for speed, not a measurement of it.
 Uses Triton internals (`JITFunction.run`, `_pack_args`, `create_function_from_signature`), as of
 Triton 3.6; another version may need this script adjusted.
 
-    python benchmarks/kernel_resources.py [--dtype bf16] [--head-dim 256] [--expand-v 1]
+    python benchmarks/kernel_resources.py [--dtype bf16] [--head-dim 256] [--expand-v 1] [--few-programs]
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
-def launches(dtype: torch.dtype, head_dim: int, expand_v: int) -> list[tuple]:
-    """(kernel, args, kwargs) of every launch of the scan's and the conv's forward and backward."""
+def launches(dtype: torch.dtype, head_dim: int, expand_v: int, few_programs: bool) -> list[tuple]:
+    """(kernel, args, kwargs) of every launch of the scan's and the conv's forward and backward;
+    few_programs: as on a GPU with more SMs than the state passes have programs."""
     from mom_compile.ops import chunk_gated_delta_triton, segment_conv_triton
 
     recorded = []
@@ -48,6 +49,9 @@ def launches(dtype: torch.dtype, head_dim: int, expand_v: int) -> list[tuple]:
         recorded.append((fn, args, kwargs))
 
     run, jit.JITFunction.run = jit.JITFunction.run, record
+    sm_count = chunk_gated_delta_triton._sm_count
+    if few_programs:
+        chunk_gated_delta_triton._sm_count = lambda device: 1 << 20
     try:
         h, dv, width = 4, head_dim * expand_v, 4
         offsets = torch.tensor([0, 100, 300])
@@ -64,6 +68,7 @@ def launches(dtype: torch.dtype, head_dim: int, expand_v: int) -> list[tuple]:
         segment_conv_triton.segment_conv_backward_triton(torch.randn_like(x), history, *conv)
     finally:
         jit.JITFunction.run = run
+        chunk_gated_delta_triton._sm_count = sm_count
     return recorded
 
 
@@ -93,17 +98,21 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--head-dim", type=int, choices=[64, 128, 256], default=256)
     parser.add_argument("--expand-v", type=int, choices=[1, 2], default=1)
+    parser.add_argument("--few-programs", action="store_true",
+                        help="the scan's configuration where its state passes leave SMs idle")
     args = parser.parse_args()
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         parser.error(f"Triton's bundled ptxas is not at {ptxas}")
     backend = make_backend(TARGET)
     print(f"# sm_90, triton {triton.__version__}, commit {tree_commit()}; {args.dtype}, head_dim "
-          f"{args.head_dim}, expand_v {args.expand_v} (scan H=4; conv channels 4 * (2K + V), width 4)")
+          f"{args.head_dim}, expand_v {args.expand_v} (scan H=4; conv channels 4 * (2K + V), width 4)"
+          + (", the scan's few-programs configuration" if args.few_programs else ""))
     print("| kernel | warps | registers | spill stores (B) | shared memory (B) |")
     print("| --- | --- | --- | --- | --- |")
     seen = set()
-    for fn, call_args, kwargs in launches(DTYPES[args.dtype], args.head_dim, args.expand_v):
+    recorded = launches(DTYPES[args.dtype], args.head_dim, args.expand_v, args.few_programs)
+    for fn, call_args, kwargs in recorded:
         if fn.__name__ in seen:  # the backward launches the forward's first kernels again
             continue
         seen.add(fn.__name__)

@@ -477,6 +477,23 @@ def test_cuda_dispatch_reaches_triton():
     assert torch.equal(o_op, o_kernel)
 
 
+def test_state_slices_narrow_where_wide_ones_would_leave_sms_idle(monkeypatch):
+    """At K = V = 256 in bf16 the state passes take [256, 32] slices (forward on 4 warps, backward
+    on 8) when segments x heads x V/64 is below the SM count, [256, 64] on 8 warps otherwise, and
+    where no GPU runs the kernels (no SM count)."""
+    from mom_compile.ops import chunk_gated_delta_triton as scan
+
+    def state_config(segments: int, sms: int | None) -> tuple:
+        monkeypatch.setattr(scan, "_sm_count", lambda device: sms)
+        few = scan.few_programs(segments, 4, 256, torch.device("cuda"))
+        config = scan.default_config(256, 256, 2, few)
+        return config["state_bv"], config["state_warps"], config["state_bwd_warps"]
+
+    assert state_config(8, 132) == (32, 4, 8)  # 128 wide programs
+    assert state_config(9, 132) == (64, 8, 8)  # 144
+    assert state_config(8, None) == (64, 8, 8)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("state", [(16, 4, 4), (32, 4, 8), (64, 8, 8)], ids=["narrow", "middle", "wide"])
 @pytest.mark.parametrize("dv", [256, 512])

@@ -156,6 +156,13 @@ def _sm_count(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def few_programs(segments: int, heads: int, dv: int, device: torch.device) -> bool:
+    """Whether state passes on [K, 64] slices, one program a (segment, head, slice), would have
+    fewer programs than the device has SMs (False where no GPU runs the kernels)."""
+    sms = _sm_count(device)
+    return sms is not None and segments * heads * triton.cdiv(dv, 64) < sms
+
+
 def default_config(dk: int, dv: int, elem_bytes: int, few_programs: bool = False) -> dict:
     """Tile sizes and warps (why these: benchmarks/RESULTS.md#why-these-defaults). bk, bv: K- and
     V-blocks of the per-chunk kernels, 32 for 4- and 8-byte operands so that grad_qkw fits shared
@@ -252,9 +259,7 @@ def _prepare(q, k, v, g, beta, offsets, initial_state, config):
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     offsets = offsets.to(torch.int64).contiguous()
     _, dot_dtype = _precision(q.dtype, state_dtype(q, initial_state))
-    sms = _sm_count(q.device)
-    wide_programs = (offsets.shape[0] - 1) * q.shape[1] * triton.cdiv(v.shape[-1], 64)
-    few = sms is not None and wide_programs < sms
+    few = few_programs(offsets.shape[0] - 1, q.shape[1], v.shape[-1], q.device)
     cfg = dict(default_config(q.shape[-1], v.shape[-1], dot_dtype.itemsize, few), **(config or {}))
     return (q, k, v, g, beta, offsets), _Plan(q, v, offsets, initial_state, cfg)
 
