@@ -173,8 +173,9 @@ def main() -> None:
     rows = [name for name in pieces if name.strip() in (
         "MomLayer.forward", "route_triton", "memory_decode_triton_", "gated_rms_norm_triton")]
     times = {(name, how): [] for name in rows for how in ("ops.launch", "Triton")}
-    for _ in range(args.rounds):
-        for how, fn in (("ops.launch", launch), ("Triton", triton_launch)):
+    ways = [("ops.launch", launch), ("Triton", triton_launch)]
+    for i in range(args.rounds):
+        for how, fn in ways[::-1] if i % 2 else ways:  # each first in every other round
             launch_with(fn)
             for name in rows:
                 times[(name, how)].append(host_us(pieces[name], 1))
