@@ -3,8 +3,8 @@ the paper's 340M MoM config with random bf16 weights: eager, torch.compile, and 
 (torch.compile mode="reduce-overhead"); and the prefill of the prompt (ms: eager, compiled, and
 replayed from a CUDA graph into a reused cache).
 Peers in the same run: a Transformer of the same width and depth with a static KV cache through
-scaled_dot_product_attention (compiled the same ways), and the reference implementation's
-generate() (flash-linear-attention), when it imports.
+scaled_dot_product_attention (its decode steps and its prefill, compiled the same ways), and the
+reference implementation's generate() (flash-linear-attention), when it imports.
 
     python benchmarks/decode.py [--batches 1 64] [--steps 64] [--prompt 512]
     python benchmarks/decode.py --profile    # GPU time per kernel of a compiled step and prefill
@@ -45,7 +45,15 @@ class StaticKVTransformer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def twin(cls, config: MomConfig, max_len: int, batch: int) -> StaticKVTransformer:
+        """The peer of a MoM config: its width, depth, MLP and vocabulary, 64-wide heads, bf16 on the GPU."""
+        return cls(config.vocab_size, config.hidden_size, config.num_hidden_layers, config.hidden_size // 64,
+                   config.mlp_size, max_len, batch).cuda().to(torch.bfloat16)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits of the tokens `ids` at positions `pos` (the last logits_to_keep of them, 0: all),
+        their keys and values written into the cache."""
         b, t = ids.shape
         h = self.emb(ids)
         visible = torch.arange(self.max_len, device=ids.device)[None, :] <= pos[:, None]  # [t, max_len]
@@ -58,7 +66,7 @@ class StaticKVTransformer(nn.Module):
             h = h + blk["o"](a.transpose(1, 2).flatten(2))
             gate, up = blk["up"](blk["n2"](h)).chunk(2, -1)
             h = h + blk["down"](F.silu(gate) * up)
-        return self.head(self.norm(h))
+        return self.head(self.norm(h[:, -logits_to_keep:] if logits_to_keep else h))
 
 
 def time_steps(step, first_token: torch.Tensor, steps: int) -> float:
@@ -112,6 +120,17 @@ def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | No
         return bench(prefill, warmup=3, iters=5)[0]
 
 
+def bench_transformer_prefill(config: MomConfig, batch: int, prompt: int, mode: str | None) -> float:
+    """Median ms of the Transformer peer's prefill of `prompt` tokens into its static KV cache, the
+    last position's logits only (as MoM's): eager, compiled, or replayed from a CUDA graph."""
+    model = StaticKVTransformer.twin(config, prompt + 8, batch)
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
+    pos = torch.arange(prompt, device="cuda")
+    forward = model if mode is None else torch.compile(model, mode=mode, fullgraph=True)
+    with torch.no_grad():
+        return bench(lambda: forward(ids, pos, logits_to_keep=1), warmup=3, iters=5)[0]
+
+
 @torch.no_grad()
 def profile_mom(model: MomForCausalLM, batch: int, prompt: int) -> None:
     """The kernels of one compiled decode step, the host time per op of one eager step (its launches
@@ -136,9 +155,7 @@ def profile_mom(model: MomForCausalLM, batch: int, prompt: int) -> None:
 
 
 def bench_transformer(config: MomConfig, batch: int, prompt: int, steps: int, mode: str | None) -> float:
-    heads = config.hidden_size // 64
-    model = StaticKVTransformer(config.vocab_size, config.hidden_size, config.num_hidden_layers, heads,
-                                config.mlp_size, prompt + steps + 8, batch).cuda().to(torch.bfloat16)
+    model = StaticKVTransformer.twin(config, prompt + steps + 8, batch)
     ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
     with torch.no_grad():
         logits = model(ids, torch.arange(prompt, device="cuda"))
@@ -241,6 +258,10 @@ def main() -> None:
                 torch._dynamo.reset()
                 add(batch, f"MoM prefill of {args.prompt}, {name}",
                     bench_prefill(model, batch, args.prompt, mode))
+                if not args.no_transformer:
+                    torch._dynamo.reset()
+                    add(batch, f"Transformer prefill of {args.prompt}, {name}",
+                        bench_transformer_prefill(config, batch, args.prompt, mode))
         for name, mode in MODES.items():
             if name not in args.modes:
                 continue

@@ -65,9 +65,7 @@ def host_us(fn, rounds: int) -> float:
 def transformer_step(config: MomConfig, batch: int):
     """One eager decode step of decode.py's Transformer peer at config's width, depth and MLP
     (after a 16-token prompt; the position stays put: the host's work is the same)."""
-    heads = config.hidden_size // 64
-    twin = StaticKVTransformer(config.vocab_size, config.hidden_size, config.num_hidden_layers, heads,
-                               config.mlp_size, 32, batch).cuda().to(torch.bfloat16)
+    twin = StaticKVTransformer.twin(config, 32, batch)
     twin(torch.randint(0, config.vocab_size, (batch, 16), device="cuda"), torch.arange(16, device="cuda"))
     tok, pos = torch.zeros(batch, 1, dtype=torch.int64, device="cuda"), torch.tensor([16], device="cuda")
     return lambda: twin(tok, pos)
