@@ -51,6 +51,9 @@ def main() -> None:
             if attr.endswith("_kernel"):
                 setattr(module, attr, NoLaunch())
         launchers[name] = module
+    # ops/launch.py keys its cache by the current CUDA device: device 0, as on a one-GPU host (a
+    # no-op launch returns no compiled kernel, so every call takes its key and misses)
+    torch.cuda.current_device = lambda: 0
     decode_op = importlib.import_module("mom_compile.ops.memory_decode")
     route_op = importlib.import_module("mom_compile.ops.route").route_op
     norm_op = importlib.import_module("mom_compile.ops.gated_rms_norm").gated_rms_norm_op

@@ -20,22 +20,20 @@ MAX_KEYS = 64  # a kernel's keys kept before they are dropped (shapes change rar
 _compiled: dict[JITFunction, dict[tuple, tuple]] = {}
 
 
-def _describe(a) -> tuple:
-    """A tensor by its dtype and 16-byte alignment, anything else by its type and value (True, 1
-    and 1.0 are equal in Python and three kernels in Triton)."""
-    return (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a)
-
-
 def key(args: tuple, constexprs: dict) -> tuple:
-    """What a compiled kernel is looked up by: finer than Triton's own specialization, so a hit
-    never launches a kernel compiled for other arguments."""
-    return (torch.cuda.current_device(), *map(_describe, args),
-            *((name, _describe(value)) for name, value in constexprs.items()))
+    """What a compiled kernel is looked up by, finer than Triton's own specialization so that a hit
+    never launches a kernel compiled for other arguments: tensors by dtype and 16-byte alignment,
+    anything else by type and value (True, 1 and 1.0 are equal in Python, three kernels in Triton),
+    constexprs and options by name too."""
+    described = [(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a)
+                 for a in args]
+    typed = [(type(v), v) for v in constexprs.values()]
+    return (torch.cuda.current_device(), *constexprs, *described, *typed)
 
 
 def launch(kernel: JITFunction, grid: tuple[int, ...], *args, **constexprs) -> None:
-    """kernel[grid](*args, **constexprs): args positional in the kernel's order, then its
-    constexprs and Triton's options (num_warps, launch_pdl) by name."""
+    """kernel[grid](*args, **constexprs): args positional in the kernel's order (tensors among
+    them), then its constexprs and Triton's options (num_warps, launch_pdl) by name."""
     if triton.knobs.runtime.interpret:
         kernel[grid](*args, **constexprs)
         return
@@ -47,9 +45,12 @@ def launch(kernel: JITFunction, grid: tuple[int, ...], *args, **constexprs) -> N
         compiled[(*grid, 1, 1)[:3]](*args, *tail)
         return
     compiled = kernel[grid](*args, **constexprs)
+    if not isinstance(compiled, CompiledKernel):  # a hook intercepted the launch: nothing to call
+        return
     names = kernel.arg_names[len(args):]
-    # not cached: a parameter left to its default, or no kernel to call (a hook intercepted it)
-    if isinstance(compiled, CompiledKernel) and all(n in constexprs for n in names):
+    # never cached: a parameter left to its default, a tensor by name (its key would hold the tensor)
+    by_name = constexprs.values()
+    if all(n in constexprs for n in names) and not any(isinstance(v, torch.Tensor) for v in by_name):
         if len(cache) >= MAX_KEYS:
             cache.clear()
         cache[k] = (compiled, tuple(constexprs[n] for n in names))
