@@ -1,7 +1,7 @@
 """Decode latency on a GPU: ms per generated token after a 512-token prompt, batch 1 and 64, for
 the paper's 340M MoM config with random bf16 weights: eager, torch.compile, and CUDA graphs
 (torch.compile mode="reduce-overhead"); and the prefill of the prompt (ms: eager, compiled, and
-replayed from a CUDA graph into a reused cache).
+replayed from a CUDA graph into a reused cache, the last also as the GPU's time alone).
 Peers in the same run: a Transformer of the same width and depth with a static KV cache through
 scaled_dot_product_attention (its decode steps and its prefill, compiled the same ways), and the
 reference implementation's generate() (flash-linear-attention), when it imports.
@@ -103,10 +103,20 @@ def bench_mom(model: MomForCausalLM, batch: int, prompt: int, steps: int, mode: 
     return time_steps(step, out.logits[:, -1].argmax(-1, keepdim=True), steps)
 
 
-def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | None) -> float:
-    """Median ms of one prefill of `prompt` tokens: eager or compiled (mode "default") into a new
-    cache each time, its allocation included; "reduce-overhead" into one cache reset each time (as
-    generate(cache=...) does), whose fixed addresses let the prefill replay from a CUDA graph."""
+def prefill_times(prefill, mode: str | None) -> dict[str, float]:
+    """{"": median ms of prefill()}, and replayed from a CUDA graph (mode "reduce-overhead") also
+    {", GPU time": the GPU's time alone (`gpu_timing.bench`'s queued)}: how much of the latency is
+    the host's."""
+    times = {"": bench(prefill, warmup=3, iters=5)[0]}
+    if mode == "reduce-overhead":
+        times[", GPU time"] = bench(prefill, warmup=1, iters=5, queued=True)[0]
+    return times
+
+
+def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | None) -> dict[str, float]:
+    """`prefill_times` of one prefill of `prompt` tokens: eager or compiled (mode "default") into a
+    new cache each time, its allocation included; "reduce-overhead" into one cache reset each time
+    (as generate(cache=...) does), whose fixed addresses let the prefill replay from a CUDA graph."""
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     forward = model.forward if mode is None else torch.compile(model.forward, mode=mode, fullgraph=True)
     reused = model.new_cache(batch) if mode == "reduce-overhead" else None
@@ -117,18 +127,20 @@ def bench_prefill(model: MomForCausalLM, batch: int, prompt: int, mode: str | No
         forward(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
     with torch.no_grad():
-        return bench(prefill, warmup=3, iters=5)[0]
+        return prefill_times(prefill, mode)
 
 
-def bench_transformer_prefill(config: MomConfig, batch: int, prompt: int, mode: str | None) -> float:
-    """Median ms of the Transformer peer's prefill of `prompt` tokens into its static KV cache, the
-    last position's logits only (as MoM's): eager, compiled, or replayed from a CUDA graph."""
+def bench_transformer_prefill(config: MomConfig, batch: int, prompt: int,
+                              mode: str | None) -> dict[str, float]:
+    """`prefill_times` of the Transformer peer's prefill of `prompt` tokens into its static KV
+    cache, the last position's logits only (as MoM's): eager, compiled, or replayed from a CUDA
+    graph."""
     model = StaticKVTransformer.twin(config, prompt + 8, batch)
     ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
     pos = torch.arange(prompt, device="cuda")
     forward = model if mode is None else torch.compile(model, mode=mode, fullgraph=True)
     with torch.no_grad():
-        return bench(lambda: forward(ids, pos, logits_to_keep=1), warmup=3, iters=5)[0]
+        return prefill_times(lambda: forward(ids, pos, logits_to_keep=1), mode)
 
 
 @torch.no_grad()
@@ -254,14 +266,15 @@ def main() -> None:
 
     for batch in args.batches:
         for name, mode in MODES.items():
-            if name in args.prefill_modes:
+            if name not in args.prefill_modes:
+                continue
+            torch._dynamo.reset()
+            for suffix, ms in bench_prefill(model, batch, args.prompt, mode).items():
+                add(batch, f"MoM prefill of {args.prompt}, {name}{suffix}", ms)
+            if not args.no_transformer:
                 torch._dynamo.reset()
-                add(batch, f"MoM prefill of {args.prompt}, {name}",
-                    bench_prefill(model, batch, args.prompt, mode))
-                if not args.no_transformer:
-                    torch._dynamo.reset()
-                    add(batch, f"Transformer prefill of {args.prompt}, {name}",
-                        bench_transformer_prefill(config, batch, args.prompt, mode))
+                for suffix, ms in bench_transformer_prefill(config, batch, args.prompt, mode).items():
+                    add(batch, f"Transformer prefill of {args.prompt}, {name}{suffix}", ms)
         for name, mode in MODES.items():
             if name not in args.modes:
                 continue
@@ -273,10 +286,10 @@ def main() -> None:
                     bench_transformer(config, batch, args.prompt, args.steps, mode))
         if not args.no_reference:
             add(batch, "reference fla generate", bench_reference(config, batch, args.prompt, args.steps))
-    print(f"\n{'batch':>5}  {'implementation':32} {'ms':>10}  (per token; a prefill row: per prefill)")
+    print(f"\n{'batch':>5}  {'implementation':50} {'ms':>10}  (per token; a prefill row: per prefill)")
     for batch, name, ms in rows:
         value = f"{ms:>10.3f}" if isinstance(ms, float) else ms
-        print(f"{batch:>5}  {name:32} {value}")
+        print(f"{batch:>5}  {name:50} {value}")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ import time
 
 import torch
 
+SLEEP_CYCLES = 40_000_000  # ~20 ms of a ~2 GHz GPU's clock
 
-def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0) -> tuple[float, int]:
+
+def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0,
+          queued: bool = False) -> tuple[float, int]:
     """(median milliseconds of fn() by CUDA events after warm-up, timed calls). Stops once budget_s
     of wall time is spent, counted from the end of the first warm-up call (which may compile and
-    autotune), after at least one timed call."""
+    autotune), after at least one timed call. queued: each timed call is issued while the GPU runs
+    a ~20 ms sleep kernel, so that the events time the GPU's work alone, not the host's time to
+    issue it (a call whose host time exceeds the sleep is timed from where the sleep ends)."""
     t_start = time.perf_counter()
     for i in range(warmup):
         fn()
@@ -22,6 +27,8 @@ def bench(fn, warmup: int = 2, iters: int = 10, budget_s: float = 20.0) -> tuple
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if queued:
+            torch.cuda._sleep(SLEEP_CYCLES)
         start.record()
         fn()
         end.record()
