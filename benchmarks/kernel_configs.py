@@ -35,8 +35,9 @@ from scan_inputs import scan_inputs  # noqa: E402
 from tree_commit import tree_commit  # noqa: E402
 
 SWEEPS = {
+    # the last: the wide slices, the default where the state passes' programs fill the SMs
     "scan": [{}, {"state_stages": 1}, {"state_bv": 16, "state_warps": 4},
-             {"state_bv": 64, "state_warps": 8, "state_bwd_warps": 8}],  # the wide slices (few programs)
+             {"state_bv": 64, "state_warps": 8, "state_bwd_warps": 8}],
     # tile widths forward and backward, _dz_kernel's row blocks, _dx_kernel's rows per program
     "conv": [{}, {"block_d": 64}, {"block_d_backward": 64}, {"block_n_backward": 64}, {"dx_row_blocks": 16},
              {"dx_warps": 8, "dx_block_n": 32}],

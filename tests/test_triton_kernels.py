@@ -501,7 +501,7 @@ def test_state_slices_narrow_where_wide_ones_would_leave_sms_idle(monkeypatch):
 def test_cuda_state_pass_configs_match_reference(state, dv):
     """The state-pass configurations at K=256, in bf16 against the reference: [256, 64] slices on
     8 warps (bf16's default), [256, 16] on 4 (the default of wider operands), and [256, 32] on 4
-    warps forward and 8 backward (the candidate for passes with fewer programs than SMs)."""
+    warps forward and 8 backward (bf16's default where the passes have fewer programs than SMs)."""
     from mom_compile.ops import chunk_gated_delta_triton as ct
     config = dict(state_bv=state[0], state_warps=state[1], state_bwd_warps=state[2])
     errors = check_chunk(functools.partial(ct.chunk_gated_delta_triton, config=config),

@@ -148,6 +148,9 @@ def _empty_like_rows(offsets: torch.Tensor, *likes: torch.Tensor) -> list[torch.
     return [_zero_tail(torch.empty_like(x), offsets) for x in likes]
 
 
+WIDE_STATE_BV = 64  # the state slices' width for 2-byte operands at K > 128 where programs fill the SMs
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int | None:
     """The device's SM count; None where no GPU runs the kernels (CPU tensors, the interpreter)."""
@@ -157,10 +160,10 @@ def _sm_count(device: torch.device) -> int | None:
 
 
 def few_programs(segments: int, heads: int, dv: int, device: torch.device) -> bool:
-    """Whether state passes on [K, 64] slices, one program a (segment, head, slice), would have
-    fewer programs than the device has SMs (False where no GPU runs the kernels)."""
+    """Whether state passes on [K, WIDE_STATE_BV] slices, one program a (segment, head, slice),
+    would have fewer programs than the device has SMs (False where no GPU runs the kernels)."""
     sms = _sm_count(device)
-    return sms is not None and segments * heads * triton.cdiv(dv, 64) < sms
+    return sms is not None and segments * heads * triton.cdiv(dv, WIDE_STATE_BV) < sms
 
 
 def default_config(dk: int, dv: int, elem_bytes: int, few_programs: bool = False) -> dict:
@@ -183,7 +186,7 @@ def default_config(dk: int, dv: int, elem_bytes: int, few_programs: bool = False
     elif elem_bytes > 2:
         state_bv, state_warps, state_bwd_warps = 16, 4, 4
     else:
-        state_bv, state_warps, state_bwd_warps = (32, 4, 8) if few_programs else (64, 8, 8)
+        state_bv, state_warps, state_bwd_warps = (32, 4, 8) if few_programs else (WIDE_STATE_BV, 8, 8)
     chunk_warps = 4 if elem_bytes <= 2 else 8
     bk = min(tile, block_k)
     return dict(bk=bk, bv=min(tile, max(16, triton.next_power_of_2(dv))),
