@@ -230,8 +230,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--config", default="340m")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
-                        help="which ways to run the decode step (default: all)")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES),
+                        help="which ways to run the decode step (default: all; none: skip)")
     parser.add_argument("--no-reference", action="store_true", help="skip the fla generate() peer")
     parser.add_argument("--prefill-modes", nargs="*", default=["eager", "compiled", "cudagraphs"],
                         choices=["eager", "compiled", "cudagraphs"],

@@ -180,3 +180,24 @@ def test_eager_steps_match_the_float64_forward_at_every_position():
                                      past_key_values=out.past_key_values).logits for t in range(3, 12)]
     got = torch.cat(logits, 1).cpu()
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-7, atol=1e-9)
+
+
+def test_cache_reset_zeroes_every_state_in_one_launch_per_kind():
+    """A bf16 model's cache (float32 recurrent, bf16 conv states) is zeroed in place, at the same
+    addresses, by two kernel launches however many layers: the host issues them right before a
+    graph-replayed prefill."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model(torch.bfloat16, num_hidden_layers=4).cuda()
+    cache = model.new_cache(2)
+    for t in cache.states():
+        t.fill_(1)
+    addresses = [t.data_ptr() for t in cache.states()]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        cache.reset()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2, [e.name for e in kernels]
+    assert [t.data_ptr() for t in cache.states()] == addresses
+    assert all(t.count_nonzero() == 0 for t in cache.states())

@@ -97,9 +97,11 @@ class MomCache:
 
     def reset(self) -> None:
         """Forget every sequence, keeping the buffers (and their addresses). One multi-tensor
-        launch: zeroing the 2 x layers buffers one by one is a launch each, and a prefill replayed
-        from a CUDA graph right after waits on them."""
-        torch._foreach_zero_(self.states())
+        launch per kind of state: a foreach kernel takes one dtype, so a list mixing the float32
+        recurrent and bf16 conv states would zero them one launch each (2 x layers), and a
+        prefill replayed from a CUDA graph right after waits on the host issuing them."""
+        torch._foreach_zero_([layer.recurrent for layer in self.layers])
+        torch._foreach_zero_([layer.conv for layer in self.layers])
 
 
 def check_cache(name: str, cache, config: MomConfig, batch: int | None, dtype: torch.dtype,
