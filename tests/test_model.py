@@ -149,7 +149,8 @@ def test_losses_match_direct_computation(model):
     mask[1, :4] = 0
     labels = x.clone()
     labels[1, :4] = -100
-    out = model(x, attention_mask=mask, labels=labels)
+    out = model(x, attention_mask=mask, labels=labels, output_router_logits=True)
+    assert model(x, attention_mask=mask, labels=labels).router_logits is None  # asked for only
     aux = oracle.load_balancing(out.router_logits, model.config.topk, mask)
     torch.testing.assert_close(out.aux_loss, aux.to(out.aux_loss.dtype), **TOL)
     ce_terms = [-F.log_softmax(out.logits[b, t], -1)[labels[b, t + 1]]

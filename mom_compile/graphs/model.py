@@ -155,12 +155,15 @@ class MomForCausalLM(nn.Module):
         past_key_values: MomCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        output_router_logits: bool = False,
     ) -> MomCausalLMOutput:
         """input_ids [B, T] int; attention_mask [B, T] (or [B, past + T], as generate loops pass
         it) with 1 for tokens and 0 for (left) padding; labels [B, T] with -100 = ignore.
         With use_cache (or a past_key_values cache), the cache is advanced in place and returned.
         logits_to_keep > 0 computes the logits of the last that many positions only (Hugging Face's
-        name; a prompt's prefill needs one); 0 keeps all."""
+        name; a prompt's prefill needs one); 0 keeps all. output_router_logits: also return each
+        layer's router logits [B, T, M] (Hugging Face's name; off, a compiled or graph-replayed
+        call returns no more tensors than it needs)."""
         mask = self._check_inputs(input_ids, attention_mask, labels, past_key_values)
         if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep: expected an int >= 0, got {logits_to_keep!r}")
@@ -175,7 +178,8 @@ class MomForCausalLM(nn.Module):
             aux_loss = load_balancing_loss(router_logits, self.config.topk, mask)
             loss = causal_lm_loss(logits, labels) + self.config.aux_loss_scale * aux_loss
         return MomCausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
-                                 past_key_values=past_key_values, router_logits=tuple(router_logits))
+                                 past_key_values=past_key_values,
+                                 router_logits=tuple(router_logits) if output_router_logits else None)
 
     def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> MomCache:
         """Zeroed decoding state for `batch_size` sequences, in this model's dtype and device."""
