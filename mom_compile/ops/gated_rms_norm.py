@@ -39,7 +39,7 @@ def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor | None, weight: to
         y = (upcast(mix)[..., None, None] * upcast(y)).sum(-3)
     o = rms_norm(y, weight, eps)
     if z is not None:
-        o = o * F.silu(upcast(z).view(o.shape))
+        o = o * F.silu(upcast(z.view(o.shape)))
     return o.to(dtype)
 
 
