@@ -124,14 +124,16 @@ def check_chunk_train(impl_fwd, layout, h, dk, dv, with_state, *, dtype, device,
 def check_chunk_table(device: str) -> dict[str, float]:
     """The scan's Triton chunk table against its torch formula (`chunk_starts`, then a
     searchsorted of each slot; the segment order a stable sort by descending chunk count), over
-    segment and slot counts past one program of the table kernel (256 of each) and many of its
-    16-segment steps, with empty segments, equal chunk counts and rows past the last one: the
-    number of entries that differ."""
+    segment and slot counts past one program of the table kernel and many of its steps, with
+    empty segments, equal chunk counts and rows past the last one: the number of entries that
+    differ."""
     from mom_compile.ops.chunk_gated_delta import chunk_slots, chunk_starts
-    from mom_compile.ops.chunk_gated_delta_triton import chunk_table
+    from mom_compile.ops.chunk_gated_delta_triton import TABLE_SEGMENTS, TABLE_SLOTS, chunk_table
     gen = torch.Generator().manual_seed(0)
     wrong = {"starts": 0, "table": 0, "order": 0}
-    for n_seg in (1, 5, 80, 300):
+    segment_counts = (1, 5, 80, 300)
+    assert segment_counts[-1] > TABLE_SLOTS and segment_counts[-1] > 8 * TABLE_SEGMENTS  # 8+ steps
+    for n_seg in segment_counts:
         lengths = torch.randint(0, 300, (n_seg,), generator=gen) * (torch.rand(n_seg, generator=gen) > 0.2)
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
         n = int(offsets[-1]) + 7
@@ -414,7 +416,7 @@ INTERPRETER_CASES = (
     + [("gather_rows", F64, 5, 1, 3, 20, 12, 12, True)]  # one set read thrice a token, an empty tail
     + [("l2_normalize", dt, 37, 3, 24, strided) for dt in (torch.float32, F64) for strided in (True, False)]
     + [("dispatch", torch.int64, b, t, k, m)
-       for b, t, k, m in ((2, 700, 3, 5), (2, 150, 2, 70), (260, 3, 2, 4))]
+       for b, t, k, m in ((3, 1900, 3, 5), (2, 150, 2, 70), (260, 3, 2, 4))]
     + [("route", dt, (2, 40), 6, 3, True, True) for dt in (torch.float32, F64)]
     + [("route", torch.float32, (3,), 70, 5, False, False)]
     + [("gated_rms_norm", dt, (2, 3), 2, 24, gate, True, choices) for dt in (torch.float32, F64)
@@ -454,6 +456,26 @@ def test_every_triton_kernel_has_cases(cases):
     checked = {case[0] for case in globals()[cases]}
     checked |= {f"{name}_backward" for name in checked}
     assert {op.name for op in OPS if op.triton} <= checked
+
+
+@pytest.mark.parametrize("cases", ["CASES", "INTERPRETER_CASES"])
+def test_dispatch_cases_cover_every_block_size(cases):
+    """The dispatch cases run blocks of 64 several to a sequence, blocks grown past 64 to keep the
+    (sequence, block) count within MAX_BLOCKS, and blocks at the one-hot tile's cap with more
+    pairs than that; one of them with more (sequence, category, block) counts than one step of
+    the running sum."""
+    from mom_compile.ops.dispatch_triton import MAX_BLOCKS, SCAN_TILE, block_size
+    kinds = set()
+    for _, _, b, t, k, m in (case for case in globals()[cases] if case[0] == "dispatch"):
+        cats = 1 << m.bit_length()  # the next power of two above m
+        block = block_size(b, t * k, cats)
+        per_sequence = -(-t * k // block)
+        cap = min(1024, 8192 // cats)
+        kinds.add("64" if block == 64 and per_sequence > 1 else "grown" if 64 < block < cap else
+                  "cap" if block == cap and b * per_sequence > MAX_BLOCKS else "other")
+        if b * (m + 1) * per_sequence > SCAN_TILE:
+            kinds.add("steps")
+    assert {"64", "grown", "cap", "steps"} <= kinds
 
 
 def test_split_scale_rebuilds_the_scale_from_two_float32s():

@@ -60,6 +60,10 @@ def _precision(q_dtype: torch.dtype, states: torch.dtype) -> tuple[dict, torch.d
     return kw, operand_dtype(q_dtype, states)
 
 
+TABLE_SLOTS, TABLE_SEGMENTS = 32, 8  # the table kernel's slots a program and segments a step (its
+                                    # work a step is their product; benchmarks/RESULTS.md#why-these-defaults)
+
+
 @triton.jit
 def _chunk_table_kernel(offsets, starts, table, order, n_seg, max_chunks, C: tl.constexpr,
                         BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
@@ -111,10 +115,10 @@ def chunk_table(offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch
     starts = torch.empty(n_seg + 1, dtype=torch.int64, device=offsets.device)
     table = torch.empty(max_chunks, 2, dtype=torch.int64, device=offsets.device)
     order = torch.empty(n_seg, dtype=torch.int64, device=offsets.device)
-    block = 256
-    _chunk_table_kernel[(triton.cdiv(max_chunks, block),)](offsets, starts, table, order, n_seg, max_chunks,
-                                                          C=CHUNK, BLOCK=block, BLOCK_S=16,
-                                                          **pdl.launch_options(offsets.device))
+    _chunk_table_kernel[(triton.cdiv(max_chunks, TABLE_SLOTS),)](offsets, starts, table, order, n_seg,
+                                                                max_chunks, C=CHUNK, BLOCK=TABLE_SLOTS,
+                                                                BLOCK_S=TABLE_SEGMENTS,
+                                                                **pdl.launch_options(offsets.device))
     return table, starts, order, max_chunks
 
 

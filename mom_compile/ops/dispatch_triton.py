@@ -22,6 +22,8 @@ from . import pdl
 from .dispatch import dispatch_reference
 
 SCAN_TILE = 1024  # counts summed per step of the running sum
+MAX_BLOCKS = 256  # (sequence, block) pairs the block size aims for: fewer make each program's
+                  # one-hot scan longer, more the running sum's (benchmarks/RESULTS.md#why-these-defaults)
 
 
 @triton.jit
@@ -92,6 +94,16 @@ def _place_kernel(memory_idx, mask, first_row, token_of_row, memory_of_row, row_
     tl.store(memory_of_row + row, tl.minimum(tl.maximum(memory, 0), M - 1).to(tl.int64), mask=inside)
 
 
+def block_size(b: int, n: int, cats: int) -> int:
+    """Choices a program: the smallest power of two from 64 that cuts b sequences of n choices into
+    at most MAX_BLOCKS blocks, within the cap that keeps a [BLOCK, cats] one-hot tile at 8192 entries."""
+    cap = max(16, min(1024, 8192 // cats))
+    block = min(64, cap)
+    while block < cap and b * triton.cdiv(n, block) > MAX_BLOCKS:
+        block *= 2
+    return block
+
+
 def dispatch_triton(
     memory_idx: torch.Tensor, mask: torch.Tensor, num_memories: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,7 +113,7 @@ def dispatch_triton(
     if b * n == 0:
         return dispatch_reference(memory_idx, mask, num_memories)
     cats = triton.next_power_of_2(m + 1)
-    block = max(16, min(1024, 8192 // cats))  # a [BLOCK, CATS] one-hot tile a program
+    block = block_size(b, n, cats)
     grid = (b, triton.cdiv(n, block))
     idx, valid = memory_idx.contiguous(), mask.contiguous().view(torch.uint8)
     new = idx.new_empty
