@@ -21,7 +21,7 @@ import triton.language as tl
 from . import pdl
 from .dispatch import dispatch_reference
 
-SCAN_TILE = 1024  # counts summed per step of the running sum
+SCAN_TILE = 256  # counts summed per step of the running sum (benchmarks/RESULTS.md#why-these-defaults)
 MAX_BLOCKS = 256  # (sequence, block) pairs the block size aims for: fewer make each program's
                   # one-hot scan longer, more the running sum's (benchmarks/RESULTS.md#why-these-defaults)
 
