@@ -470,7 +470,7 @@ def test_dispatch_cases_cover_every_block_size(cases):
         cats = 1 << m.bit_length()  # the next power of two above m
         block = block_size(b, t * k, cats)
         per_sequence = -(-t * k // block)
-        cap = min(1024, 8192 // cats)
+        cap = block_size(MAX_BLOCKS + 1, 1, cats)  # more sequences than MAX_BLOCKS: the cap
         kinds.add("64" if block == 64 and per_sequence > 1 else "grown" if 64 < block < cap else
                   "cap" if block == cap and b * per_sequence > MAX_BLOCKS else "other")
         if b * (m + 1) * per_sequence > SCAN_TILE:
