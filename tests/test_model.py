@@ -310,6 +310,33 @@ def test_decode_steps_update_the_cache_buffers_in_place(model):
     assert all(not torch.equal(b, s.recurrent) for b, s in zip(before, cache.layers))
 
 
+def test_gradients_through_a_forward_with_a_cache_stop_at_the_cache():
+    """With gradients on, a forward into a cache backpropagates (its start states are kept as
+    copies, the cache being rewritten after the scan): from a new cache the gradients are those of
+    a forward without one; across two chunks of one sequence (truncated backpropagation through
+    time) the second chunk's are those of the same chunk from a cache filled without gradients,
+    and the cache's buffers never carry autograd history."""
+    model = tiny_model()
+    x = ids(2, 11)
+    second = ids(2, 6)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads(model(x, labels=x).loss)
+    out = model(x, labels=x, use_cache=True)
+    assert all(not t.requires_grad for t in out.past_key_values.states())
+    for a, b in zip(grads(out.loss), plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    after_chunk = grads(model(second, labels=second, past_key_values=out.past_key_values).loss)
+    with torch.no_grad():
+        cache = model(x, use_cache=True).past_key_values
+    for a, b in zip(after_chunk, grads(model(second, labels=second, past_key_values=cache).loss)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_rms_norm_eager_and_traced_follow_the_precision_rule(dtype):
     """Eager runs torch's rms_norm, a traced graph the formula: both compute in float32 at least

@@ -28,11 +28,14 @@ class LayerState:
     functional: bool = False
 
     def update(self, recurrent: torch.Tensor, conv: torch.Tensor) -> None:
+        """Take the states after a forward. An in-place cache holds values, not autograd history:
+        gradients stop at it, as at a detached RNN state (truncated backpropagation through time)."""
         if self.functional:
             self.recurrent, self.conv = recurrent, conv
         else:
-            self.recurrent.copy_(recurrent)
-            self.conv.copy_(conv)
+            with torch.no_grad():
+                self.recurrent.copy_(recurrent)
+                self.conv.copy_(conv)
 
 
 def conv_channels(config: MomConfig) -> int:

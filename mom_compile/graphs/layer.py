@@ -165,16 +165,27 @@ class MomLayer(nn.Module):
         conv_in, gate_in = ops.gather_rows(q.flatten(0, 1), per_set.flatten(0, 1), token, sets,
                                            row_of_choice.flatten(0, 1), sum(self._set_split()[:2]))
         beta, g = gates(*gate_in.split(self.num_heads, dim=-1), self.A_log, self.dt_bias)
-        conv_init = None if state is None else state.conv.flatten(0, 1)
+        conv_init, rec_init = self._start_states(state)
         conv_out, conv_final = ops.segment_conv(conv_in, self.conv_weight.squeeze(1), self.conv_bias,
                                                 offsets, conv_init)
         q, k, v = self._qkv(conv_out)
-        rec_init = None if state is None else state.recurrent.flatten(0, 1)
         o_rows, rec_final = ops.chunk_gated_delta(q, k, v, g, beta, offsets, rec_init, self.scale,
                                                    self.keep_scan_states)
         if state is not None:
             state.update(rec_final.view_as(state.recurrent), conv_final.view_as(state.conv))
         return ops.combine(o_rows, weights, row_of_choice)
+
+    @staticmethod
+    def _start_states(state: LayerState | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The cache's (conv, recurrent) states as the scan's start states, None without a cache.
+        With gradients on they are copies: the ops keep them for the backward, and the update
+        after the scan rewrites the cache's own."""
+        if state is None:
+            return None, None
+        conv, recurrent = state.conv.flatten(0, 1), state.recurrent.flatten(0, 1)
+        if torch.is_grad_enabled() and not state.functional:
+            conv, recurrent = conv.clone(), recurrent.clone()
+        return conv, recurrent
 
     def _step(self, q, per_set, memory_idx, weights, mask, state):
         """T = 1 with a cache, no autograd: each token advances only its k' memories' states, every
