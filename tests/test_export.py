@@ -191,6 +191,27 @@ def test_float64_decode_step_computes_in_float64(tmp_path):
         np.testing.assert_allclose(g, r.numpy(), atol=1e-11, rtol=1e-10)
 
 
+def test_compare_all_fails_an_output_holding_a_nan_or_an_infinity():
+    """The artefact under test replaced by PyTorch itself (error 0 everywhere) except one NaN in
+    the prefill's logits and one infinity in a decode state: those two rows, and only they, have
+    an infinite error (a NaN error would slip through every max over the rows)."""
+    model = tiny_model(torch.float32)
+
+    graphs = {"prefill": PrefillGraph(model), "decode_step": DecodeStepGraph(model)}
+
+    def run(name, inputs):
+        with torch.no_grad():
+            outs = list(graphs[name](*inputs))
+        outs[0 if name == "prefill" else 1].view(-1)[2] = float("nan" if name == "prefill" else "inf")
+        return outs
+
+    specs = graph_specs(model.config)
+    rows = compare_all(model, run)
+    assert [(r.graph, r.name) for r in rows if r.max_rel == float("inf")] == [
+        ("prefill", specs["prefill"].outputs[0]), ("decode_step", specs["decode_step"].outputs[1])]
+    assert sum(r.max_rel == 0.0 for r in rows) == len(rows) - 2
+
+
 def test_float16_graphs_match_pytorch(tmp_path):
     """float16 exports (what the CUDA provider runs: it has no bfloat16 MatMul) against the float16
     model, here on the CPU provider, so that their types and roundings are checked without a GPU."""

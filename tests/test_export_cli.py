@@ -254,3 +254,25 @@ def test_opset_beyond_onnxruntime(monkeypatch, capsys):
     args.verify = True
     with pytest.raises(main._Failure, match=f"--opset {main.MIN_OPSET + 1} --verify"):
         main._check_args(args)
+
+
+def test_failed_verification_leaves_the_earlier_export(tmp_path, monkeypatch, capsys):
+    """Graphs that do not match their model (here the model changes after the export) fail
+    --verify with exit status 3, and OUT keeps the export it held."""
+    from mom_compile.export import __main__ as export_main
+    out = tmp_path / "out"
+    assert export_main.main(["--onnx", str(out)]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    real = export_main._export
+
+    def export_then_change_the_model(*args):
+        paths, packages, model, manifest = real(*args)
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)
+        return paths, packages, model, manifest
+    monkeypatch.setattr(export_main, "_export", export_then_change_the_model)
+    assert export_main.main(["--onnx", str(out), "--verify", "--seed", "1"]) == export_main.EXIT_MISMATCH
+    printed = capsys.readouterr().out
+    assert "verify: FAILED" in printed and "left as it was" in printed, printed
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert_no_temporary_folder(tmp_path, "out")

@@ -4,7 +4,8 @@ MoM model.
 Every failure a user can cause (bad arguments, unreadable checkpoint, unwritable output folder,
 missing packages) ends in one `error:` line and a non-zero exit status; set MOM_EXPORT_DEBUG=1 to
 see the traceback of an unexpected failure. The files are written into a temporary folder beside
-OUT and moved into OUT once all are written, so a failed or interrupted export changes nothing.
+OUT and moved into OUT once all are written (and, with --verify, have matched PyTorch), so a failed,
+interrupted or mismatching export changes nothing.
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="run both graphs in onnxruntime against PyTorch on fresh random inputs and "
                         "print the max absolute / relative error of every output (with --aoti, "
-                        "of the AOTInductor packages too)")
+                        "of the AOTInductor packages too); OUT is left as it was if one is above "
+                        f"tolerance (exit status {EXIT_MISMATCH})")
     p.add_argument("--plugin", action="store_true",
                    help="emit each decode step's memory updates as the nodes of the TensorRT plugins "
                         "mom::memory_decode_conv and mom::memory_decode_step "
@@ -319,15 +321,17 @@ def run(args) -> int:
 
     try:
         paths, packages, model, manifest = _export(args, staging.path, progress)
-        staging.publish()
+        # verified where written: an export that fails --verify is not published
+        code = _verify(model, paths, packages, args) if args.verify else 0
+        if code == 0:
+            staging.publish()
     finally:
         staging.discard()
+    if code:
+        _progress(f"{args.onnx} left as it was: the export failed verification")
+        return code
     _progress(f"wrote {args.onnx}: " + ", ".join(f"{name} ({_size(size)})" for name, size in
                                                  manifest["files"].items()) + ", listed in model.json")
-    if args.verify:
-        def published(found: dict[str, str] | None):
-            return found and {k: os.path.join(args.onnx, os.path.basename(v)) for k, v in found.items()}
-        return _verify(model, published(paths), published(packages), args)
     return 0
 
 

@@ -47,8 +47,8 @@ def session(path: str, model: MomForCausalLM | None = None) -> ort.InferenceSess
 
 
 def _compare(graph: str, names, got, ref) -> list[OutputError]:
-    """One row per reference output; a missing output or one of another shape has an infinite error
-    (never broadcast into a pass)."""
+    """One row per reference output; a missing output, one of another shape, or one holding a NaN
+    or an infinity has an infinite error (never broadcast into a pass, never lost in a max)."""
     got = list(got) + [None] * (len(ref) - len(got))
     rows = []
     for name, g, r in zip(names, got, ref):
@@ -57,6 +57,9 @@ def _compare(graph: str, names, got, ref) -> list[OutputError]:
             rows.append(OutputError(graph, name, tuple(r.shape), float("inf"), float("inf")))
             continue
         g = g.detach().double().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, dtype=np.float64)
+        if not (np.isfinite(g).all() and np.isfinite(r).all()):
+            rows.append(OutputError(graph, name, tuple(r.shape), float("inf"), float("inf")))
+            continue
         diff = float(np.abs(g - r).max())
         rows.append(OutputError(graph, name, tuple(r.shape), diff, diff / max(float(np.abs(r).max()), 1e-30)))
     return rows
