@@ -140,8 +140,17 @@ def test_a_malformed_tokenizer_config_is_named(capsys, tmp_path):
 def test_pruning_keeps_the_newest_steps_past_a_million(tmp_path):
     for step in (999_998, 999_999, 1_000_000, 1_000_001):
         (tmp_path / checkpoint_module.checkpoint_name(step)).mkdir()
-    checkpoint_module._prune(str(tmp_path), keep=2)
+    checkpoint_module._prune(str(tmp_path), keep=2, written=1_000_001)
     assert sorted(os.listdir(tmp_path)) == ["step-1000000", "step-1000001"]
+
+
+def test_pruning_after_a_resume_from_an_earlier_step_keeps_the_new_checkpoint(tmp_path):
+    """A run resumed from step 1 of 3 that saves step 2 with --keep-checkpoints 1: the new step 2
+    stays (it is `latest`), step 1 goes, and the abandoned step 3 waits for the run to reach it."""
+    for step in (1, 2, 3):
+        (tmp_path / checkpoint_module.checkpoint_name(step)).mkdir()
+    checkpoint_module._prune(str(tmp_path), keep=1, written=2)
+    assert sorted(os.listdir(tmp_path)) == [checkpoint_module.checkpoint_name(s) for s in (2, 3)]
 
 
 CPU_OUT_OF_MEMORY = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "

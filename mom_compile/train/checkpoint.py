@@ -115,15 +115,17 @@ def save_checkpoint(out: str, step: int, model: nn.Module, optimizer: torch.opti
             f.write(name + "\n")
         os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
         shutil.rmtree(os.path.join(root, TMP + "old-" + name), ignore_errors=True)
-        _prune(root, keep)
+        _prune(root, keep, step)
     world.barrier()
     return final
 
 
-def _prune(root: str, keep: int) -> None:
-    """Keep the newest `keep` checkpoints (0: keep all); a deleted one is renamed away first."""
+def _prune(root: str, keep: int, written: int) -> None:
+    """Keep the newest `keep` checkpoints up to step `written`, the one just saved (0: keep all); a
+    deleted one is renamed away first. Later ones, left by a run that was resumed from an earlier
+    checkpoint, are neither counted nor deleted: the resumed run replaces each when it saves its step."""
     steps = sorted(int(n[len(PREFIX):]) for n in os.listdir(root)
-                   if n.startswith(PREFIX) and n[len(PREFIX):].isdigit())
+                   if n.startswith(PREFIX) and n[len(PREFIX):].isdigit() and int(n[len(PREFIX):]) <= written)
     names = [checkpoint_name(step) for step in steps]  # by step: step-1000000 follows step-999999
     for name in names[:-keep] if keep > 0 else []:
         doomed = os.path.join(root, TMP + "delete-" + name)
