@@ -112,8 +112,8 @@ def chunk_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk-parallel forward. Returns (o [N, H, V] in the compute dtype, final state
     [S, H, K, V], chunk start states [S, H, n_chunks, K, V], the u_i [N, H, V]); computes in
-    float32, or float64 when the inputs are float64."""
-    dt = compute_dtype(q.dtype)
+    float32, or float64 when the inputs or the initial state are float64 (as every kernel does)."""
+    dt = compute_dtype(q.dtype, state_dtype(q, initial_state))
     n, h, dk = k.shape
     dv = v.shape[-1]
     n_seg = offsets.numel() - 1
@@ -163,7 +163,7 @@ def chunk_backward_reference(
     """Gradients of `chunk_reference`: the chunk start states are recomputed, then each chunk's
     tokens are replayed forward and walked backward with the per-token formulas of
     `gated_delta_step.py`. Returns (dq, dk, dv, dg, dbeta, d_initial_state)."""
-    dt = compute_dtype(q.dtype)
+    dt = compute_dtype(q.dtype, state_dtype(q, initial_state))
     n = k.shape[0]
     _, final, starts, _ = chunk_reference(q, k, v, g, beta, offsets, initial_state, scale, chunk_size)
     rows, valid = _segment_grid(offsets, chunk_size)
