@@ -118,6 +118,28 @@ def test_chunk_scan_in_low_precision_stays_close():
         assert rel < tol, (dtype, "final state", rel)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_scan_from_a_float64_state_computes_in_float64(dtype):
+    """Inputs in a low precision with a float64 initial state (a float64 cache): the state's
+    arithmetic is float64, so the final state matches the float64 recurrence on the same (rounded)
+    inputs to float64's rounding, with a large state, forward and backward."""
+    a = scan_inputs("long")
+    a["initial_state"] = a["initial_state"] * 1e4
+    low = {k: (t.to(dtype) if k in ("q", "k", "v", "beta") else t) for k, t in a.items()}
+    low["g"] = a["g"].float()
+    ref = {k: (t.double() if t.is_floating_point() else t) for k, t in low.items()}
+    o_ref, f_ref = oracle_scan(ref, 0.5)
+    o, f = ops.chunk_gated_delta(**low, scale=0.5)
+    assert f.dtype == f64
+    torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-10 * f_ref.abs().max().item())
+    d_final = torch.randn_like(f)
+    d_init = chunk_backward_reference(**low, scale=0.5, d_o=torch.zeros_like(o), d_final=d_final)[-1]
+    init = ref["initial_state"].clone().requires_grad_()
+    (segments_recurrence(*(ref[k] for k in ("q", "k", "v", "g", "beta")), ref["offsets"].tolist(), 0.5,
+                         init)[1] * d_final).sum().backward()
+    torch.testing.assert_close(d_init, init.grad, rtol=1e-10, atol=1e-10)
+
+
 def test_step_matches_recurrence_and_gradcheck():
     args = step_inputs(rows=5)
     r = args[0].shape[0]
@@ -245,6 +267,21 @@ def test_route_matches_loops_with_ties_and_nan(case, device):
         idx, w = fn(logits, topk, shared)
         assert torch.equal(idx.cpu(), want_idx)
         torch.testing.assert_close(w.cpu(), want_w, rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_route_weighs_a_chosen_logit_of_minus_infinity_zero(device):
+    """A token whose second choice has logit -inf (or both but one): weights 1 and 0, as the
+    loops' softmax, eager and traced (the formula's own term, -inf - -inf, must not make a NaN)."""
+    inf = float("inf")
+    logits = torch.tensor([[0.0, -inf, -inf, 1.0], [-inf, -inf, 2.0, -inf]], dtype=f64, device=device)
+    want_idx, want_w = route_oracle(logits.cpu(), 2, True)
+    traced = torch.compile(ops.route, backend="aot_eager", fullgraph=True)
+    for fn in (ops.route, traced):
+        idx, w = fn(logits, 2, True)
+        assert torch.equal(idx.cpu(), want_idx)
+        torch.testing.assert_close(w.cpu(), want_w, rtol=1e-12, atol=1e-14)
 
 
 def test_route_checks_its_arguments():

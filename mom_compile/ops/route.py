@@ -43,7 +43,12 @@ def route_reference(logits: torch.Tensor, topk: int, shared: bool) -> tuple[torc
     z = upcast(logits)
     memory_idx = top_k(z, topk)  # softmax is monotonic: rank the logits
     chosen = z.gather(-1, memory_idx)
-    weights = 1.0 / (chosen[..., None, :] - chosen[..., :, None]).exp().sum(-1)
+    diff = chosen[..., None, :] - chosen[..., :, None]
+    # each weight's own term z_r - z_r is 0 (NaN only for a NaN logit): a chosen logit of -inf
+    # would make it -inf - -inf = NaN
+    own = torch.eye(diff.shape[-1], dtype=torch.bool, device=diff.device)
+    diff = torch.where(own, torch.where(chosen == chosen, 0.0, chosen)[..., :, None], diff)
+    weights = 1.0 / diff.exp().sum(-1)
     if shared:
         # padded in float: onnxruntime's CUDA provider runs an int64 Pad on the CPU, and with
         # memory reuse on mishandles an int64 Concat (tests/test_export.py keeps both out)
