@@ -14,12 +14,13 @@ from mom_compile.ops.precision import compute_dtype
 F64 = torch.float64
 
 # (offsets, rows) of packed segments: empty segments, length-1 segments, lengths not a multiple of
-# the chunk size (64), rows past offsets[-1], several chunks in one segment.
+# the chunk size (64), rows past offsets[-1], several chunks in one segment, no segment at all.
 LAYOUTS = {
     "mixed": ([0, 5, 5, 6, 19, 30], 33),
     "singletons": ([0, 1, 2, 3], 3),
     "all_empty": ([0, 0, 0], 4),
     "long": ([0, 130, 130, 131, 330], 333),
+    "no_segments": ([0], 3),
 }
 
 

@@ -35,7 +35,8 @@ def segments_recurrence(q, k, v, g, beta, offsets, scale, initial=None):
                             None if initial is None else initial[s])
         o[a:b] = o_s
         finals.append(f)
-    return o, torch.stack(finals)
+    empty = q.new_zeros(0, q.shape[1], k.shape[-1], v.shape[-1], dtype=v.dtype)
+    return o, torch.stack(finals) if finals else empty
 
 
 def causal_conv(x, weight, bias=None, history=None):

@@ -25,8 +25,7 @@ def _segment_of_rows(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch
     """Segment id [N] (S for rows outside every segment) and position inside it [N]."""
     rows = torch.arange(n, device=offsets.device)
     seg = torch.searchsorted(offsets[1:], rows, right=True)
-    start = offsets[:-1][seg.clamp(max=offsets.numel() - 2)]
-    return seg, rows - start
+    return seg, rows - offsets[seg]  # offsets[S], the rows' end, for those in no segment
 
 
 def _taps(offsets: torch.Tensor, n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
