@@ -451,6 +451,16 @@ def test_memory_decode_matches_conv_and_recurrence_per_row(single_set):
     assert torch.equal(conv_states, conv_new) and torch.equal(rec_states, rec_new)
 
 
+@pytest.mark.parametrize("sizes", [dict(dk=0), dict(dv=0)])
+def test_memory_decode_refuses_heads_without_keys_or_values(sizes):
+    """K = 0 or V = 0: one error naming the state table (the CPU kernel could not reshape it, the
+    Triton wrapper returned zeros and left the conv history as it was)."""
+    args = decode_inputs(**sizes)
+    for op in (ops.memory_decode_, ops.memory_decode):
+        with pytest.raises(ValueError, match=r"rec_states: expected \[batch, slots, H, K, V\] with H, K and V"):
+            op(*args, 0.7)
+
+
 def test_memory_decode_copies_tables_of_any_strides_memory_decode_writes_dense_ones():
     """The functional op copies its tables, so any strides do (it returns what the in-place op
     makes of dense copies); the in-place op writes them where they lie and refuses strided ones, on

@@ -135,6 +135,9 @@ def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, con
              rec_states, scale, single_set) -> tuple:
     check_tensor("rec_states", rec_states, shape=(None, None, None, None, None), dtypes=STATE_DTYPES)
     b, slots, h, dk, dv = rec_states.shape
+    if min(h, dk, dv) < 1:
+        raise ValueError(f"rec_states: expected [batch, slots, H, K, V] with H, K and V at least 1, got "
+                         f"{list(rec_states.shape)}")
     c = 2 * h * dk + h * dv
     check_tensor("q", q, shape=(b, h * dk), dtypes=FLOAT_DTYPES)
     check_tensor("per_set", per_set, shape=(b, None, h * dk + h * dv + 2 * h), dtypes=(q.dtype,))
