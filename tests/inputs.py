@@ -127,11 +127,12 @@ def gather_inputs(n=4, sets=3, k=2, a=5, c=7, split=4, single_set=False, dtype=F
 
 
 def l2_inputs(n=5, h=3, d=16, strided=True, dtype=F64, device="cpu", seed=0) -> list:
-    """(x,) of `mom::l2_normalize`: [n, h, d] rows, a column slice of wider rows when strided (as
-    the layer's q and k are of the conv's output)."""
+    """(x,) of `mom::l2_normalize`: [n, h, d] rows ([n, d] for h None), a column slice of wider rows
+    when strided (as the layer's q and k are of the conv's output)."""
     gen = torch.Generator().manual_seed(seed)
-    wide = rand(n, h * d + 3, dtype=dtype, device=device, gen=gen)
-    return [(wide[:, 3:] if strided else wide[:, :h * d].contiguous()).view(n, h, d)]
+    width = (h or 1) * d
+    wide = rand(n, width + 3, dtype=dtype, device=device, gen=gen)
+    return [(wide[:, 3:] if strided else wide[:, :width].contiguous()).view(n, *([h] if h else []), d)]
 
 
 def dispatch_inputs(b=2, t=5, k=2, m=4, device="cpu", seed=0) -> list:

@@ -227,7 +227,7 @@ def check_l2(impl_fwd, impl_bwd, n, h, d, strided, *, dtype, device, seed=0):
     backward fed the reference's own (rounded) y and r."""
     x, = l2_inputs(n, h, d, strided, dtype, device, seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    d_y = rand(n, h, d, dtype=dtype, device=device, gen=gen)
+    d_y = rand(*x.shape, dtype=dtype, device=device, gen=gen)
     outs = impl_fwd(x)
     _assert_fake_dtypes("l2_normalize", outs, x)
     refs = torch.ops.mom.l2_normalize(_to_cpu64(x))
@@ -415,6 +415,7 @@ INTERPRETER_CASES = (
     + [("gather_rows", dt, 6, 3, 2, 200, 90, 70, False) for dt in (torch.float32, F64)]
     + [("gather_rows", F64, 5, 1, 3, 20, 12, 12, True)]  # one set read thrice a token, an empty tail
     + [("l2_normalize", dt, 37, 3, 24, strided) for dt in (torch.float32, F64) for strided in (True, False)]
+    + [("l2_normalize", F64, 4, None, d, True) for d in (0, 8)]  # rows of a 2-D input, empty ones
     + [("dispatch", torch.int64, b, t, k, m)
        for b, t, k, m in ((3, 1900, 3, 5), (2, 150, 2, 70), (260, 3, 2, 4))]
     + [("route", dt, (2, 40), 6, 3, True, True) for dt in (torch.float32, F64)]

@@ -6,6 +6,8 @@ block of rows, reads them once through their strides and writes y and r (or dx) 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +62,8 @@ def _l2_normalize_backward_kernel(d_y, y, r, d_x, rows, D: tl.constexpr, BLOCK_R
 def _rows_view(x: torch.Tensor) -> torch.Tensor:
     """x as [outer, inner, D] without a copy where its strides allow (a head slice of packed rows
     does), else a contiguous copy."""
-    return last_dim_contiguous(x.reshape(-1, 1, x.shape[-1]) if x.dim() < 3 else x.flatten(0, -3))
+    rows = math.prod(x.shape[:-1])  # given, not -1: a reshape cannot infer it when D = 0
+    return last_dim_contiguous(x.reshape(rows, 1, x.shape[-1]) if x.dim() < 3 else x.flatten(0, -3))
 
 
 def l2_normalize_triton(x):
