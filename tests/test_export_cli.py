@@ -258,7 +258,8 @@ def test_opset_beyond_onnxruntime(monkeypatch, capsys):
 
 def test_failed_verification_leaves_the_earlier_export(tmp_path, monkeypatch, capsys):
     """Graphs that do not match their model (here the model changes after the export) fail
-    --verify with exit status 3, and OUT keeps the export it held."""
+    --verify with exit status 3, and OUT keeps the export it held. The seed is the largest torch
+    takes: verify's inputs come from the next one, which wraps around instead of overflowing."""
     from mom_compile.export import __main__ as export_main
     out = tmp_path / "out"
     assert export_main.main(["--onnx", str(out)]) == 0
@@ -271,8 +272,9 @@ def test_failed_verification_leaves_the_earlier_export(tmp_path, monkeypatch, ca
             model.lm_head.weight.add_(1.0)
         return paths, packages, model, manifest
     monkeypatch.setattr(export_main, "_export", export_then_change_the_model)
-    assert export_main.main(["--onnx", str(out), "--verify", "--seed", "1"]) == export_main.EXIT_MISMATCH
+    assert export_main.main(["--onnx", str(out), "--verify", "--seed", str(2**64 - 1)]) == export_main.EXIT_MISMATCH
     printed = capsys.readouterr().out
     assert "verify: FAILED" in printed and "left as it was" in printed, printed
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert_no_temporary_folder(tmp_path, "out")
+

@@ -137,6 +137,16 @@ def test_a_malformed_tokenizer_config_is_named(capsys, tmp_path):
     one_line_error(capsys, 1, args, "--tokenizer", "tokenizer_config.json")
 
 
+def test_a_cuda_index_past_the_machines_devices_is_one_error(capsys, monkeypatch, tmp_path):
+    """--device cuda:3 on a machine of one GPU (faked: CUDA reported with one device) names the
+    devices there are, before anything touches the GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    one_line_error(capsys, 1, ["--task", "mqar", "--device", "cuda:3", "--out", tmp_path / "run"],
+                   "--device", "'cuda:3'", "1 CUDA device(s) (cuda:0 to cuda:0)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_pruning_keeps_the_newest_steps_past_a_million(tmp_path):
     for step in (999_998, 999_999, 1_000_000, 1_000_001):
         (tmp_path / checkpoint_module.checkpoint_name(step)).mkdir()

@@ -408,11 +408,12 @@ def _verify(model, paths, packages, args) -> int:
     from .verify import VERIFY_BATCH, VERIFY_PADDING, VERIFY_SEQ, tolerance, verify
 
     start = time.perf_counter()
-    sections = [("onnxruntime CPU", verify(model, paths, use_plugin=args.plugin, seed=args.seed + 1))]
+    seed = (args.seed + 1) % 2**64  # other inputs than the export's, for any --seed torch takes
+    sections = [("onnxruntime CPU", verify(model, paths, use_plugin=args.plugin, seed=seed))]
     if packages:
         from .aoti import verify_packages
 
-        sections.append(("AOTInductor CPU", verify_packages(model, packages, seed=args.seed + 1)))
+        sections.append(("AOTInductor CPU", verify_packages(model, packages, seed=seed)))
     limit = tolerance(model.lm_head.weight.dtype)
     rows = [r for _, section in sections for r in section]
     width = max(len(r.name) for r in rows)
