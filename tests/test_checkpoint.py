@@ -65,6 +65,28 @@ def test_round_trip_is_exact(tmp_path):
     assert torch.equal(model(x).logits, loaded(x).logits)
 
 
+def test_an_interrupted_save_leaves_the_earlier_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C while the weights of another model are written over a saved one: the folder still
+    loads the first model, exactly, and holds no temporary file."""
+    from mom_compile.graphs import checkpoint
+    first = tiny_model(dtype=torch.float32)
+    first.save_pretrained(tmp_path)
+    real = checkpoint.save_file
+
+    def write_half_then_interrupt(state, name, metadata):
+        real(state, name, metadata=metadata)
+        with open(name, "r+b") as f:
+            f.truncate(os.path.getsize(name) // 2)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "save_file", write_half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model(dtype=torch.float32, seed=1, hidden_size=48).save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    loaded = MomForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config == first.config
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_dtype_by_name_and_eval_mode(tmp_path):
     """from_pretrained returns an eval-mode model (Hugging Face's convention) in the dtype asked
     for, by torch.dtype or by name; "auto" keeps the checkpoint's; anything else is named."""

@@ -10,6 +10,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..interrupts import interrupts_held
 from ..ops._checks import FLOAT_DTYPES
 from .config import MomConfig
 
@@ -98,12 +99,23 @@ def load_pretrained(cls, path, dtype=None, device=None):
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
+    """config.json and model.safetensors into the folder `path`. The weights are written under a
+    temporary name, then both files are moved into place with Ctrl-C and SIGTERM held back, so an
+    interrupted save leaves the folder's earlier files or the new ones, never a truncated file or
+    one model's config beside another's weights."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise ValueError(f"path: cannot create folder {os.fspath(path)!r} ({e})") from e
-    model.config.save_pretrained(path)
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop(TIED_HEAD)
-    save_file(state, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+    weights = os.path.join(path, SAFETENSORS_NAME)
+    try:
+        save_file(state, weights + ".tmp", metadata={"format": "pt"})
+        with interrupts_held():
+            os.replace(weights + ".tmp", weights)
+            model.config.save_pretrained(path)
+    finally:
+        if os.path.exists(weights + ".tmp"):
+            os.remove(weights + ".tmp")

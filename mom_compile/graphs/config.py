@@ -182,10 +182,13 @@ class MomConfig:
         return cls(**known, extra=extra)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """config.json into the folder `path`, written under a temporary name and moved into place."""
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        target = os.path.join(path, CONFIG_NAME)
+        with open(target + ".tmp", "w") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
+        os.replace(target + ".tmp", target)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> MomConfig:

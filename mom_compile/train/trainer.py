@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -41,7 +40,6 @@ from .text_data import PackedText
 from .tokenizer import load_tokenizer
 
 METRICS_NAME = "metrics.jsonl"
-FINAL_TMP = ".tmp-final"
 
 
 def run(args) -> None:
@@ -405,18 +403,13 @@ class Trainer:
         self.progress.write(f"step {self.step}: saved {path}")
 
     def _save_final(self) -> None:
-        """The trained model in the reference layout in OUT (process 0 writes; each file is written
-        under a temporary folder and moved into place with os.replace)."""
+        """The trained model in the reference layout in OUT (process 0 writes; save_pretrained
+        moves each file into place whole)."""
         full = full_parameters(self.model, self.world) if self.world.distributed else None
         if self.world.main:
             model = self.model if full is None else _cpu_model(self.config, full)
-            tmp = os.path.join(self.out, FINAL_TMP)
-            shutil.rmtree(tmp, ignore_errors=True)
             try:
-                model.save_pretrained(tmp)
-                for name in sorted(os.listdir(tmp), reverse=True):  # the weights before config.json
-                    os.replace(os.path.join(tmp, name), os.path.join(self.out, name))
-                os.rmdir(tmp)
+                model.save_pretrained(self.out)
             except (OSError, ValueError) as e:  # save_pretrained reports OSErrors as ValueErrors
                 raise TrainError(f"cannot write the final model into {self.out!r} ({e})") from None
             if self.args.plot:
