@@ -272,7 +272,8 @@ def test_failed_verification_leaves_the_earlier_export(tmp_path, monkeypatch, ca
             model.lm_head.weight.add_(1.0)
         return paths, packages, model, manifest
     monkeypatch.setattr(export_main, "_export", export_then_change_the_model)
-    assert export_main.main(["--onnx", str(out), "--verify", "--seed", str(2**64 - 1)]) == export_main.EXIT_MISMATCH
+    code = export_main.main(["--onnx", str(out), "--verify", "--seed", str(2**64 - 1)])
+    assert code == export_main.EXIT_MISMATCH
     printed = capsys.readouterr().out
     assert "verify: FAILED" in printed and "left as it was" in printed, printed
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before

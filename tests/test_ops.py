@@ -457,7 +457,7 @@ def test_memory_decode_refuses_heads_without_keys_or_values(sizes):
     Triton wrapper returned zeros and left the conv history as it was)."""
     args = decode_inputs(**sizes)
     for op in (ops.memory_decode_, ops.memory_decode):
-        with pytest.raises(ValueError, match=r"rec_states: expected \[batch, slots, H, K, V\] with H, K and V"):
+        with pytest.raises(ValueError, match=r"rec_states: expected \[batch, slots, H, K, V\] with H, K"):
             op(*args, 0.7)
 
 
