@@ -52,6 +52,24 @@ def test_state_dict_is_the_reference_layout(overrides):
     assert got == spec_layout(model.config)
 
 
+def test_load_state_dict_names_a_missing_part_of_a_stacked_weight():
+    """One memory's k projection missing: a strict load names that key (not the internal stacked
+    parameter, and no present key as unexpected); a non-strict one loads every other part and
+    keeps that one's current value."""
+    sd = tiny_model(dtype=torch.float32).state_dict()
+    missing = "model.layers.0.attn.k_proj.1.weight"
+    del sd[missing]
+    model = tiny_model(dtype=torch.float32, seed=3)
+    kept = model.state_dict()[missing].clone()
+    with pytest.raises(RuntimeError, match=f'Missing key\\(s\\) in state_dict: "{missing}". *$'):
+        model.load_state_dict(sd)
+    result = model.load_state_dict(sd, strict=False)
+    assert result.missing_keys == [missing] and result.unexpected_keys == []
+    now = model.state_dict()
+    assert torch.equal(now[missing], kept)
+    assert all(torch.equal(now[k], v) for k, v in sd.items())
+
+
 def test_round_trip_is_exact(tmp_path):
     model = tiny_model(dtype=torch.float32)
     model.save_pretrained(tmp_path)

@@ -43,11 +43,19 @@ def stacked_parameter(module: nn.Module, name: str, parts: Sequence[Part], multi
         for (part, _), block in zip(parts, blocks(stacked, parts)):
             state_dict[prefix + part] = block
 
-    def join(module, state_dict, prefix, *unused) -> None:
-        keys = [prefix + part for part, _ in parts]
-        if prefix + name in state_dict or not all(k in state_dict for k in keys):
-            return  # leave the keys as they are: load_state_dict reports what is missing
-        loaded = [state_dict.pop(k) for k in keys]
+    def join(module, state_dict, prefix, local_metadata, strict, missing_keys, *unused) -> None:
+        """The parts back into the stacked tensor. A part the state dict lacks keeps its current
+        value and is reported missing under its own name (strict loads raise, others load the rest)."""
+        if prefix + name in state_dict:
+            return
+        given = [state_dict.get(prefix + part) for part, _ in parts]
+        current = [None] * len(parts)
+        if any(t is None for t in given):  # (a model built on the meta device has no values to keep)
+            like = next((t for t in given if t is not None), getattr(module, name))
+            current = blocks(getattr(module, name).detach().to(device=like.device, dtype=like.dtype), parts)
+            missing_keys.extend(prefix + part for (part, _), t in zip(parts, given) if t is None)
+        loaded = [now if t is None else state_dict.pop(prefix + part)
+                  for (part, _), t, now in zip(parts, given, current)]
         zeros = loaded[0].new_zeros(pad, *loaded[0].shape[1:])
         state_dict[prefix + name] = torch.cat(loaded + [zeros])
 
