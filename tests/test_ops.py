@@ -618,16 +618,20 @@ def scan_rows(n: int) -> tuple[torch.Tensor, ...]:
             torch.rand(n, 1))
 
 
-@pytest.mark.parametrize("call, match", [
+@pytest.mark.parametrize("call, error, match", [
     (lambda: ops.dispatch(torch.zeros(1, 2, 1, dtype=torch.int64), torch.ones(1, 2, dtype=torch.bool), 4.7),
-     "num_memories: expected an integer, got 4.7"),
-    (lambda: ops.gather_rows(*gather_inputs()[:5], 2.5), "split: expected an integer, got 2.5"),
+     TypeError, "num_memories: expected an integer, got 4.7"),
+    (lambda: ops.gather_rows(*gather_inputs()[:5], 2.5), TypeError, "split: expected an integer, got 2.5"),
     (lambda: ops.gated_delta_step(*scan_rows(2), torch.zeros(2, 1, 3, 3), None),
-     "scale: expected a finite number, got None"),
-    (lambda: ops.memory_decode(*decode_inputs(), float("nan")), "scale: expected a finite number, got nan"),
+     TypeError, "scale: expected a finite number, got None"),
+    (lambda: ops.memory_decode(*decode_inputs(), float("nan")), ValueError,
+     "scale: expected a finite number, got nan"),
+    (lambda: ops.gated_rms_norm(*op_inputs("gated_rms_norm", torch.float32)[0][:3], float("inf"),
+                                torch.float32), ValueError, "eps: expected a finite number, got inf"),
     (lambda: ops.gated_rms_norm(*op_inputs("gated_rms_norm", torch.float32)[0][:3], None, torch.float32),
-     "eps: expected a finite number, got None"),
+     TypeError, "eps: expected a finite number, got None"),
 ])
-def test_bad_scalars_name_the_argument(call, match):
-    with pytest.raises(TypeError, match=match):
+def test_bad_scalars_name_the_argument(call, error, match):
+    """Not a number: TypeError; a number that cannot be right (NaN, an infinity): ValueError."""
+    with pytest.raises(error, match=match):
         call()

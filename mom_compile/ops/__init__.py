@@ -2,9 +2,10 @@
 
 Importing this package registers them. Each op has a pure-PyTorch reference kernel (the CPU
 kernel and the test oracle), a fake implementation, and an analytic autograd formula, except
-`dispatch` (index outputs) and the inference-only ones: the decode ops `memory_decode_` and
-`memory_decode`, `route` and `gated_rms_norm` (training traces their formulas). The functions below are their
-checked entry points.
+`dispatch` (index outputs), the inference-only ones (the decode ops `memory_decode_` and
+`memory_decode`, `route` and `gated_rms_norm`: training traces their formulas) and the `*_backward`
+ops, which are the formulas (no double backward). The functions below are their checked entry
+points.
 `table.OPS` lists the ops with their references and CUDA (Triton) kernels; `triton_status()` says
 whether those kernels loaded.
 """

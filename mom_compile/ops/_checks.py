@@ -60,8 +60,10 @@ def check_float(name: str, value) -> float:
     torch.compile it may be symbolic: it passes unchecked."""
     if torch.compiler.is_compiling() or isinstance(value, (torch.SymFloat, torch.SymInt)):
         return value
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a finite number, got {value!r}")
+    if not math.isfinite(value):  # the right type, a wrong value
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
     return float(value)
 
 

@@ -297,14 +297,15 @@ def chunk_gated_delta(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated delta rule over packed segments.
 
-    q, k: [N, H, K]; v: [N, H, V]; g: [N, H] float32 log-decay (<= 0); beta: [N, H];
+    q, k: [N, H, K]; v: [N, H, V]; g: [N, H] float32 (or float64) log-decay, finite, <= 0; beta: [N, H];
     offsets: [S + 1] int64, non-decreasing, offsets[0] = 0, offsets[-1] <= N;
     initial_state: [S, H, K, V] float32 (or float64) or None (zero). scale defaults to K ** -0.5.
     Returns (o [N, H, V] in v's dtype, final state [S, H, K, V] in `state_dtype`: the initial
     state's dtype, else float32, or float64 for float64 inputs).
     When a gradient will be needed it runs `mom::chunk_gated_delta_train`, which keeps the chunk
-    start states and the u_i for the backward (H * (K * V / 64 + V) values a row, in the inputs'
-    dtype) instead of the backward recomputing them; keep_states=False runs `mom::chunk_gated_delta`
+    start states and the u_i for the backward (H * (K * V / 64 + V) values a row, in
+    `operand_dtype`: the inputs', float64 where the arithmetic is) instead of the backward
+    recomputing them; keep_states=False runs `mom::chunk_gated_delta`
     and has the backward recompute them (less memory, one more sequential state pass).
     """
     n, h, dk, dv = check_rows(q, k, v, g, beta)
