@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from gpu_timing import bench, kernel_table  # noqa: E402
-from layer_floor import Card, Floor, Shape, card_for, layer_floor  # noqa: E402
+from layer_floor import Card, Floor, Shape, card_peaks, layer_floor  # noqa: E402
 from peers import SoftmaxAttention  # noqa: E402
 from scan_inputs import scan_inputs  # noqa: E402
 from tree_commit import tree_commit  # noqa: E402
@@ -459,8 +459,7 @@ def main() -> None:
     for t, b, n, name, ms in scan_rows:
         print(f"| {t} | {b} | {n} | {name} | {ms:.2f} |")
     _free()
-    card, known = card_for(device)
-    peaks = card.describe() + ("" if known else f"; {device} not recognised, H100 SXM peaks used")
+    card, peaks = card_peaks(device)
     print(f"\n  floor peaks: {peaks}", flush=True)
     layer_rows, floors = layer_timings(args.ts, args.tokens, not args.no_reference, not args.no_fla,
                                        args.row_budget, card, args.profile)

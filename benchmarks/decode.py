@@ -22,6 +22,7 @@ from gpu_timing import bench, kernel_table
 from tree_commit import tree_commit
 
 from mom_compile import MomConfig, MomForCausalLM
+from mom_compile.cli_args import int_at_least
 from mom_compile.graphs.generation import CudaGraphStep
 
 # eager-graph: the eager step replayed from a CUDA graph, as generate() does without torch.compile
@@ -226,9 +227,9 @@ def inductor_setting(text: str) -> tuple[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--batches", type=int_at_least(1), nargs="+", default=[1, 64])
+    parser.add_argument("--steps", type=int_at_least(1), default=64)
+    parser.add_argument("--prompt", type=int_at_least(1), default=512)
     parser.add_argument("--config", default="340m")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES),
                         help="which ways to run the decode step (default: all; none: skip)")

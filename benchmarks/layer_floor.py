@@ -87,6 +87,13 @@ def card_for(device_name: str) -> tuple[Card, bool]:
     return CARDS["H100 SXM"], False
 
 
+def card_peaks(device_name: str) -> tuple[Card, str]:
+    """(peaks, their description) for a device name; the description says when the card was not
+    recognised and the H100 SXM's peaks stand in."""
+    card, known = card_for(device_name)
+    return card, card.describe() + ("" if known else f"; {device_name} not recognised, H100 SXM peaks used")
+
+
 @dataclass(frozen=True)
 class Shape:
     """The layer's sizes (defaults: the paper's 340M layer) and the run's batch."""

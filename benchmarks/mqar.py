@@ -40,6 +40,7 @@ from tree_commit import tree_commit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mom_compile.cli_args import int_at_least  # noqa: E402
 from mom_compile.train.metrics import read_metrics  # noqa: E402
 from mom_compile.train.mqar import check_mqar  # noqa: E402
 
@@ -74,20 +75,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/mqar", help="output folder (default runs/mqar)")
-    p.add_argument("--budget-steps", type=int, default=1500, help="optimizer steps per run (default 1500)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per (model, length) (default 2)")
+    p.add_argument("--budget-steps", type=int_at_least(1), default=1500,
+                   help="optimizer steps per run (default 1500)")
+    p.add_argument("--seeds", type=int_at_least(1), default=2, help="seeds per (model, length) (default 2)")
     p.add_argument("--gpus", help="comma-separated GPU indices (default: every visible GPU)")
-    p.add_argument("--jobs-per-gpu", type=int, default=6,
+    p.add_argument("--jobs-per-gpu", type=int_at_least(1), default=6,
                    help="runs at once on each GPU, or in all on --device cpu (default 6)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
     p.add_argument("--seq-lens", default="256,512", help="sequence lengths (default 256,512)")
     p.add_argument("--pairs", default="16,32,64,128",
                    help="pair counts, each used where 4 x pairs <= length (default 16,32,64,128)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per step (default 64)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="sequences per step (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    p.add_argument("--vocab", type=int, default=8192, help="vocabulary of models and task (default 8192)")
-    p.add_argument("--eval-samples", type=int, default=512,
+    p.add_argument("--vocab", type=int_at_least(4), default=8192,
+                   help="vocabulary of models and task (default 8192)")
+    p.add_argument("--eval-samples", type=int_at_least(1), default=512,
                    help="held-out sequences per pair count (default 512)")
     p.add_argument("--no-compile", action="store_true", help="train eagerly (no torch.compile warm-up)")
     p.add_argument("--report", action="store_true", help="no training: table and plot from finished runs")
@@ -96,8 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         p.error(f"--models: unknown {unknown}, expected some of {list(MODELS)}")
-    args.seq_lens = [int(t) for t in args.seq_lens.split(",")]
-    args.pairs = [int(n) for n in args.pairs.split(",")]
+    try:
+        args.seq_lens = [int(t) for t in args.seq_lens.split(",")]
+        args.pairs = [int(n) for n in args.pairs.split(",")]
+    except ValueError as e:
+        p.error(f"--seq-lens, --pairs: expected comma-separated integers ({e})")
     for t in args.seq_lens:
         if not pair_counts(t, args.pairs):
             p.error(f"--seq-lens: {t} fits none of --pairs {args.pairs} (needs 4 x pairs <= length)")

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -251,6 +252,16 @@ def check_generation(folder: str, model, sides: dict[str, list[str]], feed: dict
     return rows
 
 
+def gpu_name() -> str:
+    """The first GPU's name as nvidia-smi reports it (without creating a CUDA context here)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.split("\n")[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out or "no GPU found by nvidia-smi"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", help="an export folder (default: export the tiny model)")
@@ -277,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if CUDA in args.providers and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # the CUDA/cuDNN libraries of the pip wheels, before the first CUDA session
     sides = {"A": _providers(args.providers[0]), "B": _providers(args.providers[1])}
-    rows = [f"commit {tree_commit()}; onnxruntime {ort.__version__}: side A = {args.providers[0]}, "
-            f"side B = {args.providers[1]}"]
+    rows = [f"{gpu_name()}; commit {tree_commit()}; onnxruntime {ort.__version__}: side A = "
+            f"{args.providers[0]}, side B = {args.providers[1]}"]
     with open(args.log, "w") as log_file, tempfile.TemporaryDirectory() as tmp:
         def log(line: str) -> None:
             log_file.write(line + "\n")

@@ -69,6 +69,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected at least 1, got {args.rounds}")
     a, b = (torch.randn(PROGRAMS * BV + 4096, device="cuda") for _ in range(2))
     states = [torch.randn(PROGRAMS * K * BV, device="cuda") * 0.01 for _ in range(LAYERS)]
     gemm = (torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16),

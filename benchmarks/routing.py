@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from gpu_timing import bench
-from layer_floor import card_for
+from layer_floor import card_peaks
 from tree_commit import tree_commit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
@@ -75,7 +75,7 @@ def main() -> None:
     weights = torch.rand(b, t, k, device=dev, requires_grad=True)
     d_y = torch.randn(b, t, h, v, device=dev)
 
-    card, _ = card_for(torch.cuda.get_device_name())
+    card, peaks = card_peaks(torch.cuda.get_device_name())
     rows, elems = b * t * k, b * t * k * h * v
     fwd_bytes = elems * 2 + rows * (4 + 8) + elems // k * 4
     bwd_bytes = elems // k * 4 + elems * 2 + rows * (4 + 8) + elems * 2 + rows * 4
@@ -102,7 +102,7 @@ def main() -> None:
                                                           (o_rows, weights), d_y))
         print(f"| combine | {name} | {fwd:.3f} | {both:.3f} |", flush=True)
     fwd_floor, bwd_floor = fwd_bytes / card.bandwidth * 1e3, bwd_bytes / card.bandwidth * 1e3
-    print(f"| combine | floor ({card.describe()}; {fwd_bytes / 1e6:.0f} + {bwd_bytes / 1e6:.0f} MB) "
+    print(f"| combine | floor ({peaks}; {fwd_bytes / 1e6:.0f} + {bwd_bytes / 1e6:.0f} MB) "
           f"| {fwd_floor:.3f} | {fwd_floor + bwd_floor:.3f} |")
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from tree_commit import tree_commit  # noqa: E402
 
 from mom_compile import MomConfig  # noqa: E402
+from mom_compile.cli_args import int_at_least  # noqa: E402
 from mom_compile.train.metrics import read_metrics  # noqa: E402
 
 WARM_UP_STEPS = 10  # excluded from tokens/s: compilation and autotuning happen there
@@ -67,12 +68,15 @@ def train(args, out: Path, gpus: int, config: Path) -> tuple[list[dict], float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/multi_gpu")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8, help="rows per GPU per forward pass (default 8)")
+    p.add_argument("--steps", type=int_at_least(WARM_UP_STEPS + 1), default=50,
+                   help=f"optimizer steps, the first {WARM_UP_STEPS} untimed (default 50)")
+    p.add_argument("--layers", type=int_at_least(1), default=4)
+    p.add_argument("--seq-len", type=int_at_least(1), default=2048)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8,
+                   help="rows per GPU per forward pass (default 8)")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--timeout", type=int, default=300, help="seconds allowed per run (default 300)")
+    p.add_argument("--timeout", type=int_at_least(1), default=300,
+                   help="seconds allowed per run (default 300)")
     args = p.parse_args()
     import torch
 

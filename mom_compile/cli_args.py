@@ -1,6 +1,6 @@
 """Argument types shared by the command-line tools (`python -m mom_compile.train` and
-`python -m mom_compile.export`): each parses one option's text or raises argparse's error, which
-names the option."""
+`python -m mom_compile.export`) and the benchmarks: each parses one option's text or raises
+argparse's error, which names the option."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,19 @@ def seed(text: str) -> int:
     if not -2**63 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"expected an integer in [-2^63, 2^64), got {text}")
     return value
+
+
+def int_at_least(low: int):
+    """An argument type: an integer of at least `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected at least {low}, got {value}")
+        return value
+    return parse
 
 
 def path(text: str) -> str:

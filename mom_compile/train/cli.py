@@ -55,18 +55,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected at least {low}, got {value}")
-        return value
-    return parse
-
-
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -124,21 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--mqar-pairs", type=_pair_counts, metavar="N[,N...]",
                       help="with --task mqar: key-value pairs per sequence, one count drawn per "
                            "sequence (default: seq-len / 8); needs seq-len >= 4 x pairs")
-    data.add_argument("--mqar-vocab", type=_int_at_least(4), metavar="N",
+    data.add_argument("--mqar-vocab", type=cli_args.int_at_least(4), metavar="N",
                       help="with --task mqar: ids used (keys from the lower half, values from the "
                            "upper; default: the model's vocab_size)")
-    data.add_argument("--seq-len", type=_int_at_least(2), metavar="T",
+    data.add_argument("--seq-len", type=cli_args.int_at_least(2), metavar="T",
                       help=f"tokens per sequence (default {d['seq_len']})")
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--steps", type=_int_at_least(1), help=f"optimizer steps (default {d['steps']})")
-    opt.add_argument("--batch-size", type=_int_at_least(1), metavar="B",
+    opt.add_argument("--steps", type=cli_args.int_at_least(1), help=f"optimizer steps (default {d['steps']})")
+    opt.add_argument("--batch-size", type=cli_args.int_at_least(1), metavar="B",
                      help=f"sequences per forward pass on each device (default {d['batch_size']})")
-    opt.add_argument("--grad-accum", type=_int_at_least(1), metavar="A",
+    opt.add_argument("--grad-accum", type=cli_args.int_at_least(1), metavar="A",
                      help=f"forward passes per optimizer step (default {d['grad_accum']})")
     opt.add_argument("--lr", type=_non_negative_float,
                      help=f"peak learning rate of AdamW (default {d['lr']:g}; ~3e-4 suits 340m and 1.3b)")
-    opt.add_argument("--warmup-steps", type=_int_at_least(0), metavar="N",
+    opt.add_argument("--warmup-steps", type=cli_args.int_at_least(0), metavar="N",
                      help="linear warm-up steps, then cosine decay (default: 5%% of --steps)")
     opt.add_argument("--min-lr-ratio", type=_non_negative_float, metavar="R",
                      help=f"the learning rate at the last step, as a fraction of --lr "
@@ -171,16 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "per layer")
     run.add_argument("--seed", type=cli_args.seed,
                      help=f"seed of the weights and the data (default {d['seed']})")
-    run.add_argument("--save-every", type=_int_at_least(0), metavar="N",
+    run.add_argument("--save-every", type=cli_args.int_at_least(0), metavar="N",
                      help=f"write a checkpoint every N steps and at the end, 0 = never "
                           f"(default {d['save_every']})")
-    run.add_argument("--keep-checkpoints", type=_int_at_least(0), metavar="K",
+    run.add_argument("--keep-checkpoints", type=cli_args.int_at_least(0), metavar="K",
                      help=f"keep the newest K checkpoints, 0 = all (default {d['keep_checkpoints']})")
-    run.add_argument("--log-every", type=_int_at_least(1), metavar="N",
+    run.add_argument("--log-every", type=cli_args.int_at_least(1), metavar="N",
                      help=f"report and record metrics every N steps (default {d['log_every']})")
-    run.add_argument("--eval-every", type=_int_at_least(0), metavar="N",
+    run.add_argument("--eval-every", type=cli_args.int_at_least(0), metavar="N",
                      help="with --task mqar: held-out accuracy every N steps, 0 = at the end only (default)")
-    run.add_argument("--eval-samples", type=_int_at_least(1), metavar="N",
+    run.add_argument("--eval-samples", type=cli_args.int_at_least(1), metavar="N",
                      help=f"with --task mqar: held-out sequences per pair count "
                           f"(default {d['eval_samples']})")
     run.add_argument("--plot", action="store_true", default=None,
