@@ -168,6 +168,8 @@ def write_checkpoint(path, config, weights):
     (lambda w: w.update(extra=torch.zeros(1)), "unexpected weight 'extra'"),
     (lambda w: w.update({"model.layers.0.attn.A_log": torch.zeros(3)}),
      r"weight 'model.layers.0.attn.A_log' has shape \[3\], the config expects \[2\]"),
+    (lambda w: w.update({"model.layers.0.attn.A_log": torch.zeros(2, dtype=torch.int64)}),
+     "weight 'model.layers.0.attn.A_log' is torch.int64, expected a floating-point dtype"),
 ])
 def test_bad_weights_are_named(tmp_path, change, message):
     config = tiny_config()
@@ -188,6 +190,15 @@ def test_unsupported_configs_are_named(tmp_path, values, message):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict() | values))
     with pytest.raises(ValueError, match=message):
         MomForCausalLM.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_takes_the_config_file_too(tmp_path):
+    """The path of config.json loads the checkpoint of its folder (MomConfig.from_pretrained
+    takes either, so MomForCausalLM's does too)."""
+    model = tiny_model(dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    loaded = MomForCausalLM.from_pretrained(tmp_path / "config.json")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
 def test_missing_files_are_clear_errors(tmp_path):

@@ -67,6 +67,9 @@ def check_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"checkpoint: weight {name!r} has shape {list(tensor.shape)}, "
                              f"the config expects {list(expected[name])}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"checkpoint: weight {name!r} is {tensor.dtype}, expected a floating-point "
+                             f"dtype ({', '.join(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)})")
 
 
 def _dtype(value) -> torch.dtype | None:
@@ -83,7 +86,8 @@ def _dtype(value) -> torch.dtype | None:
 def load_pretrained(cls, path, dtype=None, device=None):
     dtype = _dtype(dtype)
     config = MomConfig.from_pretrained(path)
-    weights = read_weights(path)
+    # a checkpoint folder, or its config.json (as MomConfig.from_pretrained takes)
+    weights = read_weights(os.path.dirname(path) if os.path.isfile(path) else path)
     if dtype is None:
         dtype = weights["model.embeddings.weight"].dtype if "model.embeddings.weight" in weights \
             else torch.float32
