@@ -86,6 +86,11 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({"hidden_size": 64, "topk": 9, "num_memories": 4}))
     one_line_error(capsys, 1, ["--task", "mqar", "--config-json", tmp_path / "cfg.json", *out], "topk")
     one_line_error(capsys, 1, ["--resume", tmp_path], "--resume", "no checkpoint")
+    (tmp_path / "text.txt").write_text("a b c " * 50)
+    one_line_error(capsys, 1, ["--data", tmp_path / "text.txt", "--eval-every", 5, *out], "--eval-every",
+                   "only with --task mqar")
+    one_line_error(capsys, 1, ["--task", "mqar", "--text-field", "body", *out], "--text-field",
+                   "only with --data")
     one_line_error(capsys, 1, ["--task", "mqar", "--device", "cuda:0", *out] if not torch.cuda.is_available()
                    else ["--task", "mqar", "--device", "tpu", *out], "--device")
     one_line_error(capsys, 1, ["--task", "mqar", "--device", "meta", *out], "--device", "cuda, cuda:N or cpu")

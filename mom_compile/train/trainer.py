@@ -82,11 +82,16 @@ def run(args) -> None:
 
 
 def _settle(args, saved: dict | None):
+    given = {name for name, value in vars(args).items() if value is not None}  # before defaults fill in
     args, conflicts = settle(args, saved["args"] if saved else None)
     if conflicts:
         name = conflicts[0]
         raise TrainError(f"--{name.replace('_', '-')}: the resumed run used {saved['args'][name]!r}, "
                          f"got {getattr(args, name)!r} (a resumed run keeps its data)")
+    if args.task is None and given & {"eval_every", "eval_samples"}:
+        raise TrainError("--eval-every/--eval-samples: only with --task mqar (held-out accuracy of the task)")
+    if args.task is not None and "text_field" in given:
+        raise TrainError(f"--text-field: only with --data (--task {args.task} makes its own tokens)")
     return args
 
 
