@@ -11,7 +11,7 @@ import torch
 from mom_compile.train.data import IGNORE_INDEX, next_token_accuracy
 from mom_compile.train.mqar import Mqar
 from mom_compile.train.optim import warmup_cosine
-from mom_compile.train.text_data import PackedText
+from mom_compile.train.text_data import PackedText, tokenize_files
 from mom_compile.train.tokenizer import ByteTokenizer, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -92,6 +92,21 @@ def test_packed_text_is_the_files_bytes_in_a_seeded_order(tmp_path):
     assert first_epoch != second_epoch  # in a new order
     ids, labels = data.rows(1, 1, 3, CPU)
     assert torch.equal(ids, labels) and torch.equal(ids, data.rows(1, 0, 3, CPU)[0][1:])
+
+
+def test_tokenizing_reports_its_progress(tmp_path):
+    """Tokenizing says it starts, where it stands (here after every document: every_s=0) and what
+    it read, with the token counts of what it returns."""
+    for name, text in (("a.txt", "abc"), ("b.txt", "de")):
+        (tmp_path / name).write_text(text)
+    heard = []
+    tokens = tokenize_files([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], ByteTokenizer(), "text", 2,
+                            heard.append, every_s=0)
+    assert tokens.tolist() == [*b"abc", 2, *b"de", 2]
+    assert heard[0] == "tokenizing 2 file(s)..."
+    assert heard[1].startswith("  4 tokens from 1 documents so far (file 1 of 2")
+    assert heard[2].startswith("  7 tokens from 2 documents so far (file 2 of 2")
+    assert heard[3].startswith("tokenized 7 tokens from 2 documents (") and len(heard) == 4
 
 
 def test_tokenizer_folder(tmp_path):

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .data import derive_seed
 from .errors import TrainError
+from .metrics import format_count, format_duration
 
 
 def read_documents(path: str, text_field: str) -> Iterator[str]:
@@ -41,14 +43,26 @@ def read_documents(path: str, text_field: str) -> Iterator[str]:
             yield record[text_field]
 
 
-def tokenize_files(files: Sequence[str], tokenizer, text_field: str, eos_id: int | None) -> torch.Tensor:
-    """Every document's ids, each followed by eos_id (when not None), as one int64 tensor."""
-    parts = []
+def tokenize_files(files: Sequence[str], tokenizer, text_field: str, eos_id: int | None,
+                   report: Callable[[str], None] | None = None, every_s: float = 10.0) -> torch.Tensor:
+    """Every document's ids, each followed by eos_id (when not None), as one int64 tensor. report,
+    if given, hears where the work stands: at the start, every every_s seconds, and at the end."""
+    report = report or (lambda message: None)
+    parts, tokens, documents = [], 0, 0
     eos = np.array([] if eos_id is None else [eos_id], dtype=np.int64)
-    for path in files:
+    start = last = time.perf_counter()
+    report(f"tokenizing {len(files)} file(s)...")
+    for i, path in enumerate(files):
         for text in read_documents(path, text_field):
             if text:
                 parts += [np.asarray(tokenizer.encode(text), dtype=np.int64), eos]
+                tokens, documents = tokens + parts[-2].size + eos.size, documents + 1
+            if time.perf_counter() - last >= every_s:
+                last = time.perf_counter()
+                report(f"  {format_count(tokens)} tokens from {documents} documents so far (file {i + 1} of "
+                       f"{len(files)}, {format_duration(last - start)})")
+    report(f"tokenized {format_count(tokens)} tokens from {documents} documents "
+           f"({format_duration(time.perf_counter() - start)})")
     return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.int64)
 
 
@@ -56,8 +70,9 @@ class PackedText:
     """Rows of `seq_len` tokens from local files, in a seeded order per epoch."""
 
     def __init__(self, files: Sequence[str], tokenizer, text_field: str, seq_len: int,
-                 global_batch: int, seed: int, vocab_size: int, eos_id: int | None) -> None:
-        tokens = tokenize_files(files, tokenizer, text_field, eos_id)
+                 global_batch: int, seed: int, vocab_size: int, eos_id: int | None,
+                 report: Callable[[str], None] | None = None) -> None:
+        tokens = tokenize_files(files, tokenizer, text_field, eos_id, report)
         if tokens.numel() < seq_len:
             raise TrainError(f"--data: the files hold {tokens.numel()} tokens, fewer than one row of "
                              f"--seq-len {seq_len}")

@@ -222,8 +222,9 @@ class Trainer:
             raise TrainError(f"--tokenizer: {tokenizer.name} has {tokenizer.vocab_size} ids, more than "
                              f"the model's vocab_size {config.vocab_size}")
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+        report = (lambda message: print(message, flush=True)) if self.world.main else None
         return PackedText(a.data, tokenizer, a.text_field, a.seq_len, self.global_batch, a.seed,
-                          config.vocab_size, eos)
+                          config.vocab_size, eos, report)
 
     def _prepare_out(self, resuming: bool) -> None:
         out = self.out
