@@ -38,6 +38,14 @@ def model():
      r"labels: every label must be in \[0, vocab_size=97\) or -100"),
     (dict(input_ids=torch.ones(1, 2, dtype=torch.int64), labels=torch.tensor([[-1, 3]])), RuntimeError,
      "labels: every label must be in"),
+    # another device than the model's (the meta device stands in for a GPU on a CPU-only machine)
+    (dict(input_ids=torch.ones(1, 2, dtype=torch.int64, device="meta")), ValueError,
+     "input_ids: expected a tensor on cpu \\(the model's device\\), got one on meta"),
+    (dict(input_ids=torch.ones(1, 2, dtype=torch.int64), attention_mask=torch.ones(1, 2, device="meta")),
+     ValueError, "attention_mask: expected a tensor on cpu"),
+    (dict(input_ids=torch.ones(1, 2, dtype=torch.int64), labels=torch.ones(1, 2, dtype=torch.int64,
+                                                                        device="meta")),
+     ValueError, "labels: expected a tensor on cpu"),
 ])
 def test_bad_forward_inputs(model, kwargs, error, match):
     with pytest.raises(error, match=match):

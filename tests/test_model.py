@@ -310,6 +310,19 @@ def test_decode_steps_update_the_cache_buffers_in_place(model):
     assert all(not torch.equal(b, s.recurrent) for b, s in zip(before, cache.layers))
 
 
+def test_output_indexes_like_hugging_face_model_outputs(model):
+    """By name, and by position among the fields set, loss first: `model(x, labels=x)[0]` is the
+    loss, `model(x)[0]` the logits; a field not set is a KeyError by name."""
+    x = ids(2, 5)
+    out = model(x, labels=x)
+    assert out[0] is out.loss and out["logits"] is out.logits and out[1] is out.aux_loss
+    assert out.to_tuple() == (out.loss, out.aux_loss, out.logits)
+    plain = model(x, use_cache=True)
+    assert plain[0] is plain.logits and plain[-1] is plain.past_key_values
+    with pytest.raises(KeyError):
+        plain["loss"]
+
+
 def test_gradients_through_a_forward_with_a_cache_stop_at_the_cache():
     """With gradients on, a forward into a cache backpropagates (its start states are kept as
     copies, the cache being rewritten after the scan): from a new cache the gradients are those of

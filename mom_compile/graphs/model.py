@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -87,13 +87,27 @@ class MomModel(nn.Module):
 
 @dataclass
 class MomCausalLMOutput:
-    """What `MomForCausalLM.forward` returns (the Hugging Face field names)."""
+    """What `MomForCausalLM.forward` returns (the Hugging Face field names). As Hugging Face's
+    ModelOutput, it also indexes: by name, or by position among the fields that are not None, in
+    Hugging Face's order (`out[0]` is the loss when labels were given, else the logits)."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     past_key_values: MomCache | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+
+    ORDER: ClassVar[tuple[str, ...]] = ("loss", "aux_loss", "logits", "past_key_values", "router_logits")
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.ORDER if getattr(self, name) is not None)
+
+    def __getitem__(self, key: int | slice | str):
+        if isinstance(key, str):
+            if key not in self.ORDER or getattr(self, key) is None:
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 class MomForCausalLM(nn.Module):
@@ -194,6 +208,12 @@ class MomForCausalLM(nn.Module):
             raise ValueError(f"input_ids: expected a [batch, seq] tensor, got {got}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids: expected an int64 or int32 tensor, got {input_ids.dtype}")
+        device = self.lm_head.weight.device
+        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                             ("labels", labels)):
+            if isinstance(tensor, torch.Tensor) and tensor.device != device:
+                raise ValueError(f"{name}: expected a tensor on {device} (the model's device), got one on "
+                                 f"{tensor.device}")
         b, t = input_ids.shape
         if b == 0 or t == 0:
             raise ValueError(f"input_ids: expected at least one sequence of at least one token, "
