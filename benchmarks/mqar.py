@@ -133,9 +133,21 @@ def train_command(args, job: Job, config: Path, run: Path, device: str) -> list[
     return [str(c) for c in command] + (["--no-compile"] if args.no_compile else [])
 
 
-def finished(run: Path) -> dict | None:
-    """The held-out evaluation of a completed run (made once, at its end), else None; only
-    metrics.jsonl is read, so --report works on a copy of the runs without their model files."""
+# what a run trained with, beside its model, length and seed (its folder's name)
+SETTINGS = ("budget_steps", "batch_size", "lr", "vocab", "eval_samples", "no_compile")
+
+
+def settings(args) -> dict:
+    return {name: getattr(args, name) for name in SETTINGS}
+
+
+def finished(run: Path, args) -> dict | None:
+    """The held-out evaluation of a run completed with these settings (made once, at its end),
+    else None; only metrics.jsonl and settings.json are read, so --report works on a copy of the
+    runs without their model files. A run of other settings is not these results."""
+    recorded = run / "settings.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != settings(args):
+        return None
     evals = [r for r in read_metrics(str(run / "metrics.jsonl")) if "eval_accuracy" in r]
     return evals[-1] if evals else None
 
@@ -153,7 +165,7 @@ def run_all(args, jobs: list[Job], configs: dict[str, Path], out: Path) -> list[
         raise SystemExit("error: --device cuda but no GPU is visible")
     slots = len(gpus) * args.jobs_per_gpu
     threads = max(1, (os.cpu_count() or 1) // slots)
-    todo = [job for job in jobs if finished(out / "runs" / job.name) is None]
+    todo = [job for job in jobs if finished(out / "runs" / job.name, args) is None]
     commit = tree_commit()  # each run records the code it trained with (runs resume across trees)
     where = f"GPUs {','.join(gpus)}" if device == "cuda" else "the CPU"
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; training {len(todo)} on "
@@ -177,6 +189,7 @@ def run_all(args, jobs: list[Job], configs: dict[str, Path], out: Path) -> list[
             shutil.rmtree(run, ignore_errors=True)
             run.mkdir(parents=True)
             (run / "commit.txt").write_text(commit + "\n")
+            (run / "settings.json").write_text(json.dumps(settings(args)) + "\n")
             env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                        OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS=str(threads))
             if gpu is not None:
@@ -202,7 +215,7 @@ def collect(args, jobs: list[Job], out: Path) -> list[dict]:
     rows = []
     for job in jobs:
         run = out / "runs" / job.name
-        final = finished(run)
+        final = finished(run, args)
         if final is None:
             continue
         train = [r for r in read_metrics(str(run / "metrics.jsonl")) if "loss" in r]
@@ -299,7 +312,8 @@ def main(argv=None) -> int:
     print(f"\nwrote {out / 'mqar.md'}, {out / 'results.json'}{png}")
     if len(rows) < len(jobs):
         print(f"{len(jobs) - len(rows)} of {len(jobs)} runs missing or failed: "
-              + ", ".join(j.name for j in failed or jobs if finished(out / "runs" / j.name) is None))
+              + ", ".join(j.name for j in failed or jobs
+                          if finished(out / "runs" / j.name, args) is None))
         return 1
     return 0
 

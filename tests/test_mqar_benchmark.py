@@ -20,11 +20,10 @@ pytest.importorskip("matplotlib")
 
 def test_cpu_smoke_run_reports_the_runs(tmp_path):
     out = tmp_path / "bench"
-    result = subprocess.run(
-        [sys.executable, "benchmarks/mqar.py", "--device", "cpu", "--budget-steps", "2", "--seeds", "1",
-         "--seq-lens", "64", "--pairs", "8,16", "--batch-size", "2", "--eval-samples", "4", "--vocab", "64",
-         "--no-compile", "--jobs-per-gpu", "3", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+    command = [sys.executable, "benchmarks/mqar.py", "--device", "cpu", "--budget-steps", "2", "--seeds", "1",
+               "--seq-lens", "64", "--pairs", "8,16", "--batch-size", "2", "--eval-samples", "4", "--vocab",
+               "64", "--no-compile", "--jobs-per-gpu", "3", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
     assert sorted(r["model"] for r in rows) == ["gdn", "mom4", "mom8"]
@@ -48,3 +47,9 @@ def test_cpu_smoke_run_reports_the_runs(tmp_path):
     commits = {(out / "runs" / f"{r['model']}-T64-seed0" / "commit.txt").read_text().strip() for r in rows}
     assert commits == {r["commit"] for r in rows} == {checkout}
     assert f"trained at commit {checkout}" in table
+    # the same runs are not the results of another budget: a report for 3 steps finds none of them
+    budget = command.index("--budget-steps") + 1
+    other = [*command[:budget], "3", *command[budget + 1:], "--report"]
+    result = subprocess.run(other, capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+    assert result.returncode == 1 and "3 of 3 runs missing or failed" in result.stdout, result.stdout
+    assert json.loads((out / "results.json").read_text()) == []
