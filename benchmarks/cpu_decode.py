@@ -127,16 +127,20 @@ def bench_config(name: str, batches, steps: int, warmup: int, use_aoti: bool, ou
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
     setup = {}
-    start = time.perf_counter()
+
+    def stage(what: str) -> float:  # the exports take minutes at 340m: say what runs
+        print(f"{name}: {what}...", flush=True)
+        return time.perf_counter()
+    start = stage("torch.export of the decode step")
     programs = export_programs(model, graphs=(DECODE,))
     setup["torch.export"] = time.perf_counter() - start
-    start = time.perf_counter()
+    start = stage("ONNX export")
     onnx_path = export_onnx(model, folder, programs=programs, progress=lambda _: None)[DECODE]
     setup["ONNX export"] = time.perf_counter() - start
     peers = {"onnxruntime": partial(ort_peer, onnx_path, config), "eager": partial(torch_peer, model, False),
              "compiled": partial(torch_peer, model, True)}
     if use_aoti:
-        start = time.perf_counter()
+        start = stage("AOTInductor build")
         aoti_path = build_packages(programs, folder, progress=lambda _: None)[DECODE]
         setup["AOTI build"] = time.perf_counter() - start
         peers["AOTInductor"] = partial(aoti_peer, aoti_path)
