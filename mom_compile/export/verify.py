@@ -53,15 +53,15 @@ def _compare(graph: str, names, got, ref) -> list[OutputError]:
     rows = []
     for name, g, r in zip(names, got, ref):
         r = r.detach().double().numpy()
-        if g is None or tuple(g.shape) != r.shape:
-            rows.append(OutputError(graph, name, tuple(r.shape), float("inf"), float("inf")))
-            continue
-        g = g.detach().double().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, dtype=np.float64)
-        if not (np.isfinite(g).all() and np.isfinite(r).all()):
-            rows.append(OutputError(graph, name, tuple(r.shape), float("inf"), float("inf")))
+        if isinstance(g, torch.Tensor):
+            g = g.detach().double().numpy()
+        elif g is not None:
+            g = np.asarray(g, dtype=np.float64)
+        if g is None or g.shape != r.shape or not (np.isfinite(g).all() and np.isfinite(r).all()):
+            rows.append(OutputError(graph, name, r.shape, float("inf"), float("inf")))
             continue
         diff = float(np.abs(g - r).max())
-        rows.append(OutputError(graph, name, tuple(r.shape), diff, diff / max(float(np.abs(r).max()), 1e-30)))
+        rows.append(OutputError(graph, name, r.shape, diff, diff / max(float(np.abs(r).max()), 1e-30)))
     return rows
 
 

@@ -124,8 +124,9 @@ def _prune(root: str, keep: int, written: int) -> None:
     """Keep the newest `keep` checkpoints up to step `written`, the one just saved (0: keep all); a
     deleted one is renamed away first. Later ones, left by a run that was resumed from an earlier
     checkpoint, are neither counted nor deleted: the resumed run replaces each when it saves its step."""
-    steps = sorted(int(n[len(PREFIX):]) for n in os.listdir(root)
-                   if n.startswith(PREFIX) and n[len(PREFIX):].isdigit() and int(n[len(PREFIX):]) <= written)
+    saved = (int(n[len(PREFIX):]) for n in os.listdir(root)
+             if n.startswith(PREFIX) and n[len(PREFIX):].isdigit())
+    steps = sorted(step for step in saved if step <= written)
     names = [checkpoint_name(step) for step in steps]  # by step: step-1000000 follows step-999999
     for name in names[:-keep] if keep > 0 else []:
         doomed = os.path.join(root, TMP + "delete-" + name)

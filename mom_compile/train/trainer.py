@@ -54,10 +54,9 @@ def run(args) -> None:
     if kind == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device: {device!r} asked for, but this torch sees no CUDA device")
     index = torch.device(device).index
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
-        raise TrainError(f"--device: {device!r} asked for, but this machine has "
-                         f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 to "
-                         f"cuda:{torch.cuda.device_count() - 1})")
+    if kind == "cuda" and index is not None and index >= (count := torch.cuda.device_count()):
+        raise TrainError(f"--device: {device!r} asked for, but this machine has {count} CUDA device(s) "
+                         f"(cuda:0 to cuda:{count - 1})")
     world = init_world(device)
     trainer = None
     try:
