@@ -9,9 +9,21 @@ import signal
 import threading
 from collections.abc import Iterator
 
+_received: list[int] = []  # the signals _interrupt turned into KeyboardInterrupt in this block
+
 
 def _interrupt(signum, frame):
+    _received.append(signum)
     raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if a signal arrived within `sigterm_as_interrupt` whose
+    KeyboardInterrupt was lost: raised inside a callback (a weakref's, an import lock's), it is
+    printed as "Exception ignored" and the program carries on. Call it before a step that must not
+    follow an interruption (publishing an export)."""
+    if _received:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -36,15 +48,20 @@ def interrupts_held() -> Iterator[None]:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt (only the main thread may set handlers)."""
+    """Within the block, SIGTERM (and Ctrl-C) raise KeyboardInterrupt, noted for `check_interrupted`;
+    one lost on the way is raised when the block ends (only the main thread may set handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    _received.clear()
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+        check_interrupted()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _received.clear()
 
 
 def caused_by_interrupt(error: BaseException) -> bool:

@@ -83,6 +83,36 @@ def test_terminated_export_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_an_interrupt_lost_in_a_callback_still_stops_the_command():
+    """SIGTERM delivered while Python runs a weakref callback (or an import lock's, as a terminated
+    export once met): its KeyboardInterrupt is printed as "Exception ignored" and the code carries
+    on, so check_interrupted raises it again, and so does the end of the block."""
+    import weakref
+
+    from mom_compile.interrupts import check_interrupted, sigterm_as_interrupt
+
+    class Thing:
+        pass
+
+    def terminate_inside(_):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler's KeyboardInterrupt is raised here, in the callback
+    carried_on = []
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            thing = Thing()
+            ref = weakref.ref(thing, terminate_inside)
+            del thing  # runs the callback; Python swallows what it raises
+            carried_on.append(ref() is None)
+            check_interrupted()
+            carried_on.append("past the check")
+    assert carried_on == [True]
+    with pytest.raises(KeyboardInterrupt):  # without a check, the block's end raises it
+        with sigterm_as_interrupt():
+            ref = weakref.ref(Thing(), terminate_inside)
+    check_interrupted()  # a new block starts clean: nothing pending after the last one
+
+
 def test_ctrl_c_while_replacing_an_export_waits_for_every_file(tmp_path, monkeypatch):
     """A signal while an export replaces an earlier one in OUT is held back until all of it is in:
     a swap stopped halfway would leave one model's graphs beside the other's model.json."""

@@ -19,7 +19,7 @@ import time
 import warnings
 
 from .. import cli_args
-from ..interrupts import caused_by_interrupt, interrupts_held, sigterm_as_interrupt
+from ..interrupts import caused_by_interrupt, check_interrupted, interrupts_held, sigterm_as_interrupt
 from .tensorrt_engine import ENGINE_FILES
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_MISMATCH = 2, 1, 3
@@ -324,6 +324,7 @@ def run(args) -> int:
         # verified where written: an export that fails --verify is not published
         code = _verify(model, paths, packages, args) if args.verify else 0
         if code == 0:
+            check_interrupted()  # an interruption lost on the way still stops the export here
             staging.publish()
     finally:
         staging.discard()
