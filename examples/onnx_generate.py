@@ -70,7 +70,7 @@ def main() -> int:
         ids, mask = left_pad(prompts, pad)
         out = gen.generate(ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           eos_token_id=gen.manifest.get("eos_token_id"), seed=args.seed)
+                           seed=args.seed)
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

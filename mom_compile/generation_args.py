@@ -40,12 +40,15 @@ def _integer(value: Any) -> bool:
 def check_generate_args(
     input_ids: Any, attention_mask: Any, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
     eos_token_id: Any, pad_token_id: Any, vocab_size: int, default_pad_token_id: int | None,
+    default_eos_token_id: int | None,
 ) -> tuple[list[int], int]:
     """Raise a ValueError naming the first bad argument; return (eos ids, pad id).
 
     input_ids and attention_mask are arrays (torch or numpy) already: [batch, seq] int64/int32 ids
     in [0, vocab_size), and a mask of the same shape of 0/1 integers or bools whose last column is
-    all 1 (left padding). The pad id defaults to default_pad_token_id, else the first eos id, else 0.
+    all 1 (left padding). As in Hugging Face's generate, eos_token_id None means the model's
+    default_eos_token_id (none if that is None); an empty list means no eos (always max_new_tokens).
+    The pad id defaults to default_pad_token_id, else the first eos id, else 0.
     Costs the host one look at the ids' range and two at the mask (its values, its last column)."""
     if not _integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
@@ -78,10 +81,12 @@ def check_generate_args(
             raise ValueError("attention_mask: generate expects left padding (the last column all 1); "
                              "a right-padded prompt would continue from a padding position")
 
-    eos = [] if eos_token_id is None else [eos_token_id] if _integer(eos_token_id) else eos_token_id
+    if eos_token_id is None:
+        eos_token_id = [] if default_eos_token_id is None else default_eos_token_id
+    eos = [eos_token_id] if _integer(eos_token_id) else eos_token_id
     if not isinstance(eos, Sequence) or not all(_integer(i) and 0 <= i < vocab_size for i in eos):
-        raise ValueError(f"eos_token_id: expected an id or a list of ids in [0, {vocab_size}) or None, "
-                         f"got {eos_token_id!r}")
+        raise ValueError(f"eos_token_id: expected an id or a list of ids in [0, {vocab_size}) ([] for "
+                         f"none, None for the model's), got {eos_token_id!r}")
     if pad_token_id is None:
         pad_token_id = default_pad_token_id if default_pad_token_id is not None else ([*eos, 0])[0]
     if not _integer(pad_token_id) or not 0 <= pad_token_id < vocab_size:

@@ -93,3 +93,26 @@ def test_both_generators_give_the_same_tokens(tiny_onnx):
     ref = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[3, 4])
     got = OnnxGenerator(folder).generate(ids, mask, max_new_tokens=12, eos_token_id=[3, 4])
     np.testing.assert_array_equal(got, ref.numpy())
+
+
+def test_default_eos_is_the_models(tiny_onnx, monkeypatch):
+    """Without eos_token_id both generators stop at the model's (its config's, the export's
+    manifest's), as Hugging Face's generate does; [] generates max_new_tokens whatever comes."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    from mom_compile.export.runtime import OnnxGenerator
+
+    model, folder, _ = tiny_onnx(18)
+    gen = OnnxGenerator(folder)
+    ids, mask = [[9, 4, 7, 1], [0, 0, 3, 8]], [[1, 1, 1, 1], [0, 0, 1, 1]]
+    free = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[]).numpy()
+    assert free.shape == (2, 16)
+    eos = int(free[0, 5])  # row 0's second generated token: row 0 stops there
+    monkeypatch.setattr(model.config, "eos_token_id", eos)
+    monkeypatch.setitem(gen.manifest, "eos_token_id", eos)
+    for run in (lambda **kw: model.generate(ids, mask, max_new_tokens=12, **kw).numpy(),
+                lambda **kw: gen.generate(ids, mask, max_new_tokens=12, **kw)):
+        default = run()
+        np.testing.assert_array_equal(default, run(eos_token_id=eos))
+        assert not np.array_equal(default, free)  # it stopped: row 0 pads after its eos
+        np.testing.assert_array_equal(run(eos_token_id=[]), free)

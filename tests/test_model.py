@@ -250,7 +250,7 @@ def test_generate_into_a_reused_cache_equals_a_fresh_one(model):
 @pytest.mark.parametrize("new", [6, 20])  # below and above the steps between two looks at the end
 def test_generate_stops_at_eos_and_pads_finished_rows(model, new):
     x = ids(2, 4)
-    free = model.generate(x, max_new_tokens=new)
+    free = model.generate(x, max_new_tokens=new, eos_token_id=[])
     eos = int(free[0, 5])  # the second generated token of row 0
     got = model.generate(x, max_new_tokens=new, eos_token_id=eos, pad_token_id=0)
     expect = []
@@ -282,7 +282,7 @@ def test_generate_with_eos_looks_at_the_host_once_per_check_interval(model, monk
     from mom_compile.graphs.generation import CHECK_EVERY
 
     x, new = ids(2, 4), 3 * CHECK_EVERY
-    base, free = _host_syncs(monkeypatch, lambda: model.generate(x, max_new_tokens=new))
+    base, free = _host_syncs(monkeypatch, lambda: model.generate(x, max_new_tokens=new, eos_token_id=[]))
     never = next(i for i in range(TINY_VOCAB) if i not in free[:, 4:])
     syncs, got = _host_syncs(monkeypatch, lambda: model.generate(x, max_new_tokens=new, eos_token_id=never))
     assert torch.equal(got, free)

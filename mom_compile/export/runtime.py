@@ -85,13 +85,15 @@ class Generator:
                  top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, seed: int | None = None) -> np.ndarray:
         """Token ids [B, T + n] int64: the prompt, then n <= max_new_tokens generated ids (fewer
-        once every sequence has produced an eos id). input_ids [B, T] and attention_mask (1 =
-        token, 0 = left padding) are numpy arrays or nested lists; seed seeds the sampling."""
+        once every sequence has produced an eos id: by default the exported model's, `[]` for none).
+        input_ids [B, T] and attention_mask (1 = token, 0 = left padding) are numpy arrays or nested
+        lists; seed seeds the sampling."""
         input_ids = _as_numpy("input_ids", input_ids)
         attention_mask = None if attention_mask is None else _as_numpy("attention_mask", attention_mask)
         eos, pad_token_id = check_generate_args(
             input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-            pad_token_id, self.manifest["vocab_size"], self.manifest["pad_token_id"])
+            pad_token_id, self.manifest["vocab_size"], self.manifest["pad_token_id"],
+            self.manifest["eos_token_id"])
         if seed is not None and (not isinstance(seed, numbers.Integral) or seed < 0):
             raise ValueError(f"seed: expected an integer >= 0 or None, got {seed!r}")
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)

@@ -129,20 +129,21 @@ def generate(
     cache: MomCache | None = None,
 ) -> torch.Tensor:
     """Batched generation with left padding. Returns [B, T + n] ids, n <= max_new_tokens: it stops
-    early once every sequence has produced an eos id; a finished sequence is filled with
-    pad_token_id (default: the config's, else the first eos id). input_ids and attention_mask may
-    also be nested lists (made tensors on the model's device). cuda_graph: replay the decode step
-    from a CUDA graph (`CudaGraphStep`); default: on CUDA when `forward` is not compiled and the
-    Triton kernels loaded. cache: a `model.new_cache(batch)` to generate into, reset first (default:
-    a new one each call); passing the same one to every call keeps the states at fixed addresses,
-    so that a forward compiled with mode="reduce-overhead" replays its prefill and decode-step
-    graphs instead of recording them again."""
+    early once every sequence has produced an eos id (eos_token_id: by default the config's, as in
+    Hugging Face's generate; `[]` for none, which always gives max_new_tokens); a finished sequence
+    is filled with pad_token_id (default: the config's, else the first eos id). input_ids and
+    attention_mask may also be nested lists (made tensors on the model's device). cuda_graph:
+    replay the decode step from a CUDA graph (`CudaGraphStep`); default: on CUDA when `forward` is
+    not compiled and the Triton kernels loaded. cache: a `model.new_cache(batch)` to generate into,
+    reset first (default: a new one each call); passing the same one to every call keeps the
+    states at fixed addresses, so that a forward compiled with mode="reduce-overhead" replays its
+    prefill and decode-step graphs instead of recording them again."""
     config = model.config
     input_ids = _as_tensor("input_ids", input_ids, model)
     attention_mask = None if attention_mask is None else _as_tensor("attention_mask", attention_mask, model)
     eos, pad_token_id = check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k,
                                             top_p, eos_token_id, pad_token_id, config.vocab_size,
-                                            config.pad_token_id)
+                                            config.pad_token_id, config.eos_token_id)
     if cuda_graph is None:  # the reference kernels (Triton missing) sync with the host: no capture
         cuda_graph = input_ids.is_cuda and not _is_compiled(model) and triton_status().available
     elif cuda_graph and not input_ids.is_cuda:
