@@ -10,7 +10,8 @@ on multi-query associative recall (Zoology's MQAR, mom_compile/train/mqar.py) at
 of steps on a mix of 16 .. T/4 key-value pairs per sequence, then scored on held-out sequences for
 each pair count (accuracy on the asked keys' values). The runs are independent processes, several
 per GPU (the models are tiny), spread over --gpus; each writes OUT/runs/<model>-T<len>-seed<s>/
-(log.txt, metrics.jsonl, commit.txt: the commit it trained with, the final model). At the end: a
+(log.txt, metrics.jsonl, commit.txt and device.txt: the commit and the card it trained with, the
+final model). At the end: a
 table (printed, OUT/mqar.md for benchmarks/RESULTS.md), OUT/results.json and OUT/mqar.png
 (accuracy vs pairs, one line per model).
 
@@ -189,6 +190,7 @@ def run_all(args, jobs: list[Job], configs: dict[str, Path], out: Path) -> list[
             shutil.rmtree(run, ignore_errors=True)
             run.mkdir(parents=True)
             (run / "commit.txt").write_text(commit + "\n")
+            (run / "device.txt").write_text((torch.cuda.get_device_name(int(gpu)) if gpu else "CPU") + "\n")
             (run / "settings.json").write_text(json.dumps(settings(args)) + "\n")
             env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                        OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS=str(threads))
@@ -219,9 +221,9 @@ def collect(args, jobs: list[Job], out: Path) -> list[dict]:
         if final is None:
             continue
         train = [r for r in read_metrics(str(run / "metrics.jsonl")) if "loss" in r]
-        recorded = run / "commit.txt"
-        commit = recorded.read_text().strip() if recorded.exists() else "not recorded"
-        rows.append(dict(model=job.model, seq_len=job.seq_len, seed=job.seed, commit=commit,
+        commit, device = (f.read_text().strip() if f.exists() else "not recorded"
+                          for f in (run / "commit.txt", run / "device.txt"))
+        rows.append(dict(model=job.model, seq_len=job.seq_len, seed=job.seed, commit=commit, device=device,
                          steps=train[-1]["step"], final_loss=train[-1]["loss"],
                          train_seconds=train[-1]["elapsed_s"], accuracy=final["eval_accuracy"],
                          accuracy_by_pairs=final["eval_accuracy_by_pairs"]))
@@ -243,7 +245,8 @@ def summarize(args, rows: list[dict]) -> tuple[list[str], dict]:
     lines = [f"MQAR held-out accuracy on the asked keys (mean ± std over {len(seeds)} seed(s)); "
              f"d=128, 2 layers, vocab {args.vocab}; {args.budget_steps} steps x {args.batch_size} "
              f"sequences, lr {args.lr:g}, each length trained on a mix of its pair counts; trained at "
-             f"commit {', '.join(sorted({r['commit'] for r in rows})) or '-'}",
+             f"commit {', '.join(sorted({r['commit'] for r in rows})) or '-'} on "
+             f"{', '.join(sorted({r['device'] for r in rows})) or '-'}",
              "", "| length | pairs | " + " | ".join(MODELS[m][0] for m in args.models) + " |",
              "| --- | --- | " + " | ".join("---" for _ in args.models) + " |"]
     for seq_len in args.seq_lens:

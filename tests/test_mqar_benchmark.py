@@ -46,7 +46,8 @@ def test_cpu_smoke_run_reports_the_runs(tmp_path):
     checkout = tree_commit(Path(ROOT))
     commits = {(out / "runs" / f"{r['model']}-T64-seed0" / "commit.txt").read_text().strip() for r in rows}
     assert commits == {r["commit"] for r in rows} == {checkout}
-    assert f"trained at commit {checkout}" in table
+    assert f"trained at commit {checkout} on CPU" in table
+    assert {(out / "runs" / f"{r['model']}-T64-seed0" / "device.txt").read_text() for r in rows} == {"CPU\n"}
     # the same runs are not the results of another budget: a report for 3 steps finds none of them
     budget = command.index("--budget-steps") + 1
     other = [*command[:budget], "3", *command[budget + 1:], "--report"]
