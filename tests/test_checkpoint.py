@@ -105,6 +105,21 @@ def test_an_interrupted_save_leaves_the_earlier_checkpoint(tmp_path, monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), loaded.state_dict().values()))
 
 
+def test_a_config_json_cannot_hold_leaves_the_earlier_checkpoint(tmp_path):
+    """A save that fails on the config (a value JSON cannot hold in `extra`) raises before any
+    file is replaced: the folder still loads the first model and holds no temporary file."""
+    first = tiny_model(dtype=torch.float32)
+    first.save_pretrained(tmp_path)
+    other = tiny_model(dtype=torch.float32, seed=1, hidden_size=48)
+    other.config.extra["torch_dtype"] = torch.float32
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        other.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    loaded = MomForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config == first.config
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_dtype_by_name_and_eval_mode(tmp_path):
     """from_pretrained returns an eval-mode model (Hugging Face's convention) in the dtype asked
     for, by torch.dtype or by name; "auto" keeps the checkpoint's; anything else is named."""

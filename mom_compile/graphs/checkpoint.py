@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from ..interrupts import interrupts_held
 from ..ops._checks import FLOAT_DTYPES
-from .config import MomConfig
+from .config import CONFIG_NAME, MomConfig
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -103,10 +103,10 @@ def load_pretrained(cls, path, dtype=None, device=None):
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
-    """config.json and model.safetensors into the folder `path`. The weights are written under a
-    temporary name, then both files are moved into place with Ctrl-C and SIGTERM held back, so an
-    interrupted save leaves the folder's earlier files or the new ones, never a truncated file or
-    one model's config beside another's weights."""
+    """config.json and model.safetensors into the folder `path`. Both are written under temporary
+    names, then moved into place with Ctrl-C and SIGTERM held back, so an interrupted or failed save
+    leaves the folder's earlier files or the new ones, never a truncated file or one model's config
+    beside another's weights."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -114,12 +114,14 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop(TIED_HEAD)
-    weights = os.path.join(path, SAFETENSORS_NAME)
+    files = [os.path.join(path, name) for name in (CONFIG_NAME, SAFETENSORS_NAME)]
     try:
-        save_file(state, weights + ".tmp", metadata={"format": "pt"})
+        model.config.to_json_file(files[0] + ".tmp")
+        save_file(state, files[1] + ".tmp", metadata={"format": "pt"})
         with interrupts_held():
-            os.replace(weights + ".tmp", weights)
-            model.config.save_pretrained(path)
+            for file in files:
+                os.replace(file + ".tmp", file)
     finally:
-        if os.path.exists(weights + ".tmp"):
-            os.remove(weights + ".tmp")
+        for file in files:
+            if os.path.exists(file + ".tmp"):
+                os.remove(file + ".tmp")

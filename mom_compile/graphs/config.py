@@ -181,14 +181,23 @@ class MomConfig:
         extra = {k: v for k, v in values.items() if k not in names and k not in _WRITTEN_KEYS}
         return cls(**known, extra=extra)
 
+    def to_json_file(self, file: str | os.PathLike) -> None:
+        """The config as JSON into `file` (Hugging Face's name); a config that JSON cannot hold
+        raises before the file is opened."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        with open(file, "w") as f:
+            f.write(text)
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """config.json into the folder `path`, written under a temporary name and moved into place."""
         os.makedirs(path, exist_ok=True)
         target = os.path.join(path, CONFIG_NAME)
-        with open(target + ".tmp", "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(target + ".tmp", target)
+        try:
+            self.to_json_file(target + ".tmp")
+            os.replace(target + ".tmp", target)
+        finally:
+            if os.path.exists(target + ".tmp"):
+                os.remove(target + ".tmp")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> MomConfig:
