@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -68,6 +69,48 @@ def test_load_state_dict_names_a_missing_part_of_a_stacked_weight():
     now = model.state_dict()
     assert torch.equal(now[missing], kept)
     assert all(torch.equal(now[k], v) for k, v in sd.items())
+
+
+def test_load_state_dict_names_a_stacked_weights_misshapen_part():
+    """A part of the wrong shape is named in the error (not the internal stacked parameter, nor a
+    bare concatenation error), and nothing of that parameter changes."""
+    model = tiny_model(dtype=torch.float32)
+    before = model.state_dict()
+    key = "model.layers.0.attn.q_proj.weight"
+    for cut in (lambda w: w[:, :-1], lambda w: w[1:]):  # a column short, a row short
+        sd = tiny_model(dtype=torch.float32, seed=3).state_dict()
+        sd[key] = cut(sd[key])
+        expected = f"size mismatch for {key}: copying a param with shape {list(sd[key].shape)}"
+        with pytest.raises(RuntimeError, match=re.escape(expected)) as error:
+            model.load_state_dict(sd, strict=False)
+        assert "in_proj" not in str(error.value)
+        assert torch.equal(model.state_dict()[key], before[key])
+
+
+def test_meta_model_loads_a_partial_state_dict():
+    """The low-memory pattern: a model built on the meta device, loaded with assign=True. With a
+    stacked weight's part missing, a non-strict load reports it by name and loads every other
+    part; the missing one is zeros (the meta device holds no value to keep)."""
+    sd = tiny_model(dtype=torch.float32).state_dict()
+    missing = "model.layers.0.attn.k_proj.1.weight"
+    del sd[missing]
+    with torch.device("meta"):
+        model = MomForCausalLM(tiny_model(dtype=torch.float32).config)
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    assert result.missing_keys == [missing] and result.unexpected_keys == []
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in sd.items())
+    assert not now[missing].is_meta and not now[missing].any()
+
+
+def test_a_model_pickles(tmp_path):
+    """torch.save(model) and torch.load give the same model (the state-dict hooks pickle too)."""
+    model = tiny_model(dtype=torch.float32)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    x = ids(2, 5)
+    assert torch.equal(model(x).logits, loaded(x).logits)
 
 
 def test_round_trip_is_exact(tmp_path):

@@ -12,6 +12,7 @@ Hopper's fast kernels only when that stride is a multiple of 16 bytes.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -31,37 +32,46 @@ def stacked_parameter(module: nn.Module, name: str, parts: Sequence[Part], multi
     if len(tails) != 1:
         raise ValueError(f"parts: stacked weights must agree beyond dim 0, got shapes {parts}")
     tail = tails.pop()
-    rows = [shape[0] for _, shape in parts]
-    pad = -sum(rows) % multiple_of
-    param = nn.Parameter(torch.empty(sum(rows) + pad, *tail))
+    rows = sum(shape[0] for _, shape in parts)
+    param = nn.Parameter(torch.empty(rows - rows % -multiple_of, *tail))
     with torch.no_grad():
         padding(param, parts).zero_()
     module.register_parameter(name, param)
-
-    def split(module, state_dict, prefix, local_metadata) -> None:
-        stacked = state_dict.pop(prefix + name)
-        for (part, _), block in zip(parts, blocks(stacked, parts)):
-            state_dict[prefix + part] = block
-
-    def join(module, state_dict, prefix, local_metadata, strict, missing_keys, *unused) -> None:
-        """The parts back into the stacked tensor. A part the state dict lacks keeps its current
-        value and is reported missing under its own name (strict loads raise, others load the rest)."""
-        if prefix + name in state_dict:
-            return
-        given = [state_dict.get(prefix + part) for part, _ in parts]
-        current = [None] * len(parts)
-        if any(t is None for t in given):  # (a model built on the meta device has no values to keep)
-            like = next((t for t in given if t is not None), getattr(module, name))
-            current = blocks(getattr(module, name).detach().to(device=like.device, dtype=like.dtype), parts)
-            missing_keys.extend(prefix + part for (part, _), t in zip(parts, given) if t is None)
-        loaded = [now if t is None else state_dict.pop(prefix + part)
-                  for (part, _), t, now in zip(parts, given, current)]
-        zeros = loaded[0].new_zeros(pad, *loaded[0].shape[1:])
-        state_dict[prefix + name] = torch.cat(loaded + [zeros])
-
-    module.register_state_dict_post_hook(split)
-    module.register_load_state_dict_pre_hook(join)
+    # partials of module-level functions, so that the module still pickles (torch.save(model))
+    module.register_state_dict_post_hook(functools.partial(_split, name=name, parts=parts))
+    module.register_load_state_dict_pre_hook(functools.partial(_join, name=name, parts=parts))
     return param
+
+
+def _split(module, state_dict, prefix, local_metadata, *, name: str, parts: list[Part]) -> None:
+    """state_dict(): the stacked tensor as its parts."""
+    stacked = state_dict.pop(prefix + name)
+    for (part, _), block in zip(parts, blocks(stacked, parts)):
+        state_dict[prefix + part] = block
+
+
+def _join(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+          *, name: str, parts: list[Part]) -> None:
+    """load_state_dict(): the parts back into the stacked tensor. A part the state dict lacks keeps
+    its current value (zeros on the meta device, which has none) and is reported missing under its
+    own name; a part of the wrong shape is reported under its own name, and the load raises."""
+    if prefix + name in state_dict:
+        return
+    current = getattr(module, name).detach()
+    given = [state_dict.pop(prefix + part, None) for part, _ in parts]
+    missing_keys.extend(prefix + part for (part, _), t in zip(parts, given) if t is None)
+    wrong = [f"size mismatch for {prefix}{part}: copying a param with shape {list(t.shape)} from "
+             f"checkpoint, the shape in current model is {list(shape)}."
+             for (part, shape), t in zip(parts, given) if t is not None and tuple(t.shape) != tuple(shape)]
+    error_msgs.extend(wrong)
+    like = next((t for t in given if t is not None), None)
+    if wrong or like is None:  # nothing to join: the parameter stays as it is
+        state_dict[prefix + name] = current
+        return
+    kept = torch.zeros_like(current, device=like.device, dtype=like.dtype) if current.is_meta else \
+        current.to(device=like.device, dtype=like.dtype)
+    joined = [now if t is None else t for t, now in zip(given, blocks(kept, parts))]
+    state_dict[prefix + name] = torch.cat(joined + [torch.zeros_like(padding(kept, parts))])
 
 
 def blocks(param: torch.Tensor, parts: Sequence[Part]) -> list[torch.Tensor]:
