@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mom_compile import ops
+from mom_compile import MomForCausalLM, ops
+from mom_compile.graphs.stacked import padding
 from mom_compile.ops.chunk_gated_delta import residual_shapes
 
 import oracle
-from models import TINY_VOCAB, ids, tiny_model
+from models import TINY_VOCAB, ids, tiny_config, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
@@ -213,6 +215,52 @@ def test_gradient_checkpointing_keeps_less_and_changes_no_gradient():
     assert len(residuals) == 2 and kept - kept_s == sum(residuals), (kept, kept_s, residuals)
     with pytest.raises(ValueError, match="scope: expected one of"):
         model.gradient_checkpointing_enable("layers")
+
+
+def test_gradient_checkpointing_with_a_cache_warns():
+    """use_cache=True under gradient checkpointing runs without a cache and says so (Hugging Face's
+    behaviour): same loss, the blocks still recomputed. With a cache passed in, checkpointing
+    cannot apply (the blocks update it in place) and the warning says that instead."""
+    model = tiny_model().train()
+    model.gradient_checkpointing_enable()
+    x = ids(2, 6)
+    plain = model(x, labels=x)
+    with pytest.warns(UserWarning, match="use_cache=True is incompatible with gradient checkpointing"):
+        cached = model(x, labels=x, use_cache=True)
+    assert cached.past_key_values is None and torch.equal(cached.loss, plain.loss)
+    assert cached.loss.grad_fn.name() == plain.loss.grad_fn.name()
+    with pytest.warns(UserWarning, match="gradient checkpointing does not apply to a forward with "
+                                         "past_key_values"):
+        out = model(x, labels=x, past_key_values=model.new_cache(2))
+    assert torch.allclose(out.loss, plain.loss)
+    with warnings.catch_warnings():  # evaluation: nothing to warn about
+        warnings.simplefilter("error")
+        model.eval()
+        model(x, use_cache=True)
+
+
+def test_reset_parameters_initialises_a_meta_built_model():
+    """The meta-device pattern (build on meta, to_empty, reset_parameters) leaves no parameter
+    uninitialised: every one is finite after starting as NaN, norms are ones, the stacked weight's
+    padding rows zero, the head tied again, and each weight's spread is a new model's."""
+    config = tiny_config(tie_word_embeddings=True)
+    fresh = MomForCausalLM(config)
+    with torch.device("meta"):
+        model = MomForCausalLM(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.reset_parameters()
+    assert model.lm_head.weight is model.model.embeddings.weight
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.isfinite(p).all(), name
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif p.numel() > 16:
+            assert 0.7 < (p.std() / q.std()).item() < 1.4, name
+    layer = model.model.layers[0].attn
+    assert not padding(layer.in_proj, layer._in_parts()).any()
 
 
 def greedy_by_hand(model, x, mask, steps):

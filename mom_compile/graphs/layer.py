@@ -107,7 +107,7 @@ class MomLayer(nn.Module):
         for p in (self.conv_weight, self.conv_bias):
             if p is not None:
                 p.uniform_(-bound, bound)
-        self.o_norm.weight.fill_(1.0)
+        self.o_norm.reset_parameters()
 
     # -- forward -------------------------------------------------------------------------------
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -3,6 +3,7 @@ causal-LM head."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
@@ -110,6 +111,18 @@ class MomCausalLMOutput:
         return self.to_tuple()[key]
 
 
+def _warn(message: str) -> None:
+    if not torch.compiler.is_compiling():
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _reset_submodules(module: nn.Module) -> None:
+    for child in module.children():
+        _reset_submodules(child)
+        if hasattr(child, "reset_parameters"):
+            child.reset_parameters()
+
+
 class MomForCausalLM(nn.Module):
     """MoM causal language model with the Hugging Face calling conventions.
 
@@ -123,13 +136,21 @@ class MomForCausalLM(nn.Module):
         self.config = config
         self.model = MomModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.reset_parameters()
+        self._init_weights()  # the token mixers and norms initialised themselves
         self.tie_weights()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The reference initialisation: N(0, initializer_range) for embeddings, MLPs and the head
-        (the token mixers initialise themselves)."""
+        """Every parameter as a new model initialises it, e.g. after building on the meta device and
+        `to_empty()`: each submodule's own reset_parameters (the inner ones first, so that a module's
+        initialisation of its children's weights wins), then the model's; the head tied again."""
+        _reset_submodules(self)
+        self._init_weights()
+        self.tie_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """The reference initialisation of embeddings, MLPs and the head: N(0, initializer_range)."""
         std = self.config.initializer_range
         weights = [self.lm_head.weight, self.model.embeddings.weight] + [
             p for block in self.model.layers for p in block.mlp.parameters()]
@@ -183,6 +204,16 @@ class MomForCausalLM(nn.Module):
             raise ValueError(f"logits_to_keep: expected an int >= 0, got {logits_to_keep!r}")
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep: the loss needs every position's logits; pass 0 with labels")
+        if self.model.gradient_checkpointing and self.training and torch.is_grad_enabled() and \
+                (use_cache or past_key_values is not None):
+            # a block recomputed in the backward would update an in-place cache a second time
+            if past_key_values is None:  # as Hugging Face's models do
+                _warn("use_cache=True is incompatible with gradient checkpointing; running with "
+                      "use_cache=False")
+                use_cache = False
+            else:
+                _warn("gradient checkpointing does not apply to a forward with past_key_values (its "
+                      "blocks update the cache in place): this forward keeps every block's activations")
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache(input_ids.shape[0], device=input_ids.device)
         hidden, router_logits = self.model(input_ids, mask, past_key_values)

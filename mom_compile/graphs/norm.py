@@ -15,6 +15,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`rms_norm` rounded to x's dtype. Eager, with the weight in x's dtype, torch's rms_norm
         does it in one launch (float32 inside, one rounding) where casting around it takes four."""
