@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from mom_compile import MomConfig, MomForCausalLM
 from mom_compile.train import checkpoint as checkpoint_module
 from mom_compile.train.checkpoint import resolve_checkpoint
+from mom_compile.train.metrics import read_metrics
 
 from train_runs import (
     ROOT,
@@ -108,6 +109,27 @@ def test_resume_keeps_the_data_and_the_global_batch(capsys, tmp_path):
     one_line_error(capsys, 1, ["--resume", run, "--config", "340m"], "differs from the resumed run")
     one_line_error(capsys, 1, ["--resume", run], "--steps", "more than 2")
     one_line_error(capsys, 1, [*QUICK, "--out", run], "--out", "already holds a run", "--resume")
+    other = tmp_path / "other"  # resumed into another run's folder: refused, that run untouched
+    assert train(*QUICK, "--seed", 1, "--out", other) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    one_line_error(capsys, 1, ["--resume", run, "--out", other, "--steps", 4], "--out", "another run")
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
+def test_resume_applies_a_new_learning_rate(tmp_path):
+    """--lr given on --resume takes effect at the next step (it was silently the saved one's); a
+    plain resume keeps the schedule exactly."""
+    from mom_compile.train.optim import warmup_cosine
+    run = tmp_path / "run"
+    assert train(*QUICK, "--out", run) == 0
+    for out, lr in ((tmp_path / "same", 1e-3), (tmp_path / "new", 0.5)):
+        given = [] if lr == 1e-3 else ["--lr", lr]
+        assert train("--resume", run, "--out", out, "--steps", 4, *given) == 0
+        logged = {r["step"]: r["lr"] for r in read_metrics(str(out / "metrics.jsonl")) if "lr" in r}
+        factor = warmup_cosine(0, 4, 0.1)
+        assert logged[3] == pytest.approx(lr * factor(2), rel=1e-12)
+        assert logged[4] == pytest.approx(lr * factor(3), rel=1e-12)
 
 
 @pytest.mark.parametrize("damage, part", [

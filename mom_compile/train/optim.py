@@ -32,3 +32,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
                     min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     factor = warmup_cosine(warmup_steps, total_steps, min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                   lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
+    """The run's peak lr, weight decay and betas over those of an optimizer and scheduler loaded from
+    a checkpoint, from the next step on: on --resume, values given anew apply (the saved ones are
+    set again, exactly, when none are)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, decay, factor in zip(optimizer.param_groups, (weight_decay, 0.0), scheduler.lr_lambdas):
+        group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch), betas=tuple(betas),
+                     weight_decay=decay)

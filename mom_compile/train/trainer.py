@@ -33,7 +33,7 @@ from .distributed import World, close_world, default_device, full_parameters, in
 from .errors import Interrupted, TrainError
 from .metrics import MetricsFile, Progress, Throughput, format_count
 from .mqar import Mqar, check_mqar
-from .optim import build_optimizer, build_scheduler
+from .optim import apply_settings, build_optimizer, build_scheduler
 from .options import saved_settings, settle
 from .plot import plot_metrics, require_matplotlib
 from .text_data import PackedText
@@ -134,7 +134,7 @@ class Trainer:
             raise TrainError(f"--steps: expected more than {saved['step']}, the resumed checkpoint's step, "
                              f"got {args.steps} (nothing would be trained)")
         self.source: Source = self._build_source()
-        self._prepare_out(resuming=resume is not None)
+        self._prepare_out(resume)
 
         torch.manual_seed(args.seed)  # the same initial weights in every process
         self.model = self._build_model().to(world.device).train()
@@ -153,6 +153,7 @@ class Trainer:
         if resume:
             load_checkpoint(resume, self.model, self.optimizer, world)
             self.scheduler.load_state_dict(saved["scheduler"])
+            apply_settings(self.optimizer, self.scheduler, args.lr, args.weight_decay, tuple(args.betas))
             self.step = saved["step"]
         self.resumed_from = resume
         self.bf16 = args.precision == "bf16" or (args.precision == "auto" and world.device.type == "cuda")
@@ -225,12 +226,16 @@ class Trainer:
         return PackedText(a.data, tokenizer, a.text_field, a.seq_len, self.global_batch, a.seed,
                           config.vocab_size, eos, report)
 
-    def _prepare_out(self, resuming: bool) -> None:
+    def _prepare_out(self, resume: str | None) -> None:
         out = self.out
         if os.path.exists(out) and not os.path.isdir(out):
             raise TrainError(f"--out: {out!r} exists and is not a folder")
         has_run = any(os.path.exists(os.path.join(out, n)) for n in (METRICS_NAME, FOLDER))
-        if has_run and not resuming:
+        owner = resume and _owner(resume)
+        if has_run and resume and not (owner and os.path.realpath(owner) == os.path.realpath(out)):
+            raise TrainError(f"--out: {out!r} holds another run than the one resumed ({resume!r}); "
+                             "continuing there would mix the two: choose an empty folder")
+        if has_run and not resume:
             if not os.path.isfile(os.path.join(out, FOLDER, LATEST)):
                 raise TrainError(f"--out: {out!r} holds a run that saved no checkpoint to continue from; "
                                  "remove it or choose another folder")
@@ -265,7 +270,7 @@ class Trainer:
         started = time.perf_counter()
         window, window_steps = torch.zeros(4, dtype=torch.float64, device=world.device), 0
         while self.step < a.steps:
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.optimizer.param_groups[0]["lr"]
             stats, grad_norm = self._train_step(self.step)
             window += stats
             window_steps += 1
@@ -426,12 +431,18 @@ class Trainer:
         self.world.barrier()
 
 
-def _run_folder(checkpoint: str) -> str:
+def _owner(checkpoint: str) -> str | None:
+    """The run folder a checkpoint folder lies in (OUT/checkpoints/step-N), None outside one."""
     parent = os.path.dirname(os.path.abspath(checkpoint))
-    if os.path.basename(parent) != FOLDER:
+    return os.path.dirname(parent) if os.path.basename(parent) == FOLDER else None
+
+
+def _run_folder(checkpoint: str) -> str:
+    owner = _owner(checkpoint)
+    if owner is None:
         raise TrainError(f"--out: required when --resume names a checkpoint outside a run folder "
                          f"({checkpoint!r})")
-    return os.path.dirname(parent)
+    return owner
 
 
 def _cpu_model(config: MomConfig, parameters: dict[str, torch.Tensor]) -> MomForCausalLM:
