@@ -117,6 +117,23 @@ def test_resume_keeps_the_data_and_the_global_batch(capsys, tmp_path):
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_stopped_before_its_final_model_resumes_to_write_it(capsys, tmp_path):
+    """Stopped after its last checkpoint, before the final model was written: --resume writes the
+    model (and the final evaluation) without training; once written, there is nothing to resume."""
+    run = tmp_path / "run"
+    assert train(*QUICK, "--out", run) == 0
+    expected = MomForCausalLM.from_pretrained(run).state_dict()
+    for name in ("config.json", "model.safetensors"):
+        (run / name).unlink()
+    assert train("--resume", run) == 0
+    got = MomForCausalLM.from_pretrained(run).state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in got.items())
+    evals = [r for r in read_metrics(str(run / "metrics.jsonl")) if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [2]
+    capsys.readouterr()
+    one_line_error(capsys, 1, ["--resume", run], "--steps", "more than 2")
+
+
 def test_resume_applies_a_new_learning_rate(tmp_path):
     """--lr given on --resume takes effect at the next step (it was silently the saved one's); a
     plain resume keeps the schedule exactly."""

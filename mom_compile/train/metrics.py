@@ -24,12 +24,14 @@ def read_metrics(path: str) -> list[dict]:
 
 class MetricsFile:
     """Appends records to a jsonl file. On resume from step N, records after step N (written by
-    the run after its last checkpoint) are dropped first, so every step appears once."""
+    the run after its last checkpoint) are dropped first, so every step appears once; resuming
+    a run's last step (`final`: to write its final model) drops the evaluation that follows it."""
 
-    def __init__(self, path: str, resume_step: int | None) -> None:
+    def __init__(self, path: str, resume_step: int | None, final: bool = False) -> None:
         self.path = path
         if resume_step is not None:
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in read_metrics(path) if r.get("step", 0) < resume_step or
+                    r.get("step", 0) == resume_step and not (final and "eval_accuracy" in r)]
             with open(path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
             os.replace(path + ".tmp", path)

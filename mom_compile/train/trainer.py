@@ -16,6 +16,8 @@ import time
 import torch
 
 from mom_compile import MomConfig, MomForCausalLM
+from mom_compile.graphs.checkpoint import SAFETENSORS_NAME
+from mom_compile.graphs.config import CONFIG_NAME
 from mom_compile.interrupts import caused_by_interrupt, sigterm_as_interrupt
 
 from .checkpoint import (
@@ -130,7 +132,9 @@ class Trainer:
             raise TrainError(f"--batch-size/--grad-accum: the resumed run's global batch was "
                              f"{saved['global_batch']} sequences, this one's is {args.batch_size} x "
                              f"{args.grad_accum} x {world.size} processes = {self.global_batch}")
-        if saved and args.steps <= saved["step"]:
+        # a run stopped between its last checkpoint and its final model resumes to write the model
+        done = saved and args.steps == saved["step"] and _has_final_model(self.out)
+        if saved and (args.steps < saved["step"] or done):
             raise TrainError(f"--steps: expected more than {saved['step']}, the resumed checkpoint's step, "
                              f"got {args.steps} (nothing would be trained)")
         self.source: Source = self._build_source()
@@ -158,7 +162,8 @@ class Trainer:
         self.resumed_from = resume
         self.bf16 = args.precision == "bf16" or (args.precision == "auto" and world.device.type == "cuda")
         metrics = os.path.join(self.out, METRICS_NAME)
-        self.metrics = MetricsFile(metrics, self.step if resume else None) if world.main else None
+        self.metrics = MetricsFile(metrics, self.step if resume else None, final=self.step == args.steps) \
+            if world.main else None
         self.progress = Progress(self.step, args.steps, enabled=world.main)
 
     # -- setup ---------------------------------------------------------------------------------
@@ -429,6 +434,10 @@ class Trainer:
             self.progress.write(f"final model: {self.out} (MomForCausalLM.from_pretrained, or python -m "
                                 f"mom_compile.export --onnx {onnx} --checkpoint {self.out})")
         self.world.barrier()
+
+
+def _has_final_model(out: str) -> bool:
+    return all(os.path.isfile(os.path.join(out, name)) for name in (CONFIG_NAME, SAFETENSORS_NAME))
 
 
 def _owner(checkpoint: str) -> str | None:
