@@ -350,3 +350,18 @@ def test_a_run_saved_before_checkpointing_scopes_resumes_with_blocks():
     assert settle(left_out, {"grad_checkpointing": True})[0].grad_checkpointing == "blocks"
     assert settle(left_out, {"grad_checkpointing": False})[0].grad_checkpointing is False
     assert settle(left_out, {"grad_checkpointing": "scan_states"})[0].grad_checkpointing == "scan_states"
+
+
+def test_a_resume_can_turn_the_saved_switches_off():
+    """--no-compile, --no-plot and --grad-checkpointing off given with --resume override a run
+    saved with them on (they could only be turned on, so a resume without matplotlib failed)."""
+    from mom_compile.train.cli import build_parser
+    from mom_compile.train.options import settle
+    saved = {"compile": False, "plot": True, "grad_checkpointing": "blocks"}
+    switches = ["--compile", "--no-plot", "--grad-checkpointing", "off"]
+    given = build_parser().parse_args(["--resume", "run", *switches])
+    settled = settle(given, saved)[0]
+    assert (settled.compile, settled.plot, settled.grad_checkpointing) == (True, False, False)
+    kept = settle(build_parser().parse_args(["--resume", "run"]), saved)[0]
+    assert (kept.compile, kept.plot, kept.grad_checkpointing) == (False, True, "blocks")
+

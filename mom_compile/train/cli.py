@@ -149,14 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                      help="bf16: autocast to bfloat16 (weights and optimizer state stay float32); "
                           "auto (default): bf16 on CUDA, fp32 on CPU")
-    run.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                     help="run eagerly instead of torch.compile(fullgraph=True) (no warm-up, slower steps)")
-    run.add_argument("--grad-checkpointing", nargs="?", const="blocks", choices=CHECKPOINTING_SCOPES,
-                     default=None, metavar="SCOPE",
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile(fullgraph=True) the model (the default); --no-compile runs "
+                          "eagerly (no warm-up, slower steps)")
+    run.add_argument("--grad-checkpointing", nargs="?", const="blocks", default=None, metavar="SCOPE",
+                     choices=(*CHECKPOINTING_SCOPES, "off"),
                      help="blocks (the default SCOPE): recompute each block in the backward instead of "
                           "keeping its activations, far less memory for about one more forward per step; "
                           "scan_states: recompute only the scans' chunk states, one more sequential pass "
-                          "per layer")
+                          "per layer; off (the default without the option): keep everything")
     run.add_argument("--seed", type=cli_args.seed,
                      help=f"seed of the weights and the data (default {d['seed']})")
     run.add_argument("--save-every", type=cli_args.int_at_least(0), metavar="N",
@@ -171,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-samples", type=cli_args.int_at_least(1), metavar="N",
                      help=f"with --task mqar: held-out sequences per pair count "
                           f"(default {d['eval_samples']})")
-    run.add_argument("--plot", action="store_true", default=None,
-                     help="write PNG curves into OUT (needs matplotlib)")
+    run.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
+                     help="write PNG curves into OUT (needs matplotlib; default: no)")
     return p
 
 

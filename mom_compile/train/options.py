@@ -34,6 +34,8 @@ def settle(args: argparse.Namespace, saved: dict | None) -> tuple[argparse.Names
             values[name] = default
     if values["grad_checkpointing"] is True:  # saved by a run from before there were scopes
         values["grad_checkpointing"] = "blocks"
+    if values["grad_checkpointing"] == "off":
+        values["grad_checkpointing"] = False
     return argparse.Namespace(**values), conflicts
 
 
