@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from mom_compile.train.data import IGNORE_INDEX, next_token_accuracy
+from mom_compile.train.errors import TrainError
 from mom_compile.train.mqar import Mqar
 from mom_compile.train.optim import warmup_cosine
 from mom_compile.train.text_data import PackedText, tokenize_files
-from mom_compile.train.tokenizer import ByteTokenizer, load_tokenizer
+from mom_compile.train.tokenizer import ByteTokenizer, FolderTokenizer, end_of_document, load_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -122,6 +123,24 @@ def test_tokenizer_folder(tmp_path):
     data = PackedText([str(tmp_path / "data.txt")], loaded, "text", seq_len=5, global_batch=1, seed=0,
                       vocab_size=8, eos_id=loaded.eos_token_id)
     assert data.rows(0, 0, 1, CPU)[0].tolist() == [[2, 3, 3, 2, 1]]
+
+
+def test_compressed_or_binary_data_is_refused(tmp_path):
+    """A gzip file passed as --data was read as text with replacement characters and trained on."""
+    import gzip
+    path = tmp_path / "corpus.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "hello"}\n' * 50))
+    with pytest.raises(TrainError, match="corpus.jsonl.gz' is not UTF-8 text .*decompress"):
+        tokenize_files([str(path)], ByteTokenizer(), "text", 2)
+
+
+def test_the_separator_between_documents():
+    """The tokenizer's end-of-document id; bytes take the model's eos id (a control byte); a
+    tokenizer folder without one joins documents as they are, never with one of its words."""
+    folder = FolderTokenizer(lambda text: [1], 4, None, "words")
+    assert end_of_document(folder, 2) is None
+    assert end_of_document(ByteTokenizer(), 2) == 2
+    assert end_of_document(FolderTokenizer(lambda text: [1], 4, 3, "words"), 2) == 3
 
 
 def test_warmup_then_cosine_to_the_floor():

@@ -26,7 +26,15 @@ def read_documents(path: str, text_field: str) -> Iterator[str]:
         raise TrainError(f"--data: {path!r} is a folder; expected a text or .jsonl file")
     if not os.path.isfile(path):
         raise TrainError(f"--data: no such file {path!r}")
-    with open(path, encoding="utf-8", errors="replace") as f:
+    try:
+        yield from _documents(path, text_field)
+    except UnicodeDecodeError as e:
+        raise TrainError(f"--data: {path!r} is not UTF-8 text ({e.reason}: a compressed or binary "
+                         "file?); decompress or convert it first") from None
+
+
+def _documents(path: str, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
         if not path.endswith(".jsonl"):
             yield f.read()
             return

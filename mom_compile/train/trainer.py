@@ -39,7 +39,7 @@ from .optim import apply_settings, build_optimizer, build_scheduler
 from .options import saved_settings, settle
 from .plot import plot_metrics, require_matplotlib
 from .text_data import PackedText
-from .tokenizer import load_tokenizer
+from .tokenizer import end_of_document, load_tokenizer
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -226,8 +226,10 @@ class Trainer:
         if tokenizer.vocab_size > config.vocab_size:
             raise TrainError(f"--tokenizer: {tokenizer.name} has {tokenizer.vocab_size} ids, more than "
                              f"the model's vocab_size {config.vocab_size}")
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+        eos = end_of_document(tokenizer, config.eos_token_id)
         report = (lambda message: print(message, flush=True)) if self.world.main else None
+        if eos is None and report:
+            report(f"note: {tokenizer.name} has no end-of-document token; documents are joined without one")
         return PackedText(a.data, tokenizer, a.text_field, a.seq_len, self.global_batch, a.seed,
                           config.vocab_size, eos, report)
 
