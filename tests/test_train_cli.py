@@ -365,3 +365,22 @@ def test_a_resume_can_turn_the_saved_switches_off():
     kept = settle(build_parser().parse_args(["--resume", "run"]), saved)[0]
     assert (kept.compile, kept.plot, kept.grad_checkpointing) == (False, True, "blocks")
 
+
+def test_tokens_per_second_leave_out_the_first_steps_compilation(tmp_path, monkeypatch):
+    """The first step (torch.compile compiles in it; here it is made to take two seconds) is not in
+    the first logged rate, which would otherwise read a fraction of the real one."""
+    from mom_compile.train.trainer import Trainer
+    real, calls = Trainer._train_step, []
+
+    def slow_first(self, step):
+        if not calls:
+            time.sleep(2.0)
+        calls.append(step)
+        return real(self, step)
+    monkeypatch.setattr(Trainer, "_train_step", slow_first)
+    run = tmp_path / "run"
+    assert train(*QUICK, "--steps", 3, "--log-every", 3, "--out", run) == 0
+    record = next(r for r in read_metrics(str(run / "metrics.jsonl")) if "tokens_per_s" in r)
+    seconds_per_step = 2 * 32 / record["tokens_per_s"]  # batch 2 x seq-len 32
+    assert record["step"] == 3 and seconds_per_step < 0.5, record
+

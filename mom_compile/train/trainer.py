@@ -276,6 +276,7 @@ class Trainer:
         throughput = Throughput(self.step)
         started = time.perf_counter()
         window, window_steps = torch.zeros(4, dtype=torch.float64, device=world.device), 0
+        first = True  # this process's first step: torch.compile compiles in it
         while self.step < a.steps:
             lr = self.optimizer.param_groups[0]["lr"]
             stats, grad_norm = self._train_step(self.step)
@@ -293,8 +294,9 @@ class Trainer:
             if a.save_every and (self.step % a.save_every == 0 or self.step == a.steps):
                 self._save()
                 paused = True
-            if paused:  # tokens/s counts training time only
-                throughput = Throughput(self.step)
+            if paused or first and window_steps:  # tokens/s counts training time only, and not a
+                throughput = Throughput(self.step)    # first step's compilation (unless logged alone)
+            first = False
         if self.is_mqar:
             self._evaluate()
         self._save_final()
