@@ -384,3 +384,14 @@ def test_tokens_per_second_leave_out_the_first_steps_compilation(tmp_path, monke
     seconds_per_step = 2 * 32 / record["tokens_per_s"]  # batch 2 x seq-len 32
     assert record["step"] == 3 and seconds_per_step < 0.5, record
 
+
+def test_a_resume_logs_the_losses_of_the_run_it_continues(tmp_path):
+    """With checkpoints between log steps (--save-every 2, --log-every 4), a run resumed from step
+    6 records the same losses as the run that went on: a checkpoint closes the log window."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    quick = [*QUICK, "--steps", 8, "--log-every", 4, "--save-every", 2, "--keep-checkpoints", 0]
+    assert train(*quick, "--out", full) == 0
+    assert train("--resume", full / "checkpoints" / "step-000006", "--out", resumed) == 0
+    assert sorted(losses(full)) == [2, 4, 6, 8]
+    assert losses(resumed) == {8: losses(full)[8]}
+

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-checkpoints", type=cli_args.int_at_least(0), metavar="K",
                      help=f"keep the newest K checkpoints, 0 = all (default {d['keep_checkpoints']})")
     run.add_argument("--log-every", type=cli_args.int_at_least(1), metavar="N",
-                     help=f"report and record metrics every N steps (default {d['log_every']})")
+                     help=f"report and record metrics every N steps and at each checkpoint "
+                          f"(default {d['log_every']})")
     run.add_argument("--eval-every", type=cli_args.int_at_least(0), metavar="N",
                      help="with --task mqar: held-out accuracy every N steps, 0 = at the end only (default)")
     run.add_argument("--eval-samples", type=cli_args.int_at_least(1), metavar="N",

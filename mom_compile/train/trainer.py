@@ -283,7 +283,9 @@ class Trainer:
             window += stats
             window_steps += 1
             self.step += 1
-            if self.step % a.log_every == 0 or self.step == a.steps:
+            saving = a.save_every and (self.step % a.save_every == 0 or self.step == a.steps)
+            # a checkpoint closes the log window too: a run resumed from it logs what this one does
+            if self.step % a.log_every == 0 or self.step == a.steps or saving:
                 self._log(window, window_steps, lr, grad_norm, throughput, tokens_per_step, started)
                 window.zero_()
                 window_steps = 0
@@ -291,7 +293,7 @@ class Trainer:
             if self.is_mqar and a.eval_every and self.step % a.eval_every == 0 and self.step < a.steps:
                 self._evaluate()
                 paused = True
-            if a.save_every and (self.step % a.save_every == 0 or self.step == a.steps):
+            if saving:
                 self._save()
                 paused = True
             if paused or first and window_steps:  # tokens/s counts training time only, and not a
