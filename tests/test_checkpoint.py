@@ -3,6 +3,7 @@ round trips, and clear errors."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -51,6 +52,19 @@ def test_state_dict_is_the_reference_layout(overrides):
     model = MomForCausalLM(tiny_config(**overrides))
     got = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert got == spec_layout(model.config)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_num_parameters_counts_the_reference_layout(tied):
+    """num_parameters: the reference checkpoint's entries (a tied head once), not the stacked
+    weights' padding rows; device and dtype are the weights'."""
+    model = MomForCausalLM(tiny_config(tie_word_embeddings=tied, num_memories=3)).to(torch.float64)
+    layout = spec_layout(model.config)
+    if tied:
+        del layout["lm_head.weight"]
+    assert model.num_parameters() == sum(math.prod(shape) for shape in layout.values())
+    assert sum(p.numel() for p in model.parameters()) > model.num_parameters()  # padding rows
+    assert (model.device, model.dtype) == (torch.device("cpu"), torch.float64)
 
 
 def test_load_state_dict_names_a_missing_part_of_a_stacked_weight():

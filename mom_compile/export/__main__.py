@@ -298,7 +298,7 @@ def _load_model(args):
         model = MomForCausalLM(MomConfig.preset(name)).to(dtype)
         what = f"config {name!r}" + (" (the MoM paper's size name)" if name != "tiny" else "") + \
             " with random weights"
-    params = sum(p.numel() for p in model.parameters())
+    params = model.num_parameters()
     _progress(f"model: {what}, {params / 1e6:.1f}M parameters, {args.dtype} "
               f"({time.perf_counter() - start:.1f}s)")
     return model.eval()

@@ -157,7 +157,8 @@ class MomConfig:
         layers), after the dense models of the same width and depth it compares with; they are
         names, not counts. Each memory (4 routed and 1 shared) has its own key, value, beta and
         alpha projections, and the 32K-token embeddings and output head are untied, so the models
-        have 545.2M and 1618.6M parameters (`python -m mom_compile.export` prints the count)."""
+        have 545.1M and 1618.4M parameters in the reference layout (545.2M and 1618.6M as held: the
+        stacked input projections end in zero padding rows, graphs/stacked.py)."""
         if name not in PRESETS:
             raise ValueError(f"name: expected one of {sorted(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides})

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .cache import MomCache, check_cache
-from .checkpoint import load_pretrained, save_pretrained
+from .checkpoint import TIED_HEAD, load_pretrained, save_pretrained
 from .config import MomConfig
 from .generation import CudaGraphStep, generate
 from .layer import MomLayer
@@ -225,6 +225,20 @@ class MomForCausalLM(nn.Module):
         return MomCausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
                                  past_key_values=past_key_values,
                                  router_logits=tuple(router_logits) if output_router_logits else None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def num_parameters(self) -> int:
+        """Parameters in the reference layout (Hugging Face's name): a tied head counted once, the
+        stacked weights' zero padding rows not at all."""
+        tied = {TIED_HEAD} if self.config.tie_word_embeddings else set()
+        return sum(t.numel() for name, t in self.state_dict().items() if name not in tied)
 
     def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> MomCache:
         """Zeroed decoding state for `batch_size` sequences, in this model's dtype and device."""
