@@ -216,7 +216,36 @@ def test_checkpoint_export_verify_and_pt2(tmp_path):
 
 
 def assert_no_temporary_folder(parent, out_name: str) -> None:
-    assert not [name for name in os.listdir(parent) if name.startswith(f".{out_name}.")]
+    for folder in (parent, parent / out_name):  # beside OUT, or inside it when it existed
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        assert not [name for name in names if name.startswith(f".{out_name}.")]
+
+
+def test_reexport_into_a_folder_on_another_filesystem(tmp_path, monkeypatch):
+    """OUT a mount point (or a link to another disk): a file moves into it only from its own
+    filesystem. Staged beside OUT, the export failed at the end with EXDEV after removing the
+    earlier export's model.json; staged inside OUT it replaces the earlier export."""
+    import errno
+
+    from mom_compile.export import __main__ as export_main
+    from mom_compile.export.runtime import OnnxGenerator
+    out = tmp_path / "out"
+    assert export_main.main(["--onnx", str(out)]) == 0
+    real_replace, real_rename = os.replace, os.rename
+
+    def same_filesystem_only(move):
+        def moved(src, dst):
+            inside = lambda p: os.path.abspath(p).startswith(str(out) + os.sep)  # noqa: E731
+            if inside(dst) != inside(src):
+                raise OSError(errno.EXDEV, "Invalid cross-device link", src)
+            return move(src, dst)
+        return moved
+    monkeypatch.setattr(os, "replace", same_filesystem_only(real_replace))
+    monkeypatch.setattr(os, "rename", same_filesystem_only(real_rename))
+    assert export_main.main(["--onnx", str(out), "--seed", "1"]) == 0
+    monkeypatch.undo()
+    OnnxGenerator(str(out))  # model.json and its graphs are there
+    assert_no_temporary_folder(tmp_path, "out")
 
 
 def test_damaged_checkpoint_is_named_and_nothing_is_left(tmp_path):

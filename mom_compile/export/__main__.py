@@ -223,8 +223,10 @@ def _check_tensorrt_args(args) -> None:
 
 
 class _Staging:
-    """A temporary folder beside OUT that receives the export; `publish` moves its files into OUT,
-    `discard` removes it (and the parent folders made for it)."""
+    """A temporary folder that receives the export, on OUT's filesystem (files move between
+    filesystems only by copying): inside OUT when it exists (a mount point or a link to another
+    disk, say), else beside it. `publish` moves its files into OUT, `discard` removes it (and the
+    parent folders made for it)."""
 
     def __init__(self, out: str, flag: str) -> None:
         self.out = os.path.abspath(out)
@@ -238,8 +240,9 @@ class _Staging:
         try:
             for folder in self.made:
                 os.mkdir(folder)
+            where = self.out if os.path.isdir(self.out) else os.path.dirname(self.out)
             self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.", suffix=".partial",
-                                         dir=os.path.dirname(self.out))
+                                         dir=where)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.path, 0o777 & ~umask)  # mkdtemp's 0700 would become OUT's
