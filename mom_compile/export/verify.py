@@ -8,6 +8,7 @@ the same inputs for any artefact (the AOTInductor packages of aoti.py use it too
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,13 +38,21 @@ class OutputError:
 
 def session(path: str, model: MomForCausalLM | None = None) -> ort.InferenceSession:
     """onnxruntime on `path`; a plugin graph runs with the standard translation of its plugin nodes
-    for `model`, the MomForCausalLM it was exported from (plugin.with_reference)."""
+    for `model`, the MomForCausalLM it was exported from (plugin.with_reference). That graph is
+    rewritten without its weights (a protobuf holds at most 2 GiB) into a file beside `path`, whose
+    external weights it names, for as long as onnxruntime reads it."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if model is not None:
-        graph = plugin.with_reference(onnx.load(path), model)
-        return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if model is None:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    graph = plugin.with_reference(onnx.load(path, load_external_data=False), model)
+    rewritten = f"{path}.reference.onnx"
+    try:
+        onnx.save(graph, rewritten)
+        return ort.InferenceSession(rewritten, options, providers=["CPUExecutionProvider"])
+    finally:
+        if os.path.exists(rewritten):
+            os.remove(rewritten)
 
 
 def _compare(graph: str, names, got, ref) -> list[OutputError]:
