@@ -116,3 +116,25 @@ def test_default_eos_is_the_models(tiny_onnx, monkeypatch):
         np.testing.assert_array_equal(default, run(eos_token_id=eos))
         assert not np.array_equal(default, free)  # it stopped: row 0 pads after its eos
         np.testing.assert_array_equal(run(eos_token_id=[]), free)
+
+
+def test_onnx_backend_steps_only_the_prefilled_batch_and_keeps_the_id_dtype(tiny_onnx):
+    """A step with another batch than the prefilled one is one error naming input_ids (it was an
+    onnxruntime Reshape failure); generate returns the prompt's id dtype, as torch's does."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    from mom_compile.export.runtime import OnnxBackend, OnnxGenerator
+
+    model, folder, _ = tiny_onnx(18)
+    backend = OnnxBackend(folder)
+    with pytest.raises(RuntimeError, match="call prefill first"):
+        backend.step(np.zeros((2, 1), np.int64))
+    backend.prefill(np.array([[5, 6, 7], [1, 2, 3]]), np.ones((2, 3), np.int64))
+    with pytest.raises(ValueError, match=r"input_ids: expected \[2, 1\].*got shape \[3, 1\]"):
+        backend.step(np.zeros((3, 1), np.int64))
+    prompt = np.array([[5, 6, 7]], np.int32)
+    got = OnnxGenerator(folder).generate(prompt, max_new_tokens=3)
+    want = model.generate(torch.from_numpy(prompt), max_new_tokens=3)
+    assert got.dtype == np.int32 and want.dtype == torch.int32
+    np.testing.assert_array_equal(got, want.numpy())
+

@@ -205,7 +205,7 @@ def test_backend_refuses_what_the_engines_cannot_take(exported, tmp_path):
     with pytest.raises(RuntimeError, match="call prefill first"):
         backend.step(np.zeros((2, 1), dtype=np.int64))
     backend.prefill(np.zeros((3, 2), dtype=np.int64), np.ones((3, 2), dtype=np.int64))
-    with pytest.raises(ValueError, match="input_ids: expected the prefilled batch"):
+    with pytest.raises(ValueError, match=r"input_ids: expected \[3, 1\], one id for each of the prefilled"):
         backend.step(np.zeros((2, 1), dtype=np.int64))
     with pytest.raises(ValueError, match="batch <= 4 and seq <= 32"):
         backend.prefill(np.zeros((5, 3), dtype=np.int64), np.ones((5, 3), dtype=np.int64))

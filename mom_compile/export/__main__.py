@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "models of the same width and depth; with their memories' own projections and "
                           "untied 32K-token embeddings they have 545M and 1.62B parameters")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="weights and activations of the exported graphs (states stay float32); "
+                   help="weights and activations of the exported graphs, and the conv states (the "
+                        "recurrent states stay float32); "
                         "default float32; bfloat16 with --tensorrt only")
     p.add_argument("--opset", type=int, default=None, metavar="N",
                    help=f"ONNX opset of the graphs, {MIN_OPSET} or newer (default {MIN_OPSET}); from 27 on, "

@@ -40,6 +40,15 @@ class GraphBackend(Protocol):
         """int64 [B, 1] -> logits [B, vocab] float32 on the host; the states advance."""
 
 
+def check_step_ids(input_ids: np.ndarray, batch: int | None) -> None:
+    """A decode step's ids: [batch, 1] for the batch the backend was prefilled with (None: none)."""
+    if not batch:
+        raise RuntimeError("step: call prefill first")
+    if tuple(input_ids.shape) != (batch, 1):
+        raise ValueError(f"input_ids: expected [{batch}, 1], one id for each of the prefilled batch's "
+                         f"{batch} rows, got shape {list(input_ids.shape)}")
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -115,7 +124,7 @@ class Generator:
                     break
             if step + 1 < max_new_tokens:
                 logits = self.backend.step(np.ascontiguousarray(next_ids[:, None]))
-        return np.concatenate(tokens, axis=1)
+        return np.concatenate(tokens, axis=1).astype(input_ids.dtype)  # as torch's generate
 
 
 def _state_device(session: ort.InferenceSession) -> tuple[str, int]:
@@ -250,8 +259,7 @@ class OnnxBackend:
         return self._last(binding.get_outputs()[0])
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
-        if not self._bindings:
-            raise RuntimeError("step: call prefill first")
+        check_step_ids(input_ids, self._batch)
         binding, options = self._bindings[self._turn]
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if self.cuda_graph:

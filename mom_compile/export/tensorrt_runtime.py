@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from .manifest import MANIFEST_NAME, TENSORRT_KEYS, check_keys, read_manifest
-from .runtime import Generator
+from .runtime import Generator, check_step_ids
 from .tensorrt_engine import MIN_VERSION
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
@@ -200,11 +200,8 @@ class TensorRTBackend:
         return np.concatenate(logits)
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
-        batch = input_ids.shape[0]
-        if not self.batch:
-            raise RuntimeError("step: call prefill first")
-        if batch != self.batch:
-            raise ValueError(f"input_ids: expected the prefilled batch of {self.batch} rows, got {batch}")
+        check_step_ids(input_ids, self.batch)
+        batch = self.batch
         context = self.contexts["decode_step"]
         self._upload(context, "input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         for state, ptr in zip(self.states, self.buffers):  # updated in place: past and present alike
