@@ -110,6 +110,13 @@ def test_cache_over_non_contiguous_tensors_is_refused(model):
         MomCache.from_states(states)
 
 
+def test_a_cache_of_unpaired_states_or_integer_dtype_is_refused(model):
+    with pytest.raises(ValueError, match="states: expected .recurrent, conv. pairs, one per layer, got 3"):
+        MomCache.from_states(model.new_cache(2).states()[:3])
+    with pytest.raises(ValueError, match="dtype: expected the model's floating-point dtype, got torch.int64"):
+        MomCache(model.config, 2, dtype=torch.int64)
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(pad_token_id=300), r"MomConfig.pad_token_id: expected an id in \[0, vocab_size=97\)"),
     (dict(conv_size=2.5), "MomConfig.conv_size: expected an integer"),

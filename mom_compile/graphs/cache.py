@@ -63,6 +63,8 @@ class MomCache:
         device: torch.device | str | None = None,
     ) -> None:
         check_int("batch_size", batch_size, 1)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype: expected the model's floating-point dtype, got {dtype}")
         self.layers = self._pair(zero_states(config, batch_size, dtype, device))
         if not torch.compiler.is_compiling():  # lets CUDA graphs (mode="reduce-overhead") update them
             for t in self.states():              # in place; a cache made inside a graph is its output
@@ -77,6 +79,9 @@ class MomCache:
         """A cache over existing tensors, (recurrent, conv) per layer as `states()` lists them.
         They are updated in place, so they must be contiguous; with functional=True they are
         never written, and `states()` returns the new tensors after each forward."""
+        if len(states) % 2:
+            raise ValueError(f"states: expected (recurrent, conv) pairs, one per layer, got {len(states)} "
+                             "tensors")
         for i, t in enumerate(states):
             if not functional and not t.is_contiguous():
                 raise ValueError(f"states[{i}]: expected a contiguous tensor (it is updated in place)")
