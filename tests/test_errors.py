@@ -110,6 +110,17 @@ def test_cache_over_non_contiguous_tensors_is_refused(model):
         MomCache.from_states(states)
 
 
+def test_a_cache_made_in_inference_mode_is_refused_outside_it(model):
+    """Decoded under no_grad, a cache made under torch.inference_mode is refused by name before
+    any layer writes (torch refused it only after the first layer had written its conv table)."""
+    with torch.inference_mode():
+        cache = model.new_cache(2)
+    before = [t.clone() for t in cache.states()]
+    with torch.no_grad(), pytest.raises(ValueError, match="state.recurrent: made under torch.inference_mode"):
+        model(torch.ones(2, 1, dtype=torch.int64), past_key_values=cache)
+    assert all(torch.equal(a, b) for a, b in zip(cache.states(), before))
+
+
 def test_a_cache_of_unpaired_states_or_integer_dtype_is_refused(model):
     with pytest.raises(ValueError, match="states: expected .recurrent, conv. pairs, one per layer, got 3"):
         MomCache.from_states(model.new_cache(2).states()[:3])

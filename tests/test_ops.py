@@ -610,6 +610,43 @@ def ops_backward(dtype, starts, v_new):
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+    with torch.device("cpu"):  # a function mode that only picks devices: the values are still read
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_a_token_choosing_a_memory_twice_is_refused_by_dispatch():
+    """As memory_decode refuses it (a prefill and a decode step would differ): a padding token's
+    choices and choices outside [0, M) (placed with the padding) are not counted."""
+    mask = torch.tensor([[True, True]])
+    with pytest.raises(ValueError, match="memory_idx: expected distinct memories per token"):
+        ops.dispatch(torch.tensor([[[1, 1], [0, 1]]]), mask, 2)
+    ops.dispatch(torch.tensor([[[1, 1], [0, 1]]]), torch.tensor([[False, True]]), 2)
+    ops.dispatch(torch.tensor([[[5, 5], [0, 1]]]), mask, 2)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda flag: ops.route(torch.randn(2, 4), 2, flag), "shared"),
+    (lambda flag: ops.memory_decode(*decode_inputs(), 1.0, flag), "single_set"),
+    (lambda flag: ops.chunk_gated_delta(*scan_rows(4), torch.tensor([0, 4]), keep_states=flag),
+     "keep_states"),
+])
+def test_flags_take_only_true_or_false(call, name):
+    """A string such as "false" was taken as true."""
+    with pytest.raises(TypeError, match=f"{name}: expected True or False, got 'false'"):
+        call("false")
+
+
+def test_tables_made_in_inference_mode_are_refused_before_any_write():
+    """Outside torch.inference_mode, torch refuses to update its tensors only once the kernel runs:
+    memory_decode_ had written the conv table when the recurrent one raised."""
+    *args, conv, rec = decode_inputs()
+    with torch.inference_mode():
+        rec = rec.clone()
+    before = conv.clone()
+    with pytest.raises(ValueError, match="rec_states: made under torch.inference_mode"):
+        ops.memory_decode_(*args, conv, rec, 1.0)
+    assert torch.equal(conv, before)
 
 
 def scan_rows(n: int) -> tuple[torch.Tensor, ...]:

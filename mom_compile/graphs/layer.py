@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops._checks import STATE_DTYPES
+from ..ops._checks import STATE_DTYPES, check_writable
 from ..ops.direct_call import call
 from ..ops.gated_rms_norm import gated_rms_norm_op
 from ..ops.memory_decode import gates, memory_decode_inplace_op
@@ -219,3 +219,5 @@ class MomLayer(nn.Module):
                              f"conv state {list(conv_shape)} {q.dtype} on {q.device} (this layer's entry of "
                              f"a MomCache for its config), got {list(rec.shape)} {rec.dtype} on {rec.device} "
                              f"and {list(conv.shape)} {conv.dtype} on {conv.device}")
+        check_writable("state.recurrent", rec)
+        check_writable("state.conv", conv)

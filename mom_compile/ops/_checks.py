@@ -9,6 +9,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+from torch.utils._device import DeviceContext
 
 
 def check_tensor(
@@ -55,6 +56,14 @@ def check_int(name: str, value, low: int, high: int | None = None) -> int:
     return int(value) if isinstance(value, numbers.Integral) else value
 
 
+def check_bool(name: str, value) -> bool:
+    """Raise naming ``name`` unless ``value`` is True or False (a string such as "false" would be
+    taken as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
 def check_float(name: str, value) -> float:
     """Raise naming ``name`` unless ``value`` is a finite real number; returns it as a float. Under
     torch.compile it may be symbolic: it passes unchecked."""
@@ -67,12 +76,15 @@ def check_float(name: str, value) -> float:
     return float(value)
 
 
-def nothing_intercepts() -> bool:
+def nothing_intercepts(devices_only_ok: bool = False) -> bool:
     """Whether torch calls here run as written: no compiler or tracer, no dispatch, function or
     functorch mode. Only then may a wrapper read values (`values_readable`) or skip the dispatcher
-    (`direct_call`)."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+    (`direct_call`). devices_only_ok: function modes that only choose new tensors' device
+    (`with torch.device(...)`, `torch.set_default_device`) change nothing a check reads."""
+    function_modes = torch._C._is_torch_function_mode_enabled() and not (devices_only_ok and all(
+        isinstance(m, DeviceContext) for m in torch.overrides._get_current_function_mode_stack()))
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or function_modes
+                or torch._C._len_torch_dispatch_stack()
                 or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
@@ -80,7 +92,7 @@ def values_readable(t: torch.Tensor) -> bool:
     """Whether reading ``t``'s values costs nothing: a plain CPU tensor where nothing intercepts.
     On CUDA a read would wait for the device, so the kernels there trust the indices and offsets
     that `route` and `dispatch` make."""
-    return type(t) is torch.Tensor and t.device.type == "cpu" and nothing_intercepts()
+    return type(t) is torch.Tensor and t.device.type == "cpu" and nothing_intercepts(devices_only_ok=True)
 
 
 def check_index_values(name: str, t: torch.Tensor, low: int, high: int) -> None:
@@ -88,6 +100,28 @@ def check_index_values(name: str, t: torch.Tensor, low: int, high: int) -> None:
     if values_readable(t) and t.numel() and not bool(((t >= low) & (t < high)).all()):
         raise ValueError(f"{name}: expected every value in [{low}, {high}), got values in "
                          f"[{int(t.min())}, {int(t.max())}]")
+
+
+def check_distinct(name: str, idx: torch.Tensor, high: int, what: str,
+                   mask: torch.Tensor | None = None) -> None:
+    """Raise naming ``name`` if a row of ``idx`` (its last dim) holds a value in [0, high) twice,
+    rows where ``mask`` is False aside (where readable): a token's `what` (memories) are distinct."""
+    if not values_readable(idx) or idx.shape[-1] < 2:
+        return
+    valid = (idx >= 0) & (idx < high) & (True if mask is None else mask[..., None])
+    apart = -1 - torch.arange(idx.shape[-1], device=idx.device)  # the others: distinct negatives
+    ranked = torch.where(valid, idx, apart).sort(dim=-1).values
+    if bool((ranked[..., 1:] == ranked[..., :-1]).any()):
+        raise ValueError(f"{name}: expected distinct {what} per token, got one chosen twice")
+
+
+def check_writable(name: str, t: torch.Tensor) -> None:
+    """Raise naming ``name`` if ``t`` is to be written in place but was made under
+    torch.inference_mode and that mode is off now (torch would refuse only after a kernel had
+    written the other tables)."""
+    if not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name}: made under torch.inference_mode, which is off now, so it cannot be "
+                         "updated in place; make it outside inference mode, or decode inside it")
 
 
 def check_permutation(name: str, t: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from ._checks import (
     STATE_DTYPES,
+    check_bool,
     check_float,
     check_offsets,
     check_rows,
@@ -316,6 +317,6 @@ def chunk_gated_delta(
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, offsets=offsets, initial_state=initial_state)
     scale = dk ** -0.5 if scale is None else check_float("scale", scale)
     args = (q, k, v, g, beta, offsets, initial_state, scale)
-    if keep_states and needs_autograd(*args[:7]):
+    if check_bool("keep_states", keep_states) and needs_autograd(*args[:7]):
         return torch.ops.mom.chunk_gated_delta_train(*args)[:2]
     return call(chunk_gated_delta_op, *args)

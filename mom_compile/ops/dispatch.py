@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import INDEX_DTYPES, check_int, check_same_device, check_tensor
+from ._checks import INDEX_DTYPES, check_distinct, check_int, check_same_device, check_tensor
 from .direct_call import call
 
 
@@ -74,4 +74,5 @@ def dispatch(
     check_tensor("mask", mask, shape=(b, t), dtypes=(torch.bool,))
     num_memories = check_int("num_memories", num_memories, 1)
     check_same_device(memory_idx=memory_idx, mask=mask)
+    check_distinct("memory_idx", memory_idx, num_memories, "memories", mask)
     return call(dispatch_op, memory_idx, mask, num_memories)

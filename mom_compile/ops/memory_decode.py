@@ -28,11 +28,13 @@ from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     STATE_DTYPES,
+    check_bool,
+    check_distinct,
     check_float,
     check_index_values,
     check_same_device,
     check_tensor,
-    values_readable,
+    check_writable,
 )
 from .direct_call import call
 from .gated_delta_step import step_reference
@@ -125,10 +127,13 @@ def _(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_state
     return o, *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (conv_states, rec_states))
 
 
-def check_tables_contiguous(conv_states: torch.Tensor, rec_states: torch.Tensor) -> None:
-    """The in-place op's state tables are written where they lie: the kernels need them dense."""
+def check_tables_writable(conv_states: torch.Tensor, rec_states: torch.Tensor) -> None:
+    """The in-place op's state tables are written where they lie: the kernels need them dense, and
+    torch must allow the write."""
     if not (conv_states.is_contiguous() and rec_states.is_contiguous()):
         raise ValueError("conv_states, rec_states: expected contiguous tables (they are written in place)")
+    check_writable("conv_states", conv_states)
+    check_writable("rec_states", rec_states)
 
 
 def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,  # noqa: N803
@@ -149,10 +154,7 @@ def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, con
         raise ValueError(f"memory_idx: expected at most {slots} distinct slots per token, got "
                          f"{memory_idx.shape[1]}")
     check_index_values("memory_idx", memory_idx, -1, slots)  # -1: a padding token
-    if values_readable(memory_idx) and memory_idx.shape[1] > 1:
-        ranked = memory_idx.sort(dim=1).values
-        if bool(((ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] >= 0)).any()):
-            raise ValueError("memory_idx: expected distinct slots per token, got a slot chosen twice")
+    check_distinct("memory_idx", memory_idx, slots, "slots")
     check_tensor("A_log", A_log, shape=(h,), dtypes=FLOAT_DTYPES)
     check_tensor("dt_bias", dt_bias, shape=(h,), dtypes=FLOAT_DTYPES)
     check_tensor("conv_weight", conv_weight, shape=(c, None), dtypes=(q.dtype,))
@@ -165,7 +167,7 @@ def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, con
                       conv_weight=conv_weight, conv_bias=conv_bias, conv_states=conv_states,
                       rec_states=rec_states)
     return (q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states, rec_states,
-            check_float("scale", scale), bool(single_set))
+            check_float("scale", scale), check_bool("single_set", single_set))
 
 
 def memory_decode_(
@@ -183,7 +185,7 @@ def memory_decode_(
     in q's dtype; rec_states: [B, S, H, K, V] float32 (or float64); single_set: every memory uses
     projection set 0. Returns o [B, k', H, V] in the states' dtype.
     """
-    check_tables_contiguous(conv_states, rec_states)
+    check_tables_writable(conv_states, rec_states)
     return call(memory_decode_inplace_op, *_checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight,
                                                   conv_bias, conv_states, rec_states, scale, single_set))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_int, check_tensor, needs_autograd
+from ._checks import FLOAT_DTYPES, check_bool, check_int, check_tensor, needs_autograd
 from .direct_call import call
 from .precision import compute_dtype, upcast
 
@@ -77,6 +77,7 @@ def route(logits: torch.Tensor, topk: int, shared: bool = False) -> tuple[torch.
     """
     check_tensor("logits", logits, shape=(..., None), dtypes=FLOAT_DTYPES)
     topk = check_int("topk", topk, 1, logits.shape[-1])
+    shared = check_bool("shared", shared)
     if torch.compiler.is_compiling() or needs_autograd(logits):
-        return route_reference(logits, topk, bool(shared))
-    return call(route_op, logits, topk, bool(shared))
+        return route_reference(logits, topk, shared)
+    return call(route_op, logits, topk, shared)
