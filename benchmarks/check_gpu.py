@@ -54,6 +54,7 @@ from scan_inputs import scan_inputs  # noqa: E402
 from tree_commit import tree_commit  # noqa: E402
 
 from mom_compile import MomConfig, MomLayer  # noqa: E402
+from mom_compile.cli_args import check_batch_layouts  # noqa: E402
 from mom_compile.ops.table import OPS  # noqa: E402
 
 
@@ -439,6 +440,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="kernel tables of our layer, eager and compiled, at the first T")
     args = parser.parse_args()
+    check_batch_layouts(parser, args.tokens, args.ts)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     import triton

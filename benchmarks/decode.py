@@ -1,7 +1,8 @@
-"""Decode latency on a GPU: ms per generated token after a 512-token prompt, batch 1 and 64, for
-the paper's 340M MoM config with random bf16 weights: eager, torch.compile, and CUDA graphs
-(torch.compile mode="reduce-overhead"); and the prefill of the prompt (ms: eager, compiled, and
-replayed from a CUDA graph into a reused cache, the last also as the GPU's time alone).
+"""Decode latency on a GPU: ms per decode step (a token for each sequence) after a 512-token
+prompt, batch 1 and 64, for the paper's 340M MoM config with random bf16 weights: eager,
+torch.compile, and CUDA graphs (torch.compile mode="reduce-overhead"); and the prefill of the
+prompt (ms: eager, compiled, and replayed from a CUDA graph into a reused cache, the last also as
+the GPU's time alone).
 Peers in the same run: a Transformer of the same width and depth with a static KV cache through
 scaled_dot_product_attention (its decode steps and its prefill, compiled the same ways), and the
 reference implementation's generate() (flash-linear-attention), when it imports.
@@ -287,7 +288,8 @@ def main() -> None:
                     bench_transformer(config, batch, args.prompt, args.steps, mode))
         if not args.no_reference:
             add(batch, "reference fla generate", bench_reference(config, batch, args.prompt, args.steps))
-    print(f"\n{'batch':>5}  {'implementation':50} {'ms':>10}  (per token; a prefill row: per prefill)")
+    print(f"\n{'batch':>5}  {'implementation':50} {'ms':>10} "
+          " (per step: a token for each sequence; a prefill row: per prefill)")
     for batch, name, ms in rows:
         value = f"{ms:>10.3f}" if isinstance(ms, float) else ms
         print(f"{batch:>5}  {name:50} {value}")

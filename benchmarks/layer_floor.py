@@ -59,6 +59,8 @@ from dataclasses import dataclass
 
 from tree_commit import tree_commit
 
+from mom_compile.cli_args import check_batch_layouts
+
 
 @dataclass(frozen=True)
 class Card:
@@ -80,7 +82,7 @@ def card_for(device_name: str) -> tuple[Card, bool]:
     """(peaks, recognised) for a torch.cuda.get_device_name() string; an unrecognised card gets the
     H100 SXM peaks and recognised=False."""
     name = device_name.upper()
-    if "H200" in name:
+    if "H200" in name and "NVL" not in name and "GH200" not in name:  # the SXM card's peaks
         return CARDS["H200"], True
     if "H100" in name and "PCIE" not in name and "NVL" not in name:
         return CARDS["H100 SXM"], True
@@ -222,6 +224,7 @@ def main() -> None:
     parser.add_argument("--ts", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--tokens", type=int, default=32768)
     args = parser.parse_args()
+    check_batch_layouts(parser, args.tokens, args.ts)
     shapes = [Shape(t, max(1, args.tokens // t)) for t in args.ts]
     s0 = shapes[0]
     print(f"## Floor of the MoM layer (d={s0.hidden}, H={s0.heads}, K={s0.head_dim}, V={s0.head_v_dim}, "

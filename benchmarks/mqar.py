@@ -135,7 +135,7 @@ def train_command(args, job: Job, config: Path, run: Path, device: str) -> list[
 
 
 # what a run trained with, beside its model, length and seed (its folder's name)
-SETTINGS = ("budget_steps", "batch_size", "lr", "vocab", "eval_samples", "no_compile")
+SETTINGS = ("budget_steps", "batch_size", "lr", "vocab", "eval_samples", "no_compile", "pairs")
 
 
 def settings(args) -> dict:

@@ -133,6 +133,8 @@ def run(path: str, feed: dict, providers: list[str], level: str) -> tuple[dict |
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(path, options, providers=providers)
+        if providers[0] not in session.get_providers():  # onnxruntime fell back to another provider
+            return None, f"{providers[0]} did not start (the session got {session.get_providers()})"
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feed))), None
     except Exception as e:  # noqa: BLE001 (onnxruntime's errors share no public type)

@@ -104,9 +104,15 @@ def main() -> None:
     backends = {}
     for how, options in (("", {}), (", CUDA graphs", {"enable_cuda_graph": "1"})):
         try:
-            backends[how] = OnnxBackend(args.folder, providers=[("CUDAExecutionProvider", options)])
+            backend = OnnxBackend(args.folder, providers=[("CUDAExecutionProvider", options)])
         except Exception as e:  # noqa: BLE001 (onnxruntime's errors share no public type)
             print(f"onnxruntime{how}: the session fails: {str(e).splitlines()[0][:300]}", flush=True)
+            continue
+        if backend.device[0] != "cuda":  # onnxruntime fell back to the CPU provider, saying little
+            print(f"onnxruntime{how}: the CUDA provider did not start (the session runs on the CPU): "
+                  "no row", flush=True)
+            continue
+        backends[how] = backend
     torch.manual_seed(0)
     model = MomForCausalLM(MomConfig.preset(args.config)).to("cuda", torch.bfloat16).eval()
     print(f"{torch.cuda.get_device_name()}, commit {tree_commit()}, onnxruntime {ort.__version__}, "
@@ -121,8 +127,8 @@ def main() -> None:
             rows.append((batch, f"onnxruntime CUDA provider ({args.dtype}, I/O binding{how})",
                          time_ort(backend, batch, args.prompt, args.steps, model.config.vocab_size)))
         for row in rows[-1 - len(backends):]:
-            print(f"  batch {row[0]} {row[1]}: {row[2]:.3f} ms/token", flush=True)
-    print("\n| batch | implementation | ms/token |\n| --- | --- | --- |")
+            print(f"  batch {row[0]} {row[1]}: {row[2]:.3f} ms/step", flush=True)
+    print("\n| batch | implementation | ms/step (a token for each sequence) |\n| --- | --- | --- |")
     for batch, name, ms in rows:
         print(f"| {batch} | {name} | {ms:.3f} |")
 

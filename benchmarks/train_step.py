@@ -32,6 +32,7 @@ from peers import TransformerLM  # noqa: E402
 from tree_commit import tree_commit  # noqa: E402
 
 from mom_compile import MomConfig, MomForCausalLM  # noqa: E402
+from mom_compile.cli_args import check_batch_layouts  # noqa: E402
 from mom_compile.graphs.model import CHECKPOINTING_SCOPES  # noqa: E402
 
 
@@ -105,6 +106,7 @@ def main() -> None:
                    choices=CHECKPOINTING_SCOPES,
                    help="MoM rows with gradient checkpointing of these scopes (default: both)")
     args = p.parse_args()
+    check_batch_layouts(p, args.tokens, args.ts)
     if not torch.cuda.is_available():
         sys.exit("train_step.py needs a CUDA device")
     config = MomConfig.preset(args.config)

@@ -17,6 +17,14 @@ def seed(text: str) -> int:
     return value
 
 
+def check_batch_layouts(parser: argparse.ArgumentParser, tokens: int, ts: list[int]) -> None:
+    """--tokens split into sequences of each T in --ts: T must divide it (else a table's rows would
+    hold fewer tokens than its header says)."""
+    for t in ts:
+        if t < 1 or t > tokens or tokens % t:
+            parser.error(f"--ts: each T must divide --tokens {tokens} (B = tokens / T sequences), got {t}")
+
+
 def int_at_least(low: int):
     """An argument type: an integer of at least `low`."""
     def parse(text: str) -> int:
