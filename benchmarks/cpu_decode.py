@@ -20,7 +20,6 @@ import argparse
 import gc
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from functools import partial
 
 import onnxruntime as ort
 import torch
+from host import cpu_model
 from tree_commit import tree_commit
 
 from mom_compile import MomCache, MomConfig, MomForCausalLM
@@ -36,14 +36,6 @@ from mom_compile.export.aoti import Package, build_packages, compiler
 from mom_compile.export.onnx_export import DECODE, export_onnx, export_programs, graph_specs
 
 PROMPT = 32
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def time_steps(step, token, states, warmup: int, steps: int) -> tuple[float, float, float]:
@@ -191,7 +183,7 @@ def main() -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     use_aoti = not args.no_aoti and compiler() is not None
     out_dir = args.out or tempfile.mkdtemp(prefix="mom_cpu_decode_")
-    print(f"cpu: {cpu_model()} ({os.cpu_count()} logical cores) | torch {torch.__version__} "
+    print(f"cpu: {cpu_model()} | torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) | onnxruntime {ort.__version__} | "
           f"commit {tree_commit()} | float32, prompt {PROMPT}, {args.warmup} warm-up + {args.steps} timed "
           f"greedy steps, ms per step", flush=True)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from decode import StaticKVTransformer
+from host import cpu_model
 from tree_commit import tree_commit
 
 from mom_compile import MomConfig, MomForCausalLM, ops
@@ -134,7 +135,7 @@ def main() -> None:
         "a trivial Triton launch": lambda: _copy_kernel[(1,)](src, dst, 1024, BLOCK=1024),
         "  the same through ops.launch": lambda: launch(_copy_kernel, (1,), src, dst, 1024, BLOCK=1024),
     }
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
+    print(f"device: {torch.cuda.get_device_name()} | host: {cpu_model()} | torch {torch.__version__} | "
           f"triton {triton.__version__} | commit {tree_commit()} | 340m config, bf16, batch {b} | "
           f"fastest of {args.rounds} loops a row")
     print(f"\n{'piece':44} {'host us a call':>15}")

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
 
 import torch  # noqa: E402
+from host import cpu_model  # noqa: E402
 from tree_commit import tree_commit  # noqa: E402
 
 from mom_compile import MomConfig, MomLayer, ops  # noqa: E402
@@ -91,7 +92,8 @@ def main() -> None:
     }
     if not hasattr(layer, "_check_state"):  # a tree before the layer checked its cache entry itself
         del rows["the layer's check of its cache entry"]
-    print(f"# {torch.__version__}, commit {tree_commit()}; host us a call, fastest of {args.rounds} x "
+    print(f"# {cpu_model()}, torch {torch.__version__}, commit {tree_commit()}; host us a call, fastest of "
+          f"{args.rounds} x "
           f"{args.calls} calls, kernels replaced by no-ops")
     print("| piece | us |\n| --- | --- |")
     with torch.no_grad():
