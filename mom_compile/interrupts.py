@@ -5,9 +5,10 @@ not stop halfway."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 _received: list[int] = []  # the signals _interrupt turned into KeyboardInterrupt in this block
 
@@ -62,6 +63,22 @@ def sigterm_as_interrupt() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
         _received.clear()
+
+
+def replace_files(writers: dict[str, Callable[[str], None]]) -> None:
+    """Each writer writes its file under a temporary name; once all are written they are moved into
+    place with interrupts held, so a failed or interrupted write leaves the earlier files, never a
+    truncated one or a mix. The temporary files are removed whatever happens."""
+    try:
+        for file, write in writers.items():
+            write(file + ".tmp")
+        with interrupts_held():
+            for file in writers:
+                os.replace(file + ".tmp", file)
+    finally:
+        for file in writers:
+            if os.path.exists(file + ".tmp"):
+                os.remove(file + ".tmp")
 
 
 def caused_by_interrupt(error: BaseException) -> bool:

@@ -364,7 +364,7 @@ def _export(args, out: str, progress):
         progress(f"torch.export.save: {time.perf_counter() - start:.1f}s")
     packages = _build_aoti(programs, out, progress) if args.aoti else None
     files += (packages or {}).values()
-    manifest = build_manifest(model.config, model.lm_head.weight.dtype, opset, args.plugin, files)
+    manifest = build_manifest(model.config, model.dtype, opset, args.plugin, files)
     if args.tensorrt:
         manifest["tensorrt"], engines = _build_engines(model.config, manifest, out, args, progress)
         manifest["files"] |= file_sizes(engines)
@@ -419,7 +419,7 @@ def _verify(model, paths, packages, args) -> int:
         from .aoti import verify_packages
 
         sections.append(("AOTInductor CPU", verify_packages(model, packages, seed=seed)))
-    limit = tolerance(model.lm_head.weight.dtype)
+    limit = tolerance(model.dtype)
     rows = [r for _, section in sections for r in section]
     width = max(len(r.name) for r in rows)
     _progress(f"verify against PyTorch on fresh inputs (prefill batch x seq = {VERIFY_BATCH} x "

@@ -66,7 +66,7 @@ def example_states(model: MomForCausalLM, batch: int,
                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Random (non-zero, so no branch sees a special value) state tensors for tracing/checks."""
     return [(torch.randn(shape, generator=generator) * 0.1).to(dt)
-            for shape, dt in state_specs(model.config, batch, model.lm_head.weight.dtype)]
+            for shape, dt in state_specs(model.config, batch, model.dtype)]
 
 
 def export_programs(model: MomForCausalLM,

@@ -160,7 +160,7 @@ def reference_function(model, scale: float, single_set: bool, opset: int) -> onn
 
     config, layer = model.config, model.model.layers[0].attn
     batch, h, k = 2, config.num_heads, config.head_dim
-    (rec_shape, rec_dtype), (conv_shape, dtype) = state_specs(config, batch, model.lm_head.weight.dtype)[:2]
+    (rec_shape, rec_dtype), (conv_shape, dtype) = state_specs(config, batch, model.dtype)[:2]
     sets, set_width = len(layer.memory_set_names()), config.key_dim + config.value_dim + 2 * h
     choices = config.chosen_memories
     weight = layer.conv_weight.detach().squeeze(1)

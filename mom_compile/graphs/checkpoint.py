@@ -10,7 +10,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..interrupts import interrupts_held
+from ..interrupts import replace_files
 from ..ops._checks import FLOAT_DTYPES
 from .config import CONFIG_NAME, MomConfig
 
@@ -103,10 +103,8 @@ def load_pretrained(cls, path, dtype=None, device=None):
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
-    """config.json and model.safetensors into the folder `path`. Both are written under temporary
-    names, then moved into place with Ctrl-C and SIGTERM held back, so an interrupted or failed save
-    leaves the folder's earlier files or the new ones, never a truncated file or one model's config
-    beside another's weights."""
+    """config.json and model.safetensors into the folder `path`, moved in together
+    (`replace_files`): never a truncated file or one model's config beside another's weights."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -114,14 +112,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop(TIED_HEAD)
-    files = [os.path.join(path, name) for name in (CONFIG_NAME, SAFETENSORS_NAME)]
-    try:
-        model.config.to_json_file(files[0] + ".tmp")
-        save_file(state, files[1] + ".tmp", metadata={"format": "pt"})
-        with interrupts_held():
-            for file in files:
-                os.replace(file + ".tmp", file)
-    finally:
-        for file in files:
-            if os.path.exists(file + ".tmp"):
-                os.remove(file + ".tmp")
+
+    def write_weights(file: str) -> None:
+        save_file(state, file, metadata={"format": "pt"})
+    # the config first: one JSON cannot hold fails before the weights are written
+    replace_files({os.path.join(path, CONFIG_NAME): model.config.to_json_file,
+                   os.path.join(path, SAFETENSORS_NAME): write_weights})

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..interrupts import replace_files
+
 CONFIG_NAME = "config.json"
 
 # Keys this class writes itself; every other unknown key (fuse_*, attn_mode, transformers_version,
@@ -192,13 +194,7 @@ class MomConfig:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """config.json into the folder `path`, written under a temporary name and moved into place."""
         os.makedirs(path, exist_ok=True)
-        target = os.path.join(path, CONFIG_NAME)
-        try:
-            self.to_json_file(target + ".tmp")
-            os.replace(target + ".tmp", target)
-        finally:
-            if os.path.exists(target + ".tmp"):
-                os.remove(target + ".tmp")
+        replace_files({os.path.join(path, CONFIG_NAME): self.to_json_file})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> MomConfig:

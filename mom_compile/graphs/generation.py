@@ -55,7 +55,7 @@ class CudaGraphStep:
     returned logits are a buffer that the next call overwrites."""
 
     def __init__(self, model: nn.Module, cache) -> None:
-        device = model.lm_head.weight.device
+        device = model.device
         if device.type != "cuda":
             raise ValueError(f"cuda graph step: needs the model on a CUDA device, got {device}")
         if not triton_status().available:
@@ -96,7 +96,7 @@ class CudaGraphStep:
 def _check_cache(cache: MomCache, model: nn.Module, batch: int | None, device: torch.device) -> None:
     """Raise naming `cache` unless it is what model.new_cache(batch) makes on `device` (batch None:
     any)."""
-    check_cache("cache", cache, model.config, batch, model.lm_head.weight.dtype, device)
+    check_cache("cache", cache, model.config, batch, model.dtype, device)
     if any(layer.functional for layer in cache):
         raise ValueError("cache: expected a cache updated in place (model.new_cache), got a functional one")
 
@@ -108,7 +108,7 @@ def _is_compiled(model: nn.Module) -> bool:
 
 
 def _as_tensor(name: str, value, model: nn.Module) -> torch.Tensor:
-    device = model.lm_head.weight.device
+    device = model.device
     return as_array(name, value, torch.is_tensor, lambda v: torch.as_tensor(v, device=device), "torch.Tensor")
 
 

@@ -242,8 +242,7 @@ class MomForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> MomCache:
         """Zeroed decoding state for `batch_size` sequences, in this model's dtype and device."""
-        weight = self.lm_head.weight
-        return MomCache(self.config, batch_size, dtype=weight.dtype, device=device or weight.device)
+        return MomCache(self.config, batch_size, dtype=self.dtype, device=device or self.device)
 
     def _check_inputs(self, input_ids, attention_mask, labels, cache) -> torch.Tensor | None:
         """Shape and dtype checks (free at trace time) plus a device-side range check of the ids.
@@ -253,7 +252,7 @@ class MomForCausalLM(nn.Module):
             raise ValueError(f"input_ids: expected a [batch, seq] tensor, got {got}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids: expected an int64 or int32 tensor, got {input_ids.dtype}")
-        device = self.lm_head.weight.device
+        device = self.device
         for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
                              ("labels", labels)):
             if isinstance(tensor, torch.Tensor) and tensor.device != device:
@@ -276,7 +275,7 @@ class MomForCausalLM(nn.Module):
                                 f"labels: every label must be in [0, vocab_size={self.config.vocab_size}) or "
                                 f"{IGNORE_INDEX} (ignored)")
         if cache is not None:
-            check_cache("past_key_values", cache, self.config, b, self.lm_head.weight.dtype, input_ids.device)
+            check_cache("past_key_values", cache, self.config, b, self.dtype, input_ids.device)
         if attention_mask is None:
             return None
         longer_ok = cache is not None  # with a cache, HF loops pass the mask of past + new tokens

@@ -127,13 +127,10 @@ def _(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_state
     return o, *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (conv_states, rec_states))
 
 
-def check_tables_writable(conv_states: torch.Tensor, rec_states: torch.Tensor) -> None:
-    """The in-place op's state tables are written where they lie: the kernels need them dense, and
-    torch must allow the write."""
+def check_tables_contiguous(conv_states: torch.Tensor, rec_states: torch.Tensor) -> None:
+    """The in-place op's state tables are written where they lie: the kernels need them dense."""
     if not (conv_states.is_contiguous() and rec_states.is_contiguous()):
         raise ValueError("conv_states, rec_states: expected contiguous tables (they are written in place)")
-    check_writable("conv_states", conv_states)
-    check_writable("rec_states", rec_states)
 
 
 def _checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight, conv_bias, conv_states,  # noqa: N803
@@ -185,7 +182,9 @@ def memory_decode_(
     in q's dtype; rec_states: [B, S, H, K, V] float32 (or float64); single_set: every memory uses
     projection set 0. Returns o [B, k', H, V] in the states' dtype.
     """
-    check_tables_writable(conv_states, rec_states)
+    check_tables_contiguous(conv_states, rec_states)
+    check_writable("conv_states", conv_states)  # the layer's eager step checks its cache entry itself
+    check_writable("rec_states", rec_states)
     return call(memory_decode_inplace_op, *_checked(q, per_set, memory_idx, A_log, dt_bias, conv_weight,
                                                   conv_bias, conv_states, rec_states, scale, single_set))
 

@@ -29,7 +29,7 @@ from .l2_normalize_triton import l2_scale
 from .launch import launch
 from .layout import last_dim_contiguous, next_power_of_2
 from .memory_decode import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
-from .memory_decode import check_tables_writable
+from .memory_decode import check_tables_contiguous
 from .precision import compute_dtype
 from .triton_precision import compute_type, split_scale
 
@@ -213,7 +213,7 @@ def memory_decode_triton_(q, per_set, memory_idx, A_log, dt_bias, conv_weight, c
     q, per_set = last_dim_contiguous(q), last_dim_contiguous(per_set)
     memory_idx, A_log, dt_bias, conv_weight = (
         t.contiguous() for t in (memory_idx, A_log, dt_bias, conv_weight))
-    check_tables_writable(conv_states, rec_states)
+    check_tables_contiguous(conv_states, rec_states)
     b, chosen = memory_idx.shape
     _, slots, h, dk, dv = rec_states.shape
     rows = b * chosen
