@@ -283,7 +283,8 @@ def test_missing_files_are_clear_errors(tmp_path):
 
 def test_reference_config_keys_round_trip(tmp_path):
     values = tiny_config().to_dict() | {"fuse_norm": True, "attn_mode": "chunk", "capacity": 1.0,
-                                        "use_cache": True, "transformers_version": "4.57.0"}
+                                        "use_cache": True, "transformers_version": "4.57.0",
+                                        "eos_token_id": [2, 7]}
     (tmp_path / "config.json").write_text(json.dumps(values))
     config = MomConfig.from_pretrained(tmp_path)
     assert config.extra == {"fuse_norm": True, "attn_mode": "chunk", "use_cache": True,

@@ -140,7 +140,10 @@ def test_a_cache_of_unpaired_states_or_integer_dtype_is_refused(model):
     (dict(initializer_range=-1), "MomConfig.initializer_range: expected a non-negative number"),
     (dict(aux_loss_scale="x"), "MomConfig.aux_loss_scale: expected a non-negative number"),
     (dict(pad_token_id=1.5), r"MomConfig.pad_token_id: expected an id in \[0, vocab_size=97\)"),
-    (dict(eos_token_id=-1), r"MomConfig.eos_token_id: expected an id in \[0, vocab_size=97\)"),
+    (dict(eos_token_id=-1), r"MomConfig.eos_token_id: expected an id in \[0, vocab_size=97\), a non-empty"),
+    (dict(eos_token_id=[]), r"MomConfig.eos_token_id: expected .* list of them, or null, got \[\]"),
+    (dict(eos_token_id=[3, 97]), r"MomConfig.eos_token_id: expected .* got \[3, 97\]"),
+    (dict(eos_token_id=(3,)), r"MomConfig.eos_token_id: expected .* got \(3,\)"),
     (dict(intermediate_size=True), "MomConfig.intermediate_size: expected a positive integer"),
 ])
 def test_more_bad_configs(overrides, match):

@@ -108,14 +108,17 @@ def test_default_eos_is_the_models(tiny_onnx, monkeypatch):
     free = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[]).numpy()
     assert free.shape == (2, 16)
     eos = int(free[0, 5])  # row 0's second generated token: row 0 stops there
-    monkeypatch.setattr(model.config, "eos_token_id", eos)
-    monkeypatch.setitem(gen.manifest, "eos_token_id", eos)
-    for run in (lambda **kw: model.generate(ids, mask, max_new_tokens=12, **kw).numpy(),
-                lambda **kw: gen.generate(ids, mask, max_new_tokens=12, **kw)):
-        default = run()
-        np.testing.assert_array_equal(default, run(eos_token_id=eos))
-        assert not np.array_equal(default, free)  # it stopped: row 0 pads after its eos
-        np.testing.assert_array_equal(run(eos_token_id=[]), free)
+    unused = next(i for i in range(model.config.vocab_size) if i not in free)
+    for model_eos in (eos, [unused, eos]):  # config.json may hold a list (Hugging Face's convention)
+        monkeypatch.setattr(model.config, "eos_token_id", model_eos)
+        monkeypatch.setitem(gen.manifest, "eos_token_id", model_eos)
+        for run in (lambda **kw: model.generate(ids, mask, max_new_tokens=12, **kw).numpy(),
+                    lambda **kw: gen.generate(ids, mask, max_new_tokens=12, **kw)):
+            default = run()
+            pad = model_eos if isinstance(model_eos, int) else model_eos[0]  # the first eos id pads
+            np.testing.assert_array_equal(default, run(eos_token_id=eos, pad_token_id=pad))
+            assert not np.array_equal(default, free)  # it stopped: row 0 pads after its eos
+            np.testing.assert_array_equal(run(eos_token_id=[]), free)
 
 
 def test_onnx_backend_steps_only_the_prefilled_batch_and_keeps_the_id_dtype(tiny_onnx):

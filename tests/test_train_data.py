@@ -140,6 +140,7 @@ def test_the_separator_between_documents():
     folder = FolderTokenizer(lambda text: [1], 4, None, "words")
     assert end_of_document(folder, 2) is None
     assert end_of_document(ByteTokenizer(), 2) == 2
+    assert end_of_document(ByteTokenizer(), [5, 2]) == 5  # a config.json list: its first id
     assert end_of_document(FolderTokenizer(lambda text: [1], 4, 3, "words"), 2) == 3
 
 

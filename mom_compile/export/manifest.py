@@ -23,7 +23,6 @@ STATE_LAYOUT = {
     "conv": "[batch, memory_slots, conv_size-1, 2*heads*head_dim + heads*head_v_dim]: the last "
             "conv_size-1 pre-conv q|k|v projections of each memory's own sub-sequence, oldest first",
 }
-_OPTIONAL_ID = (int, type(None))
 # Keys a reader relies on, with their JSON types (a dotted key descends into objects; `state.*`
 # applies to every entry of the state list).
 REQUIRED_KEYS: list[tuple[str, type | tuple[type, ...]]] = [
@@ -32,8 +31,8 @@ REQUIRED_KEYS: list[tuple[str, type | tuple[type, ...]]] = [
     ("graphs.decode_step", dict), ("graphs.decode_step.file", str),
     ("graphs.decode_step.inputs", list), ("graphs.decode_step.outputs", list),
     ("state", list), ("state.*.past", str), ("state.*.present", str), ("state.*.shape", list),
-    ("state.*.dtype", str), ("plugin", bool), ("vocab_size", int), ("eos_token_id", _OPTIONAL_ID),
-    ("pad_token_id", _OPTIONAL_ID), ("files", dict),
+    ("state.*.dtype", str), ("plugin", bool), ("vocab_size", int), ("eos_token_id", (int, list, type(None))),
+    ("pad_token_id", (int, type(None))), ("files", dict),
 ]
 # The `tensorrt` section of a --tensorrt export (tensorrt_runtime.read_engine_manifest checks it).
 TENSORRT_KEYS: list[tuple[str, type | tuple[type, ...]]] = [

@@ -49,7 +49,7 @@ class MomConfig:
     aux_loss_scale: float = 0.01
     mom_backend: str = "gated_deltanet"
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 2  # a list: any of them ends a sequence (Hugging Face's)
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     max_position_embeddings: int = 2048
@@ -127,10 +127,17 @@ class MomConfig:
         if self.intermediate_size is None and self.mlp_size < 1:
             bad("hidden_ratio", f"hidden_size * hidden_ratio = {self.hidden_size * self.hidden_ratio} "
                                 "gives an MLP of width 0")
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        def is_id(value) -> bool:
+            return is_int(value) and 0 <= value < self.vocab_size
+
+        for key in ("bos_token_id", "pad_token_id"):
             value = getattr(self, key)
-            if value is not None and (not is_int(value) or not 0 <= value < self.vocab_size):
+            if value is not None and not is_id(value):
                 bad(key, f"expected an id in [0, vocab_size={self.vocab_size}) or null, got {value!r}")
+        eos = self.eos_token_id
+        if not (eos is None or is_id(eos) or (isinstance(eos, list) and eos and all(map(is_id, eos)))):
+            bad("eos_token_id", f"expected an id in [0, vocab_size={self.vocab_size}), a non-empty list "
+                                f"of them, or null, got {eos!r}")
         if self.topk > self.num_memories:
             bad("topk", f"expected at most num_memories={self.num_memories}, got {self.topk}")
         if self.conv_size < 2:

@@ -37,13 +37,16 @@ class FolderTokenizer:
     name: str
 
 
-def end_of_document(tokenizer: ByteTokenizer | FolderTokenizer, model_eos: int | None) -> int | None:
+def end_of_document(tokenizer: ByteTokenizer | FolderTokenizer,
+                    model_eos: int | list[int] | None) -> int | None:
     """The id put between documents: the tokenizer's end-of-document token; for UTF-8 bytes, which
-    have none, the model's eos id (a control byte, 2 by default); None for a tokenizer folder
-    without one, whose every id is a real token (documents are then joined as they are)."""
+    have none, the model's eos id (the first of a list; a control byte, 2 by default); None for a
+    tokenizer folder without one, whose every id is a real token (documents are joined as they are)."""
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id
-    return model_eos if isinstance(tokenizer, ByteTokenizer) else None
+    if not isinstance(tokenizer, ByteTokenizer):
+        return None
+    return model_eos[0] if isinstance(model_eos, list) else model_eos
 
 
 def load_tokenizer(path: str | None) -> ByteTokenizer | FolderTokenizer:
