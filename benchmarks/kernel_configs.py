@@ -11,7 +11,8 @@ Each configuration (a JSON object of the op's `default_config` keys to override)
 default one, runs in its own process, since a miscompiled one can leave an illegal memory access
 behind, and is compared with the default configuration of the same process (max |diff| / max
 |default| over the outputs and gradients: a different warp count reorders sums, so ~1e-3 in bf16
-is expected; a wrong kernel shows as far more). Median ms over CUDA events.
+is expected; a wrong kernel shows as far more). Median ms over CUDA events, each call queued behind
+a sleep kernel: the GPU's time, not the host's time to launch (which paces small layouts).
 
     python benchmarks/kernel_configs.py scan ['{"state_bv": 16, "state_warps": 4}' ...]
     python benchmarks/kernel_configs.py scan --layout 1 512     # a batch-1 prefill's rows
@@ -123,7 +124,8 @@ def measure(op: str, config: dict, layout: tuple[int, int]) -> dict:
     ref, out = check(None), check(config)
     diff = torch.stack([(a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)
                         for a, b in zip(out, ref)]).max().item()  # torch's max keeps a NaN
-    return dict(diff=diff, **{name: bench(lambda f=calls[name]: f(config), iters=8)[0] for name in TIMED[op]})
+    times = {name: bench(lambda f=calls[name]: f(config), iters=8, queued=True)[0] for name in TIMED[op]}
+    return dict(diff=diff, **times)
 
 
 def main() -> None:

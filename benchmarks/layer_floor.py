@@ -17,7 +17,8 @@ weights once and writes its outputs once (bf16, 2 bytes, unless said), i.e. ever
 crosses a stage boundary is written once and read once, nothing inside a stage touches memory:
   A. input projections, on every token: gate [d -> M], q_proj [d -> HK], g_proj [d -> HV]; on every
      row (its memory's set, or the shared one): k [d -> HK], v [d -> HV], beta [d -> H],
-     alpha [d -> H]. Only the k+1 sets a token is routed to are counted (3 of the 5 sets).
+     alpha [d -> H]. Only the k+1 sets a token is routed to are counted (3 of the 5 sets); with
+     --all-sets every set on every token, as the layer is built (one stacked projection).
      Bytes: x once, all weights once, out q, z (per token), k, v, beta/alpha pre-activations (per
      row), the router logits (fp32) and per row an int32 token index and an fp32 weight.
   B. short conv (width W, per segment) + SiLU + L2 norm of q, k: 2W FLOPs per element for the conv,
@@ -111,6 +112,7 @@ class Shape:
     conv: int = 4
     chunk: int = 64
     elem: int = 2  # bytes of an activation / weight element (bf16)
+    all_sets: bool = False  # stage A projects every memory's set for every token, not only the routed
 
     @classmethod
     def of_config(cls, config, t: int, batch: int) -> Shape:
@@ -159,10 +161,13 @@ def layer_stages(s: Shape) -> list[Stage]:
                      2 * flops + bwd_extra_flops,
                      2 * inputs + 2 * weights + outputs + bwd_extra_bytes)
 
-    # A. input projections
-    a_flops = 2 * n * d * (s.memories + hk + hv) + 2 * r * d * set_width
-    a_weights = (d * (s.memories + hk + hv) + (s.memories + int(s.shared_mem)) * set_width * d) * e
-    a_out = n * s.memories * 4 + n * (hk + hv) * e + r * set_width * e + r * 8
+    # A. input projections, on the routed rows (or, all_sets, every set of every token)
+    slots = s.memories + int(s.shared_mem)
+    projected = n * slots if s.all_sets else r
+    a_flops = 2 * n * d * (s.memories + hk + hv) + 2 * projected * d * set_width
+    a_weights = (d * (s.memories + hk + hv) + slots * set_width * d) * e
+    a_out = n * s.memories * 4 + n * (hk + hv) * e + projected * set_width * e + r * 8
+    a_sets = f"all {slots} sets" if s.all_sets else f"{sets_per_token} of {slots} sets"
     # B. short conv + silu + l2 norm (per row); backward also sums the per-row dq onto tokens
     b_elems = r * (2 * hk + hv)
     b_flops = b_elems * (2 * s.conv + 8)
@@ -181,7 +186,7 @@ def layer_stages(s: Shape) -> list[Stage]:
     # E. o_proj
     e_flops = 2 * n * hv * d
     return [
-        stage("A input projections (3 of 5 k/v/b/a sets per token)", a_flops, n * d * e, a_weights, a_out),
+        stage(f"A input projections ({a_sets} of k/v/b/a per token)", a_flops, n * d * e, a_weights, a_out),
         stage("B short conv + SiLU + L2 norm", b_flops, b_in, b_w, b_elems * e, bwd_extra_bytes=b_reduce),
         stage(f"C chunked scan ({n_chunks} chunks x {h} heads)", c_flops, c_in, 0, c_out,
               bwd_extra_flops=n_chunks * h * c_recompute, bwd_extra_bytes=4 * states,
@@ -223,9 +228,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ts", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--all-sets", action="store_true",
+                        help="count every memory's input projection on every token, as the layer is built, "
+                             "not only the sets a token is routed to")
     args = parser.parse_args()
     check_batch_layouts(parser, args.tokens, args.ts)
-    shapes = [Shape(t, max(1, args.tokens // t)) for t in args.ts]
+    shapes = [Shape(t, max(1, args.tokens // t), all_sets=args.all_sets) for t in args.ts]
     s0 = shapes[0]
     print(f"## Floor of the MoM layer (d={s0.hidden}, H={s0.heads}, K={s0.head_dim}, V={s0.head_v_dim}, "
           f"M={s0.memories}, top-{s0.topk}{' + shared' if s0.shared_mem else ''}, conv {s0.conv}, "
