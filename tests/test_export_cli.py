@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,6 +82,28 @@ def test_terminated_export_leaves_nothing(tmp_path):
     # cause is not found yet); what this test holds to is the message and the cleanup
     assert process.returncode in (1, -signal.SIGINT) and "error: interrupted" in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next(tmp_path):
+    """SIGKILL (the OOM killer) leaves the hidden staging folder behind, as nothing runs to clean
+    up: the next export to OUT removes it, and leaves a running export's and other folders."""
+    from mom_compile.export import __main__ as export_main
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no process now
+    host = socket.gethostname()
+    killed = [tmp_path / f".out.{host}-{dead.pid}.k2j_x.partial", out / f".out.{host}-{dead.pid}.a1b.partial"]
+    kept = [tmp_path / f".out.{host}-{os.getpid()}.zz9.partial",  # a running export's
+            tmp_path / f".out.elsewhere-{dead.pid}.q.partial",  # another host's
+            tmp_path / f".other.{host}-{dead.pid}.q.partial"]  # another OUT's
+    for folder in killed + kept:
+        folder.mkdir()
+        (folder / "prefill.onnx").write_text("half")
+    staging = export_main._Staging(str(out), "--onnx")
+    assert [f.exists() for f in killed + kept] == [False, False, True, True, True]
+    assert os.path.basename(staging.path).startswith(f".out.{host}-{os.getpid()}.")
+    staging.discard()
 
 
 def test_an_interrupt_lost_in_a_callback_still_stops_the_command():

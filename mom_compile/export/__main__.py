@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -223,11 +224,36 @@ def _check_tensorrt_args(args) -> None:
         raise _Failure(f"--tensorrt: {problem}")
 
 
+def _owner() -> str:
+    """This process as a staging folder's name holds it: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_abandoned(folder: str, base: str) -> None:
+    """Remove the staging folders of exports to `base` that were killed (SIGKILL, the OOM killer:
+    nothing ran to clean up) on this host; those of running exports stay."""
+    prefix, host = f".{base}.", socket.gethostname()
+    for name in os.listdir(folder):
+        if not (name.startswith(prefix) and name.endswith(".partial")):
+            continue
+        owner = name[len(prefix):-len(".partial")].rpartition(".")[0]  # mkdtemp's part has no dot
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 class _Staging:
     """A temporary folder that receives the export, on OUT's filesystem (files move between
     filesystems only by copying): inside OUT when it exists (a mount point or a link to another
-    disk, say), else beside it. `publish` moves its files into OUT, `discard` removes it (and the
-    parent folders made for it)."""
+    disk, say), else beside it. Its name holds the exporting process, so that the next export to
+    OUT removes it if that process was killed. `publish` moves its files into OUT, `discard`
+    removes it (and the parent folders made for it)."""
 
     def __init__(self, out: str, flag: str) -> None:
         self.out = os.path.abspath(out)
@@ -241,9 +267,12 @@ class _Staging:
         try:
             for folder in self.made:
                 os.mkdir(folder)
+            base = os.path.basename(self.out)
+            for folder in {os.path.dirname(self.out), self.out}:  # where earlier exports staged
+                if os.path.isdir(folder):
+                    _remove_abandoned(folder, base)
             where = self.out if os.path.isdir(self.out) else os.path.dirname(self.out)
-            self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.", suffix=".partial",
-                                         dir=where)
+            self.path = tempfile.mkdtemp(prefix=f".{base}.{_owner()}.", suffix=".partial", dir=where)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.path, 0o777 & ~umask)  # mkdtemp's 0700 would become OUT's
