@@ -85,8 +85,11 @@ def mom_layer(sd, config, x, mask=None):
     (1 = token)."""
     b_size, t_size, _ = x.shape
     h, dv, m_count = config.num_heads, config.head_v_dim, config.num_memories
-    probs = (x @ sd["gate.weight"].t()).softmax(-1)
-    w, idx = probs.topk(config.topk, dim=-1)
+    z = x @ sd["gate.weight"].t()
+    probs = z.softmax(-1)
+    idx = torch.tensor([[top_choices(z[b, t], config.topk) for t in range(t_size)] for b in range(b_size)],
+                       dtype=torch.int64).view(b_size, t_size, config.topk)
+    w = probs.gather(-1, idx)
     w = w / w.sum(-1, keepdim=True)
     y = torch.zeros(b_size, t_size, h, dv, dtype=x.dtype)
     for b in range(b_size):
@@ -106,6 +109,11 @@ def mom_layer(sd, config, x, mask=None):
     return normed.flatten(2) @ sd["o_proj.weight"].t()
 
 
+def top_choices(z, k):
+    """The k memories with the largest logits z [M], largest first, ties to the lower index."""
+    return sorted(range(z.shape[-1]), key=lambda e: (-float(z[e]), e))[:k]
+
+
 def load_balancing(router_logits, topk, mask=None):
     """Switch/Mixtral aux loss with explicit counting loops over tokens
     (docs/math.md#block-model-and-loss)."""
@@ -119,7 +127,7 @@ def load_balancing(router_logits, topk, mask=None):
                 if mask is not None and not bool(mask[b, t]):
                     continue
                 p = logits[b, t].double().softmax(-1)
-                for i, e in enumerate(p.topk(topk).indices.tolist()):
+                for i, e in enumerate(top_choices(logits[b, t].double(), topk)):
                     share[i, e] += 1
                 prob += p
                 count += 1

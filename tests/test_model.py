@@ -161,6 +161,19 @@ def test_losses_match_direct_computation(model):
     torch.testing.assert_close(out.loss, ce + model.config.aux_loss_scale * aux, **TOL)
 
 
+def test_load_balancing_counts_the_routers_choices_on_ties():
+    """Tied logits: the loss counts the memories the router chose (ties to the lower index), as the
+    oracle's explicit ranking does; torch.topk picked other tied memories (a different loss)."""
+    from mom_compile.graphs.loss import load_balancing_loss
+    logits = torch.tensor([[[1.0, 0, 0, 0], [0, 5, 0, 0], [0, 0, 2, 2]]])  # [B, T, M]
+    got = load_balancing_loss([logits], topk=2)
+    p = logits[0].double().softmax(-1)
+    chosen = [[0, 1], [1, 0], [2, 3]]  # the second choice of token 0: memory 1 (tied with 2 and 3)
+    want = 4 * sum(p[:, e].mean() * sum(e in c for c in chosen) / 3 for e in range(4))
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(oracle.load_balancing([logits], 2).to(got.dtype), got, rtol=1e-6, atol=0)
+
+
 def test_training_with_short_sequences_and_shared_memory():
     """The reference asserts on shared memory with T <= 64 in training (docs/math.md#correctness)."""
     model = tiny_model().train()

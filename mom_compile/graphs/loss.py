@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.precision import upcast
+from ..ops.route import top_k
 
 IGNORE_INDEX = -100
 
@@ -22,10 +23,12 @@ def load_balancing_loss(
 ) -> torch.Tensor:
     """Switch/Mixtral auxiliary loss over all layers' router logits [B, T, M] together:
     aux = M * sum_{i<k, e<M} f[i, e] * P[e], f[i, e] the share of tokens whose i-th choice is e,
-    P[e] the mean router probability of e; padding tokens (mask False) are left out."""
-    probs = upcast(torch.stack(router_logits)).softmax(-1)
+    P[e] the mean router probability of e; padding tokens (mask False) are left out. The choices
+    are the router's (`route`'s ranking: ties to the lower index), not torch.topk's."""
+    logits = upcast(torch.stack(router_logits))
+    probs = logits.softmax(-1)
     num_memories = probs.shape[-1]
-    chosen = F.one_hot(probs.topk(topk, dim=-1).indices, num_memories).to(probs.dtype)
+    chosen = F.one_hot(top_k(logits, topk), num_memories).to(probs.dtype)
     if mask is None:
         mask = torch.ones(probs.shape[1:3], dtype=torch.bool, device=probs.device)
     w = mask.to(probs.dtype).expand(probs.shape[:3])
