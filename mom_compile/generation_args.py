@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+from .user_warning import warn
 
 ID_DTYPES = ("int64", "int32")
 
@@ -37,12 +39,48 @@ def _integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+class Sampling(NamedTuple):
+    """How the next id is chosen: the argmax, or (do_sample) a sample from softmax(logits /
+    temperature) cut to the top_k ids and to the smallest set whose probability reaches top_p
+    (None: no cut)."""
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
+def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any) -> Sampling:
+    """As Hugging Face's generate: without do_sample, temperature, top_k and top_p are ignored (a
+    warning names those that would change a sample); top_k=0 and top_p=1 cut nothing."""
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample: expected True or False, got {do_sample!r}")
+    if not do_sample:
+        ignored = [f"temperature={temperature!r}"] if temperature != 1 else []
+        ignored += [f"top_k={top_k!r}"] if top_k not in (None, 0) else []
+        ignored += [f"top_p={top_p!r}"] if top_p not in (None, 1) else []
+        if ignored:
+            warn(f"do_sample is False, so {', '.join(ignored)} ignored (greedy decoding); pass "
+                 "do_sample=True to sample")
+        return Sampling(False, 1.0, None, None)
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or \
+            not 0 < temperature < math.inf:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if top_k is not None and (not _integer(top_k) or top_k < 0):
+        raise ValueError(f"top_k: expected an integer >= 0 (0: no cut) or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected a value in (0, 1] (1: no cut) or None, got {top_p!r}")
+    return Sampling(True, float(temperature), int(top_k) if top_k else None,
+                    float(top_p) if top_p is not None and top_p < 1 else None)
+
+
 def check_generate_args(
-    input_ids: Any, attention_mask: Any, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
-    eos_token_id: Any, pad_token_id: Any, vocab_size: int, default_pad_token_id: int | None,
-    default_eos_token_id: int | None,
-) -> tuple[list[int], int]:
-    """Raise a ValueError naming the first bad argument; return (eos ids, pad id).
+    input_ids: Any, attention_mask: Any, max_new_tokens: Any, do_sample: Any, temperature: Any, top_k: Any,
+    top_p: Any, eos_token_id: Any, pad_token_id: Any, vocab_size: int, default_pad_token_id: int | None,
+    default_eos_token_id: int | list[int] | None,
+) -> tuple[list[int], int, Sampling]:
+    """Raise a ValueError naming the first bad argument; return (eos ids, pad id, `check_sampling`'s
+    choice of the next id).
 
     input_ids and attention_mask are arrays (torch or numpy) already: [batch, seq] int64/int32 ids
     in [0, vocab_size), and a mask of the same shape of 0/1 integers or bools whose last column is
@@ -52,12 +90,7 @@ def check_generate_args(
     Costs the host one look at the ids' range and two at the mask (its values, its last column)."""
     if not _integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-    if top_k is not None and (not _integer(top_k) or top_k < 1):
-        raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p: expected a value in (0, 1] or None, got {top_p!r}")
+    sampling = check_sampling(do_sample, temperature, top_k, top_p)
 
     shape = tuple(input_ids.shape)
     if len(shape) != 2 or 0 in shape:
@@ -91,4 +124,4 @@ def check_generate_args(
         pad_token_id = default_pad_token_id if default_pad_token_id is not None else ([*eos, 0])[0]
     if not _integer(pad_token_id) or not 0 <= pad_token_id < vocab_size:
         raise ValueError(f"pad_token_id: expected an id in [0, {vocab_size}) or None, got {pad_token_id!r}")
-    return [int(i) for i in eos], int(pad_token_id)
+    return [int(i) for i in eos], int(pad_token_id), sampling

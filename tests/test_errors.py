@@ -111,13 +111,17 @@ def test_cache_over_non_contiguous_tensors_is_refused(model):
 
 
 def test_a_cache_made_in_inference_mode_is_refused_outside_it(model):
-    """Decoded under no_grad, a cache made under torch.inference_mode is refused by name before
-    any layer writes (torch refused it only after the first layer had written its conv table)."""
+    """Under no_grad, a cache made under torch.inference_mode is refused by name before any layer
+    writes, in a decode step, a prefill and generate (torch refused it only after the first layer had
+    written its conv table, or inside cache.reset())."""
     with torch.inference_mode():
         cache = model.new_cache(2)
     before = [t.clone() for t in cache.states()]
-    with torch.no_grad(), pytest.raises(ValueError, match="state.recurrent: made under torch.inference_mode"):
-        model(torch.ones(2, 1, dtype=torch.int64), past_key_values=cache)
+    for tokens in (1, 5):
+        with torch.no_grad(), pytest.raises(ValueError, match="past_key_values: made under torch.inference"):
+            model(torch.ones(2, tokens, dtype=torch.int64), past_key_values=cache)
+    with pytest.raises(ValueError, match="cache: made under torch.inference_mode"):
+        model.generate(torch.ones(2, 5, dtype=torch.int64), cache=cache)
     assert all(torch.equal(a, b) for a, b in zip(cache.states(), before))
 
 

@@ -45,8 +45,9 @@ PROMPT = [[5, 6, 7]]
     (PROMPT, None, dict(temperature=0.0, do_sample=True), "temperature: expected a finite .* got 0.0"),
     (PROMPT, None, dict(temperature=math.inf, do_sample=True), "temperature: expected a finite .* got inf"),
     (PROMPT, [[1, 2, 1]], {}, r"attention_mask: expected 0/1 integers or bools, got values in \[1, 2\]"),
-    (PROMPT, None, dict(top_k=0, do_sample=True), "top_k: expected an integer >= 1 or None, got 0"),
-    (PROMPT, None, dict(top_p=1.5, do_sample=True), r"top_p: expected a value in \(0, 1\] or None"),
+    (PROMPT, None, dict(top_k=-1, do_sample=True), r"top_k: expected an integer >= 0 \(0: no cut\).* -1"),
+    (PROMPT, None, dict(top_p=1.5, do_sample=True), r"top_p: expected a value in \(0, 1\] \(1: no cut\)"),
+    (PROMPT, None, dict(do_sample="False"), "do_sample: expected True or False, got 'False'"),
     (PROMPT, None, dict(eos_token_id=-1), rf"eos_token_id: expected an id or a list of ids in \[0, {VOCAB}"),
     (PROMPT, None, dict(eos_token_id=[2, "x"]), "eos_token_id: expected an id or a list of ids"),
     (PROMPT, None, dict(pad_token_id=VOCAB), rf"pad_token_id: expected an id in \[0, {VOCAB}\) or None"),
@@ -58,6 +59,26 @@ def test_bad_input_same_error(generator, ids, mask, kwargs, match, as_list):
         ids, mask = (v if v is None else as_array(v) for v in (ids, mask))
     with pytest.raises(ValueError, match=match):
         generate(ids, mask, **kwargs)
+
+
+def test_sampling_arguments_as_hugging_face_reads_them(generator):
+    """Greedy decoding ignores temperature, top_k and top_p with one warning at the caller's line
+    (temperature=0 included); top_k=0 and top_p=1 cut nothing, so they sample what None does from
+    the same seed (top_p=1 cut ~a third of a 256-id vocabulary: a float32 cumulative sum reached 1
+    early)."""
+    generate, _ = generator
+    greedy = np.asarray(generate(PROMPT, max_new_tokens=6, eos_token_id=[]))
+    with pytest.warns(UserWarning, match="do_sample is False, so temperature=0, top_k=5 ignored") as caught:
+        ignored = np.asarray(generate(PROMPT, max_new_tokens=6, eos_token_id=[], temperature=0, top_k=5))
+    assert caught[0].filename == __file__
+    np.testing.assert_array_equal(ignored, greedy)
+    seed = (lambda: dict(generator=torch.Generator().manual_seed(3))) if "seed" not in \
+        generate.__code__.co_varnames else (lambda: dict(seed=3))
+    sample = lambda **kw: np.asarray(generate(PROMPT, max_new_tokens=12, eos_token_id=[],  # noqa: E731
+                                              do_sample=True, temperature=3.0, **seed(), **kw))
+    free = sample()
+    np.testing.assert_array_equal(sample(top_k=0, top_p=1.0), free)
+    assert not np.array_equal(sample(top_k=2), free)  # the cut is applied: another sample
 
 
 def test_ragged_lists(generator):

@@ -244,8 +244,9 @@ def test_gradient_checkpointing_with_a_cache_warns():
             out = model(x, labels=x, **kwargs)
         return sum(kept), out
     plain_kept, plain = kept_bytes()
-    with pytest.warns(UserWarning, match="use_cache=True is incompatible with gradient checkpointing"):
+    with pytest.warns(UserWarning, match="use_cache=True is incompatible with gradient checkpoint") as caught:
         cached_kept, cached = kept_bytes(use_cache=True)
+    assert caught[0].filename == __file__  # the caller's line, not torch's module call
     assert cached.past_key_values is None and torch.equal(cached.loss, plain.loss)
     assert cached_kept == plain_kept  # the blocks still recomputed
     with pytest.warns(UserWarning, match="gradient checkpointing does not apply to a forward with "
@@ -312,6 +313,19 @@ def test_generate_into_a_reused_cache_equals_a_fresh_one(model):
     model.generate(ids(3, 4), max_new_tokens=3, cache=cache)
     assert torch.equal(model.generate(x, attention_mask=mask, max_new_tokens=7, cache=cache), fresh)
     assert [t.data_ptr() for t in cache.states()] == addresses
+
+
+def test_generate_of_no_tokens_still_checks_and_resets_the_cache(model):
+    """max_new_tokens=0 returns a copy of the prompt, and the cache is checked and reset first, as
+    for any other count (a cache for another batch passed, a used one kept its states)."""
+    x = ids(2, 5)
+    with pytest.raises(ValueError, match=r"cache: expected what model.new_cache\(2\) makes"):
+        model.generate(x, max_new_tokens=0, cache=model.new_cache(3))
+    cache = model.new_cache(2)
+    model(x, past_key_values=cache)
+    out = model.generate(x, max_new_tokens=0, cache=cache)
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    assert not any(t.any() for t in cache.states())
 
 
 @pytest.mark.parametrize("new", [6, 20])  # below and above the steps between two looks at the end

@@ -99,15 +99,15 @@ class Generator:
         lists; seed seeds the sampling."""
         input_ids = _as_numpy("input_ids", input_ids)
         attention_mask = None if attention_mask is None else _as_numpy("attention_mask", attention_mask)
-        eos, pad_token_id = check_generate_args(
-            input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+        eos, pad_token_id, sampling = check_generate_args(
+            input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
             pad_token_id, self.manifest["vocab_size"], self.manifest["pad_token_id"],
             self.manifest["eos_token_id"])
         if seed is not None and (not isinstance(seed, numbers.Integral) or seed < 0):
             raise ValueError(f"seed: expected an integer >= 0 or None, got {seed!r}")
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if max_new_tokens == 0:
-            return ids
+            return ids.astype(input_ids.dtype)  # a new array, as torch's generate returns
         mask = np.ones_like(ids) if attention_mask is None else \
             np.ascontiguousarray(attention_mask, dtype=np.int64)
         rng = np.random.default_rng(seed)
@@ -115,7 +115,7 @@ class Generator:
         finished = np.zeros(ids.shape[0], dtype=bool)
         tokens = [ids]
         for step in range(max_new_tokens):
-            next_ids = pick_next_token(logits, do_sample, temperature, top_k, top_p, rng)
+            next_ids = pick_next_token(logits, *sampling, rng)
             next_ids = np.where(finished, pad_token_id, next_ids).astype(np.int64)
             tokens.append(next_ids[:, None])
             if eos:

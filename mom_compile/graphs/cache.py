@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops._checks import check_int
+from ..ops._checks import check_int, check_writable
 from ..ops.precision import compute_dtype
 from .config import MomConfig
 
@@ -115,7 +115,8 @@ class MomCache:
 def check_cache(name: str, cache, config: MomConfig, batch: int | None, dtype: torch.dtype,
                 device: torch.device) -> None:
     """Raise naming `name` unless `cache` is a MomCache with the states that
-    `MomCache(config, batch, dtype, device)` makes (a model's `new_cache(batch)`; batch None: any)."""
+    `MomCache(config, batch, dtype, device)` makes (a model's `new_cache(batch)`; batch None: any),
+    writable in place now (its states are made together: one is looked at)."""
     if not isinstance(cache, MomCache):
         raise TypeError(f"{name}: expected a MomCache, got {type(cache).__name__}")
     batch = cache.batch_size if batch is None else batch
@@ -131,3 +132,4 @@ def check_cache(name: str, cache, config: MomConfig, batch: int | None, dtype: t
         if t.shape != shape or t.dtype != dt or t.device != device:
             kind = "conv" if i % 2 else "recurrent"
             raise ValueError(expected + f"layer {i // 2}'s {kind} {list(t.shape)} {t.dtype} on {t.device}")
+    check_writable(name, states[0])

@@ -141,23 +141,23 @@ def generate(
     config = model.config
     input_ids = _as_tensor("input_ids", input_ids, model)
     attention_mask = None if attention_mask is None else _as_tensor("attention_mask", attention_mask, model)
-    eos, pad_token_id = check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k,
-                                            top_p, eos_token_id, pad_token_id, config.vocab_size,
-                                            config.pad_token_id, config.eos_token_id)
+    eos, pad_token_id, sampling = check_generate_args(
+        input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+        pad_token_id, config.vocab_size, config.pad_token_id, config.eos_token_id)
     if cuda_graph is None:  # the reference kernels (Triton missing) sync with the host: no capture
         cuda_graph = input_ids.is_cuda and not _is_compiled(model) and triton_status().available
     elif cuda_graph and not input_ids.is_cuda:
         raise ValueError(f"cuda_graph: needs the model and input_ids on a CUDA device, got "
                          f"{input_ids.device}")
-    if max_new_tokens == 0:
-        return input_ids
     # The cache is made (or reset) here, outside any compiled forward, so that its buffers are
     # static addresses that a CUDA-graph step may update in place.
-    if cache is None:
-        cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
-    else:
+    if cache is not None:
         _check_cache(cache, model, input_ids.shape[0], input_ids.device)
         cache.reset()
+    if max_new_tokens == 0:
+        return input_ids.clone()
+    if cache is None:
+        cache = model.new_cache(input_ids.shape[0], device=input_ids.device)
     step = CudaGraphStep(model, cache) if cuda_graph else \
         (lambda ids: model(ids, past_key_values=cache, use_cache=True).logits)
     logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
@@ -166,7 +166,7 @@ def generate(
     running = torch.zeros((), dtype=torch.int64, device=input_ids.device)  # steps begun unfinished
     tokens = [input_ids]
     for i in range(max_new_tokens):
-        next_ids = pick_next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        next_ids = pick_next_token(logits[:, -1], *sampling, generator)
         next_ids = torch.where(finished, pad_token_id, next_ids).to(input_ids.dtype)
         tokens.append(next_ids[:, None])
         if eos:

@@ -3,7 +3,6 @@ causal-LM head."""
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
@@ -12,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..user_warning import warn
 from .cache import MomCache, check_cache
 from .checkpoint import TIED_HEAD, load_pretrained, save_pretrained
 from .config import MomConfig
@@ -113,7 +113,7 @@ class MomCausalLMOutput:
 
 def _warn(message: str) -> None:
     if not torch.compiler.is_compiling():
-        warnings.warn(message, UserWarning, stacklevel=3)
+        warn(message)
 
 
 def _reset_submodules(module: nn.Module) -> None:

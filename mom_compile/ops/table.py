@@ -11,12 +11,12 @@ references are correct on CUDA but synchronise with the host and are slow.
 from __future__ import annotations
 
 import importlib
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..user_warning import warn
 from .chunk_gated_delta import (
     chunk_gated_delta_backward_op,
     chunk_gated_delta_op,
@@ -134,9 +134,9 @@ class WarnOnce:
     def __call__(self) -> None:
         if not self.warned:
             self.warned = True
-            warnings.warn(f"mom_compile: the Triton kernels are unavailable ({self.reason}), so CUDA tensors "
-                          f"run the PyTorch reference kernels, which synchronise with the host and are "
-                          f"slow; to fix: {TRITON_FIX}", RuntimeWarning, stacklevel=3)
+            warn(f"mom_compile: the Triton kernels are unavailable ({self.reason}), so CUDA tensors run "
+                 f"the PyTorch reference kernels, which synchronise with the host and are slow; to fix: "
+                 f"{TRITON_FIX}", RuntimeWarning)
 
 
 def reference_on_cuda(op: Op, warn: WarnOnce) -> Callable:
