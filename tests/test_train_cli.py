@@ -117,6 +117,25 @@ def test_resume_keeps_the_data_and_the_global_batch(capsys, tmp_path):
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_on_relative_data_paths_resumes_from_another_folder(capsys, tmp_path, monkeypatch):
+    """--data given relative to the working folder is kept absolute: --resume works from another
+    folder, with the data left out or given again by another spelling of the same path."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    (start / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    run = tmp_path / "run"
+    monkeypatch.chdir(start)
+    assert train("--config", "tiny", "--data", "corpus.txt", "--seq-len", 32, "--batch-size", 2, "--steps", 1,
+                 "--no-compile", "--out", run) == 0
+    monkeypatch.chdir(elsewhere)
+    assert train("--resume", run, "--steps", 2) == 0
+    assert train("--resume", run, "--steps", 3, "--data", "../start/./corpus.txt") == 0
+    assert sorted(losses(run)) == [1, 2, 3]
+    capsys.readouterr()
+    one_line_error(capsys, 1, ["--resume", run, "--steps", 4, "--data", "corpus.txt"], "--data",
+                   "the resumed run used")
+
+
 def test_a_run_stopped_before_its_final_model_resumes_to_write_it(capsys, tmp_path):
     """Stopped after its last checkpoint, before the final model was written: --resume writes the
     model (and the final evaluation) without training; once written, there is nothing to resume."""
@@ -314,6 +333,34 @@ def test_ctrl_c_inside_a_compiler_error_is_an_interruption(tmp_path, monkeypatch
     assert cli.main([str(a) for a in (*QUICK, "--out", tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert "interrupted: at step 0; no checkpoint was written yet" in err and "Traceback" not in err, err
+
+
+def test_ctrl_c_inside_a_checkpoint_read_or_write_is_an_interruption(tmp_path, monkeypatch, capsys):
+    """DCP wraps a Ctrl-C during a checkpoint's write or read in its CheckpointException (a
+    BaseException): the run ends as interrupted, exit 130, not with a traceback or by calling a good
+    checkpoint damaged."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from mom_compile.train import cli
+
+    run = tmp_path / "run"
+    args = [str(a) for a in (*QUICK, "--steps", 1, "--save-every", 1, "--no-compile", "--out", run)]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise CheckpointException("checkpoint failed", {0: (KeyboardInterrupt(), traceback.StackSummary())})
+    for name in ("load", "save"):  # resuming reads step 1; a run of its own writes step 1
+        with monkeypatch.context() as m:
+            m.setattr(checkpoint_module.dcp, name, interrupted)
+            again = ["--resume", str(run), "--steps", "2"] if name == "load" else \
+                [*args[:-1], str(tmp_path / "other")]
+            assert cli.main(again) == 130
+        err = capsys.readouterr().err
+        assert "interrupted" in err and "damaged" not in err and "Traceback" not in err, (name, err)
+    assert cli.main(["--resume", str(run), "--steps", "2"]) == 0  # step 1 was good all along
 
 
 def test_ctrl_c_and_kill_leave_a_checkpoint_to_resume(tmp_path):

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+from ..interrupts import caused_by_interrupt
 from .distributed import World
 from .errors import TrainError
 
@@ -47,11 +48,21 @@ def checkpoint_name(step: int) -> str:
 
 
 @contextlib.contextmanager
-def _dcp_quiet():
-    """DCP warns that it runs in one process when there is no process group: that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+def _dcp_call():
+    """Around a DCP save or load: quiet about running in one process when there is no process
+    group (intended), and an interruption that DCP wrapped in its CheckpointException (a
+    BaseException holding each process's failure) raised as the KeyboardInterrupt it was, not
+    reported as a failed write or a damaged checkpoint."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    except CheckpointException as e:
+        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        if any(isinstance(f, BaseException) and caused_by_interrupt(f) for f in failures) \
+                or caused_by_interrupt(e.__cause__ or e.__context__):
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -101,7 +112,7 @@ def save_checkpoint(out: str, step: int, model: nn.Module, optimizer: torch.opti
         os.makedirs(os.path.join(tmp, "rng"))
     world.barrier()
     state = {"model": dict(model.named_parameters()), "optim": get_optimizer_state_dict(model, optimizer)}
-    with _dcp_quiet():
+    with _dcp_call():
         dcp.save(state, checkpoint_id=tmp)
     torch.save(_rng_state(world.device), os.path.join(tmp, "rng", f"rank-{world.rank}.pt"))
     world.barrier()
@@ -177,7 +188,7 @@ def load_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optimi
     optim_state = get_optimizer_state_dict(model, optimizer)  # creates AdamW's state to load into
     state = {"model": dict(model.named_parameters()), "optim": optim_state}
     try:
-        with _dcp_quiet():
+        with _dcp_call():
             dcp.load(state, checkpoint_id=folder)
     except CheckpointException as e:  # DCP's wrapper (a BaseException) of each process's failure
         raise damaged(folder, "parameters and optimizer state", next(iter(e.failures.values()))[0]) from None

@@ -3,6 +3,7 @@ the run it continues (so `--resume OUT` alone continues a run as it was started)
 from __future__ import annotations
 
 import argparse
+import os
 
 DEFAULTS = dict(
     seq_len=256, steps=1000, batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=None, min_lr_ratio=0.1,
@@ -17,18 +18,23 @@ MODEL_ARGS = ("config", "config_json", "init_from")
 DATA_ARGS = ("task", "data", "tokenizer", "text_field", "seq_len", "mqar_pairs", "mqar_vocab", "seed")
 # run-local: never taken from the run being resumed
 LOCAL_ARGS = ("out", "resume", "device")
+# files and folders, kept absolute: a run resumes from any working folder
+PATH_ARGS = ("data", "tokenizer", "config_json", "init_from")
 
 
 def settle(args: argparse.Namespace, saved: dict | None) -> tuple[argparse.Namespace, list[str]]:
     """Fill the arguments left out (None) from `saved` (a resumed run's settings) or the defaults.
     Returns the settings and the names of data arguments given with a value other than saved."""
     values, conflicts = vars(args).copy(), []
+    for name in PATH_ARGS:
+        values[name] = _absolute(values.get(name))
     for name, default in DEFAULTS.items():
         given = values.get(name)
         if saved is not None and name not in LOCAL_ARGS and name in saved:
             if given is None:
                 values[name] = saved[name]
-            elif name in DATA_ARGS and _normal(given) != _normal(saved[name]):
+            elif name in DATA_ARGS and _normal(given) != _normal(_absolute(saved[name]) if name in PATH_ARGS
+                                                                 else saved[name]):
                 conflicts.append(name)
         if values.get(name) is None:
             values[name] = default
@@ -37,6 +43,14 @@ def settle(args: argparse.Namespace, saved: dict | None) -> tuple[argparse.Names
     if values["grad_checkpointing"] == "off":
         values["grad_checkpointing"] = False
     return argparse.Namespace(**values), conflicts
+
+
+def _absolute(path):
+    """A path (or a list of them) made absolute; a run from before paths were kept absolute saved
+    them relative to its working folder, taken to be this one."""
+    if isinstance(path, (list, tuple)):
+        return [os.path.abspath(p) for p in path]
+    return None if path is None else os.path.abspath(path)
 
 
 def _normal(value):
