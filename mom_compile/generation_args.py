@@ -51,9 +51,11 @@ class Sampling(NamedTuple):
 
 def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any) -> Sampling:
     """As Hugging Face's generate: without do_sample, temperature, top_k and top_p are ignored (a
-    warning names those that would change a sample); top_k=0 and top_p=1 cut nothing."""
+    warning names those that would change a sample); top_k=0 and top_p=1 cut nothing; None is
+    unset."""
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample: expected True or False, got {do_sample!r}")
+    temperature = 1.0 if temperature is None else temperature  # None: unset, as in Hugging Face's
     if not do_sample:
         ignored = [f"temperature={temperature!r}"] if temperature != 1 else []
         ignored += [f"top_k={top_k!r}"] if top_k not in (None, 0) else []

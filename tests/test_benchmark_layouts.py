@@ -20,10 +20,10 @@ def test_a_sequence_length_that_does_not_divide_the_tokens_is_refused():
     assert "| 2048 | 4 |" in good.stdout and "| 4096 | 2 |" in good.stdout
 
 
-def test_all_sets_counts_every_memorys_projection_on_every_token():
+def test_all_sets_counts_every_memorys_projection_on_every_token(monkeypatch):
     """--all-sets (the layer as built) adds the projections of the 2 unrouted sets of each token:
     2 * d * (HK + HV + 2H) FLOPs a token and set, forward; the other stages are unchanged."""
-    sys.path.insert(0, str(SCRIPT.parent))
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     from layer_floor import Shape, layer_stages
 
     routed, built = layer_stages(Shape(2048, 4)), layer_stages(Shape(2048, 4, all_sets=True))

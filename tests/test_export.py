@@ -490,6 +490,8 @@ def test_io_bound_states_equal_a_plain_run(exported):
     (lambda m: {**m, "vocab_size": "256"}, ValueError, "key 'vocab_size': expected an integer"),
     (lambda m: {**m, "eos_token_id": "2"}, ValueError,
      "key 'eos_token_id': expected an integer or a list or null, got '2'"),
+    (lambda m: {**m, "eos_token_id": [2, "x"]}, ValueError,
+     r"key 'eos_token_id': expected an integer, a list of integers or null, got \[2, 'x'\]"),
     (lambda m: {**m, "files": {**m["files"], "gone.onnx": 5}}, FileNotFoundError,
      "gone.onnx: missing .model.json lists it."),
     (lambda m: {**m, "files": {**m["files"], "prefill.onnx": 5}}, ValueError,

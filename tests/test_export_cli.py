@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -86,24 +85,32 @@ def test_terminated_export_leaves_nothing(tmp_path):
 
 def test_a_killed_exports_staging_folder_is_removed_by_the_next(tmp_path):
     """SIGKILL (the OOM killer) leaves the hidden staging folder behind, as nothing runs to clean
-    up: the next export to OUT removes it, and leaves a running export's and other folders."""
+    up: the next export to OUT removes it (its lock file no longer locked), and leaves a running
+    export's (locked), a folder without a lock file and another OUT's."""
+    import fcntl
+
     from mom_compile.export import __main__ as export_main
     out = tmp_path / "out"
     out.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # its pid names no process now
-    host = socket.gethostname()
-    killed = [tmp_path / f".out.{host}-{dead.pid}.k2j_x.partial", out / f".out.{host}-{dead.pid}.a1b.partial"]
-    kept = [tmp_path / f".out.{host}-{os.getpid()}.zz9.partial",  # a running export's
-            tmp_path / f".out.elsewhere-{dead.pid}.q.partial",  # another host's
-            tmp_path / f".other.{host}-{dead.pid}.q.partial"]  # another OUT's
-    for folder in killed + kept:
+    killed = [tmp_path / ".out.k2j_x.partial", out / ".out.a1b.partial"]
+    running, unlocked, other = tmp_path / ".out.zz9.partial", tmp_path / ".out.q.partial", \
+        tmp_path / ".other.q.partial"
+    for folder in [*killed, running, unlocked, other]:
         folder.mkdir()
         (folder / "prefill.onnx").write_text("half")
-    staging = export_main._Staging(str(out), "--onnx")
-    assert [f.exists() for f in killed + kept] == [False, False, True, True, True]
-    assert os.path.basename(staging.path).startswith(f".out.{host}-{os.getpid()}.")
-    staging.discard()
+        if folder != unlocked:
+            (folder / export_main._LOCK).write_text("")
+    held = os.open(running / export_main._LOCK, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as the running export's process holds it
+    try:
+        staging = export_main._Staging(str(out), "--onnx")
+    finally:
+        os.close(held)
+    assert [f.exists() for f in [*killed, running, unlocked, other]] == [False, False, True, True, True]
+    export_main._Staging(str(out), "--onnx").discard()  # another export while this one stages
+    assert os.path.isdir(staging.path)
+    staging.publish()  # its lock is gone before its files move: OUT holds no lock file
+    assert sorted(os.listdir(out)) == []
 
 
 def test_an_interrupt_lost_in_a_callback_still_stops_the_command():

@@ -3,6 +3,7 @@ message (one shared check), and accept nested lists alike."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -72,6 +73,10 @@ def test_sampling_arguments_as_hugging_face_reads_them(generator):
         ignored = np.asarray(generate(PROMPT, max_new_tokens=6, eos_token_id=[], temperature=0, top_k=5))
     assert caught[0].filename == __file__
     np.testing.assert_array_equal(ignored, greedy)
+    with warnings.catch_warnings():  # unset (None) or no cut: nothing ignored, nothing to warn about
+        warnings.simplefilter("error")
+        unset = generate(PROMPT, max_new_tokens=6, eos_token_id=[], temperature=None, top_k=0, top_p=1.0)
+    np.testing.assert_array_equal(np.asarray(unset), greedy)
     seed = (lambda: dict(generator=torch.Generator().manual_seed(3))) if "seed" not in \
         generate.__code__.co_varnames else (lambda: dict(seed=3))
     sample = lambda **kw: np.asarray(generate(PROMPT, max_new_tokens=12, eos_token_id=[],  # noqa: E731

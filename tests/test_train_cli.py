@@ -132,8 +132,11 @@ def test_a_run_on_relative_data_paths_resumes_from_another_folder(capsys, tmp_pa
     assert train("--resume", run, "--steps", 3, "--data", "../start/./corpus.txt") == 0
     assert sorted(losses(run)) == [1, 2, 3]
     capsys.readouterr()
+    (elsewhere / "corpus.txt").write_text("other words")
     one_line_error(capsys, 1, ["--resume", run, "--steps", 4, "--data", "corpus.txt"], "--data",
                    "the resumed run used")
+    (start / "corpus.txt").rename(elsewhere / "moved.txt")  # the data moved: given anew, taken
+    assert train("--resume", run, "--steps", 4, "--data", "moved.txt") == 0
 
 
 def test_a_run_stopped_before_its_final_model_resumes_to_write_it(capsys, tmp_path):

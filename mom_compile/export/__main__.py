@@ -13,11 +13,15 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
 import warnings
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locks, and no cleanup of killed exports' folders
+    fcntl = None
 
 from .. import cli_args
 from ..interrupts import caused_by_interrupt, check_interrupted, interrupts_held, sigterm_as_interrupt
@@ -31,6 +35,7 @@ MAX_BATCH, MAX_SEQ = 8, 512  # --tensorrt's engine profiles, by default
 ARTEFACTS = ("model.json", "prefill.onnx", "decode_step.onnx", "weights.onnx.data", "prefill.onnx.data",
              "decode_step.onnx.data", "prefill.pt2", "decode_step.pt2", "prefill.aoti.pt2",
              "decode_step.aoti.pt2", *ENGINE_FILES.values())
+_LOCK = ".lock"  # in a staging folder, locked by the exporting process until it publishes
 
 DESCRIPTION = """\
 Export a Mixture-of-Memories (MoM) language model to two ONNX graphs that stock onnxruntime runs:
@@ -224,36 +229,41 @@ def _check_tensorrt_args(args) -> None:
         raise _Failure(f"--tensorrt: {problem}")
 
 
-def _owner() -> str:
-    """This process as a staging folder's name holds it: host and pid."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 def _remove_abandoned(folder: str, base: str) -> None:
-    """Remove the staging folders of exports to `base` that were killed (SIGKILL, the OOM killer:
-    nothing ran to clean up) on this host; those of running exports stay."""
-    prefix, host = f".{base}.", socket.gethostname()
-    for name in os.listdir(folder):
-        if not (name.startswith(prefix) and name.endswith(".partial")):
+    """Remove the staging folders of exports to `base` whose process died without cleaning up
+    (SIGKILL, the OOM killer): their lock file is no longer locked. A running export holds the
+    lock of its own (`_Staging`), and a folder without one is left alone."""
+    if fcntl is None:
+        return
+    try:
+        names = os.listdir(folder)
+    except OSError:  # a folder we may write to but not list
+        return
+    for name in names:
+        if not (name.startswith(f".{base}.") and name.endswith(".partial")):
             continue
-        owner = name[len(prefix):-len(".partial")].rpartition(".")[0]  # mkdtemp's part has no dot
-        owner_host, _, pid = owner.rpartition("-")
-        if owner_host != host or not pid.isdigit():
+        lock = os.path.join(folder, name, _LOCK)
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-        except OSError:  # alive, another user's
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # unlinked while we waited: its export released it to publish, the folder is no longer ours
+            if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        except OSError:  # locked: a running export
             pass
+        finally:
+            os.close(fd)
 
 
 class _Staging:
     """A temporary folder that receives the export, on OUT's filesystem (files move between
     filesystems only by copying): inside OUT when it exists (a mount point or a link to another
-    disk, say), else beside it. Its name holds the exporting process, so that the next export to
-    OUT removes it if that process was killed. `publish` moves its files into OUT, `discard`
-    removes it (and the parent folders made for it)."""
+    disk, say), else beside it. The export holds a lock on a file in it until it publishes, so
+    that the next export to OUT removes it if the process was killed. `publish` moves its files
+    into OUT, `discard` removes it (and the parent folders made for it)."""
 
     def __init__(self, out: str, flag: str) -> None:
         self.out = os.path.abspath(out)
@@ -272,7 +282,10 @@ class _Staging:
                 if os.path.isdir(folder):
                     _remove_abandoned(folder, base)
             where = self.out if os.path.isdir(self.out) else os.path.dirname(self.out)
-            self.path = tempfile.mkdtemp(prefix=f".{base}.{_owner()}.", suffix=".partial", dir=where)
+            self.path = tempfile.mkdtemp(prefix=f".{base}.", suffix=".partial", dir=where)
+            if fcntl is not None:
+                self.lock = os.open(os.path.join(self.path, _LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+                fcntl.flock(self.lock, fcntl.LOCK_EX)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.path, 0o777 & ~umask)  # mkdtemp's 0700 would become OUT's
@@ -285,6 +298,7 @@ class _Staging:
         and SIGTERM held back: the old model.json first (a folder without one is no export, where
         one stopped halfway would mix two models), then the files of an earlier export that this
         one does not write, the new files, and model.json last."""
+        self._unlock()
         if not os.path.exists(self.out):
             os.rename(self.path, self.out)
             self.made = []
@@ -299,9 +313,19 @@ class _Staging:
             os.rmdir(self.path)
             self.made = []
 
+    def _unlock(self) -> None:
+        """Remove the lock file, then release it: a cleanup that locks it after finds it gone."""
+        if getattr(self, "lock", None) is not None:
+            os.unlink(os.path.join(self.path, _LOCK))
+            os.close(self.lock)
+            self.lock = None
+
     def discard(self) -> None:
         if hasattr(self, "path"):
             shutil.rmtree(self.path, ignore_errors=True)
+        if getattr(self, "lock", None) is not None:
+            os.close(self.lock)
+            self.lock = None
         for folder in reversed(self.made):
             try:
                 os.rmdir(folder)

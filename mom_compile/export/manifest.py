@@ -156,6 +156,10 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: key 'format' is {manifest.get('format')!r}, expected {FORMAT!r} "
                          "(export the model again with this version of mom_compile)")
     check_keys(manifest, REQUIRED_KEYS, path)
+    eos = manifest["eos_token_id"]
+    if isinstance(eos, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+        raise ValueError(f"{path}: key 'eos_token_id': expected an integer, a list of integers or null, "
+                         f"got {eos!r}")
     for name, size in manifest["files"].items():
         file = os.path.join(folder, name)
         if not os.path.isfile(file):

@@ -139,10 +139,10 @@ class WarnOnce:
                  f"{TRITON_FIX}", RuntimeWarning)
 
 
-def reference_on_cuda(op: Op, warn: WarnOnce) -> Callable:
-    """op's reference as its CUDA kernel, announced by `warn`."""
+def reference_on_cuda(op: Op, announce: WarnOnce) -> Callable:
+    """op's reference as its CUDA kernel, announced by `announce`."""
     def kernel(*args, **kwargs):
-        warn()
+        announce()
         return op.reference(*args, **kwargs)
     return kernel
 
@@ -156,8 +156,8 @@ def _register_cuda_kernels() -> TritonStatus:
         status = TritonStatus(True)
     except Exception as exc:  # not installed, or installed but failing to import: both leave no kernels
         status = TritonStatus(False, f"{type(exc).__name__}: {exc}")
-        warn = WarnOnce(status.reason)
-        kernels = [reference_on_cuda(op, warn) for op in with_triton]
+        announce = WarnOnce(status.reason)
+        kernels = [reference_on_cuda(op, announce) for op in with_triton]
     for op, kernel in zip(with_triton, kernels):
         op.definition.register_kernel("cuda", kernel)
     return status

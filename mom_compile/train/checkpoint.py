@@ -57,10 +57,8 @@ def _dcp_call():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             yield
-    except CheckpointException as e:
-        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
-        if any(isinstance(f, BaseException) and caused_by_interrupt(f) for f in failures) \
-                or caused_by_interrupt(e.__cause__ or e.__context__):
+    except CheckpointException as e:  # failures: each process's (error, stack)
+        if caused_by_interrupt(e) or any(caused_by_interrupt(error) for error, _ in e.failures.values()):
             raise KeyboardInterrupt from None
         raise
 

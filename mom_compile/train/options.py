@@ -31,10 +31,10 @@ def settle(args: argparse.Namespace, saved: dict | None) -> tuple[argparse.Names
     for name, default in DEFAULTS.items():
         given = values.get(name)
         if saved is not None and name not in LOCAL_ARGS and name in saved:
+            kept = _absolute(saved[name]) if name in PATH_ARGS else saved[name]
             if given is None:
-                values[name] = saved[name]
-            elif name in DATA_ARGS and _normal(given) != _normal(_absolute(saved[name]) if name in PATH_ARGS
-                                                                 else saved[name]):
+                values[name] = kept
+            elif name in DATA_ARGS and not _same(name, given, kept):
                 conflicts.append(name)
         if values.get(name) is None:
             values[name] = default
@@ -51,6 +51,16 @@ def _absolute(path):
     if isinstance(path, (list, tuple)):
         return [os.path.abspath(p) for p in path]
     return None if path is None else os.path.abspath(path)
+
+
+def _same(name: str, given, saved) -> bool:
+    """Whether a data argument given on --resume is the saved one: paths by the files they name,
+    and a saved path that no longer exists matches any (the data moved with the run)."""
+    if name not in PATH_ARGS:
+        return _normal(given) == _normal(saved)
+    given, saved = ([p] if isinstance(p, str) else list(p or []) for p in (given, saved))
+    return len(given) == len(saved) and all(
+        not os.path.exists(s) or os.path.realpath(g) == os.path.realpath(s) for g, s in zip(given, saved))
 
 
 def _normal(value):
