@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mom_compile.cli_args import int_at_least  # noqa: E402
 from mom_compile.export.runtime import OnnxGenerator  # noqa: E402
 
 
@@ -50,12 +51,12 @@ def main() -> int:
     p.add_argument("folder", help="an export folder written by python -m mom_compile.export")
     p.add_argument("--prompt", action="append", required=True, metavar="IDS", type=token_ids,
                    help="comma-separated token ids; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=32)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy argmax")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    p.add_argument("--top-k", type=int_at_least(0), default=None, help="with --sample; 0: no cut")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample, in (0, 1]")
+    p.add_argument("--seed", type=int_at_least(0), default=None)
     p.add_argument("--tensorrt", action="store_true", help="run the folder's TensorRT engines")
     args = p.parse_args()
     prompts = args.prompt

@@ -404,6 +404,9 @@ def test_runtime_runs_without_torch(exported):
                           "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"{prompt.replace(',', ' ')} -> {' '.join(map(str, ref.tolist()))}"
+    bad = subprocess.run([sys.executable, script, folder, "--prompt", prompt, "--max-new-tokens", "-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--max-new-tokens: expected at least 0, got -1" in bad.stderr, bad.stderr
 
 
 def _external_ranges(path: str) -> set[tuple[str, int, int]]:
