@@ -111,7 +111,8 @@ def mom_layer(sd, config, x, mask=None):
 
 def top_choices(z, k):
     """The k memories with the largest logits z [M], largest first, ties to the lower index."""
-    return sorted(range(z.shape[-1]), key=lambda e: (-float(z[e]), e))[:k]
+    values = z.detach().tolist()
+    return sorted(range(len(values)), key=lambda e: (-values[e], e))[:k]
 
 
 def load_balancing(router_logits, topk, mask=None):
