@@ -20,11 +20,10 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """warnings.warn(message, category), reported at the caller's code (at warn's caller where no
     frame is the user's: a command line of this package). No torch import: the torch-free runtime
     warns through it too."""
-    skip = [_PACKAGE]
     torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch, "__file__", None):
-        skip.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    skip = (_PACKAGE,) if torch is None or not getattr(torch, "__file__", None) else \
+        (_PACKAGE, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
     depth, frame = 1, sys._getframe(1)  # sys._getframe(depth) is warnings' stacklevel depth + 1
-    while frame is not None and _not_the_users(frame.f_code.co_filename, tuple(skip)):
+    while frame is not None and _not_the_users(frame.f_code.co_filename, skip):
         depth, frame = depth + 1, frame.f_back
     warnings.warn(message, category, stacklevel=depth + 1 if frame is not None else 2)

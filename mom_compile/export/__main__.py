@@ -270,6 +270,7 @@ class _Staging:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise _Failure(f"{flag}: {out!r} exists and is not a folder")
         parent = os.path.dirname(self.out)
+        self.lock = None  # the lock file's descriptor while staging
         self.made = []  # parent folders created here, deepest last
         while not os.path.exists(parent) and parent != os.path.dirname(parent):
             self.made.insert(0, parent)
@@ -315,7 +316,7 @@ class _Staging:
 
     def _unlock(self) -> None:
         """Remove the lock file, then release it: a cleanup that locks it after finds it gone."""
-        if getattr(self, "lock", None) is not None:
+        if self.lock is not None:
             os.unlink(os.path.join(self.path, _LOCK))
             os.close(self.lock)
             self.lock = None
@@ -323,7 +324,7 @@ class _Staging:
     def discard(self) -> None:
         if hasattr(self, "path"):
             shutil.rmtree(self.path, ignore_errors=True)
-        if getattr(self, "lock", None) is not None:
+        if self.lock is not None:
             os.close(self.lock)
             self.lock = None
         for folder in reversed(self.made):

@@ -296,8 +296,10 @@ class Trainer:
             if saving:
                 self._save()
                 paused = True
-            if paused or first and window_steps:  # tokens/s counts training time only, and not a
-                throughput = Throughput(self.step)    # first step's compilation (unless logged alone)
+            # tokens/s counts training time only, and not the first step's compilation (unless that
+            # step was logged alone)
+            if paused or (first and window_steps):
+                throughput = Throughput(self.step)
             first = False
         if self.is_mqar:
             self._evaluate()
