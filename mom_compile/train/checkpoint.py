@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from ..interrupts import caused_by_interrupt
+from ..interrupts import caused_by_interrupt, replace_files
 from .distributed import World
 from .errors import TrainError
 
@@ -64,10 +65,10 @@ def _dcp_call():
 
 
 def _write_json(path: str, value: dict) -> None:
-    with open(path + ".tmp", "w") as f:
+    """Into the checkpoint's temporary folder, which is renamed whole once complete."""
+    with open(path, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(path + ".tmp", path)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -120,9 +121,7 @@ def save_checkpoint(out: str, step: int, model: nn.Module, optimizer: torch.opti
         if os.path.exists(final):  # the same step saved again (a resumed run): move the old one away
             os.replace(final, os.path.join(root, TMP + "old-" + name))
         os.replace(tmp, final)
-        with open(os.path.join(root, LATEST + ".tmp"), "w") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
+        replace_files({os.path.join(root, LATEST): lambda file: Path(file).write_text(name + "\n")})
         shutil.rmtree(os.path.join(root, TMP + "old-" + name), ignore_errors=True)
         _prune(root, keep, step)
     world.barrier()
