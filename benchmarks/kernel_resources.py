@@ -26,7 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mom_compile
 
 import torch  # noqa: E402
-import triton  # noqa: E402
+
+from mom_compile.ops.table import TRITON_FIX  # noqa: E402
+
+try:
+    import triton  # noqa: E402
+except ImportError:
+    sys.exit(f"kernel_resources.py compiles the Triton kernels: {TRITON_FIX} first")
 from scan_inputs import scan_inputs  # noqa: E402
 from tree_commit import tree_commit  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
