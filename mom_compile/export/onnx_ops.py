@@ -68,6 +68,12 @@ def _cast(x, dtype: ir.DataType):
     return x if x.dtype == dtype else op.Cast(x, to=dtype)
 
 
+def _scalar(value: float, like):
+    """value in like's type, rounded once from the exact double (a Python float made into an ONNX
+    float constant is first rounded to float32, which a float64 graph would inherit)."""
+    return op.CastLike(op.Constant(value=ir.tensor(value, dtype=ir.DataType.DOUBLE)), like)
+
+
 def _ints(*values: int):
     return op.Constant(value_ints=list(values))
 
@@ -173,18 +179,17 @@ SCAN_DOMAIN = onnxscript.values.Opset("mom.scan", 1)
 
 @onnxscript.script(MOM_DOMAIN, default_opset=op)
 def MemoryStep(  # noqa: N802 (the ONNX op's name)
-    q: TState, k: TState, v: TState, g: TState, beta: TState, state: TState, scale: float,
+    q: TState, k: TState, v: TState, g: TState, beta: TState, state: TState,
 ) -> tuple[TState, TState]:
-    """q, k [R, H, K]; v [R, H, V]; g, beta [R, H]; state [R, H, K, V], all in the state's type.
-    Returns (o [R, H, V], new state): S <- e^g S; u = beta (v - S^T k); S <- S + k u^T;
-    o = S^T (scale q)."""
+    """q (pre-scaled), k [R, H, K]; v [R, H, V]; g, beta [R, H]; state [R, H, K, V], all in the
+    state's type. Returns (o [R, H, V], new state): S <- e^g S; u = beta (v - S^T k); S <- S + k u^T;
+    o = S^T q. (The scale is the callers': an ONNX float attribute holds only float32.)"""
     decayed = op.Mul(state, op.Unsqueeze(op.Exp(g), [2, 3]))
     k_row = op.Unsqueeze(k, [2])
     read = op.MatMul(k_row, decayed)
     u = op.Mul(op.Unsqueeze(beta, [2, 3]), op.Sub(op.Unsqueeze(v, [2]), read))
     new_state = op.Add(decayed, op.MatMul(op.Unsqueeze(k, [3]), u))
-    scaled_q = op.Mul(q, op.CastLike(scale, q))
-    o = op.Squeeze(op.MatMul(op.Unsqueeze(scaled_q, [2]), new_state), [2])
+    o = op.Squeeze(op.MatMul(op.Unsqueeze(q, [2]), new_state), [2])
     return o, new_state
 
 
@@ -196,7 +201,7 @@ def GatedDeltaScan(  # noqa: N802
     returns (final state [S, H, K, V], o [L, S, H, V]) by one MemoryStep per time step."""
     @onnxscript.graph()
     def token(state_in, q_t, k_t, v_t, g_t, beta_t):
-        o_t, state_out = MemoryStep(q_t, k_t, v_t, g_t, beta_t, state_in, scale=1.0)
+        o_t, state_out = MemoryStep(q_t, k_t, v_t, g_t, beta_t, state_in)
         return state_out, o_t
     final, o = op.Scan(state0, q, k, v, g, beta, body=token, num_scan_inputs=5)
     return final, o
@@ -279,7 +284,7 @@ def gated_delta_translations(linear_attention: bool) -> tuple[Callable, Callable
             state0 = op.Expand(op.Cast(op.Constant(value_float=0.0), to=dt), state_shape)
         else:
             state0 = _cast(initial_state, dt)
-        q_grid = op.Mul(q_grid, op.CastLike(scale, q_grid))
+        q_grid = op.Mul(q_grid, _scalar(scale, q_grid))
         if standard_op(dt):  # LinearAttention wants [segment, time] grids
             seg_major = [op.Transpose(t, perm=[1, 0, 2, 3]) for t in (q_grid, k_grid, v_grid)]
             seg_major += [op.Transpose(t, perm=[1, 0, 2]) for t in (g_grid, beta_grid)]
@@ -298,13 +303,13 @@ def gated_delta_translations(linear_attention: bool) -> tuple[Callable, Callable
         """(o [R, H, V] in v's type, new state [R, H, K, V]) for one token per row; computes in the
         state's type."""
         qs, ks, vs, gs, betas = (op.CastLike(t, state) for t in (q, k, v, g, beta))
+        qs = op.Mul(qs, _scalar(scale, qs))
         if standard_op(state.dtype):
-            scaled_q = op.Mul(qs, op.CastLike(scale, qs))
-            one_token = (op.Unsqueeze(t, [1]) for t in (scaled_q, ks, vs, gs, betas))
+            one_token = (op.Unsqueeze(t, [1]) for t in (qs, ks, vs, gs, betas))
             o, new_state = _linear_attention(*one_token, state, _heads(state))
             o = op.Squeeze(o, [1])
         else:
-            o, new_state = MemoryStep(qs, ks, vs, gs, betas, state, scale=scale)
+            o, new_state = MemoryStep(qs, ks, vs, gs, betas, state)
         return op.CastLike(o, v), new_state
 
     return chunk_gated_delta, gated_delta_step
@@ -430,10 +435,10 @@ def _l2_normalize(x, n: int, dt: ir.DataType):
     as it stands, since the fused node computes in float32."""
     xf = op.Cast(x, to=dt)
     if dt == ir.DataType.DOUBLE:
-        norm = op.Sqrt(op.Add(op.ReduceSum(op.Mul(xf, xf), _ints(-1), keepdims=1), op.CastLike(L2_EPS, xf)))
+        norm = op.Sqrt(op.Add(op.ReduceSum(op.Mul(xf, xf), _ints(-1), keepdims=1), _scalar(L2_EPS, xf)))
         return op.CastLike(op.Div(xf, norm), x)
     mean_square = op.ReduceMean(op.Pow(xf, op.CastLike(2.0, xf)), _ints(-1), keepdims=1)
-    rms = op.Sqrt(op.Add(mean_square, op.CastLike(L2_EPS / n, xf)))
+    rms = op.Sqrt(op.Add(mean_square, _scalar(L2_EPS / n, xf)))
     return op.CastLike(op.Mul(op.Div(xf, rms), op.CastLike(op.Constant(value_floats=[n ** -0.5] * n), xf)), x)
 
 

@@ -25,11 +25,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     Eager runs torch's rms_norm (one kernel on CUDA, where the formula launches six: an eager decode
     step is bound by launches); a traced graph keeps the formula, the form onnxruntime fuses into
-    one node."""
+    one node (eps a tensor: an exported Python float would be rounded to float32 first)."""
     x = upcast(x)
     if not torch.compiler.is_compiling():
         return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps)
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + x.new_tensor(eps)) * weight.to(x.dtype)
 
 
 def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float,

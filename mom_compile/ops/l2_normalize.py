@@ -25,7 +25,7 @@ def _formula(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     same dtype, .contiguous()) is applied to y: under torch 2.11's torch.compile, an autograd
     Function that saves and returns such an alias gets a zero gradient."""
     xf = upcast(x)
-    r = torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2_EPS)
+    r = torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + xf.new_tensor(L2_EPS))  # exported exactly in float64
     y = xf * r
     return (y if y.dtype == x.dtype else y.to(x.dtype)), r
 
