@@ -122,3 +122,21 @@ def test_out_of_range_ids_fail_on_device_without_a_graph_break(model):
     compiled = torch.compile(model, fullgraph=True)
     with pytest.raises(RuntimeError, match="input_ids: every id must be in"):
         compiled(torch.tensor([[1, 2, 97]]))
+
+
+def test_compiled_training_into_a_cache_matches_eager():
+    """A training forward into a cache (truncated backpropagation through time), compiled with
+    Inductor, gives eager's gradients: the start states it keeps for the backward are its own
+    copies, not the cache's buffers, which the graph rewrites at its end."""
+    model = tiny_model().train()
+    x = ids(2, 6)
+
+    def grads(forward):
+        model.zero_grad(set_to_none=True)
+        forward(x, labels=x, past_key_values=model.new_cache(2), use_cache=True).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager = grads(model)
+    compiled = grads(torch.compile(model, fullgraph=True))
+    for name, g in eager.items():
+        torch.testing.assert_close(compiled[name], g, rtol=1e-9, atol=1e-12, msg=name)
