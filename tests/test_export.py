@@ -176,9 +176,9 @@ def test_float64_keeps_the_scan_at_opset_27(tmp_path):
 
 def test_float64_graphs_compute_in_float64(tmp_path):
     """A float64 export computes in float64 throughout (the precision rule), constants included, so
-    both graphs match PyTorch to float64 rounding, far below float32's. Head size 12: the query
-    scale 12^-1/2 (and the norms' 1e-6) rounded to float32, as an ONNX float attribute or a traced
-    Python float is, put the graphs ~2e-9 off."""
+    both graphs match PyTorch to float64 rounding, far below float32's. Head size 12: its query
+    scale 12^-1/2 is inexact in float32, so a scale (or a norm's 1e-6) rounded to float32, as an
+    ONNX float attribute or a traced Python float is, shows."""
     model = tiny_model(torch.float64, head_dim=12)
     paths = export_onnx(model, str(tmp_path), opset=DEFAULT_OPSET, progress=lambda _: None)
     sessions = {name: ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -179,9 +179,9 @@ class MomLayer(nn.Module):
     def _start_states(state: LayerState | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The cache's (conv, recurrent) states as the scan's start states, None without a cache.
         With gradients on they are copies: the ops keep them for the backward, and the update
-        after the scan rewrites the cache's own. The copy is copysign(|x|, x), bitwise x: Inductor
-        removes a clone (or a copy_, a same-dtype .to, a cat) of a graph input as a no-op, and the
-        compiled backward then read the states after the update."""
+        after the scan rewrites the cache's own. The copy is copysign(|x|, x), bitwise x, because
+        Inductor drops a clone (or copy_, same-dtype .to, cat) of a graph input as a no-op, which
+        would leave the compiled backward reading the states after the update."""
         if state is None:
             return None, None
         conv, recurrent = state.conv.flatten(0, 1), state.recurrent.flatten(0, 1)
