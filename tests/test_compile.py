@@ -124,12 +124,13 @@ def test_out_of_range_ids_fail_on_device_without_a_graph_break(model):
         compiled(torch.tensor([[1, 2, 97]]))
 
 
-def test_compiled_training_into_a_cache_matches_eager():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_compiled_training_into_a_cache_matches_eager(device):
     """A training forward into a cache (truncated backpropagation through time), compiled with
     Inductor, gives eager's gradients: the start states it keeps for the backward are its own
     copies, not the cache's buffers, which the graph rewrites at its end."""
-    model = tiny_model().train()
-    x = ids(2, 6)
+    model = tiny_model().to(device).train()
+    x = ids(2, 6).to(device)
 
     def grads(forward):
         model.zero_grad(set_to_none=True)
